@@ -1,0 +1,252 @@
+//! `ditc inspect MODEL [--json]`: what a model is, and where its attention is.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::analysis::{analyse, DitMap};
+use crate::ir::{Model, TensorData};
+use crate::manifest::{binding, Binding};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The model: an .onnx file (external data is read from beside it).
+    pub model: PathBuf,
+    /// Print the report as JSON (shape documented in the README).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub format: &'static str,
+    pub version: u32,
+    pub model: ModelInfo,
+    pub inputs: Vec<Binding>,
+    pub outputs: Vec<Binding>,
+    pub parameters: Parameters,
+    pub ops: BTreeMap<String, usize>,
+    pub blocks: Vec<crate::analysis::Block>,
+    pub attention: Vec<crate::analysis::AttentionSite>,
+    pub flops: crate::analysis::FlopSummary,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelInfo {
+    pub path: String,
+    pub ir_version: i64,
+    pub opsets: BTreeMap<String, i64>,
+    pub producer: String,
+    pub nodes: usize,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Parameters {
+    pub count: u64,
+    pub bytes: u64,
+    pub by_dtype: BTreeMap<String, DtypeTotals>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct DtypeTotals {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
+    let mut ops = BTreeMap::new();
+    for n in &model.graph.nodes {
+        let key = if n.is_onnx() {
+            n.op_type.clone()
+        } else {
+            format!("{}:{}", n.domain, n.op_type)
+        };
+        *ops.entry(key).or_insert(0) += 1;
+    }
+    let mut parameters = Parameters::default();
+    for t in &model.graph.initializers {
+        let entry = parameters.by_dtype.entry(t.dtype.to_string()).or_default();
+        let bytes = match &t.data {
+            TensorData::Raw(b) => b.len() as u64,
+            TensorData::Strings(_) => t.byte_len(),
+        };
+        entry.count += t.numel();
+        entry.bytes += bytes;
+        parameters.count += t.numel();
+        parameters.bytes += bytes;
+    }
+    Report {
+        format: "ditc-inspect",
+        version: 1,
+        model: ModelInfo {
+            path: path.to_string(),
+            ir_version: model.ir_version,
+            opsets: model
+                .opsets
+                .iter()
+                .map(|(d, v)| {
+                    (
+                        if d.is_empty() {
+                            "ai.onnx".to_string()
+                        } else {
+                            d.clone()
+                        },
+                        *v,
+                    )
+                })
+                .collect(),
+            producer: format!("{} {}", model.producer_name, model.producer_version)
+                .trim()
+                .to_string(),
+            nodes: model.graph.nodes.len(),
+        },
+        inputs: model.graph.runtime_inputs().map(binding).collect(),
+        outputs: model.graph.outputs.iter().map(binding).collect(),
+        parameters,
+        ops,
+        blocks: map.blocks,
+        attention: map.attention,
+        flops: map.flops,
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let model = super::read_model_arg(&args.model)?;
+    let map = analyse(&model);
+    let report = report(&args.model.display().to_string(), &model, map);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn shape_text(b: &Binding) -> String {
+    let dims: Vec<String> = b
+        .shape
+        .iter()
+        .map(|d| d.to_string().trim_matches('"').to_string())
+        .collect();
+    format!("{} {} [{}]", b.name, b.dtype, dims.join(", "))
+}
+
+fn print_text(r: &Report) {
+    let opsets: Vec<String> = r
+        .model
+        .opsets
+        .iter()
+        .map(|(d, v)| format!("{d} {v}"))
+        .collect();
+    println!("model      {}", r.model.path);
+    println!(
+        "format     ONNX IR {}, opset {}, {} nodes{}",
+        r.model.ir_version,
+        opsets.join(", "),
+        r.model.nodes,
+        if r.model.producer.is_empty() {
+            String::new()
+        } else {
+            format!(", from {}", r.model.producer)
+        }
+    );
+    for i in &r.inputs {
+        println!("input      {}", shape_text(i));
+    }
+    for o in &r.outputs {
+        println!("output     {}", shape_text(o));
+    }
+    let by: Vec<String> = r
+        .parameters
+        .by_dtype
+        .iter()
+        .map(|(d, t)| format!("{d}: {} ({})", t.count, human_bytes(t.bytes)))
+        .collect();
+    println!(
+        "parameters {} ({}; {})",
+        r.parameters.count,
+        human_bytes(r.parameters.bytes),
+        by.join(", ")
+    );
+    let mut ops: Vec<(&String, &usize)> = r.ops.iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let ops: Vec<String> = ops.iter().map(|(o, n)| format!("{o} {n}")).collect();
+    println!("ops        {}", ops.join(", "));
+    println!(
+        "flops      {} per call ({} in attention)",
+        human_flops(r.flops.total),
+        human_flops(r.flops.attention)
+    );
+    println!();
+    println!(
+        "{} blocks, {} attention sites",
+        r.blocks.len(),
+        r.attention.len()
+    );
+    for b in &r.blocks {
+        let kinds: Vec<&str> = b.kinds.iter().map(|k| k.as_str()).collect();
+        println!(
+            "  block {:>2}  {:<40} {}{}",
+            b.index,
+            b.name,
+            kinds.join(" + "),
+            if b.ffn.is_some() { " + ffn" } else { "" }
+        );
+    }
+    println!();
+    println!(
+        "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10}  anchor",
+        "id", "kind", "heads", "dim", "batch", "q_len", "k_len", "flops"
+    );
+    for s in &r.attention {
+        println!(
+            "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10}  {}{}",
+            s.id,
+            s.kind.as_str(),
+            s.heads,
+            s.head_dim,
+            s.batch,
+            s.query_len,
+            s.key_len,
+            human_flops(s.flops),
+            s.anchor,
+            if s.traced {
+                ""
+            } else {
+                "  (axes not traced; kind guessed)"
+            }
+        );
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+pub fn human_flops(f: u64) -> String {
+    let units = ["", "K", "M", "G", "T", "P"];
+    let mut v = f as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{f}")
+    } else {
+        format!("{v:.2}{}", units[u])
+    }
+}

@@ -1,0 +1,43 @@
+//! The `ditc` command line: one file per subcommand.
+
+pub mod convert;
+pub mod inspect;
+pub mod run;
+pub mod verify;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::ir::Tensor;
+use crate::tensors::read_safetensors;
+
+/// Load the tensors of a safetensors file, optionally selecting those named `PREFIX<name>` and
+/// stripping the prefix (fixtures store several cases as `0.hidden_states`, `1.hidden_states`, ...).
+pub fn load_inputs(path: &Path, prefix: Option<&str>) -> Result<Vec<Tensor>> {
+    let all = read_safetensors(path)?;
+    let Some(prefix) = prefix else { return Ok(all) };
+    let selected: Vec<Tensor> = all
+        .into_iter()
+        .filter_map(|mut t| {
+            let rest = t.name.strip_prefix(prefix)?.to_string();
+            t.name = rest;
+            Some(t)
+        })
+        .collect();
+    if selected.is_empty() {
+        bail!("'{}' has no tensor named '{prefix}...'", path.display());
+    }
+    Ok(selected)
+}
+
+/// Read a model given on the command line (an `.onnx` file).
+pub fn read_model_arg(path: &Path) -> Result<crate::ir::Model> {
+    if path.is_dir() {
+        bail!(
+            "'{}' is a folder; diffusers checkpoint folders are not supported yet (give an .onnx file)",
+            path.display()
+        );
+    }
+    crate::onnx::read_model(path).with_context(|| format!("reading model '{}'", path.display()))
+}

@@ -1,0 +1,16 @@
+//! ditc: an offline optimizing compiler for video Diffusion Transformers.
+//!
+//! Data flow: a checkpoint is read into the [`ir`] graph ([`onnx`] for ONNX files), analysed into a DiT
+//! map ([`analysis`]), rewritten by passes, and written back as ONNX plus a [`manifest`]. The
+//! [`runtime`] runs any graph on CPU with tract to verify it.
+
+pub mod analysis;
+pub mod cli;
+pub mod ir;
+pub mod manifest;
+pub mod metrics;
+pub mod onnx;
+pub mod output;
+pub mod progress;
+pub mod runtime;
+pub mod tensors;

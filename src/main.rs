@@ -1,0 +1,47 @@
+//! The `ditc` command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ditc::cli;
+
+/// ditc: an offline optimizing compiler for video Diffusion Transformers.
+///
+/// Reads a DiT (ONNX today), maps its transformer blocks and attention sites, and writes a
+/// TensorRT-ready bundle (graph + manifest). Every result can be checked on CPU with `verify`.
+#[derive(Parser, Debug)]
+#[command(name = "ditc", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a model's inputs, parameters, ops, blocks and attention sites (kind, heads, FLOPs).
+    Inspect(cli::inspect::Args),
+    /// Write a bundle: OUT/model.onnx (+ model.onnx.data) and OUT/manifest.json.
+    Convert(cli::convert::Args),
+    /// Run two models on the same inputs and compare outputs (max-abs, rel-L2, cosine, PSNR).
+    Verify(cli::verify::Args),
+    /// Run one model once on CPU (tract): safetensors in, safetensors out.
+    Run(cli::run::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Inspect(a) => cli::inspect::run(a).map(|_| true),
+        Command::Convert(a) => cli::convert::run(a).map(|_| true),
+        Command::Verify(a) => cli::verify::run(a),
+        Command::Run(a) => cli::run::run(a).map(|_| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! ONNX as an input/output format: protobuf messages, reading (with external data), writing.
+
+pub mod external;
+pub mod proto;
+mod read;
+mod write;
+
+pub use read::{model_from_bytes, read_model, tensor_from_proto, IR_VERSIONS, MAX_OPSET};
+pub use write::{
+    model_to_bytes_inline, model_to_proto, write_model, WriteOptions, WrittenFile, PROTOBUF_LIMIT,
+};

@@ -1,0 +1,299 @@
+//! Writing the IR as ONNX: one `.onnx` file plus, for large initializers, one `<name>.onnx.data`.
+//!
+//! Initializers at or above [`WriteOptions::external_threshold`] bytes are streamed, 64-byte aligned,
+//! into a single external data file beside the graph; the graph file then stays far below protobuf's
+//! 2 GB limit whatever the weights weigh. Everything is written through [`crate::output::Staging`], so
+//! a failure leaves no partial file behind.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use prost::Message;
+
+use super::proto;
+use crate::ir::{
+    AttrValue, Attribute, Dim, Graph, Model, Node, Tensor, TensorData, ValueInfo, ValueType,
+};
+use crate::output::{HashingWriter, Staging};
+
+/// Protobuf's hard limit on one message.
+pub const PROTOBUF_LIMIT: u64 = 2 * 1024 * 1024 * 1024 - 1;
+const ALIGNMENT: u64 = 64;
+
+#[derive(Clone, Debug)]
+pub struct WriteOptions {
+    /// Initializers with at least this many bytes go to the external data file.
+    pub external_threshold: u64,
+    /// Show a progress bar while streaming weights.
+    pub progress: bool,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            external_threshold: 1024,
+            progress: true,
+        }
+    }
+}
+
+/// What [`write_model`] wrote: file names (relative to the staging folder), sizes and SHA-256 hashes.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WrittenFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Write `model` as `file_name` (+ `file_name.data` when any initializer is large) into `staging`.
+pub fn write_model(
+    model: &Model,
+    staging: &mut Staging,
+    file_name: &str,
+    options: &WriteOptions,
+) -> Result<Vec<WrittenFile>> {
+    let data_name = format!("{file_name}.data");
+    // Initializer names are unique across a model (ONNX values are SSA, subgraphs included).
+    let mut locations: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut written = Vec::new();
+
+    let large: Vec<&Tensor> = all_initializers(&model.graph)
+        .into_iter()
+        .filter(|t| {
+            matches!(t.data, TensorData::Raw(_)) && t.byte_len() >= options.external_threshold
+        })
+        .collect();
+    if !large.is_empty() {
+        let total: u64 = large.iter().map(|t| t.byte_len()).sum();
+        let bar = crate::progress::bytes_bar(total, "writing weights", options.progress);
+        let file = staging.create(&data_name)?;
+        let mut out = HashingWriter::new(std::io::BufWriter::with_capacity(8 << 20, file));
+        for t in large {
+            let pad = (ALIGNMENT - out.position() % ALIGNMENT) % ALIGNMENT;
+            out.write_all(&vec![0u8; pad as usize])?;
+            let offset = out.position();
+            let raw = t.raw().expect("filtered to raw tensors");
+            for chunk in raw.chunks(8 << 20) {
+                out.write_all(chunk)
+                    .with_context(|| format!("writing tensor '{}' to {data_name}", t.name))?;
+                bar.inc(chunk.len() as u64);
+            }
+            locations.insert(t.name.clone(), (offset, raw.len() as u64));
+        }
+        bar.finish_and_clear();
+        let (bytes, sha256, inner) = out.finish();
+        inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        written.push(WrittenFile {
+            path: data_name.clone(),
+            bytes,
+            sha256,
+        });
+    }
+
+    let proto = model_to_proto(model, &|t: &Tensor| {
+        locations
+            .get(&t.name)
+            .map(|&(offset, length)| (data_name.clone(), offset, length))
+    });
+    let len = proto.encoded_len() as u64;
+    if len > PROTOBUF_LIMIT {
+        bail!("the graph would be {len} bytes, above protobuf's 2 GB limit: lower the external-data threshold");
+    }
+    let file = staging.create(file_name)?;
+    let mut out = HashingWriter::new(std::io::BufWriter::new(file));
+    out.write_all(&proto.encode_to_vec())?;
+    let (bytes, sha256, inner) = out.finish();
+    inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    written.insert(
+        0,
+        WrittenFile {
+            path: file_name.to_string(),
+            bytes,
+            sha256,
+        },
+    );
+    Ok(written)
+}
+
+/// Serialize with every tensor inline (for handing a model to an in-process runtime).
+pub fn model_to_bytes_inline(model: &Model) -> Result<Vec<u8>> {
+    let proto = model_to_proto(model, &|_| None);
+    let len = proto.encoded_len() as u64;
+    if len > PROTOBUF_LIMIT {
+        bail!("the model is {len} bytes with weights inline, above protobuf's 2 GB limit");
+    }
+    Ok(proto.encode_to_vec())
+}
+
+fn all_initializers(graph: &Graph) -> Vec<&Tensor> {
+    let mut out: Vec<&Tensor> = graph.initializers.iter().collect();
+    for node in &graph.nodes {
+        for sub in node.subgraphs() {
+            out.extend(all_initializers(sub));
+        }
+    }
+    out
+}
+
+/// Where a tensor was written externally: `(location, offset, length)`.
+type ExternalLookup<'a> = dyn Fn(&Tensor) -> Option<(String, u64, u64)> + 'a;
+
+pub fn model_to_proto(model: &Model, external: &ExternalLookup) -> proto::ModelProto {
+    proto::ModelProto {
+        ir_version: model.ir_version,
+        opset_import: model
+            .opsets
+            .iter()
+            .map(|(domain, version)| proto::OperatorSetIdProto {
+                domain: domain.clone(),
+                version: *version,
+            })
+            .collect(),
+        producer_name: model.producer_name.clone(),
+        producer_version: model.producer_version.clone(),
+        domain: model.domain.clone(),
+        model_version: model.model_version,
+        doc_string: model.doc_string.clone(),
+        graph: Some(graph_to_proto(&model.graph, external)),
+        metadata_props: model
+            .metadata
+            .iter()
+            .map(|(k, v)| proto::StringStringEntryProto {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
+        training_info: Vec::new(),
+        functions: model.functions.clone(),
+    }
+}
+
+fn graph_to_proto(g: &Graph, external: &ExternalLookup) -> proto::GraphProto {
+    proto::GraphProto {
+        node: g.nodes.iter().map(|n| node_to_proto(n, external)).collect(),
+        name: g.name.clone(),
+        initializer: g
+            .initializers
+            .iter()
+            .map(|t| tensor_to_proto(t, external(t)))
+            .collect(),
+        sparse_initializer: Vec::new(),
+        doc_string: g.doc_string.clone(),
+        input: g.inputs.iter().map(value_info_to_proto).collect(),
+        output: g.outputs.iter().map(value_info_to_proto).collect(),
+        value_info: g.value_info.iter().map(value_info_to_proto).collect(),
+        quantization_annotation: Vec::new(),
+        metadata_props: Vec::new(),
+    }
+}
+
+fn node_to_proto(n: &Node, external: &ExternalLookup) -> proto::NodeProto {
+    proto::NodeProto {
+        input: n.inputs.clone(),
+        output: n.outputs.clone(),
+        name: n.name.clone(),
+        op_type: n.op_type.clone(),
+        domain: n.domain.clone(),
+        attribute: n
+            .attributes
+            .iter()
+            .map(|a| attribute_to_proto(a, external))
+            .collect(),
+        doc_string: n.doc_string.clone(),
+        ..Default::default()
+    }
+}
+
+fn attribute_to_proto(a: &Attribute, external: &ExternalLookup) -> proto::AttributeProto {
+    use proto::attribute_type as t;
+    let mut p = proto::AttributeProto {
+        name: a.name.clone(),
+        ..Default::default()
+    };
+    match &a.value {
+        AttrValue::Float(f) => (p.r#type, p.f) = (t::FLOAT, *f),
+        AttrValue::Int(i) => (p.r#type, p.i) = (t::INT, *i),
+        AttrValue::String(s) => (p.r#type, p.s) = (t::STRING, s.clone()),
+        AttrValue::Tensor(tensor) => {
+            (p.r#type, p.t) = (t::TENSOR, Some(tensor_to_proto(tensor, None)))
+        }
+        AttrValue::Graph(g) => (p.r#type, p.g) = (t::GRAPH, Some(graph_to_proto(g, external))),
+        AttrValue::Floats(v) => (p.r#type, p.floats) = (t::FLOATS, v.clone()),
+        AttrValue::Ints(v) => (p.r#type, p.ints) = (t::INTS, v.clone()),
+        AttrValue::Strings(v) => (p.r#type, p.strings) = (t::STRINGS, v.clone()),
+        AttrValue::Tensors(v) => {
+            p.r#type = t::TENSORS;
+            p.tensors = v.iter().map(|x| tensor_to_proto(x, None)).collect();
+        }
+        AttrValue::Graphs(v) => {
+            p.r#type = t::GRAPHS;
+            p.graphs = v.iter().map(|g| graph_to_proto(g, external)).collect();
+        }
+        AttrValue::Other(proto) => return proto.clone(),
+    }
+    p
+}
+
+fn value_info_to_proto(v: &ValueInfo) -> proto::ValueInfoProto {
+    use proto::tensor_shape_proto::{dimension::Value, Dimension};
+    let ty = match &v.ty {
+        ValueType::Tensor { dtype, shape } => proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(
+                proto::type_proto::Tensor {
+                    elem_type: dtype.map(|d| d.onnx_code()).unwrap_or(0),
+                    shape: shape.as_ref().map(|dims| proto::TensorShapeProto {
+                        dim: dims
+                            .iter()
+                            .map(|d| Dimension {
+                                value: match d {
+                                    Dim::Value(x) => Some(Value::DimValue(*x)),
+                                    Dim::Param(p) => Some(Value::DimParam(p.clone())),
+                                    Dim::Unknown => None,
+                                },
+                                denotation: String::new(),
+                            })
+                            .collect(),
+                    }),
+                },
+            )),
+            denotation: String::new(),
+        },
+        ValueType::Other(p) => p.clone(),
+    };
+    proto::ValueInfoProto {
+        name: v.name.clone(),
+        r#type: Some(ty),
+        doc_string: v.doc_string.clone(),
+        metadata_props: Vec::new(),
+    }
+}
+
+fn tensor_to_proto(t: &Tensor, external: Option<(String, u64, u64)>) -> proto::TensorProto {
+    let mut p = proto::TensorProto {
+        dims: t.dims.clone(),
+        data_type: t.dtype.onnx_code(),
+        name: t.name.clone(),
+        doc_string: t.doc_string.clone(),
+        ..Default::default()
+    };
+    match (&t.data, external) {
+        (_, Some((location, offset, length))) => {
+            p.data_location = proto::DATA_LOCATION_EXTERNAL;
+            p.external_data = [
+                ("location", location),
+                ("offset", offset.to_string()),
+                ("length", length.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| proto::StringStringEntryProto {
+                key: k.to_string(),
+                value: v,
+            })
+            .collect();
+        }
+        (TensorData::Raw(raw), None) => p.raw_data = raw.clone(),
+        (TensorData::Strings(s), None) => p.string_data = s.clone(),
+    }
+    p
+}

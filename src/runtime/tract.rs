@@ -1,0 +1,173 @@
+//! Running an IR graph on CPU with tract (the verifier).
+//!
+//! The graph is serialized with weights inline and handed to `tract-onnx`, input facts are fixed from
+//! the tensors the caller provides, and the model is optimised once into a plan that can be run many
+//! times. Inputs and outputs are [`Tensor`]s keyed by graph input/output names.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TValue,
+    Tensor as TractTensor, TypedRunnableModel,
+};
+
+use crate::ir::{DataType, Model, Tensor};
+use crate::onnx::model_to_bytes_inline;
+
+pub struct TractRunner {
+    plan: Arc<TypedRunnableModel>,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+impl TractRunner {
+    /// Prepare `model` for inputs shaped like `example_inputs` (matched by name).
+    pub fn new(model: &Model, example_inputs: &[Tensor]) -> Result<TractRunner> {
+        let inputs: Vec<String> = model
+            .graph
+            .runtime_inputs()
+            .map(|i| i.name.clone())
+            .collect();
+        let outputs: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+        let bytes = model_to_bytes_inline(model)?;
+        let mut tract_model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(|e| anyhow!("tract could not load the graph: {}", describe(&e)))?;
+        for (i, name) in inputs.iter().enumerate() {
+            let t = find_input(example_inputs, name)?;
+            let dt = datum_type(t.dtype).with_context(|| format!("input '{name}'"))?;
+            let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            tract_model
+                .set_input_fact(i, InferenceFact::dt_shape(dt, shape))
+                .map_err(|e| anyhow!("input '{name}': {}", describe(&e)))?;
+        }
+        let plan = tract_model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
+        Ok(TractRunner {
+            plan,
+            inputs,
+            outputs,
+        })
+    }
+
+    pub fn input_names(&self) -> &[String] {
+        &self.inputs
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Run once; `inputs` are matched to graph inputs by name, outputs come back named.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut values: Vec<TValue> = Vec::with_capacity(self.inputs.len());
+        for name in &self.inputs {
+            values.push(to_tract(find_input(inputs, name)?)?.into_tvalue());
+        }
+        let results = self
+            .plan
+            .run(values.into_iter().collect())
+            .map_err(|e| anyhow!("tract failed while running: {}", describe(&e)))?;
+        self.outputs
+            .iter()
+            .zip(results)
+            .map(|(name, v)| from_tract(name, &v))
+            .collect()
+    }
+}
+
+fn find_input<'a>(inputs: &'a [Tensor], name: &str) -> Result<&'a Tensor> {
+    inputs.iter().find(|t| t.name == name).with_context(|| {
+        let have: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+        format!("no tensor for graph input '{name}' (given: {have:?})")
+    })
+}
+
+/// tract's error chain on one line; its messages name the failing node and op.
+fn describe(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn datum_type(d: DataType) -> Result<DatumType> {
+    Ok(match d {
+        DataType::F32 => DatumType::F32,
+        DataType::F16 => DatumType::F16,
+        DataType::F64 => DatumType::F64,
+        DataType::I64 => DatumType::I64,
+        DataType::I32 => DatumType::I32,
+        DataType::I16 => DatumType::I16,
+        DataType::I8 => DatumType::I8,
+        DataType::U8 => DatumType::U8,
+        DataType::U16 => DatumType::U16,
+        DataType::U32 => DatumType::U32,
+        DataType::U64 => DatumType::U64,
+        DataType::Bool => DatumType::Bool,
+        other => bail!("tract cannot take {other} tensors"),
+    })
+}
+
+fn to_tract(t: &Tensor) -> Result<TractTensor> {
+    let raw = t
+        .raw()
+        .with_context(|| format!("tensor '{}' has no raw data", t.name))?;
+    let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    fn typed<T: tract_onnx::prelude::Datum + Copy, const N: usize>(
+        shape: &[usize],
+        raw: &[u8],
+        f: fn([u8; N]) -> T,
+    ) -> Result<TractTensor> {
+        let v: Vec<T> = raw
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunk size")))
+            .collect();
+        TractTensor::from_shape(shape, &v).map_err(|e| anyhow!("{e}"))
+    }
+    match t.dtype {
+        DataType::F32 => typed(&shape, raw, f32::from_le_bytes),
+        DataType::F16 => typed(&shape, raw, half::f16::from_le_bytes),
+        DataType::F64 => typed(&shape, raw, f64::from_le_bytes),
+        DataType::I64 => typed(&shape, raw, i64::from_le_bytes),
+        DataType::I32 => typed(&shape, raw, i32::from_le_bytes),
+        DataType::I16 => typed(&shape, raw, i16::from_le_bytes),
+        DataType::U16 => typed(&shape, raw, u16::from_le_bytes),
+        DataType::U32 => typed(&shape, raw, u32::from_le_bytes),
+        DataType::U64 => typed(&shape, raw, u64::from_le_bytes),
+        DataType::I8 => typed(&shape, raw, |b: [u8; 1]| b[0] as i8),
+        DataType::U8 => typed(&shape, raw, |b: [u8; 1]| b[0]),
+        DataType::Bool => typed(&shape, raw, |b: [u8; 1]| b[0] != 0),
+        other => bail!("tensor '{}': tract cannot take {other} tensors", t.name),
+    }
+    .with_context(|| format!("tensor '{}'", t.name))
+}
+
+fn from_tract(name: &str, v: &TValue) -> Result<Tensor> {
+    let dtype = match v.datum_type() {
+        DatumType::F32 => DataType::F32,
+        DatumType::F16 => DataType::F16,
+        DatumType::F64 => DataType::F64,
+        DatumType::I64 => DataType::I64,
+        DatumType::I32 => DataType::I32,
+        DatumType::I16 => DataType::I16,
+        DatumType::I8 => DataType::I8,
+        DatumType::U8 => DataType::U8,
+        DatumType::U16 => DataType::U16,
+        DatumType::U32 => DataType::U32,
+        DatumType::U64 => DataType::U64,
+        DatumType::Bool => DataType::Bool,
+        other => bail!("output '{name}' has type {other:?}, which ditc cannot store"),
+    };
+    let dims = v.shape().iter().map(|&d| d as i64).collect();
+    Tensor::from_raw(name, dtype, dims, Bytes::copy_from_slice(v.as_bytes()))
+}
+
+/// Convenience for tests and tools: a one-shot run.
+pub fn run_once(model: &Model, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+    TractRunner::new(model, inputs)?.run(inputs)
+}

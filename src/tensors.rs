@@ -1,0 +1,92 @@
+//! Named tensors in safetensors files: runtime inputs and outputs, keyed by graph input/output names.
+//!
+//! Reading is zero-copy (the file is memory-mapped and each tensor is a slice of the map). Writing goes
+//! through a temporary file and a rename.
+
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::ir::{DataType, Tensor};
+use crate::onnx::external::map_file;
+use crate::output::write_file_atomically;
+
+/// All tensors of a safetensors file, in file order.
+pub fn read_safetensors(path: &Path) -> Result<Vec<Tensor>> {
+    let file = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+    let bytes = map_file(&file)?;
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!("'{}' is not a valid safetensors file: {e}", path.display())
+    })?;
+    let mut names: Vec<(usize, String)> = Vec::new();
+    for (name, view) in parsed.tensors() {
+        let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        names.push((offset, name));
+    }
+    names.sort();
+    names
+        .into_iter()
+        .map(|(_, name)| {
+            let view = parsed.tensor(&name)?;
+            let Some(dtype) = DataType::from_safetensors(view.dtype()) else {
+                bail!(
+                    "'{}': tensor '{name}' has unsupported dtype {:?}",
+                    path.display(),
+                    view.dtype()
+                );
+            };
+            let dims = view.shape().iter().map(|&d| d as i64).collect();
+            Tensor::from_raw(&name, dtype, dims, bytes.slice_ref(view.data()))
+                .with_context(|| format!("in '{}'", path.display()))
+        })
+        .collect()
+}
+
+/// Write tensors (by their names) as a safetensors file, atomically.
+pub fn write_safetensors(path: &Path, tensors: &[Tensor]) -> Result<()> {
+    let mut owned: Vec<(String, safetensors::tensor::TensorView<'_>)> = Vec::new();
+    for t in tensors {
+        let Some(dtype) = t.dtype.to_safetensors() else {
+            bail!(
+                "tensor '{}': {} cannot be stored in safetensors",
+                t.name,
+                t.dtype
+            );
+        };
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let raw = t
+            .raw()
+            .with_context(|| format!("tensor '{}' has no raw data", t.name))?;
+        let view = safetensors::tensor::TensorView::new(dtype, shape, raw)
+            .map_err(|e| anyhow::anyhow!("tensor '{}': {e}", t.name))?;
+        owned.push((t.name.clone(), view));
+    }
+    let bytes = safetensors::serialize(owned, None)
+        .map_err(|e| anyhow::anyhow!("cannot serialize '{}': {e}", path.display()))?;
+    write_file_atomically(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let a = Tensor::from_f32("a", vec![2], &[1.0, -2.0]);
+        let b = Tensor::from_i64("b", vec![1], &[7]);
+        write_safetensors(&path, &[a.clone(), b.clone()]).unwrap();
+        let back = read_safetensors(&path).unwrap();
+        assert_eq!(back, vec![a, b]);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7f{}").unwrap();
+        assert!(read_safetensors(&path).is_err());
+    }
+}
