@@ -1,0 +1,47 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ditc::ir::Tensor;
+
+/// `../shared/fixtures` beside the repository, or `None` (with a visible message) when absent.
+pub fn fixtures() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("SKIPPED: ../shared/fixtures is not present; fixture tests did not run");
+        None
+    }
+}
+
+pub const MODELS: [&str; 3] = ["latte-tiny", "dit-tiny", "wan-tiny"];
+pub const GRAPH_FILES: [&str; 2] = ["model.onnx", "model.dynamo.onnx"];
+
+pub fn ditc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ditc"))
+        .args(args)
+        .output()
+        .expect("the ditc binary runs")
+}
+
+/// Tensors of one fixture case (`{case}.name`), with the prefix stripped.
+pub fn case(io: &[Tensor], case: usize) -> Vec<Tensor> {
+    let prefix = format!("{case}.");
+    io.iter()
+        .filter_map(|t| {
+            let mut t = t.clone();
+            t.name = t.name.strip_prefix(&prefix)?.to_string();
+            Some(t)
+        })
+        .collect()
+}
+
+pub fn named<'a>(tensors: &'a [Tensor], name: &str) -> &'a Tensor {
+    tensors
+        .iter()
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no tensor '{name}'"))
+}
