@@ -23,7 +23,11 @@ pub fn compare(a: &[f32], b: &[f32]) -> Fidelity {
         let (x, y) = (x as f64, y as f64);
         let d = x - y;
         // f64::max ignores NaN; a NaN anywhere must read as an infinite error.
-        max_abs = if d.is_nan() { f64::INFINITY } else { max_abs.max(d.abs()) };
+        max_abs = if d.is_nan() {
+            f64::INFINITY
+        } else {
+            max_abs.max(d.abs())
+        };
         peak = peak.max(y.abs());
         diff2 += d * d;
         ref2 += y * y;

@@ -54,14 +54,20 @@ impl Builder {
 
     fn constant_i64(&mut self, values: &[i64]) -> String {
         let name = self.fresh("shape");
-        self.graph.initializers.push(Tensor::from_i64(&name, vec![values.len() as i64], values));
+        self.graph
+            .initializers
+            .push(Tensor::from_i64(&name, vec![values.len() as i64], values));
         name
     }
 
     fn weight(&mut self, rows: i64, cols: i64) -> String {
         let name = self.fresh("w");
-        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 37 % 17) as f32 - 8.0) / 40.0).collect();
-        self.graph.initializers.push(Tensor::from_f32(&name, vec![rows, cols], &values));
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 40.0)
+            .collect();
+        self.graph
+            .initializers
+            .push(Tensor::from_f32(&name, vec![rows, cols], &values));
         name
     }
 
@@ -71,7 +77,11 @@ impl Builder {
     }
 
     fn transpose(&mut self, x: &str, perm: &[i64]) -> String {
-        self.node("Transpose", &[x], vec![("perm", AttrValue::Ints(perm.to_vec()))])
+        self.node(
+            "Transpose",
+            &[x],
+            vec![("perm", AttrValue::Ints(perm.to_vec()))],
+        )
     }
 
     fn linear(&mut self, x: &str) -> String {
@@ -99,7 +109,9 @@ impl Builder {
         let v = self.transpose(&v, &[0, 2, 1, 3]);
         let scores = self.node("MatMul", &[&q, &k], vec![]);
         let scale = self.fresh("scale");
-        self.graph.initializers.push(Tensor::from_f32(&scale, vec![], &[0.5]));
+        self.graph
+            .initializers
+            .push(Tensor::from_f32(&scale, vec![], &[0.5]));
         let scores = self.node("Mul", &[&scores, &scale], vec![]);
         let p = self.node("Softmax", &[&scores], vec![("axis", AttrValue::Int(-1))]);
         let o = self.node("MatMul", &[&p, &v], vec![]);
@@ -112,10 +124,15 @@ impl Builder {
         for (i, o) in outputs.iter().enumerate() {
             let name = format!("out{i}");
             let id = self.fresh("id");
-            self.graph.nodes.push(Node::new(&id, "Identity", &[o], &[&name]));
+            self.graph
+                .nodes
+                .push(Node::new(&id, "Identity", &[o], &[&name]));
             self.graph.outputs.push(ValueInfo {
                 name,
-                ty: ditc::ir::ValueType::Tensor { dtype: Some(DataType::F32), shape: None },
+                ty: ditc::ir::ValueType::Tensor {
+                    dtype: Some(DataType::F32),
+                    shape: None,
+                },
                 doc_string: String::new(),
             });
         }
@@ -170,12 +187,30 @@ fn one_attention_over_frames_one_over_pixels() {
     assert_eq!(kinds, vec![AttentionKind::Spatial, AttentionKind::Temporal]);
     for site in &map.attention {
         assert!(site.traced);
-        assert_eq!((site.heads, site.head_dim, site.query_len, site.key_len, site.batch), (HEADS, C / HEADS, 4, 4, 4));
+        assert_eq!(
+            (
+                site.heads,
+                site.head_dim,
+                site.query_len,
+                site.key_len,
+                site.batch
+            ),
+            (HEADS, C / HEADS, 4, 4, 4)
+        );
         assert_eq!(site.flops, 2 * 2 * (4 * HEADS * 4 * 4 * (C / HEADS)) as u64);
-        assert!(site.q_proj.is_some() && site.k_proj.is_some() && site.v_proj.is_some() && site.out_proj.is_some());
+        assert!(
+            site.q_proj.is_some()
+                && site.k_proj.is_some()
+                && site.v_proj.is_some()
+                && site.out_proj.is_some()
+        );
     }
     // The graph is real: tract runs it.
-    let latent = Tensor::from_f32("latent", vec![1, C, F, H, W], &vec![0.1; (C * F * H * W) as usize]);
+    let latent = Tensor::from_f32(
+        "latent",
+        vec![1, C, F, H, W],
+        &vec![0.1; (C * F * H * W) as usize],
+    );
     let text = Tensor::from_f32("text", vec![1, TEXT, C], &vec![0.2; (TEXT * C) as usize]);
     let out = run_once(&model, &[latent, text]).unwrap();
     assert_eq!(out[0].dims, vec![F, H * W, C]);
@@ -187,7 +222,10 @@ fn full_and_cross_attention() {
     let f = full(&mut b);
     let c = cross(&mut b);
     let model = b.finish(&[&f, &c], 17);
-    assert_eq!(kinds_of(&model), vec![AttentionKind::Full, AttentionKind::Cross]);
+    assert_eq!(
+        kinds_of(&model),
+        vec![AttentionKind::Full, AttentionKind::Cross]
+    );
 }
 
 #[test]

@@ -24,8 +24,15 @@ fn tract_matches_pytorch_reference_outputs() {
                 let got = named(&out, "sample").to_f32_vec().unwrap();
                 let want = named(&inputs, "sample").to_f32_vec().unwrap();
                 let f = compare(&got, &want);
-                eprintln!("{m}/{file} case {c}: max_rel {:.2e} rel_l2 {:.2e}", f.max_rel, f.rel_l2);
-                assert!(f.max_rel <= 1e-4, "{m}/{file} case {c}: relative error {}", f.max_rel);
+                eprintln!(
+                    "{m}/{file} case {c}: max_rel {:.2e} rel_l2 {:.2e}",
+                    f.max_rel, f.rel_l2
+                );
+                assert!(
+                    f.max_rel <= 1e-4,
+                    "{m}/{file} case {c}: relative error {}",
+                    f.max_rel
+                );
             }
         }
     }
@@ -40,9 +47,22 @@ fn convert_then_verify_is_exact() {
         for file in GRAPH_FILES {
             let src = dir.join(m).join(file);
             let out = tmp.path().join(format!("{m}-{file}"));
-            let r = ditc(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-progress"]);
-            assert!(r.status.success(), "convert {m}/{file}: {}", String::from_utf8_lossy(&r.stderr));
-            assert!(out.join("model.onnx.data").is_file(), "weights go to external data");
+            let r = ditc(&[
+                "convert",
+                src.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--no-progress",
+            ]);
+            assert!(
+                r.status.success(),
+                "convert {m}/{file}: {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
+            assert!(
+                out.join("model.onnx.data").is_file(),
+                "weights go to external data"
+            );
             let manifest: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
             assert_eq!(manifest["format"], "ditc-manifest");
@@ -50,10 +70,22 @@ fn convert_then_verify_is_exact() {
             let converted = out.join("model.onnx");
             let io = dir.join(m).join("io.safetensors");
             let r = ditc(&[
-                "verify", converted.to_str().unwrap(), src.to_str().unwrap(),
-                "--inputs", io.to_str().unwrap(), "--prefix", "2.", "--tolerance", "1e-6", "--json",
+                "verify",
+                converted.to_str().unwrap(),
+                src.to_str().unwrap(),
+                "--inputs",
+                io.to_str().unwrap(),
+                "--prefix",
+                "2.",
+                "--tolerance",
+                "1e-6",
+                "--json",
             ]);
-            assert!(r.status.success(), "verify {m}/{file}: {}", String::from_utf8_lossy(&r.stderr));
+            assert!(
+                r.status.success(),
+                "verify {m}/{file}: {}",
+                String::from_utf8_lossy(&r.stderr)
+            );
             let rows: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
             let max_rel = rows[0]["max_rel"].as_f64().unwrap();
             assert!(max_rel <= 1e-6, "{m}/{file}: {max_rel}");
@@ -70,7 +102,13 @@ fn conversion_is_deterministic() {
     let mut outputs = Vec::new();
     for i in 0..2 {
         let out = tmp.path().join(format!("run{i}"));
-        let r = ditc(&["convert", src.to_str().unwrap(), "-o", out.to_str().unwrap(), "--no-progress"]);
+        let r = ditc(&[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ]);
         assert!(r.status.success());
         outputs.push(out);
     }
@@ -84,7 +122,9 @@ fn conversion_is_deterministic() {
 fn kinds(report: &serde_json::Value) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
     for site in report["attention"].as_array().unwrap() {
-        *counts.entry(site["kind"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        *counts
+            .entry(site["kind"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
     }
     counts
 }
@@ -94,7 +134,11 @@ fn kinds(report: &serde_json::Value) -> std::collections::BTreeMap<String, usize
 fn inspect_classifies_fixture_attention() {
     let Some(dir) = fixtures() else { return };
     let expected: [(&str, &[(&str, usize)], usize); 3] = [
-        ("latte-tiny", &[("cross", 4), ("spatial", 4), ("temporal", 4)], 8),
+        (
+            "latte-tiny",
+            &[("cross", 4), ("spatial", 4), ("temporal", 4)],
+            8,
+        ),
         ("dit-tiny", &[("spatial", 3)], 3),
         ("wan-tiny", &[("cross", 3), ("full", 3)], 3),
     ];
@@ -108,7 +152,11 @@ fn inspect_classifies_fixture_attention() {
             let want: std::collections::BTreeMap<String, usize> =
                 want.iter().map(|(k, n)| (k.to_string(), *n)).collect();
             assert_eq!(got, want, "{m}/{file}");
-            assert_eq!(report["blocks"].as_array().unwrap().len(), blocks, "{m}/{file} blocks");
+            assert_eq!(
+                report["blocks"].as_array().unwrap().len(),
+                blocks,
+                "{m}/{file} blocks"
+            );
             for site in report["attention"].as_array().unwrap() {
                 assert_eq!(site["traced"], true, "{m}/{file}: {site}");
                 assert_eq!(site["heads"], 4, "{m}/{file}: 4 heads x 16");
@@ -119,7 +167,8 @@ fn inspect_classifies_fixture_attention() {
     // Geometry of Latte's sites: 8 frames of 8x8 patches, 4 caption tokens.
     let path = dir.join("latte-tiny/model.onnx");
     let report: serde_json::Value =
-        serde_json::from_slice(&ditc(&["inspect", path.to_str().unwrap(), "--json"]).stdout).unwrap();
+        serde_json::from_slice(&ditc(&["inspect", path.to_str().unwrap(), "--json"]).stdout)
+            .unwrap();
     for site in report["attention"].as_array().unwrap() {
         let (q, k, batch) = (&site["query_len"], &site["key_len"], &site["batch"]);
         match site["kind"].as_str().unwrap() {
@@ -129,7 +178,8 @@ fn inspect_classifies_fixture_attention() {
             other => panic!("unexpected kind {other}"),
         }
         // 2 products x batch x heads x Sq x Sk x head_dim
-        let flops = 2 * 2 * batch.as_u64().unwrap() * 4 * q.as_u64().unwrap() * k.as_u64().unwrap() * 16;
+        let flops =
+            2 * 2 * batch.as_u64().unwrap() * 4 * q.as_u64().unwrap() * k.as_u64().unwrap() * 16;
         assert_eq!(site["flops"].as_u64().unwrap(), flops);
     }
     assert_eq!(report["parameters"]["count"], 521552);

@@ -7,7 +7,7 @@ pub mod verify;
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::ir::Tensor;
 use crate::tensors::read_safetensors;
@@ -39,5 +39,5 @@ pub fn read_model_arg(path: &Path) -> Result<crate::ir::Model> {
             path.display()
         );
     }
-    crate::onnx::read_model(path).with_context(|| format!("reading model '{}'", path.display()))
+    crate::onnx::read_model(path)
 }

@@ -52,7 +52,8 @@ pub fn model_from_bytes(bytes: Bytes, model_dir: &Path) -> Result<Model> {
 fn model_from_proto(p: proto::ModelProto, external: &mut ExternalData) -> Result<Model> {
     if !IR_VERSIONS.contains(&p.ir_version) {
         bail!(
-            "IR version {} is not supported (expected {}..={})",
+            "IR version {} is not supported (expected {}..={}; re-export with an older onnx, or set \
+             model.ir_version if the file uses nothing newer)",
             p.ir_version,
             IR_VERSIONS.start(),
             IR_VERSIONS.end()
