@@ -36,6 +36,9 @@ fn main() -> ExitCode {
         Command::Verify(a) => cli::verify::run(a),
         Command::Run(a) => cli::run::run(a).map(|_| true),
     };
+    if std::env::var_os("DITC_REPORT_PEAK_RSS").is_some() {
+        report_peak_rss();
+    }
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -43,5 +46,14 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// With `DITC_REPORT_PEAK_RSS` set, print the process's peak resident memory (Linux `VmHWM`) to stderr;
+/// the memory benchmarks read it.
+fn report_peak_rss() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
+        eprintln!("peak RSS: {}", line.trim_start_matches("VmHWM:").trim());
     }
 }

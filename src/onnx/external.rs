@@ -151,6 +151,29 @@ pub fn map_file(file: &File) -> Result<Bytes> {
     Ok(Bytes::from_owner(map))
 }
 
+/// Ask the kernel to drop the resident pages behind `bytes` once they have been streamed elsewhere.
+///
+/// Memory-mapped weights count toward resident memory while their pages stay mapped; copying a 30 GB
+/// checkpoint would otherwise grow RSS to 30 GB. `MADV_PAGEOUT` is non-destructive (the content is
+/// kept; file pages are simply re-read if touched again), so this is safe on any memory.
+pub fn release_pages(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        let start = (bytes.as_ptr() as usize).div_ceil(PAGE) * PAGE;
+        let end = (bytes.as_ptr() as usize + bytes.len()) / PAGE * PAGE;
+        if end > start {
+            // SAFETY: the range lies inside `bytes`, which is valid for the call; MADV_PAGEOUT does not
+            // change the memory's contents. Errors (e.g. old kernels) are ignored: this is only a hint.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = bytes;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

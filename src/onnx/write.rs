@@ -11,6 +11,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use prost::Message;
 
+use super::external::release_pages;
 use super::proto;
 use crate::ir::{
     AttrValue, Attribute, Dim, Graph, Model, Node, Tensor, TensorData, ValueInfo, ValueType,
@@ -78,6 +79,7 @@ pub fn write_model(
                 out.write_all(chunk)
                     .with_context(|| format!("writing tensor '{}' to {data_name}", t.name))?;
                 bar.inc(chunk.len() as u64);
+                release_pages(chunk);
             }
             locations.insert(t.name.clone(), (offset, raw.len() as u64));
         }
