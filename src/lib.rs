@@ -5,6 +5,7 @@
 //! [`runtime`] runs any graph on CPU with tract to verify it.
 
 pub mod analysis;
+#[cfg(feature = "tract")]
 pub mod cli;
 pub mod ir;
 pub mod manifest;
@@ -12,5 +13,6 @@ pub mod metrics;
 pub mod onnx;
 pub mod output;
 pub mod progress;
+#[cfg(feature = "tract")]
 pub mod runtime;
 pub mod tensors;

@@ -133,7 +133,9 @@ fn kinds(report: &serde_json::Value) -> std::collections::BTreeMap<String, usize
 #[test]
 fn inspect_classifies_fixture_attention() {
     let Some(dir) = fixtures() else { return };
-    let expected: [(&str, &[(&str, usize)], usize); 3] = [
+    // (model, sites per kind, blocks)
+    type Expected<'a> = (&'a str, &'a [(&'a str, usize)], usize);
+    let expected: [Expected; 3] = [
         (
             "latte-tiny",
             &[("cross", 4), ("spatial", 4), ("temporal", 4)],

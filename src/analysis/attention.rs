@@ -306,6 +306,7 @@ fn decomposed_site(ctx: &Context, softmax: &Node) -> Option<AttentionSite> {
         .filter(|a| a.tags == CHANNEL)
         .map(|a| a.size)
         .product();
+    // Shapes are sanitized to at most 2^48 elements, so these products cannot overflow.
     let (sq, sk) = (scores_shape[n - 2], scores_shape[n - 1]);
     let (d, dv) = (*q_shape.last()?, *v_shape.last()?);
     let q_proj = projection(ctx, qk.inputs.first()?);
@@ -401,7 +402,9 @@ fn site(
     g: Geometry,
 ) -> AttentionSite {
     let classified = classify(g.query_tags, g.key_tags);
-    let calls = (g.batch * g.heads * g.query_len * g.key_len).max(0) as u64;
+    let calls = [g.batch, g.heads, g.query_len, g.key_len]
+        .iter()
+        .fold(1u64, |acc, &d| acc.saturating_mul(d.max(0) as u64));
     let name = |n: Option<&Node>| n.map(|n| n.name.clone());
     AttentionSite {
         id: 0,
@@ -423,7 +426,7 @@ fn site(
         key_len: g.key_len,
         query_axes: tag_names(g.query_tags),
         key_axes: tag_names(g.key_tags),
-        flops: 2 * calls * (g.head_dim + g.v_head_dim).max(0) as u64,
+        flops: calls.saturating_mul(2 * (g.head_dim.saturating_add(g.v_head_dim)).max(0) as u64),
         projection_flops: projections
             .iter()
             .flatten()

@@ -171,8 +171,8 @@ fn node_axes(
         "Conv" => {
             let x = x?;
             let mut out = vec![x.first()?.clone(), atom(CHANNEL, out_shape[1])];
-            for i in 2..out_shape.len() {
-                out.push(atom(or_channel(tags_of(x.get(i)?)), out_shape[i]));
+            for (i, &size) in out_shape.iter().enumerate().skip(2) {
+                out.push(atom(or_channel(tags_of(x.get(i)?)), size));
             }
             Some(out)
         }

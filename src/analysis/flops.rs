@@ -8,11 +8,14 @@ use crate::ir::{Node, TypeMap};
 pub fn node_flops(node: &Node, types: &TypeMap) -> u64 {
     let shape = |i: usize| -> Option<Vec<i64>> { types.get(node.inputs.get(i)?)?.shape.clone() };
     let out = || -> Option<Vec<i64>> { types.get(node.outputs.first()?)?.shape.clone() };
-    let product = |s: &[i64]| s.iter().map(|&d| d.max(0) as u64).product::<u64>();
+    let product = |s: &[i64]| {
+        s.iter()
+            .fold(1u64, |acc, &d| acc.saturating_mul(d.max(0) as u64))
+    };
     let flops = match node.op_type.as_str() {
         "MatMul" => (|| {
             let a = shape(0)?;
-            Some(2 * product(&out()?) * *a.last()? as u64)
+            Some(product(&[2, product(&out()?) as i64, *a.last()?]))
         })(),
         "Gemm" => (|| {
             let a = shape(0)?;
@@ -21,11 +24,15 @@ pub fn node_flops(node: &Node, types: &TypeMap) -> u64 {
             } else {
                 *a.last()?
             };
-            Some(2 * product(&out()?) * k as u64)
+            Some(product(&out()?).saturating_mul(2 * k.max(0) as u64))
         })(),
         "Conv" => (|| {
             let w = shape(1)?;
-            Some(2 * product(&out()?) * product(&w[1..]))
+            Some(
+                product(&out()?)
+                    .saturating_mul(product(&w[1..]))
+                    .saturating_mul(2),
+            )
         })(),
         "Einsum" => (|| {
             let eq = node.attr_string("equation")?.replace(' ', "");
@@ -36,15 +43,14 @@ pub fn node_flops(node: &Node, types: &TypeMap) -> u64 {
                     sizes.insert(c, d);
                 }
             }
-            Some(2 * product(&sizes.values().copied().collect::<Vec<_>>()))
+            Some(2u64.saturating_mul(product(&sizes.values().copied().collect::<Vec<_>>())))
         })(),
         "Attention" => (|| {
             let (q, k, v) = (shape(0)?, shape(1)?, shape(2)?);
             if q.len() != 4 || k.len() != 4 || v.len() != 4 {
                 return None;
             }
-            let (lead, sq, sk) = (q[0] * q[1], q[2], k[2]);
-            Some(2 * (lead * sq * sk * (q[3] + v[3])) as u64)
+            Some(product(&[2, q[0], q[1], q[2], k[2]]).saturating_mul((q[3] + v[3]).max(0) as u64))
         })(),
         _ => None,
     };

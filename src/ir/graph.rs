@@ -254,5 +254,5 @@ pub enum AttrValue {
     Tensors(Vec<Tensor>),
     Graphs(Vec<Graph>),
     /// Anything else (type protos, sparse tensors, references to function attributes): verbatim.
-    Other(proto::AttributeProto),
+    Other(Box<proto::AttributeProto>),
 }

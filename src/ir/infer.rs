@@ -53,10 +53,13 @@ pub fn infer_types(graph: &Graph, opset: i64) -> TypeMap {
         let shape = input
             .shape()
             .and_then(|dims| dims.iter().map(Dim::value).collect::<Option<Vec<_>>>());
-        types.insert(input.name.clone(), TypeInfo::of(input.dtype(), shape));
+        types.insert(
+            input.name.clone(),
+            sanitize(TypeInfo::of(input.dtype(), shape)),
+        );
     }
     for t in &graph.initializers {
-        types.insert(t.name.clone(), tensor_info(t));
+        types.insert(t.name.clone(), sanitize(tensor_info(t)));
     }
     for node in &graph.nodes {
         let inputs: Vec<TypeInfo> = node
@@ -64,7 +67,10 @@ pub fn infer_types(graph: &Graph, opset: i64) -> TypeMap {
             .iter()
             .map(|n| types.get(n).cloned().unwrap_or_default())
             .collect();
-        let outputs = infer_node(node, &inputs, opset);
+        let outputs: Vec<TypeInfo> = infer_node(node, &inputs, opset)
+            .into_iter()
+            .map(sanitize)
+            .collect();
         for (i, name) in node.outputs.iter().enumerate() {
             if !name.is_empty() {
                 types.insert(name.clone(), outputs.get(i).cloned().unwrap_or_default());
@@ -72,6 +78,26 @@ pub fn infer_types(graph: &Graph, opset: i64) -> TypeMap {
         }
     }
     types
+}
+
+/// Largest element count a shape may claim before it is treated as unknown (2^48).
+const MAX_ELEMENTS: i64 = 1 << 48;
+
+/// Forget shapes that no real tensor can have (negative dims, absurd sizes from hostile files), so
+/// later arithmetic on them cannot overflow.
+fn sanitize(mut info: TypeInfo) -> TypeInfo {
+    let sane = info.shape.as_ref().is_none_or(|s| {
+        s.iter()
+            .try_fold(1i64, |acc, &d| {
+                (d >= 0).then(|| acc.checked_mul(d)).flatten()
+            })
+            .is_some_and(|n| n <= MAX_ELEMENTS)
+    });
+    if !sane {
+        info.shape = None;
+        info.value = None;
+    }
+    info
 }
 
 pub fn tensor_info(t: &Tensor) -> TypeInfo {
@@ -208,7 +234,7 @@ pub fn infer_node(node: &Node, inputs: &[TypeInfo], opset: i64) -> Vec<TypeInfo>
         "Tile" => {
             let shape = match (&x.shape, &input(1).value) {
                 (Some(s), Some(r)) if s.len() == r.len() => {
-                    Some(s.iter().zip(r).map(|(a, b)| a * b).collect())
+                    s.iter().zip(r).map(|(a, b)| a.checked_mul(*b)).collect()
                 }
                 _ => None,
             };
@@ -424,19 +450,18 @@ fn conv_shape(node: &Node, x: &TypeInfo, w: &TypeInfo) -> Option<Vec<i64>> {
     }
     let mut out = vec![x[0], w[0]];
     for i in 0..spatial {
-        let input = x[2 + i];
-        let d = match auto_pad.as_str() {
-            "SAME_UPPER" | "SAME_LOWER" => (input + strides[i] - 1) / strides[i],
-            "VALID" => (input - dil[i] * (kernel[i] - 1) - 1) / strides[i] + 1,
-            _ => {
-                (input + pads[i] + pads[i + spatial] - dil[i] * (kernel[i] - 1) - 1) / strides[i]
-                    + 1
-            }
-        };
-        if d <= 0 || strides[i] <= 0 {
+        // i128: attribute values come from the file and may be anything.
+        let (input, stride) = (x[2 + i] as i128, strides[i] as i128);
+        let span = dil[i] as i128 * (kernel[i] as i128 - 1) + 1;
+        if stride <= 0 {
             return None;
         }
-        out.push(d);
+        let d = match auto_pad.as_str() {
+            "SAME_UPPER" | "SAME_LOWER" => (input + stride - 1) / stride,
+            "VALID" => (input - span) / stride + 1,
+            _ => (input + pads[i] as i128 + pads[i + spatial] as i128 - span) / stride + 1,
+        };
+        out.push(i64::try_from(d).ok().filter(|&d| d > 0)?);
     }
     Some(out)
 }
@@ -470,7 +495,10 @@ pub fn reshape_target(input: &[i64], target: &[i64], allow_zero: bool) -> Option
         });
     }
     let unknown: Vec<usize> = (0..out.len()).filter(|&i| out[i] == -1).collect();
-    let known: i64 = out.iter().filter(|&&d| d != -1).product();
+    let known = out
+        .iter()
+        .filter(|&&d| d != -1)
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d))?;
     match unknown.len() {
         0 if known == total => Some(out),
         1 if known > 0 && total % known == 0 => {
@@ -684,11 +712,14 @@ fn slice(node: &Node, inputs: &[TypeInfo], opset: i64) -> TypeInfo {
         } else {
             (clamp(starts[i], -1, d - 1), clamp(ends[i], -1, d - 1))
         };
+        let (start128, end128, step128) = (start as i128, end as i128, step as i128);
         let len = if step > 0 {
-            (end - start + step - 1).div_euclid(step).max(0)
+            (end128 - start128 + step128 - 1).div_euclid(step128).max(0)
         } else {
-            (start - end + (-step) - 1).div_euclid(-step).max(0)
-        };
+            (start128 - end128 - step128 - 1)
+                .div_euclid(-step128)
+                .max(0)
+        } as i64;
         out[a] = len;
         ranges[a] = (start, len, step);
     }
@@ -696,7 +727,10 @@ fn slice(node: &Node, inputs: &[TypeInfo], opset: i64) -> TypeInfo {
         (Some(v), 1) => {
             let (start, len, step) = ranges[0];
             (0..len)
-                .map(|k| v.get((start + k * step) as usize).copied())
+                .map(|k| {
+                    let i = start as i128 + k as i128 * step as i128;
+                    usize::try_from(i).ok().and_then(|i| v.get(i).copied())
+                })
                 .collect()
         }
         _ => None,
@@ -757,7 +791,10 @@ fn constant_of_shape(node: &Node, shape: &TypeInfo) -> TypeInfo {
     let Some(dims) = &shape.value else {
         return TypeInfo::of(Some(dtype), None);
     };
-    let n: i64 = dims.iter().product();
+    let n = dims
+        .iter()
+        .try_fold(1i64, |acc, &d| acc.checked_mul(d))
+        .unwrap_or(i64::MAX);
     let value = fill
         .and_then(|t| t.to_i64_vec())
         .and_then(|v| v.first().copied())
@@ -775,9 +812,19 @@ fn range(inputs: &[TypeInfo]) -> TypeInfo {
     let scalar = |i: usize| inputs.get(i)?.value.as_ref()?.first().copied();
     match (scalar(0), scalar(1), scalar(2)) {
         (Some(start), Some(limit), Some(delta)) if delta != 0 => {
-            let n = ((limit - start) as f64 / delta as f64).ceil().max(0.0) as i64;
-            let v: Vec<i64> = (0..n).map(|k| start + k * delta).collect();
-            TypeInfo::with_value(dtype, vec![n], v)
+            let n = ((limit as f64 - start as f64) / delta as f64)
+                .ceil()
+                .max(0.0) as i64;
+            let value = (n as usize <= MAX_TRACKED_VALUES).then(|| {
+                (0..n)
+                    .map(|k| start.wrapping_add(k.wrapping_mul(delta)))
+                    .collect()
+            });
+            TypeInfo {
+                dtype,
+                shape: Some(vec![n]),
+                value,
+            }
         }
         _ => TypeInfo::of(dtype, None),
     }
@@ -850,12 +897,11 @@ fn pad(node: &Node, x: &TypeInfo, pads: &TypeInfo) -> TypeInfo {
         .or_else(|| pads.value.clone());
     let has_axes = node.inputs.get(3).is_some_and(|n| !n.is_empty());
     let shape = match (&x.shape, pads) {
-        (Some(s), Some(p)) if p.len() == 2 * s.len() && !has_axes => Some(
-            s.iter()
-                .enumerate()
-                .map(|(i, &d)| d + p[i] + p[i + s.len()])
-                .collect(),
-        ),
+        (Some(s), Some(p)) if p.len() == 2 * s.len() && !has_axes => s
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| d.checked_add(p[i])?.checked_add(p[i + s.len()]))
+            .collect::<Option<_>>(),
         _ => None,
     };
     TypeInfo::of(x.dtype, shape)
@@ -872,7 +918,9 @@ fn attention(node: &Node, inputs: &[TypeInfo]) -> Vec<TypeInfo> {
         (Some(qs), Some(vs)) if qs.len() == 3 && vs.len() == 3 => {
             let q_heads = node.attr_int("q_num_heads").unwrap_or(1);
             let kv_heads = node.attr_int("kv_num_heads").unwrap_or(1).max(1);
-            Some(vec![qs[0], qs[1], q_heads * (vs[2] / kv_heads)])
+            q_heads
+                .checked_mul(vs[2] / kv_heads)
+                .map(|d| vec![qs[0], qs[1], d])
         }
         _ => None,
     };

@@ -157,7 +157,7 @@ fn attribute_from_proto(
     if !a.ref_attr_name.is_empty() {
         return Ok(Attribute {
             name: a.name.clone(),
-            value: AttrValue::Other(a),
+            value: AttrValue::Other(Box::new(a)),
         });
     }
     let value = match a.r#type {
@@ -190,7 +190,7 @@ fn attribute_from_proto(
         t::SPARSE_TENSOR | t::SPARSE_TENSORS | t::TYPE_PROTO | t::TYPE_PROTOS => {
             return Ok(Attribute {
                 name: a.name.clone(),
-                value: AttrValue::Other(a),
+                value: AttrValue::Other(Box::new(a)),
             })
         }
         other => bail!("attribute '{}' has unknown type {other}", a.name),

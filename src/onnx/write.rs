@@ -232,7 +232,7 @@ fn attribute_to_proto(a: &Attribute, external: &ExternalLookup) -> proto::Attrib
             p.r#type = t::GRAPHS;
             p.graphs = v.iter().map(|g| graph_to_proto(g, external)).collect();
         }
-        AttrValue::Other(proto) => return proto.clone(),
+        AttrValue::Other(proto) => return (**proto).clone(),
     }
     p
 }
