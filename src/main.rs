@@ -29,6 +29,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    restore_default_sigpipe();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(a) => cli::inspect::run(a).map(|_| true),
@@ -55,5 +56,15 @@ fn report_peak_rss() {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     if let Some(line) = status.lines().find(|l| l.starts_with("VmHWM:")) {
         eprintln!("peak RSS: {}", line.trim_start_matches("VmHWM:").trim());
+    }
+}
+
+/// Rust ignores SIGPIPE, so `ditc inspect m.onnx | head` would panic on a closed stdout; behave like
+/// other command-line tools and end quietly instead.
+fn restore_default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to its default at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
