@@ -328,3 +328,21 @@ fn broken_tensor_files_fail_cleanly() {
         );
     }
 }
+
+/// Inputs the fuzzer once crashed on (`tests/data/fuzz-regressions/`): each must now be read and
+/// analysed, or rejected, without a panic.
+#[test]
+fn fuzz_regressions_do_not_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-regressions");
+    let empty = tempfile::tempdir().unwrap();
+    let mut count = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        if let Ok(model) = ditc::onnx::model_from_bytes(bytes.into(), empty.path()) {
+            let _ = ditc::analysis::analyse(&model);
+            let _ = ditc::onnx::model_to_bytes_inline(&model);
+        }
+        count += 1;
+    }
+    assert!(count > 0);
+}

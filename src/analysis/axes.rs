@@ -329,10 +329,16 @@ pub fn regroup(x: &Axes, out_shape: &[i64]) -> Option<Axes> {
     let mut queue: std::collections::VecDeque<Atom> = x.iter().flatten().copied().collect();
     let mut out = Vec::with_capacity(out_shape.len());
     for &size in out_shape {
+        if size <= 0 {
+            return None; // empty tensors carry no sequence
+        }
         let mut need = size;
         let mut dim = Vec::new();
         while need > 1 {
             let front = queue.front_mut()?;
+            if front.size <= 0 {
+                return None;
+            }
             if front.size <= need && need % front.size == 0 {
                 need /= front.size;
                 dim.push(queue.pop_front()?);
@@ -380,5 +386,12 @@ mod tests {
         assert_eq!(tags_of(&r[1]), HEIGHT);
         assert_eq!(tags_of(&r[2]), HEIGHT | WIDTH);
         assert!(regroup(&x, &[3, 5]).is_none());
+        // Zero-sized dimensions (found by fuzzing: a remainder by zero).
+        let empty: Axes = vec![vec![Atom {
+            tags: FRAME,
+            size: 0,
+        }]];
+        assert!(regroup(&empty, &[2]).is_none());
+        assert!(regroup(&x, &[0, 512]).is_none());
     }
 }
