@@ -12,7 +12,10 @@ pub mod manifest;
 pub mod metrics;
 pub mod onnx;
 pub mod output;
+pub mod passes;
 pub mod progress;
+pub mod recipe;
 #[cfg(feature = "tract")]
 pub mod runtime;
+pub mod schedule;
 pub mod tensors;

@@ -1,26 +1,30 @@
-//! The bundle manifest (`manifest.json`): everything a runtime needs to drive the emitted graph.
+//! The bundle manifest (`manifest.json`, version 1): everything a runtime needs to drive the graph.
 //!
-//! This is the first version (`"version": 0`): source and output files with hashes, graph inputs and
-//! outputs, and the DiT map. The sampler, schedule and state bindings come with the schedule passes.
+//! It lists the files (with hashes), the graph's inputs and outputs and what each means to a sampling
+//! loop (`io`), the sampler and its timesteps, the baked schedule (per-kind decision tables and the sites
+//! they drive), the state bindings to feed back each step, the expected cost, and provenance. The JSON
+//! Schema is `schemas/manifest.schema.json`; tests validate every emitted manifest against it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::Result;
-use serde::Serialize;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
-use crate::analysis::DitMap;
-use crate::ir::{Dim, Model, ValueInfo};
+use crate::analysis::AttentionKind;
+use crate::ir::{DataType, Dim, Model, ValueInfo};
 use crate::onnx::WrittenFile;
 use crate::output::sha256_file;
+use crate::schedule::SamplerConfig;
 
 pub const FORMAT: &str = "ditc-manifest";
-pub const VERSION: u32 = 0;
+pub const VERSION: u32 = 1;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Manifest {
-    pub format: &'static str,
+    pub format: String,
     pub version: u32,
-    pub ditc_version: &'static str,
+    pub ditc_version: String,
     pub source: Source,
     /// Files of the bundle, relative to the manifest's folder; the first is the graph.
     pub files: Vec<WrittenFile>,
@@ -28,23 +32,114 @@ pub struct Manifest {
     pub opset: i64,
     pub inputs: Vec<Binding>,
     pub outputs: Vec<Binding>,
-    /// Passes applied, in order (none for a plain conversion).
-    pub passes: Vec<String>,
-    pub dit_map: DitMap,
+    /// What the sampling loop feeds and reads (absent when the inputs could not be identified).
+    pub io: Option<ModelIo>,
+    pub sampler: Option<SamplerSection>,
+    pub schedule: Option<Schedule>,
+    /// State to carry from step i's outputs to step i+1's inputs.
+    pub state: Vec<StateBinding>,
+    pub cost: Cost,
+    pub tensorrt: TensorRt,
+    pub provenance: Provenance,
+    /// The DiT map of the source graph (as `ditc inspect --json` reports it).
+    pub dit_map: serde_json::Value,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Source {
     pub path: String,
     pub files: Vec<WrittenFile>,
 }
 
 /// A graph input or output: name, dtype and shape (numbers, or names for dynamic axes).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Binding {
     pub name: String,
     pub dtype: String,
     pub shape: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelIo {
+    /// The noisy latent input.
+    pub latent: String,
+    /// The timestep input (fed the sampler's timestep, in the input's dtype).
+    pub timestep: String,
+    /// The model's prediction (noise, velocity, ...), the first graph output.
+    pub prediction: String,
+    /// The step-index input of a baked schedule (int64 scalar), if any.
+    pub step: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SamplerSection {
+    pub config: SamplerConfig,
+    /// The timestep fed at each step.
+    pub timesteps: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Schedule {
+    pub policy: String,
+    /// The pass options the tables were made from.
+    pub options: serde_json::Value,
+    /// Per kind: compute (true) or reuse (false) at each step.
+    pub tables: BTreeMap<AttentionKind, Vec<bool>>,
+    /// Per kind: the attention site ids the table drives.
+    pub sites: BTreeMap<AttentionKind, Vec<usize>>,
+    /// Per kind: expected computed calls over the whole run, out of `total`.
+    pub calls: BTreeMap<AttentionKind, Calls>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Calls {
+    pub computed: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateBinding {
+    pub site: usize,
+    pub kind: AttentionKind,
+    pub input: String,
+    pub output: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    /// Value before the first step (never read: step 0 always computes).
+    pub initial: String,
+}
+
+/// FLOPs over one whole sampling run (all steps), as the schedule plans them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Cost {
+    pub steps: usize,
+    /// Attention sites (score/value products plus their projections), every step computing.
+    pub attention_flops_full: u64,
+    pub attention_flops_scheduled: u64,
+    /// The whole model (MatMul/Gemm/Conv/Einsum FLOPs).
+    pub model_flops_full: u64,
+    pub model_flops_scheduled: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TensorRt {
+    /// Suggested engine build (static shapes as in `inputs`).
+    pub build_command: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Provenance {
+    pub recipe: Option<String>,
+    /// Passes applied, in order, with their options.
+    pub passes: Vec<PassRecord>,
+    /// `--set` overrides given on the command line.
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PassRecord {
+    pub name: String,
+    pub options: serde_json::Value,
 }
 
 pub fn binding(v: &ValueInfo) -> Binding {
@@ -87,18 +182,102 @@ fn hashed(path: &Path) -> Result<WrittenFile> {
     })
 }
 
-pub fn build(model: &Model, source: Source, files: Vec<WrittenFile>, dit_map: DitMap) -> Manifest {
-    Manifest {
-        format: FORMAT,
-        version: VERSION,
-        ditc_version: env!("CARGO_PKG_VERSION"),
-        source,
-        files,
-        ir_version: model.ir_version,
-        opset: model.default_opset(),
-        inputs: model.graph.runtime_inputs().map(binding).collect(),
-        outputs: model.graph.outputs.iter().map(binding).collect(),
-        passes: Vec::new(),
-        dit_map,
+/// The latent and timestep inputs, found from the graph: the latent is the rank-4/5 float input, the
+/// timestep a one-element input that reaches a `Sin`/`Cos` (the sinusoidal embedding).
+pub fn detect_io(model: &Model) -> Result<ModelIo> {
+    let graph = &model.graph;
+    let latents: Vec<&ValueInfo> = graph
+        .runtime_inputs()
+        .filter(|i| {
+            i.dtype().is_some_and(DataType::is_float)
+                && matches!(i.shape().map(|s| s.len()), Some(4 | 5))
+        })
+        .collect();
+    let [latent] = latents.as_slice() else {
+        bail!("cannot tell the latent input: expected exactly one rank-4 or rank-5 float input, found {}", latents.len());
+    };
+    let one_element = |i: &&ValueInfo| {
+        i.shape()
+            .is_some_and(|s| s.iter().all(|d| d.value() == Some(1)))
+    };
+    let timestep = graph
+        .runtime_inputs()
+        .filter(one_element)
+        .find(|i| reaches_sinusoid(model, &i.name))
+        .with_context(|| {
+            "cannot tell the timestep input: no one-element input reaches a Sin/Cos embedding"
+        })?;
+    let prediction = graph.outputs.first().context("the graph has no output")?;
+    Ok(ModelIo {
+        latent: latent.name.clone(),
+        timestep: timestep.name.clone(),
+        prediction: prediction.name.clone(),
+        step: None,
+    })
+}
+
+fn reaches_sinusoid(model: &Model, input: &str) -> bool {
+    let mut frontier = vec![input.to_string()];
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..24 {
+        let mut next = Vec::new();
+        for n in &model.graph.nodes {
+            if n.present_inputs().any(|i| frontier.iter().any(|f| f == i))
+                && seen.insert(n.name.clone())
+            {
+                if matches!(n.op_type.as_str(), "Sin" | "Cos") {
+                    return true;
+                }
+                next.extend(n.outputs.iter().cloned());
+            }
+        }
+        if next.is_empty() {
+            return false;
+        }
+        frontier = next;
     }
+    false
+}
+
+pub fn trtexec_command(model: &Model) -> String {
+    let shapes: Vec<String> = model
+        .graph
+        .runtime_inputs()
+        .filter_map(|i| {
+            let dims: Option<Vec<String>> = i
+                .shape()?
+                .iter()
+                .map(|d| d.value().map(|v| v.to_string()))
+                .collect();
+            let dims = dims?;
+            Some(format!(
+                "'{}':{}",
+                i.name,
+                if dims.is_empty() {
+                    "1".to_string()
+                } else {
+                    dims.join("x")
+                }
+            ))
+        })
+        .collect();
+    let shapes = shapes.join(",");
+    format!(
+        "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4 --minShapes={shapes} --optShapes={shapes} --maxShapes={shapes}"
+    )
+}
+
+pub fn read(path: &Path) -> Result<Manifest> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    let m: Manifest = serde_json::from_slice(&bytes)
+        .with_context(|| format!("'{}' is not a ditc manifest", path.display()))?;
+    if m.format != FORMAT || m.version != VERSION {
+        bail!(
+            "'{}': format '{}' version {} (this ditc reads '{FORMAT}' version {VERSION})",
+            path.display(),
+            m.format,
+            m.version
+        );
+    }
+    Ok(m)
 }

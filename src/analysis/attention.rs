@@ -15,7 +15,9 @@ use super::axes::{tag_names, tags_of, Axes, CHANNEL, FRAME, HEIGHT, TEXT, VIDEO,
 use super::flops::node_flops;
 use crate::ir::{Graph, Node, TypeMap};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttentionKind {
     /// Sequence = the tokens of one frame (or image).

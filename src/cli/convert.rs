@@ -1,25 +1,43 @@
-//! `ditc convert MODEL -o OUT`: write a bundle (`model.onnx`, `model.onnx.data`, `manifest.json`).
+//! `ditc convert MODEL -o OUT [--recipe R] [--set k=v]...`: write a bundle.
 //!
-//! With no recipe the graph is re-emitted unchanged in meaning. All files are staged and renamed into
-//! `OUT` only when every one of them is complete.
+//! The recipe's options are all validated before any work; then the model is read, mapped, rewritten
+//! by the recipe's passes (graph check after each), and `model.onnx` (+ `model.onnx.data`) and
+//! `manifest.json` are staged and renamed into `OUT` only when every one of them is complete.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::analysis::analyse;
-use crate::ir::check_graph;
-use crate::manifest;
+use crate::analysis::{analyse, AttentionKind};
+use crate::ir::{check_graph, Model};
+use crate::manifest::{
+    self, Cost, Manifest, PassRecord, Provenance, SamplerSection, Schedule, TensorRt,
+};
 use crate::onnx::{write_model, WriteOptions};
 use crate::output::Staging;
+use crate::passes::{self, PassContext};
+use crate::recipe::Recipe;
+use crate::schedule::specialize::{model_flops, pattern_at, specialize};
 
 #[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ditc convert model.onnx -o out\n  ditc convert model.onnx --recipe passes/pab.toml -o out\n  ditc convert model.onnx --recipe passes/pab.toml --set broadcast-static.spatial.period=3 --set sampler.steps=30 -o out"
+)]
 pub struct Args {
     /// The model: an .onnx file (external data is read from beside it).
     pub model: PathBuf,
     /// Output folder for the bundle (created if missing; existing bundle files are replaced).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// A recipe (TOML): the sampler and the passes to apply, e.g. passes/pab.toml. Without one the graph
+    /// is re-emitted unchanged in meaning.
+    #[arg(long)]
+    pub recipe: Option<PathBuf>,
+    /// Override a recipe option: `sampler.steps=30`, `broadcast-static.cross.period=8`,
+    /// `broadcast-static.spatial.window=[100,850]`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Initializers of at least this many bytes go to model.onnx.data instead of the graph file.
     #[arg(long, default_value_t = 1024, value_name = "BYTES")]
     pub external_threshold: u64,
@@ -29,10 +47,44 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let model = super::read_model_arg(&args.model)?;
+    // Options first: a bad option fails before any model is read.
+    let recipe = match &args.recipe {
+        Some(path) => Recipe::load(path, &args.set)?,
+        None => Recipe::empty(&args.set)?,
+    };
+    let pass_list = recipe
+        .passes
+        .iter()
+        .map(|p| passes::create(&p.name, &p.options))
+        .collect::<Result<Vec<_>>>()?;
+    let sampler = recipe
+        .sampler
+        .clone()
+        .map(|c| c.plan().map(|s| (c, s)))
+        .transpose()
+        .context("invalid [sampler]")?;
+
+    let mut model = super::read_model_arg(&args.model)?;
     check_graph(&model.graph).context("the input graph is invalid")?;
-    let dit_map = analyse(&model);
     let source = manifest::describe_source(&args.model, &model)?;
+    let dit_map = analyse(&model);
+    let io = match manifest::detect_io(&model) {
+        Ok(io) => Some(io),
+        Err(e) if sampler.is_some() => {
+            return Err(e.context("a sampler needs the latent and timestep inputs"))
+        }
+        Err(_) => None,
+    };
+    let original = model.clone();
+    let mut cx = PassContext {
+        dit_map,
+        sampler,
+        schedule: None,
+        state: Vec::new(),
+        step_input: None,
+    };
+    passes::run_pipeline(&mut model, &pass_list, &mut cx)?;
+    let cost = cost(&original, &model, &cx)?;
 
     let mut staging = Staging::new(&args.output)?;
     let options = WriteOptions {
@@ -40,24 +92,151 @@ pub fn run(args: &Args) -> Result<()> {
         progress: !args.no_progress,
     };
     let files = write_model(&model, &mut staging, "model.onnx", &options)?;
-    let manifest = manifest::build(&model, source, files, dit_map);
+    let manifest = Manifest {
+        format: manifest::FORMAT.into(),
+        version: manifest::VERSION,
+        ditc_version: env!("CARGO_PKG_VERSION").into(),
+        source,
+        files,
+        ir_version: model.ir_version,
+        opset: model.default_opset(),
+        inputs: model
+            .graph
+            .runtime_inputs()
+            .map(manifest::binding)
+            .collect(),
+        outputs: model.graph.outputs.iter().map(manifest::binding).collect(),
+        io: io.map(|mut io| {
+            io.step = cx.step_input.clone();
+            io
+        }),
+        sampler: cx.sampler.as_ref().map(|(c, s)| SamplerSection {
+            config: c.clone(),
+            timesteps: s.timesteps.clone(),
+        }),
+        schedule: cx.schedule.clone(),
+        state: cx.state.clone(),
+        cost,
+        tensorrt: TensorRt {
+            build_command: manifest::trtexec_command(&model),
+        },
+        provenance: Provenance {
+            recipe: recipe.path.as_ref().map(|p| p.display().to_string()),
+            passes: recipe
+                .passes
+                .iter()
+                .map(|p| {
+                    Ok(PassRecord {
+                        name: p.name.clone(),
+                        options: serde_json::to_value(&p.options)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            overrides: recipe.overrides.clone(),
+        },
+        dit_map: serde_json::to_value(&cx.dit_map)?,
+    };
     staging.write(
         "manifest.json",
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     staging.commit()?;
+    print_summary(args, &manifest);
+    Ok(())
+}
 
-    let sizes: Vec<String> = manifest
+/// Planned FLOPs over the whole run: every distinct decision pattern specialised once.
+fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
+    let site_cost = |id: usize| {
+        cx.dit_map
+            .attention
+            .get(id)
+            .map(|s| s.flops + s.projection_flops)
+            .unwrap_or(0)
+    };
+    let all_sites: u64 = cx
+        .dit_map
+        .attention
+        .iter()
+        .map(|s| s.flops + s.projection_flops)
+        .sum();
+    let full = model_flops(original);
+    let Some((_, sampler)) = &cx.sampler else {
+        return Ok(Cost {
+            steps: 1,
+            attention_flops_full: all_sites,
+            attention_flops_scheduled: all_sites,
+            model_flops_full: full,
+            model_flops_scheduled: full,
+        });
+    };
+    let steps = sampler.steps();
+    let empty = Schedule {
+        policy: String::new(),
+        options: serde_json::Value::Null,
+        tables: BTreeMap::new(),
+        sites: BTreeMap::new(),
+        calls: BTreeMap::new(),
+    };
+    let schedule = cx.schedule.as_ref().unwrap_or(&empty);
+    let mut per_pattern: BTreeMap<Vec<(AttentionKind, bool)>, u64> = BTreeMap::new();
+    let (mut model_scheduled, mut attention_scheduled) = (0u64, 0u64);
+    for i in 0..steps {
+        let pattern = pattern_at(&schedule.tables, i);
+        let key: Vec<(AttentionKind, bool)> = pattern.iter().map(|(k, v)| (*k, *v)).collect();
+        let flops = match per_pattern.get(&key) {
+            Some(f) => *f,
+            None => {
+                let f = model_flops(&specialize(baked, &pattern)?);
+                per_pattern.insert(key, f);
+                f
+            }
+        };
+        model_scheduled += flops;
+        let skipped: u64 = schedule
+            .sites
+            .iter()
+            .filter(|(k, _)| !pattern[k])
+            .flat_map(|(_, ids)| ids.iter().map(|&id| site_cost(id)))
+            .sum();
+        attention_scheduled += all_sites - skipped;
+    }
+    Ok(Cost {
+        steps,
+        attention_flops_full: all_sites * steps as u64,
+        attention_flops_scheduled: attention_scheduled,
+        model_flops_full: full * steps as u64,
+        model_flops_scheduled: model_scheduled,
+    })
+}
+
+fn print_summary(args: &Args, m: &Manifest) {
+    let sizes: Vec<String> = m
         .files
         .iter()
         .map(|f| format!("{} ({})", f.path, super::inspect::human_bytes(f.bytes)))
         .collect();
     eprintln!(
-        "wrote {}: {}, manifest.json; {} attention sites in {} blocks",
+        "wrote {}: {}, manifest.json",
         args.output.display(),
-        sizes.join(", "),
-        manifest.dit_map.attention.len(),
-        manifest.dit_map.blocks.len()
+        sizes.join(", ")
     );
-    Ok(())
+    if let Some(s) = &m.schedule {
+        for (kind, c) in &s.calls {
+            eprintln!(
+                "  {:<9} computes {:>4} of {:>4} calls",
+                kind.as_str(),
+                c.computed,
+                c.total
+            );
+        }
+        let c = &m.cost;
+        eprintln!(
+            "  attention FLOPs {:.1}% of full, model FLOPs {:.1}% of full over {} steps ({} states carried)",
+            100.0 * c.attention_flops_scheduled as f64 / c.attention_flops_full.max(1) as f64,
+            100.0 * c.model_flops_scheduled as f64 / c.model_flops_full.max(1) as f64,
+            c.steps,
+            m.state.len()
+        );
+    }
 }

@@ -1,33 +1,56 @@
-//! `ditc run MODEL --inputs IN.safetensors -o OUT.safetensors`: one forward pass on CPU with tract.
+//! `ditc run`: drive a bundle through its sampling loop (`manifest.json`), or run an `.onnx` once.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
+use serde::Serialize;
 
-use crate::runtime::TractRunner;
+use crate::metrics::{compare, Fidelity};
+use crate::runtime::{sample, Bundle, RunReport, TractRunner};
 use crate::tensors::write_safetensors;
 
 #[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Examples:\n  ditc run out/manifest.json --inputs in.safetensors -o sample.safetensors --compare-full\n  ditc run model.onnx --inputs io.safetensors --prefix 0. -o out.safetensors"
+)]
 pub struct Args {
-    /// The model (.onnx). Bundles driven through a sampling loop (manifest.json) come with schedules.
+    /// A bundle's manifest.json (sampling loop), or an .onnx file (one forward pass).
     pub model: PathBuf,
-    /// Inputs as a safetensors file keyed by graph input names.
+    /// For a bundle: `noise` (the initial latent) and every model input other than the latent and the
+    /// timestep (e.g. `encoder_hidden_states`). For an .onnx: every graph input.
     #[arg(long)]
     pub inputs: PathBuf,
-    /// Use the tensors named PREFIX<input> (e.g. `--prefix 0.` for a fixture's io.safetensors).
+    /// Use the tensors named PREFIX<name> (e.g. `--prefix 0.` for the fixtures' case 0).
     #[arg(long)]
     pub prefix: Option<String>,
-    /// Where to write the outputs (safetensors, keyed by graph output names).
+    /// Where to write the result: `sample` (the final latent) for a bundle, the graph outputs otherwise.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Also sample with every attention site computing at every step and report the difference.
+    #[arg(long)]
+    pub compare_full: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scheduled: RunReport,
+    pub full: Option<RunReport>,
+    /// Final latent vs the full computation's.
+    pub fidelity: Option<Fidelity>,
+    /// full wall time / scheduled wall time (sampling only, plans excluded), with --compare-full.
+    pub speedup: Option<f64>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
     if args.model.extension().is_some_and(|e| e == "json") {
-        bail!(
-            "running a manifest through a sampling loop is not implemented yet; give an .onnx file"
-        );
+        return run_bundle(args);
     }
     let inputs = super::load_inputs(&args.inputs, args.prefix.as_deref())?;
     let model = super::read_model_arg(&args.model)?;
@@ -35,7 +58,6 @@ pub fn run(args: &Args) -> Result<()> {
     let runner = TractRunner::new(&model, &inputs)?;
     let prepared = start.elapsed();
     let outputs = runner.run(&inputs)?;
-    let total = start.elapsed();
     write_safetensors(&args.output, &outputs)?;
     for t in &outputs {
         eprintln!("output {} {} {:?}", t.name, t.dtype, t.dims);
@@ -44,7 +66,82 @@ pub fn run(args: &Args) -> Result<()> {
         "wrote {} (plan {:.2}s, run {:.2}s)",
         args.output.display(),
         prepared.as_secs_f64(),
-        (total - prepared).as_secs_f64()
+        (start.elapsed() - prepared).as_secs_f64()
     );
+    Ok(())
+}
+
+/// Run a bundle as the report describes; also used by tests and benches.
+pub fn sample_bundle(args: &Args) -> Result<(crate::ir::Tensor, Report)> {
+    let inputs = super::load_inputs(&args.inputs, args.prefix.as_deref())?;
+    let bundle = Bundle::open(&args.model)?;
+    let noise = inputs.iter().find(|t| t.name == "noise").with_context(|| {
+        format!(
+            "'{}' has no tensor 'noise' (the initial latent)",
+            args.inputs.display()
+        )
+    })?;
+    let progress = !args.no_progress && !args.json;
+    let (latent, scheduled) = sample(&bundle, noise, &inputs, false, progress)?;
+    let (full, fidelity) = if args.compare_full {
+        let (full_latent, full) = sample(&bundle, noise, &inputs, true, progress)?;
+        let f = compare(
+            &latent.to_f32_vec().expect("f32"),
+            &full_latent.to_f32_vec().expect("f32"),
+        );
+        (Some(full), Some(f))
+    } else {
+        (None, None)
+    };
+    let speedup = full.as_ref().map(|f| {
+        (f.wall_seconds - f.plan_seconds)
+            / (scheduled.wall_seconds - scheduled.plan_seconds).max(1e-9)
+    });
+    Ok((
+        latent,
+        Report {
+            scheduled,
+            full,
+            fidelity,
+            speedup,
+        },
+    ))
+}
+
+fn run_bundle(args: &Args) -> Result<()> {
+    let (latent, report) = sample_bundle(args)?;
+    write_safetensors(&args.output, &[latent])?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let s = &report.scheduled;
+    println!(
+        "sampled {} steps in {:.2}s ({} plans, {:.2}s planning) -> {}",
+        s.steps,
+        s.wall_seconds,
+        s.plans,
+        s.plan_seconds,
+        args.output.display()
+    );
+    println!("{:<9} {:>9} {:>9}", "kind", "computed", "skipped");
+    for (kind, c) in &s.calls {
+        println!("{:<9} {:>9} {:>9}", kind.as_str(), c.computed, c.skipped);
+    }
+    let pct = |a: u64, b: u64| 100.0 * (1.0 - a as f64 / b.max(1) as f64);
+    println!(
+        "attention FLOPs saved {:.1}% ({} of {}), model FLOPs saved {:.1}% (ideal speedup {:.2}x)",
+        pct(s.attention_flops, s.attention_flops_full),
+        super::inspect::human_flops(s.attention_flops_full - s.attention_flops),
+        super::inspect::human_flops(s.attention_flops_full),
+        pct(s.model_flops, s.model_flops_full),
+        s.model_flops_full as f64 / s.model_flops.max(1) as f64
+    );
+    if let (Some(f), Some(full), Some(speedup)) = (&report.fidelity, &report.full, report.speedup) {
+        println!(
+            "vs full computation: PSNR {:.2} dB, cosine {:.6}, max-abs {:.3e}, rel-L2 {:.3e}; wall {:.2}s vs {:.2}s (speedup {:.2}x)",
+            f.psnr_db, f.cosine, f.max_abs, f.rel_l2, s.wall_seconds, full.wall_seconds, speedup
+        );
+    }
     Ok(())
 }

@@ -40,7 +40,7 @@ impl Default for WriteOptions {
 }
 
 /// What [`write_model`] wrote: file names (relative to the staging folder), sizes and SHA-256 hashes.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WrittenFile {
     pub path: String,
     pub bytes: u64,

@@ -1,5 +1,7 @@
 //! Running graphs on CPU: the verifier every claim is measured with.
 
+pub mod sampling;
 mod tract;
 
 pub use self::tract::{run_once, TractRunner};
+pub use sampling::{sample, Bundle, RunReport};

@@ -1,0 +1,278 @@
+//! Pass `broadcast-static`: Pyramid Attention Broadcast baked into one graph.
+//!
+//! Rewrites: for every attention site whose kind has a period > 1, the nodes that only serve that
+//! site's output (after its output projection and bias: projections, norms, softmax, ...) move into the
+//! then-branch of an `If`; the else-branch returns the state input `ditc.state.<output>`. The `If`
+//! condition is `Gather(ditc.table.<kind>, ditc.step)`, a constant bool table of the static schedule
+//! (reference.md §1 decision rule, step 0 always computes). The site's result is also returned as
+//! `ditc.state_out.<output>`, which the runtime feeds back at the next step.
+//!
+//! Options: `spatial`, `temporal`, `cross`, `full` (defaults to `spatial`), each `{ period, window }`;
+//! `mlp` is parsed and refused (not implemented). Needs a sampler (the timesteps).
+//!
+//! Invariants: consumers of a site's output are untouched (the `If` produces the same value name); sites
+//! with period 1 and kinds without settings stay unconditional; moved nodes feed nothing else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use anyhow::{bail, Context, Result};
+
+use super::{Pass, PassContext};
+use crate::analysis::{AttentionKind, AttentionSite};
+use crate::ir::{
+    infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
+};
+use crate::manifest::{Calls, Schedule, StateBinding};
+use crate::schedule::pab::{tables, PabOptions};
+
+pub const STEP_INPUT: &str = "ditc.step";
+
+pub struct BroadcastStatic {
+    options: PabOptions,
+}
+
+impl BroadcastStatic {
+    pub fn from_options(options: &toml::Table) -> Result<Self> {
+        let options: PabOptions = options
+            .clone()
+            .try_into()
+            .context("invalid broadcast-static options (valid keys: spatial, temporal, cross, full, mlp; each kind takes period and window)")?;
+        options.validate()?;
+        Ok(BroadcastStatic { options })
+    }
+}
+
+/// Name of the bool value deciding whether sites of `kind` compute at this step.
+pub fn condition_name(kind: AttentionKind) -> String {
+    format!("ditc.compute.{}", kind.as_str())
+}
+
+impl Pass for BroadcastStatic {
+    fn name(&self) -> &'static str {
+        "broadcast-static"
+    }
+
+    fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        let Some((_, sampler)) = &cx.sampler else {
+            bail!("needs a sampler: add a [sampler] table to the recipe");
+        };
+        let steps = sampler.steps();
+        let tables = tables(&self.options, &sampler.timesteps);
+        let types = infer_types(&model.graph, model.default_opset());
+        let mut sites_by_kind: BTreeMap<AttentionKind, Vec<usize>> = BTreeMap::new();
+        for site in &cx.dit_map.attention {
+            if !tables.contains_key(&site.kind) {
+                continue;
+            }
+            cx.state.push(bake_site(&mut model.graph, site, &types)?);
+            sites_by_kind.entry(site.kind).or_default().push(site.id);
+        }
+        if !sites_by_kind.is_empty() {
+            add_decision_tables(&mut model.graph, &tables, steps, &sites_by_kind);
+            cx.step_input = Some(STEP_INPUT.to_string());
+        }
+        let calls = sites_by_kind
+            .iter()
+            .map(|(k, ids)| {
+                let computed = tables[k].iter().filter(|&&c| c).count() * ids.len();
+                (
+                    *k,
+                    Calls {
+                        computed,
+                        total: steps * ids.len(),
+                    },
+                )
+            })
+            .collect();
+        cx.schedule = Some(Schedule {
+            policy: "pab-static".into(),
+            options: serde_json::to_value(&self.options)?,
+            tables: tables
+                .into_iter()
+                .filter(|(k, _)| sites_by_kind.contains_key(k))
+                .collect(),
+            sites: sites_by_kind,
+            calls,
+        });
+        Ok(())
+    }
+}
+
+fn add_decision_tables(
+    graph: &mut Graph,
+    tables: &BTreeMap<AttentionKind, Vec<bool>>,
+    steps: usize,
+    used: &BTreeMap<AttentionKind, Vec<usize>>,
+) {
+    graph
+        .inputs
+        .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
+    for (kind, table) in tables.iter().filter(|(k, _)| used.contains_key(k)) {
+        let name = format!("ditc.table.{}", kind.as_str());
+        let raw: Vec<u8> = table.iter().map(|&c| c as u8).collect();
+        let tensor = Tensor::from_raw(&name, DataType::Bool, vec![steps as i64], raw.into())
+            .expect("one byte per step");
+        graph.initializers.push(tensor);
+        let gather = Node::new(
+            &format!("ditc.decide.{}", kind.as_str()),
+            "Gather",
+            &[&name, STEP_INPUT],
+            &[&condition_name(*kind)],
+        )
+        .with_attr("axis", AttrValue::Int(0));
+        graph.nodes.insert(0, gather);
+    }
+}
+
+/// Move the site's exclusive nodes into an `If`; returns the state binding it needs.
+fn bake_site(graph: &mut Graph, site: &AttentionSite, types: &TypeMap) -> Result<StateBinding> {
+    let what = format!("attention site {} ({})", site.id, site.anchor);
+    let Some(output) = site.output.clone() else {
+        bail!("{what}: its output projection was not found, so its result cannot be cached");
+    };
+    let info = types.get(&output).cloned().unwrap_or_default();
+    let (Some(dtype), Some(shape)) = (info.dtype, info.shape) else {
+        bail!("{what}: the shape of '{output}' is unknown");
+    };
+    let region = exclusive_region(graph, &output)
+        .with_context(|| format!("{what}: cannot isolate the nodes computing '{output}'"))?;
+    let dims: Vec<Dim> = shape.iter().map(|&d| Dim::Value(d)).collect();
+    let computed = format!("{output}.computed");
+    let reused = format!("{output}.reused");
+    let state_in = format!("ditc.state.{output}");
+    let state_out = format!("ditc.state_out.{output}");
+
+    let first = region[0];
+    let mut moved: Vec<Node> = Vec::with_capacity(region.len());
+    let in_region: HashSet<usize> = region.iter().copied().collect();
+    let mut kept = Vec::with_capacity(graph.nodes.len());
+    for (i, node) in std::mem::take(&mut graph.nodes).into_iter().enumerate() {
+        if in_region.contains(&i) {
+            moved.push(node);
+        } else {
+            kept.push(node);
+        }
+    }
+    for node in &mut moved {
+        for o in node.outputs.iter_mut().filter(|o| **o == output) {
+            *o = computed.clone();
+        }
+    }
+    let then_branch = Graph {
+        name: format!("ditc.site{}.compute", site.id),
+        nodes: moved,
+        outputs: vec![ValueInfo::tensor(&computed, dtype, dims.clone())],
+        ..Graph::default()
+    };
+    let else_branch = Graph {
+        name: format!("ditc.site{}.reuse", site.id),
+        nodes: vec![Node::new(
+            &format!("ditc.site{}.reuse", site.id),
+            "Identity",
+            &[&state_in],
+            &[&reused],
+        )],
+        outputs: vec![ValueInfo::tensor(&reused, dtype, dims.clone())],
+        ..Graph::default()
+    };
+    let if_node = Node::new(
+        &format!("ditc.site{}.broadcast", site.id),
+        "If",
+        &[&condition_name(site.kind)],
+        &[&output],
+    )
+    .with_attr("then_branch", AttrValue::Graph(then_branch))
+    .with_attr("else_branch", AttrValue::Graph(else_branch));
+    let save = Node::new(
+        &format!("ditc.site{}.save", site.id),
+        "Identity",
+        &[&output],
+        &[&state_out],
+    );
+    let at = first.min(kept.len());
+    kept.insert(at, save);
+    kept.insert(at, if_node);
+    graph.nodes = kept;
+    graph
+        .inputs
+        .push(ValueInfo::tensor(&state_in, dtype, dims.clone()));
+    graph
+        .outputs
+        .push(ValueInfo::tensor(&state_out, dtype, dims));
+    Ok(StateBinding {
+        site: site.id,
+        kind: site.kind,
+        input: state_in,
+        output: state_out,
+        dtype: dtype.to_string(),
+        shape,
+        initial: "zeros".into(),
+    })
+}
+
+/// Indices (ascending) of the nodes that only contribute to `output`: its producer, and every
+/// ancestor all of whose consumers are already in the region. Nodes are in topological order.
+fn exclusive_region(graph: &Graph, output: &str) -> Result<Vec<usize>> {
+    let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.nodes.iter().enumerate() {
+        for input in n.present_inputs() {
+            consumers.entry(input.to_string()).or_default().push(i);
+        }
+        for v in n.subgraphs().flat_map(outer_reads) {
+            consumers.entry(v).or_default().push(i);
+        }
+    }
+    let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
+    let Some(start) = graph
+        .nodes
+        .iter()
+        .position(|n| n.outputs.iter().any(|o| o == output))
+    else {
+        bail!("no node produces '{output}'");
+    };
+    if graph_outputs.contains(output) {
+        bail!("'{output}' is a graph output");
+    }
+    let mut in_region = vec![false; graph.nodes.len()];
+    in_region[start] = true;
+    for i in (0..start).rev() {
+        let node = &graph.nodes[i];
+        let exclusive = node.outputs.iter().filter(|o| !o.is_empty()).all(|o| {
+            !graph_outputs.contains(o.as_str())
+                && consumers
+                    .get(o)
+                    .is_some_and(|c| c.iter().all(|&j| in_region[j]))
+        });
+        in_region[i] = exclusive && !node.outputs.is_empty();
+    }
+    Ok((0..graph.nodes.len()).filter(|&i| in_region[i]).collect())
+}
+
+/// Values a subgraph reads from enclosing scopes.
+fn outer_reads(g: &Graph) -> Vec<String> {
+    let local: HashSet<&str> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.outputs.iter().map(String::as_str))
+        .chain(g.inputs.iter().map(|i| i.name.as_str()))
+        .chain(g.initializers.iter().map(|t| t.name.as_str()))
+        .collect();
+    let mut reads: Vec<String> = g
+        .nodes
+        .iter()
+        .flat_map(|n| n.present_inputs().map(str::to_string).collect::<Vec<_>>())
+        .chain(
+            g.nodes
+                .iter()
+                .flat_map(|n| n.subgraphs().flat_map(outer_reads).collect::<Vec<_>>()),
+        )
+        .filter(|v| !local.contains(v.as_str()))
+        .collect();
+    reads.extend(
+        g.outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .filter(|o| !local.contains(o.as_str())),
+    );
+    reads
+}

@@ -1,0 +1,69 @@
+//! Passes: named graph rewrites, run in the order a recipe lists them, with a graph check after each.
+//!
+//! A pass has a name (used by recipes, `--set` and `ditc passes`), options (a TOML table, validated
+//! before any work), and a `run` that rewrites the model and records what a runtime needs in the
+//! [`PassContext`] (schedule tables, state bindings).
+
+mod broadcast_static;
+
+use anyhow::{bail, Context, Result};
+
+use crate::analysis::DitMap;
+use crate::ir::{check_graph, sort_topologically, Model};
+use crate::manifest::{Schedule, StateBinding};
+use crate::schedule::{Sampler, SamplerConfig};
+
+pub use broadcast_static::{condition_name, BroadcastStatic, STEP_INPUT};
+
+/// What passes read (the DiT map of the input, the sampler) and write (for the manifest).
+pub struct PassContext {
+    pub dit_map: DitMap,
+    pub sampler: Option<(SamplerConfig, Sampler)>,
+    pub schedule: Option<Schedule>,
+    pub state: Vec<StateBinding>,
+    /// The graph input carrying the step index, once a schedule is baked.
+    pub step_input: Option<String>,
+}
+
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()>;
+}
+
+/// Every registered pass: name and one line on what it does.
+pub const REGISTRY: &[(&str, &str)] = &[(
+    "broadcast-static",
+    "bake a static attention-broadcast schedule (PAB) into the graph: an If per scheduled attention site, driven by ditc.step",
+)];
+
+/// Build a pass from its recipe name and options.
+pub fn create(name: &str, options: &toml::Table) -> Result<Box<dyn Pass>> {
+    match name {
+        "broadcast-static" => Ok(Box::new(BroadcastStatic::from_options(options)?)),
+        _ => {
+            let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
+            bail!("unknown pass '{name}' (known passes: {})", known.join(", "))
+        }
+    }
+}
+
+/// Run passes in order; the graph is checked (and re-sorted) after each one, errors name the pass.
+pub fn run_pipeline(
+    model: &mut Model,
+    passes: &[Box<dyn Pass>],
+    cx: &mut PassContext,
+) -> Result<()> {
+    for pass in passes {
+        pass.run(model, cx)
+            .with_context(|| format!("pass '{}'", pass.name()))?;
+        sort_topologically(&mut model.graph)
+            .and_then(|_| check_graph(&model.graph))
+            .with_context(|| {
+                format!(
+                    "the graph is invalid after pass '{}' (a ditc bug)",
+                    pass.name()
+                )
+            })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,356 @@
+//! The reference runtime of the manifest contract: a sampling loop over a bundle's graph.
+//!
+//! Each step feeds the latent, the sampler's timestep, the step index and the state inputs, reads the
+//! prediction and the state outputs, feeds the state back at the next step, and advances the latent
+//! with the sampler. Decisions are static, so instead of running the graph's `If`s (which tract
+//! re-plans on every call) it plans one specialised graph per distinct decision pattern and picks the
+//! one for each step (see [`crate::schedule::specialize`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::TractRunner;
+use crate::analysis::AttentionKind;
+use crate::ir::{DataType, Model, Tensor};
+use crate::manifest::{Manifest, ModelIo};
+use crate::schedule::specialize::{model_flops, pattern_at, specialize, Pattern};
+use crate::schedule::Sampler;
+
+/// A bundle ready to sample: graph, manifest, sampler.
+pub struct Bundle {
+    pub manifest: Manifest,
+    pub model: Model,
+    pub io: ModelIo,
+    pub sampler: Sampler,
+}
+
+impl Bundle {
+    pub fn open(manifest_path: &Path) -> Result<Bundle> {
+        let manifest = crate::manifest::read(manifest_path)?;
+        let dir = manifest_path.parent().unwrap_or(Path::new("."));
+        let graph = manifest
+            .files
+            .first()
+            .context("the manifest lists no graph file")?;
+        let model = crate::onnx::read_model(&dir.join(&graph.path))?;
+        let io = manifest
+            .io
+            .clone()
+            .context("the manifest has no `io` section: the bundle cannot be sampled")?;
+        let section = manifest
+            .sampler
+            .as_ref()
+            .context("the bundle has no sampler: convert it with a recipe that has a [sampler]")?;
+        let sampler = section.config.plan()?;
+        if sampler.timesteps != section.timesteps {
+            bail!("the manifest's timesteps do not match its sampler configuration");
+        }
+        Ok(Bundle {
+            manifest,
+            model,
+            io,
+            sampler,
+        })
+    }
+
+    fn tables(&self) -> BTreeMap<AttentionKind, Vec<bool>> {
+        self.manifest
+            .schedule
+            .as_ref()
+            .map(|s| s.tables.clone())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KindCalls {
+    pub computed: usize,
+    pub skipped: usize,
+}
+
+/// What a sampling run did and cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub steps: usize,
+    pub wall_seconds: f64,
+    /// Seconds spent preparing plans (once per distinct decision pattern).
+    pub plan_seconds: f64,
+    pub plans: usize,
+    pub calls: BTreeMap<AttentionKind, KindCalls>,
+    /// Per attention site id: computed (true) or reused at each step, as executed.
+    pub decisions: BTreeMap<usize, Vec<bool>>,
+    pub model_flops: u64,
+    pub model_flops_full: u64,
+    pub attention_flops: u64,
+    pub attention_flops_full: u64,
+}
+
+/// Sample from `noise` with the other model inputs `extra` (e.g. `encoder_hidden_states`).
+/// `force_full` runs every site at every step (the unscheduled model).
+pub fn sample(
+    bundle: &Bundle,
+    noise: &Tensor,
+    extra: &[Tensor],
+    force_full: bool,
+    progress: bool,
+) -> Result<(Tensor, RunReport)> {
+    let start = Instant::now();
+    let steps = bundle.sampler.steps();
+    let tables = if force_full {
+        BTreeMap::new()
+    } else {
+        bundle.tables()
+    };
+    let all_compute: Pattern = bundle.tables().keys().map(|&k| (k, true)).collect();
+    let mut inputs = base_inputs(bundle, noise, extra)?;
+    let mut plans: BTreeMap<Vec<bool>, (TractRunner, u64)> = BTreeMap::new();
+    let mut plan_seconds = 0.0;
+    let mut report = RunReport {
+        steps,
+        wall_seconds: 0.0,
+        plan_seconds: 0.0,
+        plans: 0,
+        calls: BTreeMap::new(),
+        decisions: BTreeMap::new(),
+        model_flops: 0,
+        model_flops_full: 0,
+        attention_flops: 0,
+        attention_flops_full: 0,
+    };
+    let site_cost = site_costs(&bundle.manifest);
+    let full_flops = model_flops(&specialize(&bundle.model, &all_compute)?);
+    let mut x = noise.to_f32_vec().context("noise must be a float tensor")?;
+    let bar = crate::progress::steps_bar(steps as u64, "sampling", progress);
+    for i in 0..steps {
+        let pattern = if tables.is_empty() {
+            all_compute.clone()
+        } else {
+            pattern_at(&tables, i)
+        };
+        let key: Vec<bool> = pattern.values().copied().collect();
+        if !plans.contains_key(&key) {
+            let t = Instant::now();
+            let specialised = specialize(&bundle.model, &pattern)?;
+            set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
+            let runner = TractRunner::new(&specialised, &inputs)?;
+            plans.insert(key.clone(), (runner, model_flops(&specialised)));
+            plan_seconds += t.elapsed().as_secs_f64();
+        }
+        let (runner, flops) = &plans[&key];
+        set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
+        let outputs = runner.run(&inputs).with_context(|| format!("step {i}"))?;
+        let prediction = outputs
+            .iter()
+            .find(|t| t.name == bundle.io.prediction)
+            .context("no prediction output")?;
+        let pred = prediction_for(prediction, noise)?;
+        for binding in &bundle.manifest.state {
+            if let Some(t) = outputs.iter().find(|t| t.name == binding.output) {
+                let slot = inputs
+                    .iter_mut()
+                    .find(|s| s.name == binding.input)
+                    .expect("state inputs exist");
+                *slot = Tensor {
+                    name: binding.input.clone(),
+                    ..t.clone()
+                };
+            }
+        }
+        bundle.sampler.step(i, &mut x, &pred);
+        record(
+            &mut report,
+            bundle,
+            &pattern,
+            &site_cost,
+            *flops,
+            full_flops,
+        );
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report.plans = plans.len();
+    report.plan_seconds = plan_seconds;
+    report.wall_seconds = start.elapsed().as_secs_f64();
+    let out = Tensor::from_f32("sample", noise.dims.clone(), &x);
+    Ok((out, report))
+}
+
+fn site_costs(m: &Manifest) -> BTreeMap<usize, (AttentionKind, u64)> {
+    let mut out = BTreeMap::new();
+    if let Some(sites) = m.dit_map.get("attention").and_then(|a| a.as_array()) {
+        for s in sites {
+            let id = s["id"].as_u64().unwrap_or(0) as usize;
+            let kind: Option<AttentionKind> = serde_json::from_value(s["kind"].clone()).ok();
+            let cost =
+                s["flops"].as_u64().unwrap_or(0) + s["projection_flops"].as_u64().unwrap_or(0);
+            if let Some(kind) = kind {
+                out.insert(id, (kind, cost));
+            }
+        }
+    }
+    out
+}
+
+fn record(
+    report: &mut RunReport,
+    bundle: &Bundle,
+    pattern: &Pattern,
+    sites: &BTreeMap<usize, (AttentionKind, u64)>,
+    flops: u64,
+    full: u64,
+) {
+    let scheduled: BTreeMap<usize, AttentionKind> = bundle
+        .manifest
+        .schedule
+        .as_ref()
+        .map(|s| {
+            s.sites
+                .iter()
+                .flat_map(|(k, ids)| ids.iter().map(move |&id| (id, *k)))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (&id, &(kind, cost)) in sites {
+        let computed = scheduled
+            .get(&id)
+            .and_then(|k| pattern.get(k))
+            .copied()
+            .unwrap_or(true);
+        report.decisions.entry(id).or_default().push(computed);
+        let calls = report.calls.entry(kind).or_default();
+        if computed {
+            calls.computed += 1;
+            report.attention_flops += cost;
+        } else {
+            calls.skipped += 1;
+        }
+        report.attention_flops_full += cost;
+    }
+    report.model_flops += flops;
+    report.model_flops_full += full;
+}
+
+/// The model inputs that do not change per step (extra inputs, zero states) plus placeholders.
+fn base_inputs(bundle: &Bundle, noise: &Tensor, extra: &[Tensor]) -> Result<Vec<Tensor>> {
+    let mut inputs: Vec<Tensor> = Vec::new();
+    for input in bundle.model.graph.runtime_inputs() {
+        let name = &input.name;
+        if *name == bundle.io.latent
+            || *name == bundle.io.timestep
+            || Some(name) == bundle.io.step.as_ref()
+        {
+            continue;
+        }
+        if let Some(binding) = bundle.manifest.state.iter().find(|b| &b.input == name) {
+            let dtype = input.dtype().unwrap_or(DataType::F32);
+            let bytes = dtype
+                .storage_bytes(binding.shape.iter().product::<i64>() as u64)
+                .unwrap_or(0);
+            inputs.push(Tensor::from_raw(
+                name,
+                dtype,
+                binding.shape.clone(),
+                Bytes::from(vec![0u8; bytes as usize]),
+            )?);
+            continue;
+        }
+        let t = extra.iter().find(|t| &t.name == name).with_context(|| {
+            let have: Vec<&str> = extra.iter().map(|t| t.name.as_str()).collect();
+            format!("the inputs file has no tensor '{name}' (the model needs it; given: {have:?})")
+        })?;
+        inputs.push(t.clone());
+    }
+    let latent_shape: Option<Vec<i64>> = bundle
+        .model
+        .graph
+        .inputs
+        .iter()
+        .find(|i| i.name == bundle.io.latent)
+        .and_then(|i| i.shape()?.iter().map(|d| d.value()).collect());
+    if let Some(shape) = latent_shape {
+        if shape != noise.dims {
+            bail!(
+                "noise has shape {:?}, the model's '{}' needs {shape:?}",
+                noise.dims,
+                bundle.io.latent
+            );
+        }
+    }
+    Ok(inputs)
+}
+
+fn set_step_inputs(
+    bundle: &Bundle,
+    inputs: &mut Vec<Tensor>,
+    x: &[f32],
+    noise: &Tensor,
+    step: usize,
+) -> Result<()> {
+    let graph = &bundle.model.graph;
+    let latent = Tensor::from_f32(&bundle.io.latent, noise.dims.clone(), x);
+    let ts_info = graph
+        .inputs
+        .iter()
+        .find(|i| i.name == bundle.io.timestep)
+        .context("no timestep input")?;
+    let ts_shape: Vec<i64> = ts_info
+        .shape()
+        .unwrap_or(&[])
+        .iter()
+        .map(|d| d.value().unwrap_or(1))
+        .collect();
+    let t = bundle.sampler.timesteps[step];
+    let timestep = match ts_info.dtype() {
+        Some(DataType::I64) => Tensor::from_i64(&bundle.io.timestep, ts_shape, &[t.round() as i64]),
+        Some(DataType::F32) | None => Tensor::from_f32(&bundle.io.timestep, ts_shape, &[t as f32]),
+        Some(other) => bail!(
+            "timestep input '{}' has type {other}; ditc feeds i64 or f32",
+            bundle.io.timestep
+        ),
+    };
+    let mut fresh = vec![latent, timestep];
+    if let Some(step_name) = &bundle.io.step {
+        fresh.push(Tensor::from_i64(step_name, vec![], &[step as i64]));
+    }
+    for t in fresh {
+        match inputs.iter_mut().find(|s| s.name == t.name) {
+            Some(slot) => *slot = t,
+            None => inputs.push(t),
+        }
+    }
+    Ok(())
+}
+
+/// The prediction as the sampler needs it: same shape as the latent. Models with learned variance
+/// (DiT: twice the channels) give the first half of the channels.
+fn prediction_for(prediction: &Tensor, noise: &Tensor) -> Result<Vec<f32>> {
+    let values = prediction
+        .to_f32_vec()
+        .context("the prediction must be a float tensor")?;
+    if prediction.dims == noise.dims {
+        return Ok(values);
+    }
+    let doubled = prediction.dims.len() == noise.dims.len()
+        && prediction.dims.len() >= 2
+        && prediction.dims[1] == 2 * noise.dims[1]
+        && prediction.dims[0] == noise.dims[0]
+        && prediction.dims[2..] == noise.dims[2..];
+    if !doubled {
+        bail!(
+            "prediction shape {:?} does not match the latent {:?}",
+            prediction.dims,
+            noise.dims
+        );
+    }
+    let per_batch = values.len() / noise.dims[0] as usize;
+    let half = per_batch / 2;
+    Ok(values
+        .chunks(per_batch)
+        .flat_map(|c| c[..half].to_vec())
+        .collect())
+}

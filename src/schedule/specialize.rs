@@ -1,0 +1,96 @@
+//! Resolving a baked schedule for one decision pattern.
+//!
+//! A bundle's graph holds an `If` per scheduled site. For a given step the decisions are known in
+//! advance (static tables), so the runtime inlines the taken branch of every `If` and plans the plain
+//! graph that results, once per distinct pattern. tract would otherwise re-plan the taken branch on
+//! every call. The same specialised graphs give the exact FLOPs of each step.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Result};
+
+use crate::analysis::flops::node_flops;
+use crate::analysis::AttentionKind;
+use crate::ir::{
+    infer_types, remove_dead_nodes, remove_unused_inputs, AttrValue, Graph, Model, Node,
+};
+use crate::passes::condition_name;
+
+/// Compute (true) or reuse (false) per scheduled kind.
+pub type Pattern = BTreeMap<AttentionKind, bool>;
+
+/// The pattern of step `i` from per-kind tables.
+pub fn pattern_at(tables: &BTreeMap<AttentionKind, Vec<bool>>, i: usize) -> Pattern {
+    tables.iter().map(|(k, t)| (*k, t[i])).collect()
+}
+
+/// `model` with every schedule `If` replaced by its taken branch, dead nodes and unused inputs removed.
+pub fn specialize(model: &Model, pattern: &Pattern) -> Result<Model> {
+    let conditions: BTreeMap<String, bool> = pattern
+        .iter()
+        .map(|(k, &c)| (condition_name(*k), c))
+        .collect();
+    let mut out = model.clone();
+    let mut nodes = Vec::with_capacity(out.graph.nodes.len());
+    for node in std::mem::take(&mut out.graph.nodes) {
+        let decided = (node.op_type == "If")
+            .then(|| node.inputs.first().and_then(|c| conditions.get(c)))
+            .flatten();
+        match decided {
+            Some(&compute) => inline_branch(&node, compute, &mut nodes, &mut out.graph)?,
+            None => nodes.push(node),
+        }
+    }
+    out.graph.nodes = nodes;
+    remove_dead_nodes(&mut out.graph);
+    remove_unused_inputs(&mut out.graph);
+    Ok(out)
+}
+
+fn inline_branch(
+    node: &Node,
+    compute: bool,
+    nodes: &mut Vec<Node>,
+    graph: &mut Graph,
+) -> Result<()> {
+    let key = if compute {
+        "then_branch"
+    } else {
+        "else_branch"
+    };
+    let Some(AttrValue::Graph(branch)) = node.attr(key) else {
+        bail!("node {} has no {key}", node.label());
+    };
+    if branch.outputs.len() != node.outputs.len() {
+        bail!(
+            "node {}: {key} has {} outputs for {}",
+            node.label(),
+            branch.outputs.len(),
+            node.outputs.len()
+        );
+    }
+    graph
+        .initializers
+        .extend(branch.initializers.iter().cloned());
+    nodes.extend(branch.nodes.iter().cloned());
+    for (inner, outer) in branch.outputs.iter().zip(&node.outputs) {
+        nodes.push(Node::new(
+            &format!("{}.{key}.out", node.name),
+            "Identity",
+            &[&inner.name],
+            &[outer],
+        ));
+    }
+    Ok(())
+}
+
+/// FLOPs of one call of `model` (after specialisation: only what runs).
+pub fn model_flops(model: &Model) -> u64 {
+    let types = infer_types(&model.graph, model.default_opset());
+    model
+        .graph
+        .nodes
+        .iter()
+        .map(|n| node_flops(n, &types))
+        .sum()
+}
