@@ -7,8 +7,14 @@ use ditc::cli;
 
 /// ditc: an offline optimizing compiler for video Diffusion Transformers.
 ///
-/// Reads a DiT (ONNX today), maps its transformer blocks and attention sites, and writes a
-/// TensorRT-ready bundle (graph + manifest). Every result can be checked on CPU with `verify`.
+/// Reads a DiT (ONNX today), maps its transformer blocks and attention sites, applies the passes of a
+/// recipe (static attention broadcast today), and writes a TensorRT-ready bundle: the graph and a
+/// manifest that drives it through a sampling loop. Every result can be checked on CPU.
+///
+/// Typical use:
+///   ditc inspect model.onnx
+///   ditc convert model.onnx --recipe passes/pab.toml -o out
+///   ditc run out/manifest.json --inputs in.safetensors -o sample.safetensors --compare-full
 #[derive(Parser, Debug)]
 #[command(name = "ditc", version, about, long_about)]
 struct Cli {
@@ -24,8 +30,10 @@ enum Command {
     Convert(cli::convert::Args),
     /// Run two models on the same inputs and compare outputs (max-abs, rel-L2, cosine, PSNR).
     Verify(cli::verify::Args),
-    /// Run one model once on CPU (tract): safetensors in, safetensors out.
+    /// Sample with a bundle (manifest.json) through its schedule, or run an .onnx once, on CPU.
     Run(cli::run::Args),
+    /// List the passes a recipe can name.
+    Passes,
 }
 
 fn main() -> ExitCode {
@@ -36,6 +44,12 @@ fn main() -> ExitCode {
         Command::Convert(a) => cli::convert::run(a).map(|_| true),
         Command::Verify(a) => cli::verify::run(a),
         Command::Run(a) => cli::run::run(a).map(|_| true),
+        Command::Passes => {
+            for (name, what) in ditc::passes::REGISTRY {
+                println!("{name:<18} {what}");
+            }
+            Ok(true)
+        }
     };
     if std::env::var_os("DITC_REPORT_PEAK_RSS").is_some() {
         report_peak_rss();

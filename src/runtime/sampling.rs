@@ -47,7 +47,13 @@ impl Bundle {
             .as_ref()
             .context("the bundle has no sampler: convert it with a recipe that has a [sampler]")?;
         let sampler = section.config.plan()?;
-        if sampler.timesteps != section.timesteps {
+        let same = sampler.timesteps.len() == section.timesteps.len()
+            && sampler
+                .timesteps
+                .iter()
+                .zip(&section.timesteps)
+                .all(|(a, b)| (a - b).abs() <= 1e-9 * a.abs().max(1.0));
+        if !same {
             bail!("the manifest's timesteps do not match its sampler configuration");
         }
         Ok(Bundle {

@@ -1,0 +1,108 @@
+//! Wall time of scheduled sampling against the plain graph, in one run.
+//!
+//! `cargo bench --bench pab_speed` (or `--profile dev` to reuse the test build). On the demo model
+//! (latte-tiny, 50 DDIM steps) it measures, interleaved over R repetitions (`-- --reps R`, default 5),
+//! the median sampling time (plans excluded; reported separately) of:
+//! - `plain`: the model converted with the sampler only (no pass);
+//! - `period1`: `broadcast-static` with every period 1 (must stay within 1.10x of plain);
+//! - `pab`: the Latte PAB preset, against the same bundle run with every site computing (`full`).
+//! and compares PAB's measured speedup with the ideal from its FLOP ratio (target: >= 0.9 of ideal).
+
+use std::path::Path;
+use std::process::Command;
+
+use ditc::ir::Tensor;
+use ditc::runtime::{sample, Bundle, RunReport};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let reps: usize = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(5);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let demo = root.join("examples/latte-tiny/model.onnx");
+    let recipe = root.join("passes/pab.toml");
+    let tmp = std::env::temp_dir().join(format!("ditc-pab-bench-{}", std::process::id()));
+    let ones: Vec<String> = ["spatial", "temporal", "cross"]
+        .iter()
+        .map(|k| format!("broadcast-static.{k}={{ period = 1, window = [100, 800] }}"))
+        .collect();
+    let plain_recipe = tmp.join("plain.toml");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&plain_recipe, &text[..text.find("[[passes]]").unwrap()]).unwrap();
+    convert(&demo, &plain_recipe, &[], &tmp.join("plain"));
+    convert(&demo, &recipe, &ones, &tmp.join("period1"));
+    convert(&demo, &recipe, &[], &tmp.join("pab"));
+
+    let inputs =
+        ditc::tensors::read_safetensors(&root.join("examples/latte-tiny/io.safetensors")).unwrap();
+    let pick = |n: &str| -> Tensor {
+        let mut t = inputs
+            .iter()
+            .find(|t| t.name == format!("0.{n}"))
+            .unwrap()
+            .clone();
+        t.name = n.to_string();
+        t
+    };
+    let noise = pick("hidden_states");
+    let extra = vec![pick("encoder_hidden_states")];
+    let open = |n: &str| Bundle::open(&tmp.join(n).join("manifest.json")).unwrap();
+    let (plain, period1, pab) = (open("plain"), open("period1"), open("pab"));
+    let mut times: [Vec<f64>; 4] = Default::default();
+    let mut last: Option<RunReport> = None;
+    for _ in 0..reps {
+        let runs = [
+            (&plain, false),
+            (&period1, false),
+            (&pab, false),
+            (&pab, true),
+        ];
+        for (slot, (bundle, full)) in runs.iter().enumerate() {
+            let (_, report) = sample(bundle, &noise, &extra, *full, false).unwrap();
+            times[slot].push(report.wall_seconds - report.plan_seconds);
+            if slot == 2 {
+                last = Some(report);
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let [p, one, s, f] = times.each_mut().map(median);
+    let report = last.unwrap();
+    let ideal = report.model_flops_full as f64 / report.model_flops as f64;
+    let measured = f / s;
+    println!("median sampling time over {reps} interleaved runs (50 steps, plans excluded):");
+    println!("  plain graph       {p:.3}s");
+    println!(
+        "  all periods 1     {one:.3}s  ratio {:.3} (target <= 1.10)",
+        one / p
+    );
+    println!("  PAB full compute  {f:.3}s");
+    println!("  PAB scheduled     {s:.3}s  speedup {measured:.3}x; ideal from FLOPs {ideal:.3}x; measured/ideal {:.3} (target >= 0.9)", measured / ideal);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+fn convert(model: &Path, recipe: &Path, sets: &[String], out: &Path) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ditc"));
+    cmd.args([
+        "convert",
+        model.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let r = cmd.output().unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+}
