@@ -1,12 +1,13 @@
 //! Wall time of scheduled sampling against the plain graph, in one run.
 //!
 //! `cargo bench --bench pab_speed` (or `--profile dev` to reuse the test build). On the demo model
-//! (latte-tiny, 50 DDIM steps) it measures, interleaved over R repetitions (`-- --reps R`, default 5),
+//! (latte-tiny, 50 DDIM steps) it measures, interleaved over R repetitions (`-- --reps R`, default 7),
 //! the median sampling time (plans excluded; reported separately) of:
 //! - `plain`: the model converted with the sampler only (no pass);
 //! - `period1`: `broadcast-static` with every period 1 (must stay within 1.10x of plain);
-//! - `pab`: the Latte PAB preset, against the same bundle run with every site computing (`full`).
-//! and compares PAB's measured speedup with the ideal from its FLOP ratio (target: >= 0.9 of ideal).
+//! - `pab`: the Latte PAB preset (attention and MLP broadcast), against the same bundle run with every site computing (`full`).
+//!
+//! It compares PAB's measured speedup with the ideal from its FLOP ratio (target: >= 0.9 of ideal).
 
 use std::path::Path;
 use std::process::Command;
@@ -21,7 +22,7 @@ fn main() {
         .position(|a| a == "--reps")
         .and_then(|i| args.get(i + 1))
         .map(|s| s.parse().unwrap())
-        .unwrap_or(5);
+        .unwrap_or(7);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let demo = root.join("examples/latte-tiny/model.onnx");
     let recipe = root.join("passes/pab.toml");
@@ -33,9 +34,16 @@ fn main() {
     let plain_recipe = tmp.join("plain.toml");
     std::fs::create_dir_all(&tmp).unwrap();
     let text = std::fs::read_to_string(&recipe).unwrap();
-    std::fs::write(&plain_recipe, &text[..text.find("[[passes]]").unwrap()]).unwrap();
+    let sampler = &text[..text.find("[[passes]]").unwrap()];
+    std::fs::write(&plain_recipe, sampler).unwrap();
+    let bare_recipe = tmp.join("bare.toml");
+    std::fs::write(
+        &bare_recipe,
+        format!("{sampler}[[passes]]\nname = \"broadcast-static\"\n"),
+    )
+    .unwrap();
     convert(&demo, &plain_recipe, &[], &tmp.join("plain"));
-    convert(&demo, &recipe, &ones, &tmp.join("period1"));
+    convert(&demo, &bare_recipe, &ones, &tmp.join("period1"));
     convert(&demo, &recipe, &[], &tmp.join("pab"));
 
     let inputs =

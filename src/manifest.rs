@@ -11,10 +11,10 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::AttentionKind;
 use crate::ir::{DataType, Dim, Model, ValueInfo};
 use crate::onnx::WrittenFile;
 use crate::output::sha256_file;
+use crate::schedule::Group;
 use crate::schedule::SamplerConfig;
 
 pub const FORMAT: &str = "ditc-manifest";
@@ -84,11 +84,13 @@ pub struct Schedule {
     /// The pass options the tables were made from.
     pub options: serde_json::Value,
     /// Per kind: compute (true) or reuse (false) at each step.
-    pub tables: BTreeMap<AttentionKind, Vec<bool>>,
-    /// Per kind: the attention site ids the table drives.
-    pub sites: BTreeMap<AttentionKind, Vec<usize>>,
-    /// Per kind: expected computed calls over the whole run, out of `total`.
-    pub calls: BTreeMap<AttentionKind, Calls>,
+    pub tables: BTreeMap<Group, Vec<bool>>,
+    /// Per attention kind: the attention site ids the table drives.
+    pub sites: BTreeMap<Group, Vec<usize>>,
+    /// The blocks (DiT map indices) whose MLP the `mlp` table drives.
+    pub blocks: Vec<usize>,
+    /// Per group: expected computed calls over the whole run, out of `total`.
+    pub calls: BTreeMap<Group, Calls>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -99,8 +101,12 @@ pub struct Calls {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateBinding {
-    pub site: usize,
-    pub kind: AttentionKind,
+    /// The table that decides when this value is computed.
+    pub group: Group,
+    /// The attention site cached (attention groups).
+    pub site: Option<usize>,
+    /// The block whose MLP result is cached (`mlp`).
+    pub block: Option<usize>,
     pub input: String,
     pub output: String,
     pub dtype: String,

@@ -72,7 +72,11 @@ fn emitted_manifests_match_the_schema() {
         assert!(errors.is_empty(), "{name}: {errors:#?}");
     }
     let pab = &manifests[1].1;
-    assert_eq!(pab["state"].as_array().unwrap().len(), 12);
+    // 12 attention sites + the MLPs of all 8 blocks (spatial and temporal blocks 0-3 of 0-4 listed).
+    assert_eq!(pab["state"].as_array().unwrap().len(), 20);
+    assert_eq!(pab["schedule"]["blocks"].as_array().unwrap().len(), 8);
+    // 5 key timesteps x 2 reused steps.
+    assert_eq!(pab["schedule"]["calls"]["mlp"]["computed"], 8 * 40);
     assert_eq!(pab["io"]["step"], "ditc.step");
     // Latte preset: spatial 2, temporal 3, cross 6 in (100, 800) over 50 leading DDIM steps.
     assert_eq!(pab["schedule"]["calls"]["spatial"]["computed"], 4 * 33);
@@ -83,7 +87,7 @@ fn emitted_manifests_match_the_schema() {
     let mut missing = pab.clone();
     missing.as_object_mut().unwrap().remove("state");
     let mut bad_kind = pab.clone();
-    bad_kind["state"][0]["kind"] = "diagonal".into();
+    bad_kind["state"][0]["group"] = "diagonal".into();
     let mut bad_hash = pab.clone();
     bad_hash["files"][0]["sha256"] = "xyz".into();
     for broken in [missing, bad_kind, bad_hash] {
@@ -114,9 +118,9 @@ fn bad_options_fail_before_any_work() {
         (
             &[
                 "--set",
-                "broadcast-static.mlp={ timesteps = [720], blocks = [0], reuse = 2 }",
+                "broadcast-static.mlp={ timesteps = [720], blocks = [], reuse = 2 }",
             ],
-            "not implemented",
+            "at least one block",
         ),
     ];
     let tmp = tempfile::tempdir().unwrap();

@@ -10,9 +10,24 @@ use ditc::cli::run::{sample_bundle, Args};
 use ditc::metrics::compare;
 use ditc::tensors::read_safetensors;
 
+/// passes/pab.toml's sampler with a bare broadcast-static pass (no preset: the test sets every kind).
+fn bare_recipe(dir: &Path) -> std::path::PathBuf {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab.toml"))
+            .unwrap();
+    let sampler = &text[..text.find("[[passes]]").unwrap()];
+    let path = dir.join("bare.toml");
+    std::fs::write(
+        &path,
+        format!("{sampler}[[passes]]\nname = \"broadcast-static\"\n"),
+    )
+    .unwrap();
+    path
+}
+
 fn convert(dir: &Path, out: &Path, sets: &[String]) {
     let model = dir.join("latte-tiny/model.onnx");
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab.toml");
+    let recipe = bare_recipe(out.parent().unwrap());
     let mut args = vec![
         "convert",
         model.to_str().unwrap(),
@@ -161,4 +176,62 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
             );
         }
     }
+}
+
+/// MLP broadcast (PAB's Latte config): at each key timestep the listed blocks' MLPs compute, then
+/// are reused for the next `reuse` steps. diffusers has no MLP broadcast, so the reference here is the
+/// rule itself, written out over the recorded timesteps, plus the full trajectory for the forced run.
+#[test]
+fn mlp_broadcast_reuses_after_key_timesteps() {
+    let Some(dir) = fixtures() else { return };
+    let sampling: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("latte-tiny/sampling.json")).unwrap())
+            .unwrap();
+    let timesteps: Vec<i64> = sampling["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
+    let inputs = dir.join("latte-tiny/sampling.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mlp");
+    convert(&dir, &out, &["broadcast-static.mlp={ timesteps = [720, 640, 560, 480, 400], blocks = [0, 1], reuse = 2 }".to_string()]);
+    let mut expected = vec![true; 50];
+    for key in [720, 640, 560, 480, 400] {
+        let j = timesteps.iter().position(|&t| t == key).unwrap();
+        expected[j + 1] = false;
+        expected[j + 2] = false;
+    }
+    let args = Args {
+        model: out.join("manifest.json"),
+        inputs: inputs.clone(),
+        prefix: Some("0.".into()),
+        output: out.join("unused.safetensors"),
+        compare_full: true,
+        json: true,
+        no_progress: true,
+    };
+    let (latent, report) = sample_bundle(&args).unwrap();
+    // Spatial and temporal blocks 0 and 1: four MLPs.
+    assert_eq!(report.scheduled.mlp_decisions.len(), 4);
+    for d in report.scheduled.mlp_decisions.values() {
+        assert_eq!(d, &expected);
+    }
+    let full_ref = read_safetensors(&inputs)
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "0.full.final")
+        .unwrap();
+    let full_ref = full_ref.to_f32_vec().unwrap();
+    let moved = compare(&latent.to_f32_vec().unwrap(), &full_ref).rel_l2;
+    assert!(
+        moved > 1e-4,
+        "reusing MLP outputs must change the result (moved {moved})"
+    );
+    let fidelity = report.fidelity.unwrap();
+    assert!(
+        (fidelity.rel_l2 - moved).abs() < 1e-5,
+        "--compare-full runs the full computation"
+    );
 }

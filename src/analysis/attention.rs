@@ -151,6 +151,17 @@ impl<'a> Context<'a> {
         self.types.get(value)?.shape.clone()
     }
 
+    /// The value after a linear layer's bias add (or its own output without one).
+    pub fn bias_output(&self, linear: &Node) -> String {
+        let out = &linear.outputs[0];
+        match self.consumers(out).as_slice() {
+            [add] if add.op_type == "Add" && add.present_inputs().any(|i| self.is_constant(i)) => {
+                add.outputs[0].clone()
+            }
+            _ => out.clone(),
+        }
+    }
+
     /// A linear layer: MatMul/Gemm whose weight is a constant (possibly through Transpose/Cast/DQ).
     pub fn is_linear(&self, node: &Node) -> bool {
         matches!(node.op_type.as_str(), "MatMul" | "Gemm")

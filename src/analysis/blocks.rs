@@ -23,6 +23,11 @@ pub struct Block {
     pub kinds: Vec<AttentionKind>,
     /// The FFN's two linear layers, when the block has one.
     pub ffn: Option<[String; 2]>,
+    /// The FFN's result (after the second linear layer and its bias), when found.
+    pub ffn_output: Option<String>,
+    /// Index among blocks whose first attention site has the same kind (Latte: spatial block 0..N and
+    /// temporal block 0..N), the numbering PAB's MLP broadcast configs use.
+    pub family_index: usize,
 }
 
 const ACTIVATIONS: &[&str] = &[
@@ -52,17 +57,21 @@ pub fn find_blocks(ctx: &Context, sites: &[AttentionSite], order: &[usize]) -> V
             continue;
         }
         let ids: Vec<usize> = (next..=k).collect();
-        blocks.push(make_block(
-            blocks.len(),
-            sites,
-            ids,
-            Some([first.name.clone(), node.name.clone()]),
-        ));
+        let ffn = Some([first.name.clone(), node.name.clone()]);
+        let mut block = make_block(blocks.len(), sites, ids, ffn);
+        block.ffn_output = Some(ctx.bias_output(node));
+        blocks.push(block);
         next = k + 1;
     }
     if next < sites.len() {
         let ids: Vec<usize> = (next..sites.len()).collect();
         blocks.push(make_block(blocks.len(), sites, ids, None));
+    }
+    let mut seen: HashMap<Option<AttentionKind>, usize> = HashMap::new();
+    for b in &mut blocks {
+        let counter = seen.entry(b.kinds.first().copied()).or_insert(0);
+        b.family_index = *counter;
+        *counter += 1;
     }
     blocks
 }
@@ -139,6 +148,8 @@ fn make_block(
         kinds: ids.iter().map(|&i| sites[i].kind).collect(),
         attention: ids,
         ffn,
+        ffn_output: None,
+        family_index: 0,
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
-use crate::analysis::{analyse, AttentionKind};
+use crate::analysis::analyse;
 use crate::ir::{check_graph, Model};
 use crate::manifest::{
     self, Cost, Manifest, PassRecord, Provenance, SamplerSection, Schedule, TensorRt,
@@ -19,6 +19,7 @@ use crate::output::Staging;
 use crate::passes::{self, PassContext};
 use crate::recipe::Recipe;
 use crate::schedule::specialize::{model_flops, pattern_at, specialize};
+use crate::schedule::Group;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -176,14 +177,15 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
         options: serde_json::Value::Null,
         tables: BTreeMap::new(),
         sites: BTreeMap::new(),
+        blocks: Vec::new(),
         calls: BTreeMap::new(),
     };
     let schedule = cx.schedule.as_ref().unwrap_or(&empty);
-    let mut per_pattern: BTreeMap<Vec<(AttentionKind, bool)>, u64> = BTreeMap::new();
+    let mut per_pattern: BTreeMap<Vec<(Group, bool)>, u64> = BTreeMap::new();
     let (mut model_scheduled, mut attention_scheduled) = (0u64, 0u64);
     for i in 0..steps {
         let pattern = pattern_at(&schedule.tables, i);
-        let key: Vec<(AttentionKind, bool)> = pattern.iter().map(|(k, v)| (*k, *v)).collect();
+        let key: Vec<(Group, bool)> = pattern.iter().map(|(k, v)| (*k, *v)).collect();
         let flops = match per_pattern.get(&key) {
             Some(f) => *f,
             None => {

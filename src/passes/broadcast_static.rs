@@ -7,8 +7,11 @@
 //! (reference.md §1 decision rule, step 0 always computes). The site's result is also returned as
 //! `ditc.state_out.<output>`, which the runtime feeds back at the next step.
 //!
-//! Options: `spatial`, `temporal`, `cross`, `full` (defaults to `spatial`), each `{ period, window }`;
-//! `mlp` is parsed and refused (not implemented). Needs a sampler (the timesteps).
+//! MLP broadcast (`mlp = { timesteps, blocks, reuse }`) bakes the same way around each listed block's
+//! FFN result (after its second linear layer and bias), with one `ditc.table.mlp`.
+//!
+//! Options: `spatial`, `temporal`, `cross`, `full` (defaults to `spatial`), each `{ period, window }`,
+//! and `mlp`. Needs a sampler (the timesteps).
 //!
 //! Invariants: consumers of a site's output are untouched (the `If` produces the same value name); sites
 //! with period 1 and kinds without settings stay unconditional; moved nodes feed nothing else.
@@ -18,12 +21,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use anyhow::{bail, Context, Result};
 
 use super::{Pass, PassContext};
-use crate::analysis::{AttentionKind, AttentionSite};
 use crate::ir::{
     infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
 };
 use crate::manifest::{Calls, Schedule, StateBinding};
 use crate::schedule::pab::{tables, PabOptions};
+use crate::schedule::Group;
 
 pub const STEP_INPUT: &str = "ditc.step";
 
@@ -36,15 +39,15 @@ impl BroadcastStatic {
         let options: PabOptions = options
             .clone()
             .try_into()
-            .context("invalid broadcast-static options (valid keys: spatial, temporal, cross, full, mlp; each kind takes period and window)")?;
+            .context("invalid broadcast-static options (valid keys: spatial, temporal, cross, full, mlp; each kind takes period and window; mlp takes timesteps, blocks, reuse)")?;
         options.validate()?;
         Ok(BroadcastStatic { options })
     }
 }
 
-/// Name of the bool value deciding whether sites of `kind` compute at this step.
-pub fn condition_name(kind: AttentionKind) -> String {
-    format!("ditc.compute.{}", kind.as_str())
+/// Name of the bool value deciding whether the values of `group` compute at this step.
+pub fn condition_name(group: Group) -> String {
+    format!("ditc.compute.{}", group.as_str())
 }
 
 impl Pass for BroadcastStatic {
@@ -59,24 +62,70 @@ impl Pass for BroadcastStatic {
         let steps = sampler.steps();
         let tables = tables(&self.options, &sampler.timesteps);
         let types = infer_types(&model.graph, model.default_opset());
-        let mut sites_by_kind: BTreeMap<AttentionKind, Vec<usize>> = BTreeMap::new();
+        let mut members: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
         for site in &cx.dit_map.attention {
-            if !tables.contains_key(&site.kind) {
+            let group = Group::from(site.kind);
+            if !tables.contains_key(&group) {
                 continue;
             }
-            cx.state.push(bake_site(&mut model.graph, site, &types)?);
-            sites_by_kind.entry(site.kind).or_default().push(site.id);
+            let what = format!("attention site {} ({})", site.id, site.anchor);
+            let Some(output) = &site.output else {
+                bail!(
+                    "{what}: its output projection was not found, so its result cannot be cached"
+                );
+            };
+            let mut binding = bake_value(
+                &mut model.graph,
+                output,
+                group,
+                &format!("site{}", site.id),
+                &types,
+            )
+            .with_context(|| what.clone())?;
+            binding.site = Some(site.id);
+            cx.state.push(binding);
+            members.entry(group).or_default().push(site.id);
         }
-        if !sites_by_kind.is_empty() {
-            add_decision_tables(&mut model.graph, &tables, steps, &sites_by_kind);
+        if let (Some(mlp), true) = (&self.options.mlp, tables.contains_key(&Group::Mlp)) {
+            for block in cx
+                .dit_map
+                .blocks
+                .iter()
+                .filter(|b| mlp.blocks.contains(&b.family_index))
+            {
+                let what = format!("the MLP of block {} ({})", block.index, block.name);
+                let Some(output) = &block.ffn_output else {
+                    continue;
+                };
+                let mut binding = bake_value(
+                    &mut model.graph,
+                    output,
+                    Group::Mlp,
+                    &format!("block{}.mlp", block.index),
+                    &types,
+                )
+                .with_context(|| what.clone())?;
+                binding.block = Some(block.index);
+                cx.state.push(binding);
+                members.entry(Group::Mlp).or_default().push(block.index);
+            }
+            if !members.contains_key(&Group::Mlp) {
+                bail!(
+                    "mlp.blocks {:?} match no transformer block with a feed-forward network",
+                    mlp.blocks
+                );
+            }
+        }
+        if !members.is_empty() {
+            add_decision_tables(&mut model.graph, &tables, steps, &members);
             cx.step_input = Some(STEP_INPUT.to_string());
         }
-        let calls = sites_by_kind
+        let calls = members
             .iter()
-            .map(|(k, ids)| {
-                let computed = tables[k].iter().filter(|&&c| c).count() * ids.len();
+            .map(|(g, ids)| {
+                let computed = tables[g].iter().filter(|&&c| c).count() * ids.len();
                 (
-                    *k,
+                    *g,
                     Calls {
                         computed,
                         total: steps * ids.len(),
@@ -84,14 +133,18 @@ impl Pass for BroadcastStatic {
                 )
             })
             .collect();
+        let blocks = members.remove(&Group::Mlp).unwrap_or_default();
         cx.schedule = Some(Schedule {
             policy: "pab-static".into(),
             options: serde_json::to_value(&self.options)?,
             tables: tables
                 .into_iter()
-                .filter(|(k, _)| sites_by_kind.contains_key(k))
+                .filter(|(g, _)| {
+                    members.contains_key(g) || (*g == Group::Mlp && !blocks.is_empty())
+                })
                 .collect(),
-            sites: sites_by_kind,
+            sites: members,
+            blocks,
             calls,
         });
         Ok(())
@@ -100,42 +153,46 @@ impl Pass for BroadcastStatic {
 
 fn add_decision_tables(
     graph: &mut Graph,
-    tables: &BTreeMap<AttentionKind, Vec<bool>>,
+    tables: &BTreeMap<Group, Vec<bool>>,
     steps: usize,
-    used: &BTreeMap<AttentionKind, Vec<usize>>,
+    used: &BTreeMap<Group, Vec<usize>>,
 ) {
     graph
         .inputs
         .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
-    for (kind, table) in tables.iter().filter(|(k, _)| used.contains_key(k)) {
-        let name = format!("ditc.table.{}", kind.as_str());
+    for (group, table) in tables.iter().filter(|(g, _)| used.contains_key(g)) {
+        let name = format!("ditc.table.{}", group.as_str());
         let raw: Vec<u8> = table.iter().map(|&c| c as u8).collect();
         let tensor = Tensor::from_raw(&name, DataType::Bool, vec![steps as i64], raw.into())
             .expect("one byte per step");
         graph.initializers.push(tensor);
         let gather = Node::new(
-            &format!("ditc.decide.{}", kind.as_str()),
+            &format!("ditc.decide.{}", group.as_str()),
             "Gather",
             &[&name, STEP_INPUT],
-            &[&condition_name(*kind)],
+            &[&condition_name(*group)],
         )
         .with_attr("axis", AttrValue::Int(0));
         graph.nodes.insert(0, gather);
     }
 }
 
-/// Move the site's exclusive nodes into an `If`; returns the state binding it needs.
-fn bake_site(graph: &mut Graph, site: &AttentionSite, types: &TypeMap) -> Result<StateBinding> {
-    let what = format!("attention site {} ({})", site.id, site.anchor);
-    let Some(output) = site.output.clone() else {
-        bail!("{what}: its output projection was not found, so its result cannot be cached");
-    };
+/// Move the nodes that only compute `output` into an `If` on `group`'s decision; returns the state
+/// binding the runtime must carry.
+fn bake_value(
+    graph: &mut Graph,
+    output: &str,
+    group: Group,
+    label: &str,
+    types: &TypeMap,
+) -> Result<StateBinding> {
+    let output = output.to_string();
     let info = types.get(&output).cloned().unwrap_or_default();
     let (Some(dtype), Some(shape)) = (info.dtype, info.shape) else {
-        bail!("{what}: the shape of '{output}' is unknown");
+        bail!("the shape of '{output}' is unknown");
     };
     let region = exclusive_region(graph, &output)
-        .with_context(|| format!("{what}: cannot isolate the nodes computing '{output}'"))?;
+        .with_context(|| format!("cannot isolate the nodes computing '{output}'"))?;
     let dims: Vec<Dim> = shape.iter().map(|&d| Dim::Value(d)).collect();
     let computed = format!("{output}.computed");
     let reused = format!("{output}.reused");
@@ -143,9 +200,11 @@ fn bake_site(graph: &mut Graph, site: &AttentionSite, types: &TypeMap) -> Result
     let state_out = format!("ditc.state_out.{output}");
 
     let first = region[0];
-    let mut moved: Vec<Node> = Vec::with_capacity(region.len());
     let in_region: HashSet<usize> = region.iter().copied().collect();
-    let mut kept = Vec::with_capacity(graph.nodes.len());
+    let (mut moved, mut kept) = (
+        Vec::with_capacity(region.len()),
+        Vec::with_capacity(graph.nodes.len()),
+    );
     for (i, node) in std::mem::take(&mut graph.nodes).into_iter().enumerate() {
         if in_region.contains(&i) {
             moved.push(node);
@@ -159,15 +218,15 @@ fn bake_site(graph: &mut Graph, site: &AttentionSite, types: &TypeMap) -> Result
         }
     }
     let then_branch = Graph {
-        name: format!("ditc.site{}.compute", site.id),
+        name: format!("ditc.{label}.compute"),
         nodes: moved,
         outputs: vec![ValueInfo::tensor(&computed, dtype, dims.clone())],
         ..Graph::default()
     };
     let else_branch = Graph {
-        name: format!("ditc.site{}.reuse", site.id),
+        name: format!("ditc.{label}.reuse"),
         nodes: vec![Node::new(
-            &format!("ditc.site{}.reuse", site.id),
+            &format!("ditc.{label}.reuse"),
             "Identity",
             &[&state_in],
             &[&reused],
@@ -176,15 +235,15 @@ fn bake_site(graph: &mut Graph, site: &AttentionSite, types: &TypeMap) -> Result
         ..Graph::default()
     };
     let if_node = Node::new(
-        &format!("ditc.site{}.broadcast", site.id),
+        &format!("ditc.{label}.broadcast"),
         "If",
-        &[&condition_name(site.kind)],
+        &[&condition_name(group)],
         &[&output],
     )
     .with_attr("then_branch", AttrValue::Graph(then_branch))
     .with_attr("else_branch", AttrValue::Graph(else_branch));
     let save = Node::new(
-        &format!("ditc.site{}.save", site.id),
+        &format!("ditc.{label}.save"),
         "Identity",
         &[&output],
         &[&state_out],
@@ -200,8 +259,9 @@ fn bake_site(graph: &mut Graph, site: &AttentionSite, types: &TypeMap) -> Result
         .outputs
         .push(ValueInfo::tensor(&state_out, dtype, dims));
     Ok(StateBinding {
-        site: site.id,
-        kind: site.kind,
+        group,
+        site: None,
+        block: None,
         input: state_in,
         output: state_out,
         dtype: dtype.to_string(),

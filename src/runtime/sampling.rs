@@ -15,10 +15,12 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::TractRunner;
-use crate::analysis::AttentionKind;
 use crate::ir::{DataType, Model, Tensor};
 use crate::manifest::{Manifest, ModelIo};
-use crate::schedule::specialize::{model_flops, pattern_at, specialize, Pattern};
+use crate::schedule::specialize::{
+    model_flops, pattern_at, specialize, specialize_without, Pattern,
+};
+use crate::schedule::Group;
 use crate::schedule::Sampler;
 
 /// A bundle ready to sample: graph, manifest, sampler.
@@ -64,7 +66,7 @@ impl Bundle {
         })
     }
 
-    fn tables(&self) -> BTreeMap<AttentionKind, Vec<bool>> {
+    fn tables(&self) -> BTreeMap<Group, Vec<bool>> {
         self.manifest
             .schedule
             .as_ref()
@@ -87,9 +89,11 @@ pub struct RunReport {
     /// Seconds spent preparing plans (once per distinct decision pattern).
     pub plan_seconds: f64,
     pub plans: usize,
-    pub calls: BTreeMap<AttentionKind, KindCalls>,
+    pub calls: BTreeMap<Group, KindCalls>,
     /// Per attention site id: computed (true) or reused at each step, as executed.
     pub decisions: BTreeMap<usize, Vec<bool>>,
+    /// Per block whose MLP is scheduled: computed or reused at each step.
+    pub mlp_decisions: BTreeMap<usize, Vec<bool>>,
     pub model_flops: u64,
     pub model_flops_full: u64,
     pub attention_flops: u64,
@@ -123,6 +127,7 @@ pub fn sample(
         plans: 0,
         calls: BTreeMap::new(),
         decisions: BTreeMap::new(),
+        mlp_decisions: BTreeMap::new(),
         model_flops: 0,
         model_flops_full: 0,
         attention_flops: 0,
@@ -141,7 +146,16 @@ pub fn sample(
         let key: Vec<bool> = pattern.values().copied().collect();
         if !plans.contains_key(&key) {
             let t = Instant::now();
-            let specialised = specialize(&bundle.model, &pattern)?;
+            // State outputs of values this step reuses equal their inputs: leave them out. A forced
+            // full run needs no state at all.
+            let unchanged: Vec<String> = bundle
+                .manifest
+                .state
+                .iter()
+                .filter(|b| force_full || !pattern.get(&b.group).copied().unwrap_or(true))
+                .map(|b| b.output.clone())
+                .collect();
+            let specialised = specialize_without(&bundle.model, &pattern, &unchanged)?;
             set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
             let runner = TractRunner::new(&specialised, &inputs)?;
             plans.insert(key.clone(), (runner, model_flops(&specialised)));
@@ -186,12 +200,12 @@ pub fn sample(
     Ok((out, report))
 }
 
-fn site_costs(m: &Manifest) -> BTreeMap<usize, (AttentionKind, u64)> {
+fn site_costs(m: &Manifest) -> BTreeMap<usize, (Group, u64)> {
     let mut out = BTreeMap::new();
     if let Some(sites) = m.dit_map.get("attention").and_then(|a| a.as_array()) {
         for s in sites {
             let id = s["id"].as_u64().unwrap_or(0) as usize;
-            let kind: Option<AttentionKind> = serde_json::from_value(s["kind"].clone()).ok();
+            let kind: Option<Group> = serde_json::from_value(s["kind"].clone()).ok();
             let cost =
                 s["flops"].as_u64().unwrap_or(0) + s["projection_flops"].as_u64().unwrap_or(0);
             if let Some(kind) = kind {
@@ -206,11 +220,11 @@ fn record(
     report: &mut RunReport,
     bundle: &Bundle,
     pattern: &Pattern,
-    sites: &BTreeMap<usize, (AttentionKind, u64)>,
+    sites: &BTreeMap<usize, (Group, u64)>,
     flops: u64,
     full: u64,
 ) {
-    let scheduled: BTreeMap<usize, AttentionKind> = bundle
+    let scheduled: BTreeMap<usize, Group> = bundle
         .manifest
         .schedule
         .as_ref()
@@ -236,6 +250,22 @@ fn record(
             calls.skipped += 1;
         }
         report.attention_flops_full += cost;
+    }
+    if let Some(schedule) = &bundle.manifest.schedule {
+        for &block in &schedule.blocks {
+            let computed = pattern.get(&Group::Mlp).copied().unwrap_or(true);
+            report
+                .mlp_decisions
+                .entry(block)
+                .or_default()
+                .push(computed);
+            let calls = report.calls.entry(Group::Mlp).or_default();
+            if computed {
+                calls.computed += 1;
+            } else {
+                calls.skipped += 1;
+            }
+        }
     }
     report.model_flops += flops;
     report.model_flops_full += full;

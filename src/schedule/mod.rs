@@ -5,3 +5,41 @@ pub mod sampler;
 pub mod specialize;
 
 pub use sampler::{Sampler, SamplerConfig};
+
+use serde::{Deserialize, Serialize};
+
+use crate::analysis::AttentionKind;
+
+/// What one decision table drives: the attention sites of one kind, or the MLPs of chosen blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Group {
+    Spatial,
+    Temporal,
+    Full,
+    Cross,
+    Mlp,
+}
+
+impl Group {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Group::Spatial => "spatial",
+            Group::Temporal => "temporal",
+            Group::Full => "full",
+            Group::Cross => "cross",
+            Group::Mlp => "mlp",
+        }
+    }
+}
+
+impl From<AttentionKind> for Group {
+    fn from(k: AttentionKind) -> Group {
+        match k {
+            AttentionKind::Spatial => Group::Spatial,
+            AttentionKind::Temporal => Group::Temporal,
+            AttentionKind::Full => Group::Full,
+            AttentionKind::Cross => Group::Cross,
+        }
+    }
+}

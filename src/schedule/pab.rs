@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::Group;
 use crate::analysis::AttentionKind;
 
 /// Broadcast settings of one attention kind.
@@ -21,13 +22,29 @@ pub struct KindSchedule {
     pub window: [f64; 2],
 }
 
-/// MLP broadcast as PAB's Open-Sora/Latte configs describe it (parsed, not yet baked).
+/// MLP broadcast as PAB's Open-Sora/Latte configs describe it (VideoSys `mlp_*_skip_config`): at each
+/// key timestep the MLPs of the listed blocks compute and are cached, then reused for the next `reuse`
+/// steps. Block numbers count blocks of the same family (spatial blocks 0.., temporal blocks 0..).
+/// Key timesteps that the sampler never visits are ignored, as in VideoSys.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MlpSchedule {
     pub timesteps: Vec<f64>,
     pub blocks: Vec<usize>,
     pub reuse: u32,
+}
+
+/// Compute (true) or reuse at each step for the MLPs of the listed blocks.
+pub fn mlp_decisions(m: &MlpSchedule, timesteps: &[f64]) -> Vec<bool> {
+    let mut compute = vec![true; timesteps.len()];
+    for key in &m.timesteps {
+        if let Some(j) = timesteps.iter().position(|t| (t - key).abs() < 1e-6) {
+            for c in compute.iter_mut().skip(j + 1).take(m.reuse as usize) {
+                *c = false;
+            }
+        }
+    }
+    compute
 }
 
 /// Options of the `broadcast-static` pass.
@@ -66,15 +83,17 @@ impl PabOptions {
                 );
             }
             let [lo, hi] = s.window;
-            if !(lo < hi) {
+            if lo.is_nan() || hi.is_nan() || lo >= hi {
                 bail!(
                     "broadcast-static.{}.window [{lo}, {hi}] is inverted or empty",
                     kind.as_str()
                 );
             }
         }
-        if self.mlp.is_some() {
-            bail!("broadcast-static.mlp (MLP broadcast) is not implemented yet; remove it from the recipe");
+        if let Some(m) = &self.mlp {
+            if m.blocks.is_empty() || m.timesteps.is_empty() {
+                bail!("broadcast-static.mlp needs at least one block and one timestep");
+            }
         }
         Ok(())
     }
@@ -93,15 +112,22 @@ pub fn decisions(s: &KindSchedule, timesteps: &[f64]) -> Vec<bool> {
         .collect()
 }
 
-/// Decision tables for every kind that is broadcast (period > 1).
-pub fn tables(options: &PabOptions, timesteps: &[f64]) -> BTreeMap<AttentionKind, Vec<bool>> {
-    AttentionKind::ALL
+/// Decision tables for every attention kind that is broadcast (period > 1), and for the MLPs.
+pub fn tables(options: &PabOptions, timesteps: &[f64]) -> BTreeMap<Group, Vec<bool>> {
+    let mut out: BTreeMap<Group, Vec<bool>> = AttentionKind::ALL
         .iter()
         .filter_map(|&k| {
             let s = options.for_kind(k)?;
-            (s.period > 1).then(|| (k, decisions(&s, timesteps)))
+            (s.period > 1).then(|| (Group::from(k), decisions(&s, timesteps)))
         })
-        .collect()
+        .collect();
+    if let Some(m) = &options.mlp {
+        let table = mlp_decisions(m, timesteps);
+        if table.contains(&false) {
+            out.insert(Group::Mlp, table);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -127,6 +153,24 @@ mod tests {
             "CCCCCCCCCCRRCRRCRRCRRCRRCRRCRRCRRCRRCRRCRRCRRCCCCC"
         );
         assert_eq!(pattern(1, [100.0, 800.0]).matches('R').count(), 0);
+    }
+
+    #[test]
+    fn mlp_reuse_follows_key_timesteps() {
+        // Latte's config over 50 leading DDIM steps (980, 960, ..., 0): 720 is step 13.
+        let timesteps: Vec<f64> = (0..50).map(|i| 980.0 - 20.0 * i as f64).collect();
+        let m = MlpSchedule {
+            timesteps: vec![720.0, 640.0, 555.0],
+            blocks: vec![0],
+            reuse: 2,
+        };
+        let d = mlp_decisions(&m, &timesteps);
+        let reused: Vec<usize> = (0..50).filter(|&i| !d[i]).collect();
+        assert_eq!(
+            reused,
+            vec![14, 15, 18, 19],
+            "555 is never visited and is ignored"
+        );
     }
 
     #[test]

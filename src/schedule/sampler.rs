@@ -215,7 +215,8 @@ fn ddim_plan(c: &DdimConfig) -> Result<Sampler> {
     if steps == 0 || steps > n {
         bail!("sampler.steps = {steps}: DDIM needs 1..={n} steps (num_train_timesteps)");
     }
-    if !(c.beta_start > 0.0 && c.beta_start < c.beta_end && c.beta_end < 1.0) {
+    let ordered = c.beta_start > 0.0 && c.beta_start < c.beta_end && c.beta_end < 1.0;
+    if !ordered {
         bail!("sampler betas must satisfy 0 < beta_start < beta_end < 1");
     }
     let timesteps: Vec<f64> = match c.timestep_spacing {
@@ -264,7 +265,7 @@ fn flow_plan(c: &FlowEulerConfig) -> Result<Sampler> {
     if steps == 0 {
         bail!("sampler.steps must be at least 1");
     }
-    if !(c.shift > 0.0) {
+    if c.shift.is_nan() || c.shift <= 0.0 {
         bail!("sampler.shift must be positive");
     }
     let shift = |s: f64| c.shift * s / (1.0 + (c.shift - 1.0) * s);
@@ -334,7 +335,8 @@ mod tests {
         for i in 0..s.steps() {
             s.step(i, &mut x, &[eps as f32]);
         }
-        assert!((x[0] as f64 - x0).abs() < 1e-5, "{}", x[0]);
+        // The latent is f32 and the first step divides by sqrt(alpha_999) ~ 0.0064: ~2e-5 of rounding.
+        assert!((x[0] as f64 - x0).abs() < 1e-4, "{}", x[0]);
     }
 
     #[test]
@@ -361,6 +363,8 @@ mod tests {
             shift: 1.0,
         })
         .unwrap();
-        assert_eq!(plain.timesteps, vec![1000.0, 500.5, 1.0]);
+        for (got, want) in plain.timesteps.iter().zip([1000.0, 500.5, 1.0]) {
+            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        }
     }
 }

@@ -10,22 +10,28 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Result};
 
 use crate::analysis::flops::node_flops;
-use crate::analysis::AttentionKind;
 use crate::ir::{
     infer_types, remove_dead_nodes, remove_unused_inputs, AttrValue, Graph, Model, Node,
 };
 use crate::passes::condition_name;
+use crate::schedule::Group;
 
 /// Compute (true) or reuse (false) per scheduled kind.
-pub type Pattern = BTreeMap<AttentionKind, bool>;
+pub type Pattern = BTreeMap<Group, bool>;
 
 /// The pattern of step `i` from per-kind tables.
-pub fn pattern_at(tables: &BTreeMap<AttentionKind, Vec<bool>>, i: usize) -> Pattern {
+pub fn pattern_at(tables: &BTreeMap<Group, Vec<bool>>, i: usize) -> Pattern {
     tables.iter().map(|(k, t)| (*k, t[i])).collect()
 }
 
 /// `model` with every schedule `If` replaced by its taken branch, dead nodes and unused inputs removed.
 pub fn specialize(model: &Model, pattern: &Pattern) -> Result<Model> {
+    specialize_without(model, pattern, &[])
+}
+
+/// As [`specialize`], also dropping the graph outputs named in `drop` (state a step does not change)
+/// and whatever only they needed.
+pub fn specialize_without(model: &Model, pattern: &Pattern, drop: &[String]) -> Result<Model> {
     let conditions: BTreeMap<String, bool> = pattern
         .iter()
         .map(|(k, &c)| (condition_name(*k), c))
@@ -42,6 +48,7 @@ pub fn specialize(model: &Model, pattern: &Pattern) -> Result<Model> {
         }
     }
     out.graph.nodes = nodes;
+    out.graph.outputs.retain(|o| !drop.contains(&o.name));
     remove_dead_nodes(&mut out.graph);
     remove_unused_inputs(&mut out.graph);
     Ok(out)
