@@ -5,6 +5,7 @@
 //! [`runtime`] runs any graph on CPU with tract to verify it.
 
 pub mod analysis;
+pub mod calibration;
 #[cfg(feature = "tract")]
 pub mod cli;
 pub mod ir;

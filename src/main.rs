@@ -28,6 +28,8 @@ enum Command {
     Inspect(cli::inspect::Args),
     /// Write a bundle: OUT/model.onnx (+ model.onnx.data) and OUT/manifest.json.
     Convert(cli::convert::Args),
+    /// Measure activation ranges along sampling trajectories, for W8A8 quantization.
+    Calibrate(cli::calibrate::Args),
     /// Run two models on the same inputs and compare outputs (max-abs, rel-L2, cosine, PSNR).
     Verify(cli::verify::Args),
     /// Sample with a bundle (manifest.json) through its schedule, or run an .onnx once, on CPU.
@@ -42,6 +44,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Inspect(a) => cli::inspect::run(a).map(|_| true),
         Command::Convert(a) => cli::convert::run(a).map(|_| true),
+        Command::Calibrate(a) => cli::calibrate::run(a).map(|_| true),
         Command::Verify(a) => cli::verify::run(a),
         Command::Run(a) => cli::run::run(a).map(|_| true),
         Command::Passes => {

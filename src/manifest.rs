@@ -41,6 +41,8 @@ pub struct Manifest {
     pub cost: Cost,
     pub tensorrt: TensorRt,
     pub provenance: Provenance,
+    /// What is quantized how, what was excluded and why, and the calibration used (null: float).
+    pub precision: Option<Precision>,
     /// The DiT map of the source graph (as `ditc inspect --json` reports it).
     pub dit_map: serde_json::Value,
 }
@@ -174,8 +176,10 @@ pub fn describe_source(path: &Path, model: &Model) -> Result<Source> {
     for f in &model.external_files {
         files.push(hashed(f)?);
     }
+    // Absolute, so a runtime can find the float model from anywhere (`ditc run --compare-full`).
+    let absolute = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     Ok(Source {
-        path: path.display().to_string(),
+        path: absolute.display().to_string(),
         files,
     })
 }
@@ -273,6 +277,11 @@ pub fn trtexec_command(model: &Model) -> String {
     )
 }
 
+/// Parse a manifest held in memory.
+pub fn read_from_str(text: &str) -> Result<Manifest> {
+    Ok(serde_json::from_str(text)?)
+}
+
 pub fn read(path: &Path) -> Result<Manifest> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read '{}'", path.display()))?;
     let m: Manifest = serde_json::from_slice(&bytes)
@@ -286,4 +295,32 @@ pub fn read(path: &Path) -> Result<Manifest> {
         );
     }
     Ok(m)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Precision {
+    pub format: String,
+    pub weights: String,
+    pub activations: String,
+    pub quantized: Vec<QuantizedLayer>,
+    pub excluded: Vec<Excluded>,
+    pub calibration: Option<crate::calibration::CalibrationInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuantizedLayer {
+    pub node: String,
+    pub block: Option<usize>,
+    pub activation: String,
+    pub activation_amax: f32,
+    pub activation_scale: f32,
+    pub weight: String,
+    pub weight_axis: usize,
+    pub weight_channels: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Excluded {
+    pub node: String,
+    pub reason: String,
 }

@@ -39,6 +39,9 @@ pub struct Args {
     /// `broadcast-static.spatial.window=[100,850]`. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Calibration statistics for quantize-w8a8 (from `ditc calibrate`, or the documented format).
+    #[arg(long, value_name = "FILE")]
+    pub calibration_stats: Option<PathBuf>,
     /// Initializers of at least this many bytes go to model.onnx.data instead of the graph file.
     #[arg(long, default_value_t = 1024, value_name = "BYTES")]
     pub external_threshold: u64,
@@ -49,9 +52,14 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     // Options first: a bad option fails before any model is read.
+    let mut overrides = args.set.clone();
+    if let Some(stats) = &args.calibration_stats {
+        let text = toml::Value::String(stats.display().to_string()).to_string();
+        overrides.push(format!("quantize-w8a8.calibration_stats={text}"));
+    }
     let recipe = match &args.recipe {
-        Some(path) => Recipe::load(path, &args.set)?,
-        None => Recipe::empty(&args.set)?,
+        Some(path) => Recipe::load(path, &overrides)?,
+        None => Recipe::empty(&overrides)?,
     };
     let pass_list = recipe
         .passes
@@ -83,6 +91,7 @@ pub fn run(args: &Args) -> Result<()> {
         schedule: None,
         state: Vec::new(),
         step_input: None,
+        precision: None,
     };
     passes::run_pipeline(&mut model, &pass_list, &mut cx)?;
     let cost = cost(&original, &model, &cx)?;
@@ -135,6 +144,7 @@ pub fn run(args: &Args) -> Result<()> {
                 .collect::<Result<_>>()?,
             overrides: recipe.overrides.clone(),
         },
+        precision: cx.precision.clone(),
         dit_map: serde_json::to_value(&cx.dit_map)?,
     };
     staging.write(

@@ -1,5 +1,6 @@
 //! The `ditc` command line: one file per subcommand.
 
+pub mod calibrate;
 pub mod convert;
 pub mod inspect;
 pub mod run;

@@ -27,7 +27,8 @@ pub struct Args {
     /// Where to write the result: `sample` (the final latent) for a bundle, the graph outputs otherwise.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Also sample with every attention site computing at every step and report the difference.
+    /// Also sample with the unoptimised model (every site computing; the float source model when the
+    /// bundle is quantized) and report the difference.
     #[arg(long)]
     pub compare_full: bool,
     /// Print the report as JSON on stdout.
@@ -84,7 +85,14 @@ pub fn sample_bundle(args: &Args) -> Result<(crate::ir::Tensor, Report)> {
     let progress = !args.no_progress && !args.json;
     let (latent, scheduled) = sample(&bundle, noise, &inputs, false, progress)?;
     let (full, fidelity) = if args.compare_full {
-        let (full_latent, full) = sample(&bundle, noise, &inputs, true, progress)?;
+        let reference = bundle.reference()?;
+        let (full_latent, full) = sample(
+            reference.as_ref().unwrap_or(&bundle),
+            noise,
+            &inputs,
+            true,
+            progress,
+        )?;
         let f = compare(
             &latent.to_f32_vec().expect("f32"),
             &full_latent.to_f32_vec().expect("f32"),

@@ -33,6 +33,26 @@ pub fn remove_unused_inputs(graph: &mut Graph) {
     graph.initializers.retain(|t| used.contains(&t.name));
 }
 
+/// Remove initializers that no node (or graph output) reads, e.g. float weights replaced by INT8 ones.
+pub fn remove_unused_initializers(graph: &mut Graph) {
+    let used: HashSet<String> = graph
+        .nodes
+        .iter()
+        .flat_map(uses)
+        .chain(graph.outputs.iter().map(|o| o.name.clone()))
+        .collect();
+    let inputs: HashSet<&str> = graph.inputs.iter().map(|i| i.name.as_str()).collect();
+    let keep: Vec<bool> = graph
+        .initializers
+        .iter()
+        .map(|t| used.contains(&t.name) || inputs.contains(t.name.as_str()))
+        .collect();
+    let mut k = keep.iter();
+    graph
+        .initializers
+        .retain(|_| *k.next().expect("one flag per initializer"));
+}
+
 /// Every value a node reads, including outer-scope reads of its subgraphs.
 fn uses(node: &Node) -> Vec<String> {
     let mut out: Vec<String> = node.present_inputs().map(str::to_string).collect();

@@ -8,7 +8,7 @@ pub mod infer;
 mod tensor;
 
 pub use check::{check_graph, sort_topologically, topological_order};
-pub use dce::{remove_dead_nodes, remove_unused_inputs};
+pub use dce::{remove_dead_nodes, remove_unused_initializers, remove_unused_inputs};
 pub use dtype::DataType;
 pub use graph::{AttrValue, Attribute, Dim, Graph, Model, Node, ValueInfo, ValueType};
 pub use infer::{infer_types, TypeInfo, TypeMap};

@@ -5,6 +5,7 @@
 //! [`PassContext`] (schedule tables, state bindings).
 
 mod broadcast_static;
+pub mod quantize_w8a8;
 
 use anyhow::{bail, Context, Result};
 
@@ -23,6 +24,8 @@ pub struct PassContext {
     pub state: Vec<StateBinding>,
     /// The graph input carrying the step index, once a schedule is baked.
     pub step_input: Option<String>,
+    /// What quantization did, for the manifest.
+    pub precision: Option<crate::manifest::Precision>,
 }
 
 pub trait Pass {
@@ -31,15 +34,24 @@ pub trait Pass {
 }
 
 /// Every registered pass: name and one line on what it does.
-pub const REGISTRY: &[(&str, &str)] = &[(
-    "broadcast-static",
-    "bake a static attention-broadcast schedule (PAB) into the graph: an If per scheduled attention site, driven by ditc.step",
-)];
+pub const REGISTRY: &[(&str, &str)] = &[
+    (
+        "quantize-w8a8",
+        "INT8 weights (per output channel) and static INT8 activations as Q/DQ pairs TensorRT accepts, on the attention projections and FFNs",
+    ),
+    (
+        "broadcast-static",
+        "bake a static attention-broadcast schedule (PAB) into the graph: an If per scheduled attention site, driven by ditc.step",
+    ),
+];
 
 /// Build a pass from its recipe name and options.
 pub fn create(name: &str, options: &toml::Table) -> Result<Box<dyn Pass>> {
     match name {
         "broadcast-static" => Ok(Box::new(BroadcastStatic::from_options(options)?)),
+        "quantize-w8a8" => Ok(Box::new(quantize_w8a8::QuantizeW8A8::from_options(
+            options,
+        )?)),
         _ => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             bail!("unknown pass '{name}' (known passes: {})", known.join(", "))

@@ -66,6 +66,28 @@ impl Bundle {
         })
     }
 
+    /// The unoptimised reference: for a bundle whose precision changed, the float source model (found
+    /// at `source.path`) driven by the same sampler; otherwise the bundle itself with every site computing.
+    pub fn reference(&self) -> Result<Option<Bundle>> {
+        if self.manifest.precision.is_none() {
+            return Ok(None);
+        }
+        let source = Path::new(&self.manifest.source.path);
+        let model = crate::onnx::read_model(source).with_context(|| {
+            format!(
+                "the float source model '{}' (needed to compare with the full computation)",
+                source.display()
+            )
+        })?;
+        let manifest = crate::manifest::read_from_str(&serde_json::to_string(&self.manifest)?)?;
+        Ok(Some(Bundle {
+            manifest,
+            model,
+            io: self.io.clone(),
+            sampler: self.sampler.clone(),
+        }))
+    }
+
     fn tables(&self) -> BTreeMap<Group, Vec<bool>> {
         self.manifest
             .schedule

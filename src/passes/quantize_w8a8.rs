@@ -1,0 +1,330 @@
+//! Pass `quantize-w8a8`: explicit INT8 quantization that TensorRT accepts (reference.md §4).
+//!
+//! Rewrites every selected linear layer (MatMul with a constant 2-D weight, or Gemm):
+//! - the weight becomes an INT8 initializer, symmetric per output channel (scale = absmax/127, zero
+//!   point 0), followed by `DequantizeLinear` with the output-channel `axis`;
+//! - its activation input goes through `QuantizeLinear -> DequantizeLinear` with one static per-tensor
+//!   scale (amax/127 from calibration, zero point int8 0), shared by every layer reading that value.
+//!
+//! Selection is structural: the Q/K/V/output projections of every attention site and both linear layers
+//! of every block's FFN (the DiT map). Patch embedding, timestep and caption embedders, adaLN/modulation
+//! projections and the final projection are not among them. Options:
+//! - `calibration_stats` (required): a stats file from `ditc calibrate` or written elsewhere;
+//! - `exclude`: node-name substrings to keep in high precision; `skip_blocks`: DiT-map block indices;
+//! - `format`: `"int8"` (`"fp8"` is refused: not implemented yet); `smooth_quant_alpha`: refused (not yet).
+//!
+//! Invariants: the MatMul/Gemm nodes keep their names and outputs; only their inputs change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{Pass, PassContext};
+use crate::analysis::DitMap;
+use crate::calibration::CalibrationStats;
+use crate::ir::{remove_unused_initializers, AttrValue, DataType, Graph, Model, Node, Tensor};
+use crate::manifest::{Precision, QuantizedLayer};
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuantizeOptions {
+    pub calibration_stats: Option<PathBuf>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub skip_blocks: Vec<usize>,
+    pub format: Option<String>,
+    pub smooth_quant_alpha: Option<f64>,
+}
+
+impl QuantizeOptions {
+    pub fn validate(&self) -> Result<()> {
+        match self.format.as_deref() {
+            None | Some("int8") => {}
+            Some("fp8") => {
+                bail!("quantize-w8a8.format = \"fp8\" is not implemented yet (use \"int8\")")
+            }
+            Some(other) => bail!("quantize-w8a8.format = \"{other}\": expected \"int8\""),
+        }
+        if self.smooth_quant_alpha.is_some() {
+            bail!("quantize-w8a8.smooth_quant_alpha: SmoothQuant is not implemented yet");
+        }
+        Ok(())
+    }
+}
+
+/// A linear layer chosen for quantization.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub node: String,
+    pub activation: String,
+    pub weight: String,
+    /// Axis of the weight's output channels (1 for MatMul `x @ W[K, N]`, 0 for Gemm with transB).
+    pub axis: usize,
+    pub block: Option<usize>,
+}
+
+/// The layers the pass would quantize, and those it leaves in high precision with the reason.
+pub fn select_targets(
+    model: &Model,
+    map: &DitMap,
+    options: &QuantizeOptions,
+) -> (Vec<Target>, Vec<(String, String)>) {
+    let graph = &model.graph;
+    let mut wanted: BTreeMap<String, Option<usize>> = BTreeMap::new();
+    for block in &map.blocks {
+        let sites = block.attention.iter().filter_map(|&i| map.attention.get(i));
+        for s in sites {
+            for p in [&s.q_proj, &s.k_proj, &s.v_proj, &s.out_proj]
+                .into_iter()
+                .flatten()
+            {
+                wanted.insert(p.clone(), Some(block.index));
+            }
+        }
+        for f in block.ffn.iter().flatten() {
+            wanted.insert(f.clone(), Some(block.index));
+        }
+    }
+    let (mut targets, mut excluded) = (Vec::new(), Vec::new());
+    for (name, block) in wanted {
+        let Some(node) = graph.nodes.iter().find(|n| n.name == name) else {
+            continue;
+        };
+        if let Some(p) = options.exclude.iter().find(|p| name.contains(p.as_str())) {
+            excluded.push((name, format!("matches exclude pattern '{p}'")));
+            continue;
+        }
+        if block.is_some_and(|b| options.skip_blocks.contains(&b)) {
+            excluded.push((name, format!("in skipped block {}", block.unwrap_or(0))));
+            continue;
+        }
+        match linear_weight(graph, node) {
+            Some((weight, axis)) => targets.push(Target {
+                node: name,
+                activation: node.inputs[0].clone(),
+                weight,
+                axis,
+                block,
+            }),
+            None => excluded.push((name, "weight is not a constant f32 2-D initializer".into())),
+        }
+    }
+    (targets, excluded)
+}
+
+fn linear_weight(graph: &Graph, node: &Node) -> Option<(String, usize)> {
+    let w = graph.initializer(node.inputs.get(1)?)?;
+    if w.dtype != DataType::F32 || w.dims.len() != 2 {
+        return None;
+    }
+    let axis = match node.op_type.as_str() {
+        "MatMul" => 1,
+        "Gemm" if node.attr_int("transA").unwrap_or(0) != 0 => return None,
+        "Gemm" if node.attr_int("transB").unwrap_or(0) != 0 => 0,
+        "Gemm" => 1,
+        _ => return None,
+    };
+    Some((w.name.clone(), axis))
+}
+
+pub struct QuantizeW8A8 {
+    options: QuantizeOptions,
+}
+
+impl QuantizeW8A8 {
+    pub fn from_options(options: &toml::Table) -> Result<Self> {
+        let options: QuantizeOptions = options.clone().try_into().context(
+            "invalid quantize-w8a8 options (valid keys: calibration_stats, exclude, skip_blocks, format, smooth_quant_alpha)",
+        )?;
+        options.validate()?;
+        if options.calibration_stats.is_none() {
+            bail!("quantize-w8a8 needs calibration_stats: run `ditc calibrate` and pass --calibration-stats FILE");
+        }
+        Ok(QuantizeW8A8 { options })
+    }
+}
+
+impl Pass for QuantizeW8A8 {
+    fn name(&self) -> &'static str {
+        "quantize-w8a8"
+    }
+
+    fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        let path = self
+            .options
+            .calibration_stats
+            .as_ref()
+            .expect("checked at construction");
+        let stats = CalibrationStats::read(path)?;
+        let (targets, excluded) = select_targets(model, &cx.dit_map, &self.options);
+        let mut dq_of_activation: HashMap<String, String> = HashMap::new();
+        let mut layers = Vec::new();
+        for t in &targets {
+            let Some(amax) = stats.amax(&t.activation) else {
+                bail!("calibration stats '{}' have no amax for '{}' (input of {}): calibrate with the same model", path.display(), t.activation, t.node);
+            };
+            let act_scale = scale_for(amax);
+            let dq = match dq_of_activation.get(&t.activation) {
+                Some(dq) => dq.clone(),
+                None => {
+                    let dq = quantize_activation(&mut model.graph, &t.activation, act_scale);
+                    dq_of_activation.insert(t.activation.clone(), dq.clone());
+                    dq
+                }
+            };
+            let (w_dq, channels) = quantize_weight(&mut model.graph, &t.weight, t.axis)?;
+            let node = model
+                .graph
+                .nodes
+                .iter_mut()
+                .find(|n| n.name == t.node)
+                .expect("selected from the graph");
+            node.inputs[0] = dq;
+            node.inputs[1] = w_dq;
+            layers.push(QuantizedLayer {
+                node: t.node.clone(),
+                block: t.block,
+                activation: t.activation.clone(),
+                activation_amax: amax,
+                activation_scale: act_scale,
+                weight: t.weight.clone(),
+                weight_axis: t.axis,
+                weight_channels: channels,
+            });
+        }
+        if !model
+            .opsets
+            .iter()
+            .any(|(d, v)| (d.is_empty() || d == "ai.onnx") && *v >= 13)
+        {
+            bail!("per-channel DequantizeLinear needs opset 13 or later");
+        }
+        remove_unused_initializers(&mut model.graph);
+        cx.precision = Some(Precision {
+            format: "w8a8-int8".into(),
+            weights: "int8, symmetric, per output channel, scale = absmax/127".into(),
+            activations: "int8, symmetric, per tensor, static scale = amax/127".into(),
+            quantized: layers,
+            excluded: excluded
+                .into_iter()
+                .map(|(node, reason)| crate::manifest::Excluded { node, reason })
+                .collect(),
+            calibration: Some(stats.describe(path)?),
+        });
+        Ok(())
+    }
+}
+
+/// Symmetric INT8 scale for a range: amax/127 (a zero range gets scale 1 so nothing divides by zero).
+pub fn scale_for(amax: f32) -> f32 {
+    if amax > 0.0 && amax.is_finite() {
+        amax / 127.0
+    } else {
+        1.0
+    }
+}
+
+fn scalar_f32(graph: &mut Graph, name: &str, v: f32) {
+    graph
+        .initializers
+        .push(Tensor::from_f32(name, vec![], &[v]));
+}
+
+fn quantize_activation(graph: &mut Graph, value: &str, scale: f32) -> String {
+    let (s, z) = (format!("{value}.act_scale"), format!("{value}.act_zero"));
+    scalar_f32(graph, &s, scale);
+    graph.initializers.push(
+        Tensor::from_raw(&z, DataType::I8, vec![], Bytes::from(vec![0u8])).expect("one byte"),
+    );
+    let (q, dq) = (format!("{value}.q"), format!("{value}.dq"));
+    let at = graph
+        .nodes
+        .iter()
+        .position(|n| n.outputs.iter().any(|o| o == value))
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    graph.nodes.insert(
+        at,
+        Node::new(
+            &format!("{value}.dequantize"),
+            "DequantizeLinear",
+            &[&q, &s, &z],
+            &[&dq],
+        ),
+    );
+    graph.nodes.insert(
+        at,
+        Node::new(
+            &format!("{value}.quantize"),
+            "QuantizeLinear",
+            &[value, &s, &z],
+            &[&q],
+        ),
+    );
+    dq
+}
+
+/// Replace weight `name` by INT8 values + per-channel scales; returns the dequantized value's name.
+fn quantize_weight(graph: &mut Graph, name: &str, axis: usize) -> Result<(String, usize)> {
+    let w = graph
+        .initializer(name)
+        .context("weight initializer")?
+        .clone();
+    let values = w.to_f32_vec().context("f32 weight")?;
+    let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
+    let channels = if axis == 1 { cols } else { rows };
+    let at = |r: usize, c: usize| values[r * cols + c];
+    let mut scales = vec![0f32; channels];
+    for r in 0..rows {
+        for c in 0..cols {
+            let ch = if axis == 1 { c } else { r };
+            scales[ch] = scales[ch].max(at(r, c).abs());
+        }
+    }
+    for s in &mut scales {
+        *s = scale_for(*s);
+    }
+    let q: Vec<u8> = (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            let ch = if axis == 1 { c } else { r };
+            (at(r, c) / scales[ch]).round().clamp(-127.0, 127.0) as i8 as u8
+        })
+        .collect();
+    let (qn, sn, zn, dq) = (
+        format!("{name}.int8"),
+        format!("{name}.scale"),
+        format!("{name}.zero"),
+        format!("{name}.dq"),
+    );
+    graph.initializers.push(Tensor::from_raw(
+        &qn,
+        DataType::I8,
+        w.dims.clone(),
+        Bytes::from(q),
+    )?);
+    graph
+        .initializers
+        .push(Tensor::from_f32(&sn, vec![channels as i64], &scales));
+    graph.initializers.push(Tensor::from_raw(
+        &zn,
+        DataType::I8,
+        vec![channels as i64],
+        Bytes::from(vec![0u8; channels]),
+    )?);
+    graph.nodes.insert(
+        0,
+        Node::new(
+            &format!("{name}.dequantize"),
+            "DequantizeLinear",
+            &[&qn, &sn, &zn],
+            &[&dq],
+        )
+        .with_attr("axis", AttrValue::Int(axis as i64)),
+    );
+    Ok((dq, channels))
+}
