@@ -11,6 +11,7 @@
 //! projections and the final projection are not among them. Options:
 //! - `calibration_stats` (required): a stats file from `ditc calibrate` or written elsewhere;
 //! - `exclude`: node-name substrings to keep in high precision; `skip_blocks`: DiT-map block indices;
+//!   `include`: node-name substrings of further MatMul/Gemm layers to quantize;
 //! - `format`: `"int8"` (`"fp8"` is refused: not implemented yet); `smooth_quant_alpha`: refused (not yet).
 //!
 //! Invariants: the MatMul/Gemm nodes keep their names and outputs; only their inputs change.
@@ -32,6 +33,9 @@ use crate::manifest::{Precision, QuantizedLayer};
 #[serde(deny_unknown_fields)]
 pub struct QuantizeOptions {
     pub calibration_stats: Option<PathBuf>,
+    /// Node-name substrings of further MatMul/Gemm layers to quantize (beyond the structural choice).
+    #[serde(default)]
+    pub include: Vec<String>,
     #[serde(default)]
     pub exclude: Vec<String>,
     #[serde(default)]
@@ -89,6 +93,15 @@ pub fn select_targets(
             wanted.insert(f.clone(), Some(block.index));
         }
     }
+    for node in &graph.nodes {
+        let matches = options
+            .include
+            .iter()
+            .any(|p| node.name.contains(p.as_str()));
+        if matches && matches!(node.op_type.as_str(), "MatMul" | "Gemm") {
+            wanted.entry(node.name.clone()).or_insert(None);
+        }
+    }
     let (mut targets, mut excluded) = (Vec::new(), Vec::new());
     for (name, block) in wanted {
         let Some(node) = graph.nodes.iter().find(|n| n.name == name) else {
@@ -138,7 +151,7 @@ pub struct QuantizeW8A8 {
 impl QuantizeW8A8 {
     pub fn from_options(options: &toml::Table) -> Result<Self> {
         let options: QuantizeOptions = options.clone().try_into().context(
-            "invalid quantize-w8a8 options (valid keys: calibration_stats, exclude, skip_blocks, format, smooth_quant_alpha)",
+            "invalid quantize-w8a8 options (valid keys: calibration_stats, include, exclude, skip_blocks, format, smooth_quant_alpha)",
         )?;
         options.validate()?;
         if options.calibration_stats.is_none() {
@@ -292,7 +305,9 @@ fn quantize_weight(graph: &mut Graph, name: &str, axis: usize) -> Result<(String
         .map(|i| {
             let (r, c) = (i / cols, i % cols);
             let ch = if axis == 1 { c } else { r };
-            (at(r, c) / scales[ch]).round().clamp(-127.0, 127.0) as i8 as u8
+            (at(r, c) / scales[ch])
+                .round_ties_even()
+                .clamp(-127.0, 127.0) as i8 as u8
         })
         .collect();
     let (qn, sn, zn, dq) = (

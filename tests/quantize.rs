@@ -1,0 +1,236 @@
+//! W8A8 quantization: the Q/DQ structure on a hand-made graph, and tract's result against a fake-quant
+//! computation written out here.
+
+use std::path::Path;
+
+use ditc::analysis::analyse;
+use ditc::ir::{AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+use ditc::passes::{create, run_pipeline, PassContext};
+use ditc::runtime::run_once;
+
+const W: [f32; 6] = [0.5, -1.27, 0.03, -0.25, 0.8, 0.0]; // [2, 3]: column absmax 0.5, 1.27, 0.03
+
+fn model() -> Model {
+    let graph = Graph {
+        inputs: vec![ValueInfo::tensor(
+            "x",
+            DataType::F32,
+            vec![Dim::Value(4), Dim::Value(2)],
+        )],
+        outputs: vec![ValueInfo::tensor(
+            "y",
+            DataType::F32,
+            vec![Dim::Value(4), Dim::Value(3)],
+        )],
+        initializers: vec![Tensor::from_f32("w", vec![2, 3], &W)],
+        nodes: vec![Node::new("layer.mm", "MatMul", &["x", "w"], &["y"])],
+        ..Graph::default()
+    };
+    Model {
+        ir_version: 9,
+        opsets: vec![(String::new(), 17)],
+        producer_name: String::new(),
+        producer_version: String::new(),
+        domain: String::new(),
+        model_version: 0,
+        doc_string: String::new(),
+        metadata: vec![],
+        functions: vec![],
+        graph,
+        external_files: vec![],
+    }
+}
+
+fn quantized(stats_dir: &Path) -> (Model, PassContext) {
+    let stats = stats_dir.join("stats.json");
+    std::fs::write(
+        &stats,
+        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":2.54}}}"#,
+    )
+    .unwrap();
+    let mut options = toml::Table::new();
+    options.insert(
+        "calibration_stats".into(),
+        stats.display().to_string().into(),
+    );
+    options.insert("include".into(), toml::Value::Array(vec!["layer.".into()]));
+    let pass = create("quantize-w8a8", &options).unwrap();
+    let mut m = model();
+    let mut cx = PassContext {
+        dit_map: analyse(&m),
+        sampler: None,
+        schedule: None,
+        state: vec![],
+        step_input: None,
+        precision: None,
+    };
+    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
+    (m, cx)
+}
+
+#[test]
+fn qdq_structure_and_scales() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, cx) = quantized(dir.path());
+    let g = &m.graph;
+    let node = |op: &str| {
+        g.nodes
+            .iter()
+            .filter(|n| n.op_type == op)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(node("QuantizeLinear").len(), 1);
+    assert_eq!(node("DequantizeLinear").len(), 2);
+    // Weight: INT8 initializer, per-channel scale along the output axis 1, zero points 0.
+    let w_dq = node("DequantizeLinear")
+        .into_iter()
+        .find(|n| n.inputs[0] == "w.int8")
+        .unwrap();
+    assert_eq!(w_dq.attr("axis"), Some(&AttrValue::Int(1)));
+    let q = g.initializer("w.int8").unwrap();
+    assert_eq!(q.dtype, DataType::I8);
+    let scales = g.initializer("w.scale").unwrap().to_f32_vec().unwrap();
+    let want = [0.5 / 127.0, 1.27 / 127.0, 0.03 / 127.0];
+    for (s, w) in scales.iter().zip(want) {
+        assert!((s - w).abs() < 1e-9, "{scales:?}");
+    }
+    let zero = g.initializer("w.zero").unwrap();
+    assert_eq!(
+        (zero.dtype, zero.to_i64_vec().unwrap()),
+        (DataType::I8, vec![0, 0, 0])
+    );
+    let int8: Vec<i64> = q.to_i64_vec().unwrap();
+    assert_eq!(int8, vec![127, -127, 127, -64, 80, 0]); // round(W / scale) per column
+    assert!(g.initializer("w").is_none(), "the float weight is gone");
+    // Activation: static per-tensor scale amax/127 = 0.02, int8 zero point 0.
+    assert!((g.initializer("x.act_scale").unwrap().to_f32_vec().unwrap()[0] - 0.02).abs() < 1e-9);
+    let az = g.initializer("x.act_zero").unwrap();
+    assert_eq!((az.dtype, az.dims.len()), (DataType::I8, 0));
+    assert_eq!(
+        g.nodes
+            .iter()
+            .find(|n| n.name == "layer.mm")
+            .unwrap()
+            .inputs,
+        vec!["x.dq", "w.dq"]
+    );
+    let p = cx.precision.unwrap();
+    assert_eq!(p.quantized.len(), 1);
+}
+
+#[test]
+fn tract_equals_hand_written_fake_quant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = quantized(dir.path());
+    let x: Vec<f32> = vec![0.013, -2.6, 1.0, 0.499, -0.31, 2.54, 0.0, -0.01];
+    let out = run_once(&m, &[Tensor::from_f32("x", vec![4, 2], &x)]).unwrap();
+    let got = out[0].to_f32_vec().unwrap();
+    let sx = 2.54f32 / 127.0;
+    let xq: Vec<f32> = x
+        .iter()
+        .map(|v| (v / sx).round_ties_even().clamp(-128.0, 127.0) * sx)
+        .collect();
+    let sw = [0.5f32 / 127.0, 1.27 / 127.0, 0.03 / 127.0];
+    let wq: Vec<f32> = W
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / sw[i % 3]).round_ties_even().clamp(-127.0, 127.0) * sw[i % 3])
+        .collect();
+    for r in 0..4 {
+        for c in 0..3 {
+            let want = xq[r * 2] * wq[c] + xq[r * 2 + 1] * wq[3 + c];
+            let g = got[r * 3 + c];
+            assert!(
+                (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "y[{r},{c}] = {g}, fake-quant {want}"
+            );
+        }
+    }
+    // -2.6 saturates at -128 * sx: quantization is really applied.
+    assert!((xq[1] + 128.0 * sx).abs() < 1e-7);
+}
+
+/// latte-tiny W8A8: calibrated on cases 1 and 2, evaluated on case 0 over the 50-step DDIM trajectory
+/// against the float model; then combined with PAB through the same runtime.
+#[test]
+fn latte_w8a8_over_a_sampling_trajectory() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let demo = root.join("examples/latte-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    let ditc = |args: &[&str]| {
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        r.stdout
+    };
+    let model = demo.join("model.onnx");
+    let inputs = demo.join("sampling.safetensors");
+    let (m, i, s) = (
+        model.to_str().unwrap(),
+        inputs.to_str().unwrap(),
+        stats.to_str().unwrap(),
+    );
+    ditc(&[
+        "calibrate",
+        m,
+        "--recipe",
+        root.join("passes/w8a8.toml").to_str().unwrap(),
+        "--inputs",
+        i,
+        "--cases",
+        "1,2",
+        "-o",
+        s,
+        "--no-progress",
+    ]);
+    for recipe in ["passes/w8a8.toml", "passes/pab-w8a8.toml"] {
+        let out = tmp.path().join(recipe.replace('/', "_"));
+        let o = out.to_str().unwrap();
+        ditc(&[
+            "convert",
+            m,
+            "--recipe",
+            root.join(recipe).to_str().unwrap(),
+            "--calibration-stats",
+            s,
+            "-o",
+            o,
+            "--no-progress",
+        ]);
+        let manifest = out.join("manifest.json");
+        let sample = out.join("sample.safetensors");
+        let report: serde_json::Value = serde_json::from_slice(&ditc(&[
+            "run",
+            manifest.to_str().unwrap(),
+            "--inputs",
+            i,
+            "--prefix",
+            "0.",
+            "-o",
+            sample.to_str().unwrap(),
+            "--compare-full",
+            "--json",
+        ]))
+        .unwrap();
+        let f = &report["fidelity"];
+        eprintln!(
+            "{recipe}: PSNR {} dB, cosine {}, rel L2 {}",
+            f["psnr_db"], f["cosine"], f["rel_l2"]
+        );
+        assert!(f["psnr_db"].as_f64().unwrap() >= 30.0, "{recipe}: {f}");
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(
+            m["precision"]["quantized"].as_array().unwrap().len(),
+            64,
+            "4 projections x 12 sites + 2 linear layers x 8 FFNs"
+        );
+    }
+}
