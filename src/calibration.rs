@@ -32,6 +32,29 @@ pub struct CalibrationStats {
     #[serde(default)]
     pub samples: usize,
     pub tensors: BTreeMap<String, TensorStats>,
+    /// Layers ranked by fidelity lost when only that layer is quantized (most sensitive first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitivity: Vec<LayerSensitivity>,
+    /// Measured fidelity of the final latent when the `keep_float` most sensitive layers stay in high
+    /// precision (ascending in size).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budget: Vec<BudgetPoint>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSensitivity {
+    pub node: String,
+    /// Mean relative L2 error of the model's prediction with only this layer quantized.
+    pub rel_l2: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetPoint {
+    pub keep_float: Vec<String>,
+    pub psnr_db: f64,
+    pub cosine: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,6 +101,26 @@ impl CalibrationStats {
             }
         }
         Ok(stats)
+    }
+
+    /// The smallest set of layers to keep in high precision whose measured fidelity meets the budget.
+    pub fn layers_to_keep(&self, psnr: Option<f64>, cosine: Option<f64>) -> Result<Vec<String>> {
+        if self.budget.is_empty() {
+            bail!("the calibration stats have no budget table: run `ditc calibrate --sensitivity`");
+        }
+        let meets = |b: &BudgetPoint| {
+            psnr.is_none_or(|p| b.psnr_db >= p) && cosine.is_none_or(|c| b.cosine >= c)
+        };
+        match self.budget.iter().find(|b| meets(b)) {
+            Some(b) => Ok(b.keep_float.clone()),
+            None => {
+                let best = self.budget.last().expect("non-empty");
+                bail!(
+                    "no measured point meets the budget (PSNR >= {psnr:?} dB, cosine >= {cosine:?}); keeping {} layers gave PSNR {:.2} dB, cosine {:.6}",
+                    best.keep_float.len(), best.psnr_db, best.cosine
+                )
+            }
+        }
     }
 
     pub fn amax(&self, value: &str) -> Option<f32> {

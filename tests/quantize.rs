@@ -234,3 +234,113 @@ fn latte_w8a8_over_a_sampling_trajectory() {
         );
     }
 }
+
+/// Sensitivity ranking and the fidelity budget: with the budget met on the calibration case, the
+/// held-out case 0 reaches PSNR >= 30 dB and cosine >= 0.999 against the float model.
+#[test]
+fn sensitivity_budget_meets_the_fidelity_target() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let demo = root.join("examples/latte-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    let ditc = |args: &[&str]| {
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        r.stdout
+    };
+    let (model, inputs, recipe) = (
+        demo.join("model.onnx"),
+        demo.join("sampling.safetensors"),
+        root.join("passes/w8a8.toml"),
+    );
+    let (m, i, r, s) = (
+        model.to_str().unwrap(),
+        inputs.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+        stats.to_str().unwrap(),
+    );
+    ditc(&[
+        "calibrate",
+        m,
+        "--recipe",
+        r,
+        "--inputs",
+        i,
+        "--cases",
+        "1,2",
+        "--sensitivity",
+        "-o",
+        s,
+        "--no-progress",
+    ]);
+    let table: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    let ranked: Vec<f64> = table["sensitivity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["rel_l2"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ranked.len(), 64);
+    assert!(
+        ranked.windows(2).all(|w| w[0] >= w[1]),
+        "most sensitive first"
+    );
+    let budget = table["budget"].as_array().unwrap();
+    let all_float = budget.last().unwrap();
+    assert_eq!(all_float["keep_float"].as_array().unwrap().len(), 64);
+    assert!(
+        (all_float["cosine"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "nothing quantized is the float model"
+    );
+
+    let out = tmp.path().join("bundle");
+    let o = out.to_str().unwrap();
+    ditc(&[
+        "convert",
+        m,
+        "--recipe",
+        r,
+        "--calibration-stats",
+        s,
+        "--set",
+        "quantize-w8a8.budget_psnr=30",
+        "--set",
+        "quantize-w8a8.budget_cosine=0.999",
+        "-o",
+        o,
+        "--no-progress",
+    ]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let kept = manifest["precision"]["excluded"].as_array().unwrap().len();
+    let sample = out.join("sample.safetensors");
+    let report: serde_json::Value = serde_json::from_slice(&ditc(&[
+        "run",
+        out.join("manifest.json").to_str().unwrap(),
+        "--inputs",
+        i,
+        "--prefix",
+        "0.",
+        "-o",
+        sample.to_str().unwrap(),
+        "--compare-full",
+        "--json",
+    ]))
+    .unwrap();
+    let f = &report["fidelity"];
+    eprintln!(
+        "budget kept {kept} layers in float; held-out case 0: PSNR {} dB, cosine {}",
+        f["psnr_db"], f["cosine"]
+    );
+    assert!(
+        f["psnr_db"].as_f64().unwrap() >= 30.0 && f["cosine"].as_f64().unwrap() >= 0.999,
+        "{f}"
+    );
+}

@@ -11,11 +11,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 
 use crate::analysis::analyse;
-use crate::calibration::{CalibrationStats, TensorStats, FORMAT};
+use crate::calibration::{BudgetPoint, CalibrationStats, LayerSensitivity, TensorStats, FORMAT};
 use crate::ir::{Tensor, ValueInfo, ValueType};
 use crate::manifest::detect_io;
+use crate::metrics::compare;
 use crate::output::write_file_atomically;
-use crate::passes::quantize_w8a8::{select_targets, QuantizeOptions};
+use crate::passes::quantize_w8a8::{quantize_layers, select_targets, QuantizeOptions, Target};
 use crate::recipe::Recipe;
 use crate::runtime::TractRunner;
 
@@ -45,6 +46,11 @@ pub struct Args {
     /// Range statistic: only `max` is implemented.
     #[arg(long, default_value = "max")]
     pub method: String,
+    /// Also rank the quantized layers by the fidelity lost when only that layer is quantized, and measure
+    /// the final-latent fidelity when the k most sensitive layers stay in high precision (k = 0, 1, 2, 4,
+    /// ...): the table `quantize-w8a8.budget_psnr` / `budget_cosine` choose from.
+    #[arg(long)]
+    pub sensitivity: bool,
     /// Where to write the statistics (JSON).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -113,6 +119,8 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let mut runner: Option<TractRunner> = None;
     let mut samples = 0;
+    let mut points: Vec<(Vec<Tensor>, Vec<f32>)> = Vec::new();
+    let mut finals: Vec<Vec<f32>> = Vec::new();
     for case in &args.cases {
         let inputs = select_case(&all, case)?;
         let noise = inputs
@@ -147,13 +155,17 @@ pub fn run(args: &Args) -> Result<()> {
                 .find(|t| t.name == io.prediction)
                 .context("no prediction")?;
             let pred = pred.to_f32_vec().context("f32 prediction")?;
+            if args.sensitivity && i % SENSITIVITY_EVERY == 0 {
+                points.push((feed.clone(), pred.clone()));
+            }
             let n = x.len();
             sampler.step(i, &mut x, &pred[..n]);
             bar.inc(1);
         }
+        finals.push(x);
     }
     bar.finish_and_clear();
-    let stats = CalibrationStats {
+    let mut stats = CalibrationStats {
         format: FORMAT.into(),
         version: 1,
         method: "max".into(),
@@ -169,7 +181,41 @@ pub fn run(args: &Args) -> Result<()> {
             .into_iter()
             .map(|(k, v)| (k, TensorStats { amax: v }))
             .collect(),
+        sensitivity: Vec::new(),
+        budget: Vec::new(),
     };
+    if args.sensitivity {
+        let first = select_case(&all, &args.cases[0])?;
+        stats.sensitivity = rank_layers(
+            &model,
+            &targets,
+            &stats,
+            &points,
+            &io.prediction,
+            !args.no_progress,
+        )?;
+        let trajectory = Trajectory {
+            io: &io,
+            sampler: &sampler,
+            inputs: &first,
+        };
+        stats.budget = budget_table(
+            &model,
+            &targets,
+            &stats,
+            &trajectory,
+            &finals[0],
+            !args.no_progress,
+        )?;
+        for b in &stats.budget {
+            eprintln!(
+                "  keep {:>3} layers in high precision: PSNR {:>7.2} dB, cosine {:.6}",
+                b.keep_float.len(),
+                b.psnr_db,
+                b.cosine
+            );
+        }
+    }
     write_file_atomically(
         &args.output,
         serde_json::to_string_pretty(&stats)?.as_bytes(),
@@ -216,4 +262,132 @@ fn timestep_tensor(model: &crate::ir::Model, name: &str, t: f64) -> Result<Tenso
         Some(crate::ir::DataType::I64) => Tensor::from_i64(name, shape, &[t.round() as i64]),
         _ => Tensor::from_f32(name, shape, &[t as f32]),
     })
+}
+
+/// Sensitivity is measured at every this-many-th step of each calibration trajectory.
+const SENSITIVITY_EVERY: usize = 10;
+
+/// Layers by the mean relative L2 error of the prediction when only that layer is quantized.
+fn rank_layers(
+    model: &crate::ir::Model,
+    targets: &[Target],
+    stats: &CalibrationStats,
+    points: &[(Vec<Tensor>, Vec<f32>)],
+    prediction: &str,
+    progress: bool,
+) -> Result<Vec<LayerSensitivity>> {
+    let bar = crate::progress::steps_bar(targets.len() as u64, "sensitivity", progress);
+    let mut ranked = Vec::new();
+    for t in targets {
+        let mut m = model.clone();
+        quantize_layers(&mut m, std::slice::from_ref(t), stats)?;
+        let runner = TractRunner::new(&m, &points[0].0)?;
+        let mut total = 0.0;
+        for (feed, reference) in points {
+            let out = runner.run(feed)?;
+            let pred = out
+                .iter()
+                .find(|o| o.name == prediction)
+                .context("no prediction")?;
+            total += compare(&pred.to_f32_vec().context("f32")?, reference).rel_l2;
+        }
+        ranked.push(LayerSensitivity {
+            node: t.node.clone(),
+            rel_l2: total / points.len() as f64,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    ranked.sort_by(|a, b| b.rel_l2.total_cmp(&a.rel_l2));
+    Ok(ranked)
+}
+
+struct Trajectory<'a> {
+    io: &'a crate::manifest::ModelIo,
+    sampler: &'a crate::schedule::Sampler,
+    inputs: &'a [Tensor],
+}
+
+impl Trajectory<'_> {
+    /// The final latent of a full sampling run of `model`.
+    fn run(&self, model: &crate::ir::Model) -> Result<Vec<f32>> {
+        let noise = self
+            .inputs
+            .iter()
+            .find(|t| t.name == "noise")
+            .context("no noise")?;
+        let mut x = noise.to_f32_vec().context("f32 noise")?;
+        let mut runner: Option<TractRunner> = None;
+        for i in 0..self.sampler.steps() {
+            let mut feed: Vec<Tensor> = self
+                .inputs
+                .iter()
+                .filter(|t| t.name != "noise")
+                .cloned()
+                .collect();
+            feed.push(Tensor::from_f32(&self.io.latent, noise.dims.clone(), &x));
+            feed.push(timestep_tensor(
+                model,
+                &self.io.timestep,
+                self.sampler.timesteps[i],
+            )?);
+            if runner.is_none() {
+                runner = Some(TractRunner::new(model, &feed)?);
+            }
+            let out = runner.as_ref().expect("prepared").run(&feed)?;
+            let pred = out
+                .iter()
+                .find(|o| o.name == self.io.prediction)
+                .context("no prediction")?;
+            let pred = pred.to_f32_vec().context("f32")?;
+            let n = x.len();
+            self.sampler.step(i, &mut x, &pred[..n]);
+        }
+        Ok(x)
+    }
+}
+
+/// Fidelity of the final latent (first calibration case) with the k most sensitive layers kept in
+/// high precision, k = 0, 1, 2, 4, ... up to all of them.
+fn budget_table(
+    model: &crate::ir::Model,
+    targets: &[Target],
+    stats: &CalibrationStats,
+    trajectory: &Trajectory,
+    reference: &[f32],
+    progress: bool,
+) -> Result<Vec<BudgetPoint>> {
+    let mut ks = vec![0usize];
+    while *ks.last().expect("non-empty") < targets.len() {
+        let next = (ks.last().expect("non-empty") * 2)
+            .max(1)
+            .min(targets.len());
+        ks.push(next);
+    }
+    let bar = crate::progress::steps_bar(ks.len() as u64, "budget table", progress);
+    let mut table = Vec::new();
+    for k in ks {
+        let keep: Vec<String> = stats
+            .sensitivity
+            .iter()
+            .take(k)
+            .map(|s| s.node.clone())
+            .collect();
+        let chosen: Vec<Target> = targets
+            .iter()
+            .filter(|t| !keep.contains(&t.node))
+            .cloned()
+            .collect();
+        let mut m = model.clone();
+        quantize_layers(&mut m, &chosen, stats)?;
+        let f = compare(&trajectory.run(&m)?, reference);
+        table.push(BudgetPoint {
+            keep_float: keep,
+            psnr_db: f.psnr_db.min(999.0),
+            cosine: f.cosine,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(table)
 }

@@ -12,7 +12,9 @@
 //! - `calibration_stats` (required): a stats file from `ditc calibrate` or written elsewhere;
 //! - `exclude`: node-name substrings to keep in high precision; `skip_blocks`: DiT-map block indices;
 //!   `include`: node-name substrings of further MatMul/Gemm layers to quantize;
-//! - `format`: `"int8"` (`"fp8"` is refused: not implemented yet); `smooth_quant_alpha`: refused (not yet).
+//! - `format`: `"int8"` (`"fp8"` is refused: not implemented yet); `smooth_quant_alpha`: refused (not yet);
+//! - `budget_psnr`, `budget_cosine`: keep the fewest most-sensitive layers in high precision that meet the
+//!   budget, from the table `ditc calibrate --sensitivity` measured.
 //!
 //! Invariants: the MatMul/Gemm nodes keep their names and outputs; only their inputs change.
 
@@ -42,6 +44,11 @@ pub struct QuantizeOptions {
     pub skip_blocks: Vec<usize>,
     pub format: Option<String>,
     pub smooth_quant_alpha: Option<f64>,
+    /// Keep the fewest most-sensitive layers in high precision that meet this PSNR (dB), as measured
+    /// by `ditc calibrate --sensitivity` (its budget table is in the stats file).
+    pub budget_psnr: Option<f64>,
+    /// Same, for the cosine similarity of the final latent.
+    pub budget_cosine: Option<f64>,
 }
 
 impl QuantizeOptions {
@@ -151,7 +158,7 @@ pub struct QuantizeW8A8 {
 impl QuantizeW8A8 {
     pub fn from_options(options: &toml::Table) -> Result<Self> {
         let options: QuantizeOptions = options.clone().try_into().context(
-            "invalid quantize-w8a8 options (valid keys: calibration_stats, include, exclude, skip_blocks, format, smooth_quant_alpha)",
+            "invalid quantize-w8a8 options (valid keys: calibration_stats, include, exclude, skip_blocks, format, smooth_quant_alpha, budget_psnr, budget_cosine)",
         )?;
         options.validate()?;
         if options.calibration_stats.is_none() {
@@ -173,42 +180,24 @@ impl Pass for QuantizeW8A8 {
             .as_ref()
             .expect("checked at construction");
         let stats = CalibrationStats::read(path)?;
-        let (targets, excluded) = select_targets(model, &cx.dit_map, &self.options);
-        let mut dq_of_activation: HashMap<String, String> = HashMap::new();
-        let mut layers = Vec::new();
-        for t in &targets {
-            let Some(amax) = stats.amax(&t.activation) else {
-                bail!("calibration stats '{}' have no amax for '{}' (input of {}): calibrate with the same model", path.display(), t.activation, t.node);
-            };
-            let act_scale = scale_for(amax);
-            let dq = match dq_of_activation.get(&t.activation) {
-                Some(dq) => dq.clone(),
-                None => {
-                    let dq = quantize_activation(&mut model.graph, &t.activation, act_scale);
-                    dq_of_activation.insert(t.activation.clone(), dq.clone());
-                    dq
+        let (mut targets, mut excluded) = select_targets(model, &cx.dit_map, &self.options);
+        if self.options.budget_psnr.is_some() || self.options.budget_cosine.is_some() {
+            let keep =
+                stats.layers_to_keep(self.options.budget_psnr, self.options.budget_cosine)?;
+            targets.retain(|t| {
+                let kept = keep.contains(&t.node);
+                if kept {
+                    excluded.push((
+                        t.node.clone(),
+                        "kept in high precision for the fidelity budget (most sensitive layers)"
+                            .into(),
+                    ));
                 }
-            };
-            let (w_dq, channels) = quantize_weight(&mut model.graph, &t.weight, t.axis)?;
-            let node = model
-                .graph
-                .nodes
-                .iter_mut()
-                .find(|n| n.name == t.node)
-                .expect("selected from the graph");
-            node.inputs[0] = dq;
-            node.inputs[1] = w_dq;
-            layers.push(QuantizedLayer {
-                node: t.node.clone(),
-                block: t.block,
-                activation: t.activation.clone(),
-                activation_amax: amax,
-                activation_scale: act_scale,
-                weight: t.weight.clone(),
-                weight_axis: t.axis,
-                weight_channels: channels,
+                !kept
             });
         }
+        let layers = quantize_layers(model, &targets, &stats)
+            .with_context(|| format!("with calibration stats '{}'", path.display()))?;
         if !model
             .opsets
             .iter()
@@ -216,7 +205,6 @@ impl Pass for QuantizeW8A8 {
         {
             bail!("per-channel DequantizeLinear needs opset 13 or later");
         }
-        remove_unused_initializers(&mut model.graph);
         cx.precision = Some(Precision {
             format: "w8a8-int8".into(),
             weights: "int8, symmetric, per output channel, scale = absmax/127".into(),
@@ -230,6 +218,63 @@ impl Pass for QuantizeW8A8 {
         });
         Ok(())
     }
+}
+
+/// Quantize `targets` in place (weights per channel, activations per tensor with `stats`' ranges).
+pub fn quantize_layers(
+    model: &mut Model,
+    targets: &[Target],
+    stats: &CalibrationStats,
+) -> Result<Vec<QuantizedLayer>> {
+    let mut dq_of_activation: HashMap<String, String> = HashMap::new();
+    let mut dq_of_weight: HashMap<String, (String, usize)> = HashMap::new();
+    let mut layers = Vec::new();
+    for t in targets {
+        let Some(amax) = stats.amax(&t.activation) else {
+            bail!(
+                "no amax for '{}' (input of {}): calibrate with the same model",
+                t.activation,
+                t.node
+            );
+        };
+        let act_scale = scale_for(amax);
+        let dq = match dq_of_activation.get(&t.activation) {
+            Some(dq) => dq.clone(),
+            None => {
+                let dq = quantize_activation(&mut model.graph, &t.activation, act_scale);
+                dq_of_activation.insert(t.activation.clone(), dq.clone());
+                dq
+            }
+        };
+        let (w_dq, channels) = match dq_of_weight.get(&t.weight) {
+            Some(done) => done.clone(),
+            None => {
+                let done = quantize_weight(&mut model.graph, &t.weight, t.axis)?;
+                dq_of_weight.insert(t.weight.clone(), done.clone());
+                done
+            }
+        };
+        let node = model
+            .graph
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == t.node)
+            .expect("selected from the graph");
+        node.inputs[0] = dq;
+        node.inputs[1] = w_dq;
+        layers.push(QuantizedLayer {
+            node: t.node.clone(),
+            block: t.block,
+            activation: t.activation.clone(),
+            activation_amax: amax,
+            activation_scale: act_scale,
+            weight: t.weight.clone(),
+            weight_axis: t.axis,
+            weight_channels: channels,
+        });
+    }
+    remove_unused_initializers(&mut model.graph);
+    Ok(layers)
 }
 
 /// Symmetric INT8 scale for a range: amax/127 (a zero range gets scale 1 so nothing divides by zero).
