@@ -9,6 +9,7 @@ pub mod calibration;
 #[cfg(feature = "tract")]
 pub mod cli;
 pub mod ir;
+pub mod lint;
 pub mod manifest;
 pub mod metrics;
 pub mod onnx;

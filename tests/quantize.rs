@@ -204,6 +204,11 @@ fn latte_w8a8_over_a_sampling_trajectory() {
             o,
             "--no-progress",
         ]);
+        // The emitted graph conforms to TensorRT's rules (convert checked it too).
+        let graph = out.join("model.onnx");
+        for target in ["trt10", "trt11"] {
+            ditc(&["lint", graph.to_str().unwrap(), "--target", target]);
+        }
         let manifest = out.join("manifest.json");
         let sample = out.join("sample.safetensors");
         let report: serde_json::Value = serde_json::from_slice(&ditc(&[

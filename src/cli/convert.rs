@@ -45,6 +45,12 @@ pub struct Args {
     /// Initializers of at least this many bytes go to model.onnx.data instead of the graph file.
     #[arg(long, default_value_t = 1024, value_name = "BYTES")]
     pub external_threshold: u64,
+    /// TensorRT version whose rules the emitted graph is checked against.
+    #[arg(long, value_enum, default_value = "trt10")]
+    pub target: crate::lint::Target,
+    /// Write the bundle even if the TensorRT lint finds violations (they are still printed).
+    #[arg(long)]
+    pub allow_lint_errors: bool,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -95,6 +101,16 @@ pub fn run(args: &Args) -> Result<()> {
     };
     passes::run_pipeline(&mut model, &pass_list, &mut cx)?;
     let cost = cost(&original, &model, &cx)?;
+    let violations = crate::lint::lint(&model, args.target, None);
+    if !violations.is_empty() {
+        super::lint::print(&violations);
+        if !args.allow_lint_errors {
+            anyhow::bail!(
+                "the graph breaks {} TensorRT rule(s) (listed above); nothing was written (--allow-lint-errors writes it anyway)",
+                violations.len()
+            );
+        }
+    }
 
     let mut staging = Staging::new(&args.output)?;
     let options = WriteOptions {

@@ -3,6 +3,7 @@
 pub mod calibrate;
 pub mod convert;
 pub mod inspect;
+pub mod lint;
 pub mod run;
 pub mod verify;
 

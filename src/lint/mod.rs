@@ -1,0 +1,331 @@
+//! TensorRT conformance lint: the rules of reference.md §4 that an ONNX producer must follow.
+//!
+//! Each rule is a function over the graph that reports violations with the node they concern. Rules:
+//! `opset` (TensorRT's ONNX parser takes opsets 9-24), `unsupported-op` (DynamicQuantizeLinear,
+//! MatMulInteger, QLinearMatMul, ConvInteger, QLinearConv), `qdq-zero-point` (symmetric: zero points 0),
+//! `qdq-type` (INT8 or FP8 E4M3 only), `qdq-static-scale` (scales are constants), `qdq-per-channel`
+//! (per-channel scales only on constant weights; activations per tensor), `qdq-block` (no block
+//! quantization), `qdq-pair` (every QuantizeLinear feeds DequantizeLinear), `if-branches` (0-D bool
+//! condition, both branches' outputs of equal rank), `topk` (sorted=1, constant K < 3840), `reduce-axes`
+//! (axes are an initializer), `attention` (4-D Q/K/V, no past key/value, no softcap), `cumsum-axis`
+//! (constant axis), `size-limit` (a graph file above 2 GB must keep weights external).
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, Tensor, TypeMap};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Trt10,
+    Trt11,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Violation {
+    pub rule: &'static str,
+    pub node: String,
+    pub message: String,
+}
+
+/// Every violation of the TensorRT rules in `model` (subgraphs included).
+pub fn lint(model: &Model, target: Target, graph_file_bytes: Option<u64>) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let opset = model.default_opset();
+    if !(9..=24).contains(&opset) {
+        out.push(v(
+            "opset",
+            "",
+            format!("opset {opset}: TensorRT's ONNX parser takes opsets 9-24"),
+        ));
+    }
+    if let Some(bytes) = graph_file_bytes {
+        if bytes > crate::onnx::PROTOBUF_LIMIT {
+            out.push(v("size-limit", "", format!("the graph file is {bytes} bytes, above protobuf's 2 GB limit: keep weights as external data")));
+        }
+    }
+    let types = infer_types(&model.graph, opset);
+    lint_graph(&model.graph, &types, target, &Scope::default(), &mut out);
+    out
+}
+
+/// Constants visible from enclosing graphs (subgraphs read their initializers from outer scopes).
+#[derive(Default, Clone)]
+struct Scope<'a> {
+    tensors: HashMap<&'a str, &'a Tensor>,
+    constant_valued: HashSet<&'a str>,
+}
+
+fn v(rule: &'static str, node: &str, message: String) -> Violation {
+    Violation {
+        rule,
+        node: node.to_string(),
+        message,
+    }
+}
+
+fn lint_graph<'a>(
+    graph: &'a Graph,
+    types: &TypeMap,
+    target: Target,
+    outer: &Scope<'a>,
+    out: &mut Vec<Violation>,
+) {
+    let mut scope = outer.clone();
+    scope
+        .tensors
+        .extend(graph.initializers.iter().map(|t| (t.name.as_str(), t)));
+    let constants: HashSet<&str> = scope
+        .tensors
+        .keys()
+        .copied()
+        .chain(
+            graph
+                .nodes
+                .iter()
+                .filter(|n| n.op_type == "Constant")
+                .flat_map(|n| n.outputs.iter().map(String::as_str)),
+        )
+        .collect();
+    // Values computed from constants only (e.g. a weight behind a Transpose) count as constant weights.
+    let mut constant_valued = constants.clone();
+    constant_valued.extend(outer.constant_valued.iter().copied());
+    for n in &graph.nodes {
+        if !n.inputs.is_empty() && n.present_inputs().all(|i| constant_valued.contains(i)) {
+            constant_valued.extend(n.outputs.iter().map(String::as_str));
+        }
+    }
+    for node in graph.nodes.iter().filter(|n| n.is_onnx()) {
+        let name = node.name.as_str();
+        match node.op_type.as_str() {
+            "DynamicQuantizeLinear"
+            | "MatMulInteger"
+            | "QLinearMatMul"
+            | "ConvInteger"
+            | "QLinearConv" => out.push(v(
+                "unsupported-op",
+                name,
+                format!(
+                    "{} is not supported by TensorRT: use QuantizeLinear/DequantizeLinear pairs",
+                    node.op_type
+                ),
+            )),
+            "QuantizeLinear" | "DequantizeLinear" => {
+                lint_qdq(
+                    &scope,
+                    node,
+                    types,
+                    &constants,
+                    &constant_valued,
+                    target,
+                    out,
+                );
+                let q_out = node.outputs[0].as_str();
+                let feeds_only_dq = graph
+                    .nodes
+                    .iter()
+                    .filter(|c| c.present_inputs().any(|i| i == q_out))
+                    .all(|c| c.op_type == "DequantizeLinear");
+                if node.op_type == "QuantizeLinear" && !feeds_only_dq {
+                    out.push(v(
+                        "qdq-pair",
+                        name,
+                        "QuantizeLinear must feed DequantizeLinear only".into(),
+                    ));
+                }
+            }
+            "If" => lint_if(node, types, out),
+            "TopK" => {
+                if node.attr_int("sorted").unwrap_or(1) != 1 {
+                    out.push(v("topk", name, "TopK needs sorted=1".into()));
+                }
+                let k = node
+                    .inputs
+                    .get(1)
+                    .and_then(|k| types.get(k))
+                    .and_then(|t| t.value.clone());
+                match k.as_deref() {
+                    Some([k]) if *k < 3840 => {}
+                    Some([k]) => out.push(v(
+                        "topk",
+                        name,
+                        format!("TopK K = {k}: TensorRT needs K < 3840"),
+                    )),
+                    _ => out.push(v("topk", name, "TopK K must be a constant".into())),
+                }
+            }
+            op if op.starts_with("Reduce") => {
+                if let Some(axes) = node.inputs.get(1).filter(|a| !a.is_empty()) {
+                    if !constants.contains(axes.as_str()) {
+                        out.push(v(
+                            "reduce-axes",
+                            name,
+                            format!("{op} axes '{axes}' must be an initializer"),
+                        ));
+                    }
+                }
+            }
+            "CumSum"
+                if !node
+                    .inputs
+                    .get(1)
+                    .is_some_and(|a| constant_valued.contains(a.as_str())) =>
+            {
+                out.push(v(
+                    "cumsum-axis",
+                    name,
+                    "CumSum axis must be constant".into(),
+                ));
+            }
+            "Attention" => {
+                if node.inputs.iter().skip(4).any(|i| !i.is_empty()) {
+                    out.push(v(
+                        "attention",
+                        name,
+                        "Attention with past key/value is not supported".into(),
+                    ));
+                }
+                if node.attr_float("softcap").unwrap_or(0.0) != 0.0 {
+                    out.push(v(
+                        "attention",
+                        name,
+                        "Attention softcap is not supported".into(),
+                    ));
+                }
+                for i in node.inputs.iter().take(3) {
+                    if types.get(i).and_then(|t| t.rank()).is_some_and(|r| r != 4) {
+                        out.push(v(
+                            "attention",
+                            name,
+                            format!("Attention input '{i}' must be 4-D"),
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        for sub in node.subgraphs() {
+            let inner = infer_types(sub, 23);
+            let mut merged = types.clone();
+            merged.extend(inner);
+            let mut inner_scope = scope.clone();
+            inner_scope
+                .constant_valued
+                .extend(constant_valued.iter().copied());
+            lint_graph(sub, &merged, target, &inner_scope, out);
+        }
+    }
+}
+
+fn lint_qdq(
+    scope: &Scope,
+    node: &Node,
+    types: &TypeMap,
+    constants: &HashSet<&str>,
+    constant_valued: &HashSet<&str>,
+    target: Target,
+    out: &mut Vec<Violation>,
+) {
+    let name = node.name.as_str();
+    let scale = node.inputs.get(1).map(String::as_str).unwrap_or("");
+    if !constants.contains(scale) {
+        out.push(v(
+            "qdq-static-scale",
+            name,
+            format!("scale '{scale}' must be a constant (static scales only)"),
+        ));
+    }
+    if node.attr_int("block_size").unwrap_or(0) != 0 {
+        out.push(v(
+            "qdq-block",
+            name,
+            "block quantization is not supported".into(),
+        ));
+    }
+    let zp = node
+        .inputs
+        .get(2)
+        .filter(|z| !z.is_empty())
+        .and_then(|z| scope.tensors.get(z.as_str()).copied());
+    let quant_type = match node.op_type.as_str() {
+        "QuantizeLinear" => zp.map(|z| z.dtype).or_else(|| {
+            node.attr_int("output_dtype")
+                .filter(|&c| c != 0)
+                .and_then(|c| DataType::from_onnx_code(c as i32))
+        }),
+        _ => zp
+            .map(|z| z.dtype)
+            .or_else(|| types.get(&node.inputs[0]).and_then(|t| t.dtype)),
+    }
+    .unwrap_or(DataType::U8);
+    let allowed = match target {
+        Target::Trt10 | Target::Trt11 => matches!(quant_type, DataType::I8 | DataType::F8E4M3FN),
+    };
+    if !allowed {
+        out.push(v("qdq-type", name, format!("quantized type {quant_type}: TensorRT takes INT8 or FP8 E4M3 (give an int8 zero point)")));
+    }
+    if let Some(z) = zp {
+        let zero = z.raw().is_some_and(|b| b.iter().all(|&x| x == 0));
+        if !zero {
+            out.push(v(
+                "qdq-zero-point",
+                name,
+                format!(
+                    "zero point '{}' must be all zeros (symmetric quantization)",
+                    z.name
+                ),
+            ));
+        }
+    }
+    let per_channel = scope
+        .tensors
+        .get(scale)
+        .is_some_and(|s| !s.dims.is_empty() && s.numel() > 1);
+    if per_channel {
+        // Per-channel: only on constant weights (a DequantizeLinear of an initializer, or Q of a weight).
+        let data = node.inputs[0].as_str();
+        let on_weight = constant_valued.contains(data);
+        if !on_weight {
+            out.push(v(
+                "qdq-per-channel",
+                name,
+                format!("per-channel scale on activation '{data}': activations must be per tensor"),
+            ));
+        }
+    }
+}
+
+fn lint_if(node: &Node, types: &TypeMap, out: &mut Vec<Violation>) {
+    let name = node.name.as_str();
+    if let Some(t) = node.inputs.first().and_then(|c| types.get(c)) {
+        if t.rank().is_some_and(|r| r != 0) || t.dtype.is_some_and(|d| d != DataType::Bool) {
+            out.push(v(
+                "if-branches",
+                name,
+                "If condition must be a 0-D bool".into(),
+            ));
+        }
+    }
+    let (Some(AttrValue::Graph(a)), Some(AttrValue::Graph(b))) =
+        (node.attr("then_branch"), node.attr("else_branch"))
+    else {
+        return;
+    };
+    for (x, y) in a.outputs.iter().zip(&b.outputs) {
+        let (rx, ry) = (x.shape().map(|s| s.len()), y.shape().map(|s| s.len()));
+        if let (Some(rx), Some(ry)) = (rx, ry) {
+            if rx != ry {
+                out.push(v(
+                    "if-branches",
+                    name,
+                    format!(
+                        "branch outputs '{}' (rank {rx}) and '{}' (rank {ry}) differ in rank",
+                        x.name, y.name
+                    ),
+                ));
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! The TensorRT lint: one hand-made violating graph per rule, and conforming graphs pass.
+
+use bytes::Bytes;
+use ditc::ir::{AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+use ditc::lint::{lint, Target};
+
+fn model(nodes: Vec<Node>, initializers: Vec<Tensor>, opset: i64) -> Model {
+    Model {
+        ir_version: 9,
+        opsets: vec![(String::new(), opset)],
+        producer_name: String::new(),
+        producer_version: String::new(),
+        domain: String::new(),
+        model_version: 0,
+        doc_string: String::new(),
+        metadata: vec![],
+        functions: vec![],
+        graph: Graph {
+            inputs: vec![ValueInfo::tensor(
+                "x",
+                DataType::F32,
+                vec![Dim::Value(2), Dim::Value(3)],
+            )],
+            outputs: vec![ValueInfo::tensor("y", DataType::F32, vec![])],
+            initializers,
+            nodes,
+            ..Graph::default()
+        },
+        external_files: vec![],
+    }
+}
+
+fn i8s(name: &str, dims: Vec<i64>, v: &[i8]) -> Tensor {
+    Tensor::from_raw(
+        name,
+        DataType::I8,
+        dims,
+        Bytes::from(v.iter().map(|&x| x as u8).collect::<Vec<_>>()),
+    )
+    .unwrap()
+}
+
+fn scalar(name: &str, v: f32) -> Tensor {
+    Tensor::from_f32(name, vec![], &[v])
+}
+
+/// x -> Q(s, z) -> DQ(s, z) -> y, with the given zero point tensor.
+fn qdq(z: Tensor) -> Model {
+    let zn = z.name.clone();
+    model(
+        vec![
+            Node::new("q", "QuantizeLinear", &["x", "s", &zn], &["xq"]),
+            Node::new("dq", "DequantizeLinear", &["xq", "s", &zn], &["y"]),
+        ],
+        vec![scalar("s", 0.1), z],
+        17,
+    )
+}
+
+fn rules(m: &Model) -> Vec<(&'static str, String)> {
+    lint(m, Target::Trt10, None)
+        .into_iter()
+        .map(|v| (v.rule, v.node))
+        .collect()
+}
+
+fn assert_flags(m: &Model, rule: &str, node: &str) {
+    let found = rules(m);
+    assert!(
+        found.iter().any(|(r, n)| *r == rule && n == node),
+        "expected {rule} on '{node}', got {found:?}"
+    );
+}
+
+#[test]
+fn a_symmetric_int8_qdq_pair_conforms() {
+    assert_eq!(rules(&qdq(i8s("z", vec![], &[0]))), vec![]);
+}
+
+#[test]
+fn opset_range() {
+    assert_flags(
+        &model(vec![Node::new("id", "Identity", &["x"], &["y"])], vec![], 8),
+        "opset",
+        "",
+    );
+}
+
+#[test]
+fn unsupported_ops() {
+    let m = model(
+        vec![Node::new(
+            "dq",
+            "DynamicQuantizeLinear",
+            &["x"],
+            &["y", "s", "z"],
+        )],
+        vec![],
+        17,
+    );
+    assert_flags(&m, "unsupported-op", "dq");
+    let m = model(
+        vec![Node::new("mmi", "MatMulInteger", &["x", "x"], &["y"])],
+        vec![],
+        17,
+    );
+    assert_flags(&m, "unsupported-op", "mmi");
+}
+
+#[test]
+fn zero_points_must_be_zero() {
+    assert_flags(&qdq(i8s("z", vec![], &[3])), "qdq-zero-point", "q");
+}
+
+#[test]
+fn quantized_type_must_be_int8_or_fp8() {
+    let z = Tensor::from_raw("z", DataType::U8, vec![], Bytes::from(vec![0u8])).unwrap();
+    assert_flags(&qdq(z), "qdq-type", "q");
+}
+
+#[test]
+fn scales_must_be_static() {
+    let m = model(
+        vec![
+            Node::new("amax", "ReduceMax", &["x"], &["s"]),
+            Node::new("q", "QuantizeLinear", &["x", "s", "z"], &["xq"]),
+            Node::new("dq", "DequantizeLinear", &["xq", "s", "z"], &["y"]),
+        ],
+        vec![i8s("z", vec![], &[0])],
+        17,
+    );
+    assert_flags(&m, "qdq-static-scale", "q");
+}
+
+#[test]
+fn per_channel_scales_only_on_weights() {
+    let s = Tensor::from_f32("s", vec![3], &[0.1, 0.2, 0.3]);
+    let m = model(
+        vec![
+            Node::new("q", "QuantizeLinear", &["x", "s", "z"], &["xq"])
+                .with_attr("axis", AttrValue::Int(1)),
+            Node::new("dq", "DequantizeLinear", &["xq", "s", "z"], &["y"])
+                .with_attr("axis", AttrValue::Int(1)),
+        ],
+        vec![s.clone(), i8s("z", vec![3], &[0, 0, 0])],
+        17,
+    );
+    assert_flags(&m, "qdq-per-channel", "q");
+    // The same scale on an INT8 weight initializer is fine.
+    let w = model(
+        vec![
+            Node::new("dqw", "DequantizeLinear", &["w", "s", "z"], &["wd"])
+                .with_attr("axis", AttrValue::Int(1)),
+            Node::new("mm", "MatMul", &["x", "wd"], &["y"]),
+        ],
+        vec![
+            s,
+            i8s("z", vec![3], &[0, 0, 0]),
+            i8s("w", vec![3, 3], &[1; 9]),
+        ],
+        17,
+    );
+    assert_eq!(rules(&w), vec![]);
+}
+
+#[test]
+fn no_block_quantization() {
+    let mut m = qdq(i8s("z", vec![], &[0]));
+    m.graph.nodes[0] = m.graph.nodes[0]
+        .clone()
+        .with_attr("block_size", AttrValue::Int(32));
+    assert_flags(&m, "qdq-block", "q");
+}
+
+#[test]
+fn quantize_feeds_dequantize() {
+    let m = model(
+        vec![
+            Node::new("q", "QuantizeLinear", &["x", "s", "z"], &["xq"]),
+            Node::new("cast", "Cast", &["xq"], &["y"]).with_attr("to", AttrValue::Int(1)),
+        ],
+        vec![scalar("s", 0.1), i8s("z", vec![], &[0])],
+        17,
+    );
+    assert_flags(&m, "qdq-pair", "q");
+}
+
+#[test]
+fn if_branch_ranks_and_condition() {
+    let branch = |name: &str, dims: Vec<Dim>| Graph {
+        name: name.into(),
+        nodes: vec![Node::new(
+            &format!("{name}_id"),
+            "Identity",
+            &["x"],
+            &[&format!("{name}_out")],
+        )],
+        outputs: vec![ValueInfo::tensor(
+            &format!("{name}_out"),
+            DataType::F32,
+            dims,
+        )],
+        ..Graph::default()
+    };
+    let m = model(
+        vec![
+            Node::new("cond", "Constant", &[], &["c"]).with_attr(
+                "value",
+                AttrValue::Tensor(
+                    Tensor::from_raw("c", DataType::Bool, vec![1], Bytes::from(vec![1u8])).unwrap(),
+                ),
+            ),
+            Node::new("if", "If", &["c"], &["y"])
+                .with_attr(
+                    "then_branch",
+                    AttrValue::Graph(branch("a", vec![Dim::Value(2), Dim::Value(3)])),
+                )
+                .with_attr(
+                    "else_branch",
+                    AttrValue::Graph(branch("b", vec![Dim::Value(6)])),
+                ),
+        ],
+        vec![],
+        17,
+    );
+    let found = rules(&m);
+    assert_eq!(
+        found
+            .iter()
+            .filter(|(r, n)| *r == "if-branches" && n == "if")
+            .count(),
+        2,
+        "{found:?}"
+    );
+}
+
+#[test]
+fn topk_rules() {
+    let k = |v: i64| Tensor::from_i64("k", vec![1], &[v]);
+    let m = model(
+        vec![Node::new("topk", "TopK", &["x", "k"], &["y", "i"])],
+        vec![k(4000)],
+        17,
+    );
+    assert_flags(&m, "topk", "topk");
+    let m = model(
+        vec![Node::new("topk", "TopK", &["x", "k"], &["y", "i"])
+            .with_attr("sorted", AttrValue::Int(0))],
+        vec![k(2)],
+        17,
+    );
+    assert_flags(&m, "topk", "topk");
+    let ok = model(
+        vec![Node::new("topk", "TopK", &["x", "k"], &["y", "i"])],
+        vec![k(2)],
+        17,
+    );
+    assert_eq!(rules(&ok), vec![]);
+}
+
+#[test]
+fn reduce_axes_must_be_initializers() {
+    let m = model(
+        vec![
+            Node::new("shape", "Shape", &["x"], &["axes"]),
+            Node::new("sum", "ReduceSum", &["x", "axes"], &["y"]),
+        ],
+        vec![],
+        18,
+    );
+    assert_flags(&m, "reduce-axes", "sum");
+}
+
+#[test]
+fn attention_without_past_or_softcap() {
+    let m = model(
+        vec![Node::new(
+            "attn",
+            "Attention",
+            &["x", "x", "x", "", "pk", "pv"],
+            &["y"],
+        )
+        .with_attr("softcap", AttrValue::Float(30.0))],
+        vec![],
+        23,
+    );
+    let found = rules(&m);
+    assert!(
+        found.iter().filter(|(r, _)| *r == "attention").count() >= 3,
+        "past KV, softcap, rank: {found:?}"
+    );
+}
+
+#[test]
+fn cumsum_axis_constant() {
+    let m = model(
+        vec![
+            Node::new("shape", "Shape", &["x"], &["ax"]),
+            Node::new("cs", "CumSum", &["x", "ax"], &["y"]),
+        ],
+        vec![],
+        17,
+    );
+    assert_flags(&m, "cumsum-axis", "cs");
+}
+
+#[test]
+fn graph_files_above_2gb_are_flagged() {
+    let m = model(
+        vec![Node::new("id", "Identity", &["x"], &["y"])],
+        vec![],
+        17,
+    );
+    assert_flags_with_size(&m, 3 << 30);
+}
+
+fn assert_flags_with_size(m: &Model, bytes: u64) {
+    let v = lint(m, Target::Trt11, Some(bytes));
+    assert!(v.iter().any(|v| v.rule == "size-limit"), "{v:?}");
+    assert!(lint(m, Target::Trt11, Some(1 << 20)).is_empty());
+}
