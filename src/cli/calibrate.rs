@@ -43,9 +43,15 @@ pub struct Args {
     /// Use every N-th sampling step (1 = all).
     #[arg(long, default_value_t = 1)]
     pub every: usize,
-    /// Range statistic: only `max` is implemented.
+    /// Range statistic: `max` (largest |x|) or `percentile` (the --percentile of |x| over a histogram).
     #[arg(long, default_value = "max")]
     pub method: String,
+    /// Percentile of |x| for `--method percentile`.
+    #[arg(long, default_value_t = 99.99)]
+    pub percentile: f64,
+    /// Only record steps whose timestep t satisfies lo <= t <= hi (e.g. `--window 100,900`).
+    #[arg(long, value_delimiter = ',', value_name = "LO,HI")]
+    pub window: Option<Vec<f64>>,
     /// Also rank the quantized layers by the fidelity lost when only that layer is quantized, and measure
     /// the final-latent fidelity when the k most sensitive layers stay in high precision (k = 0, 1, 2, 4,
     /// ...): the table `quantize-w8a8.budget_psnr` / `budget_cosine` choose from.
@@ -60,11 +66,16 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    if args.method != "max" {
-        bail!(
-            "--method {}: only `max` is implemented (percentile calibration is not yet)",
-            args.method
-        );
+    if args.method != "max" && args.method != "percentile" {
+        bail!("--method {}: expected `max` or `percentile`", args.method);
+    }
+    if !(args.percentile > 0.0 && args.percentile <= 100.0) {
+        bail!("--percentile {} must be in (0, 100]", args.percentile);
+    }
+    match args.window.as_deref() {
+        None => {}
+        Some([lo, hi]) if lo <= hi => {}
+        Some(w) => bail!("--window {w:?}: expected LO,HI with LO <= HI"),
     }
     if args.every == 0 {
         bail!("--every must be at least 1");
@@ -111,6 +122,10 @@ pub fn run(args: &Args) -> Result<()> {
         });
     }
     let mut amax: BTreeMap<String, f32> = activations.iter().map(|a| (a.clone(), 0.0)).collect();
+    let mut histograms: BTreeMap<String, Histogram> = activations
+        .iter()
+        .map(|a| (a.clone(), Histogram::new()))
+        .collect();
     let steps: Vec<usize> = (0..sampler.steps()).collect();
     let bar = crate::progress::steps_bar(
         (args.cases.len() * steps.len()) as u64,
@@ -141,12 +156,21 @@ pub fn run(args: &Args) -> Result<()> {
                 runner = Some(TractRunner::new(&probe, &feed)?);
             }
             let outputs = runner.as_ref().expect("prepared").run(&feed)?;
-            if i % args.every == 0 {
+            let t_now = sampler.timesteps[i];
+            let in_window = args
+                .window
+                .as_deref()
+                .is_none_or(|w| w[0] <= t_now && t_now <= w[1]);
+            if i % args.every == 0 && in_window {
                 samples += 1;
                 for t in &outputs {
                     if let Some(m) = amax.get_mut(&t.name) {
                         let v = t.to_f32_vec().context("activations are float")?;
                         *m = v.iter().fold(*m, |acc, x| acc.max(x.abs()));
+                        if args.method == "percentile" {
+                            let h = histograms.get_mut(&t.name).expect("one per activation");
+                            v.iter().for_each(|x| h.add(x.abs()));
+                        }
                     }
                 }
             }
@@ -165,16 +189,30 @@ pub fn run(args: &Args) -> Result<()> {
         finals.push(x);
     }
     bar.finish_and_clear();
+    if samples == 0 {
+        bail!("no step was recorded: --window and --every leave nothing");
+    }
+    if args.method == "percentile" {
+        for (name, h) in &histograms {
+            amax.insert(name.clone(), h.percentile(args.percentile));
+        }
+    }
+    let method = if args.method == "percentile" {
+        format!("percentile {}", args.percentile)
+    } else {
+        "max".into()
+    };
     let mut stats = CalibrationStats {
         format: FORMAT.into(),
         version: 1,
-        method: "max".into(),
+        method,
         source: format!(
-            "ditc calibrate {} on cases {:?} of {}, every {} step(s)",
+            "ditc calibrate {} on cases {:?} of {}, every {} step(s), timestep window {:?}",
             args.model.display(),
             args.cases,
             args.inputs.display(),
-            args.every
+            args.every,
+            args.window
         ),
         samples,
         tensors: amax
@@ -390,4 +428,68 @@ fn budget_table(
     }
     bar.finish_and_clear();
     Ok(table)
+}
+
+/// A histogram of |x| with a fixed number of bins whose width doubles (merging pairs) when a larger
+/// value arrives, so it needs no first pass to find the range.
+struct Histogram {
+    bins: Vec<u64>,
+    width: f32,
+}
+
+const BINS: usize = 4096;
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram {
+            bins: vec![0; BINS],
+            width: 1e-6,
+        }
+    }
+
+    fn add(&mut self, x: f32) {
+        if !x.is_finite() {
+            return;
+        }
+        while x >= self.width * BINS as f32 {
+            for i in 0..BINS / 2 {
+                self.bins[i] = self.bins[2 * i] + self.bins[2 * i + 1];
+            }
+            self.bins[BINS / 2..].iter_mut().for_each(|b| *b = 0);
+            self.width *= 2.0;
+        }
+        self.bins[((x / self.width) as usize).min(BINS - 1)] += 1;
+    }
+
+    /// Upper edge of the bin where the cumulative count reaches `p` percent.
+    fn percentile(&self, p: f64) -> f32 {
+        let total: u64 = self.bins.iter().sum();
+        let target = (total as f64 * p / 100.0).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.bins.iter().enumerate() {
+            seen += b;
+            if seen >= target.max(1) {
+                return (i + 1) as f32 * self.width;
+            }
+        }
+        BINS as f32 * self.width
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn histogram_percentiles() {
+        let mut h = Histogram::new();
+        for i in 1..=10_000 {
+            h.add(i as f32 / 1000.0); // 0.001 .. 10.0, uniform
+        }
+        let p50 = h.percentile(50.0);
+        assert!((p50 - 5.0).abs() < 0.01, "{p50}");
+        let p100 = h.percentile(100.0);
+        assert!((p100 - 10.0).abs() < 0.01, "{p100}");
+        assert!(h.percentile(99.0) < p100);
+    }
 }
