@@ -6,10 +6,11 @@
 //! { "format": "ditc-calibration", "version": 1, "method": "max",
 //!   "source": "where the numbers came from (free text)",
 //!   "samples": 100,
-//!   "tensors": { "<graph value name>": { "amax": 3.25 } } }
+//!   "tensors": { "<graph value name>": { "amax": 3.25, "channel_amax": [0.5, 3.25, ...] } } }
 //! ```
 //!
-//! `amax` is the largest |x| seen for that value (the input of a quantized layer) over all samples.
+//! `amax` is the largest |x| seen for that value (the input of a quantized layer) over all samples;
+//! `channel_amax` (optional; SmoothQuant needs it) the same per channel of the last axis.
 //! Keys are value names of the graph being converted (`ditc calibrate MODEL` uses the same ones).
 
 use std::collections::BTreeMap;
@@ -61,6 +62,9 @@ pub struct BudgetPoint {
 #[serde(deny_unknown_fields)]
 pub struct TensorStats {
     pub amax: f32,
+    /// Largest |x| per channel of the last axis (needed by SmoothQuant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_amax: Option<Vec<f32>>,
 }
 
 /// What a manifest records about the calibration used.
@@ -121,6 +125,10 @@ impl CalibrationStats {
                 )
             }
         }
+    }
+
+    pub fn channel_amax(&self, value: &str) -> Option<&[f32]> {
+        self.tensors.get(value)?.channel_amax.as_deref()
     }
 
     pub fn amax(&self, value: &str) -> Option<f32> {

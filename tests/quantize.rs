@@ -349,3 +349,71 @@ fn sensitivity_budget_meets_the_fidelity_target() {
         "{f}"
     );
 }
+
+/// SmoothQuant: s_j = max|W_j|^(1-a) / amax_j^a per input channel; x / s is quantized per tensor and
+/// diag(s) W per output channel. tract's result equals that computation written out here.
+#[test]
+fn smooth_quant_equals_hand_written_computation() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    let (a0, a1) = (2.54f32, 0.4f32);
+    std::fs::write(&stats, format!(r#"{{"format":"ditc-calibration","version":1,"method":"max","tensors":{{"x":{{"amax":{a0},"channel_amax":[{a0},{a1}]}}}}}}"#)).unwrap();
+    let mut options = toml::Table::new();
+    options.insert(
+        "calibration_stats".into(),
+        stats.display().to_string().into(),
+    );
+    options.insert("include".into(), toml::Value::Array(vec!["layer.".into()]));
+    options.insert("smooth_quant_alpha".into(), 0.8.into());
+    let pass = create("quantize-w8a8", &options).unwrap();
+    let mut m = model();
+    let mut cx = PassContext {
+        dit_map: analyse(&m),
+        sampler: None,
+        schedule: None,
+        state: vec![],
+        step_input: None,
+        precision: None,
+    };
+    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
+    assert_eq!(
+        m.graph.nodes.iter().filter(|n| n.op_type == "Mul").count(),
+        1,
+        "one inserted Mul"
+    );
+
+    let alpha = 0.8f64;
+    // Rows of W[2, 3] are the input channels.
+    let w_row_max = [0.5f32.max(1.27).max(0.03), 0.25f32.max(0.8).max(0.0)];
+    let s: Vec<f32> = [(w_row_max[0], a0), (w_row_max[1], a1)]
+        .iter()
+        .map(|&(w, a)| {
+            ((w as f64).powf(1.0 - alpha) / (a as f64).powf(alpha)).clamp(1e-4, 1e4) as f32
+        })
+        .collect();
+    let ws: Vec<f32> = W.iter().enumerate().map(|(i, w)| w * s[i / 3]).collect();
+    let mut sw = [0f32; 3];
+    for (i, w) in ws.iter().enumerate() {
+        sw[i % 3] = sw[i % 3].max(w.abs());
+    }
+    let sw: Vec<f32> = sw.iter().map(|m| m / 127.0).collect();
+    let sx = (a0 / s[0]).max(a1 / s[1]) / 127.0;
+    let x: Vec<f32> = vec![0.013, -0.3, 1.0, 0.399, -2.31, 0.1, 2.54, -0.01];
+    let out = run_once(&m, &[Tensor::from_f32("x", vec![4, 2], &x)]).unwrap();
+    let got = out[0].to_f32_vec().unwrap();
+    let fq = |v: f32, s: f32, lo: f32| (v / s).round_ties_even().clamp(lo, 127.0) * s;
+    for r in 0..4 {
+        for c in 0..3 {
+            let want: f32 = (0..2)
+                .map(|j| {
+                    fq(x[r * 2 + j] * (1.0 / s[j]), sx, -128.0) * fq(ws[j * 3 + c], sw[c], -127.0)
+                })
+                .sum();
+            let g = got[r * 3 + c];
+            assert!(
+                (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "y[{r},{c}] = {g}, expected {want}"
+            );
+        }
+    }
+}

@@ -122,6 +122,7 @@ pub fn run(args: &Args) -> Result<()> {
         });
     }
     let mut amax: BTreeMap<String, f32> = activations.iter().map(|a| (a.clone(), 0.0)).collect();
+    let mut channel_amax: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     let mut histograms: BTreeMap<String, Histogram> = activations
         .iter()
         .map(|a| (a.clone(), Histogram::new()))
@@ -167,6 +168,15 @@ pub fn run(args: &Args) -> Result<()> {
                     if let Some(m) = amax.get_mut(&t.name) {
                         let v = t.to_f32_vec().context("activations are float")?;
                         *m = v.iter().fold(*m, |acc, x| acc.max(x.abs()));
+                        let k = *t.dims.last().unwrap_or(&1) as usize;
+                        let c = channel_amax
+                            .entry(t.name.clone())
+                            .or_insert_with(|| vec![0.0; k]);
+                        for row in v.chunks_exact(k.max(1)) {
+                            for (m, x) in c.iter_mut().zip(row) {
+                                *m = m.max(x.abs());
+                            }
+                        }
                         if args.method == "percentile" {
                             let h = histograms.get_mut(&t.name).expect("one per activation");
                             v.iter().for_each(|x| h.add(x.abs()));
@@ -217,7 +227,16 @@ pub fn run(args: &Args) -> Result<()> {
         samples,
         tensors: amax
             .into_iter()
-            .map(|(k, v)| (k, TensorStats { amax: v }))
+            .map(|(k, v)| {
+                let channels = channel_amax.remove(&k);
+                (
+                    k,
+                    TensorStats {
+                        amax: v,
+                        channel_amax: channels,
+                    },
+                )
+            })
             .collect(),
         sensitivity: Vec::new(),
         budget: Vec::new(),

@@ -12,7 +12,9 @@
 //! - `calibration_stats` (required): a stats file from `ditc calibrate` or written elsewhere;
 //! - `exclude`: node-name substrings to keep in high precision; `skip_blocks`: DiT-map block indices;
 //!   `include`: node-name substrings of further MatMul/Gemm layers to quantize;
-//! - `format`: `"int8"` (`"fp8"` is refused: not implemented yet); `smooth_quant_alpha`: refused (not yet);
+//! - `format`: `"int8"` (`"fp8"` is refused: not implemented yet);
+//! - `smooth_quant_alpha` (e.g. 0.8): SmoothQuant with an inserted `Mul` on each activation (needs
+//!   per-channel ranges from `ditc calibrate`);
 //! - `budget_psnr`, `budget_cosine`: keep the fewest most-sensitive layers in high precision that meet the
 //!   budget, from the table `ditc calibrate --sensitivity` measured.
 //!
@@ -60,8 +62,10 @@ impl QuantizeOptions {
             }
             Some(other) => bail!("quantize-w8a8.format = \"{other}\": expected \"int8\""),
         }
-        if self.smooth_quant_alpha.is_some() {
-            bail!("quantize-w8a8.smooth_quant_alpha: SmoothQuant is not implemented yet");
+        if let Some(a) = self.smooth_quant_alpha {
+            if !(0.0..=1.0).contains(&a) {
+                bail!("quantize-w8a8.smooth_quant_alpha = {a}: must be in [0, 1] (0.8 is the usual choice)");
+            }
         }
         Ok(())
     }
@@ -196,7 +200,7 @@ impl Pass for QuantizeW8A8 {
                 !kept
             });
         }
-        let layers = quantize_layers(model, &targets, &stats)
+        let layers = quantize_layers_with(model, &targets, &stats, self.options.smooth_quant_alpha)
             .with_context(|| format!("with calibration stats '{}'", path.display()))?;
         if !model
             .opsets
@@ -226,6 +230,21 @@ pub fn quantize_layers(
     targets: &[Target],
     stats: &CalibrationStats,
 ) -> Result<Vec<QuantizedLayer>> {
+    quantize_layers_with(model, targets, stats, None)
+}
+
+/// As [`quantize_layers`], first applying SmoothQuant with `alpha` when given.
+pub fn quantize_layers_with(
+    model: &mut Model,
+    targets: &[Target],
+    stats: &CalibrationStats,
+    alpha: Option<f64>,
+) -> Result<Vec<QuantizedLayer>> {
+    let (targets, stats) = match alpha {
+        Some(a) => smooth(model, targets, stats, a)?,
+        None => (targets.to_vec(), stats.clone()),
+    };
+    let (targets, stats) = (&targets[..], &stats);
     let mut dq_of_activation: HashMap<String, String> = HashMap::new();
     let mut dq_of_weight: HashMap<String, (String, usize)> = HashMap::new();
     let mut layers = Vec::new();
@@ -275,6 +294,114 @@ pub fn quantize_layers(
     }
     remove_unused_initializers(&mut model.graph);
     Ok(layers)
+}
+
+/// SmoothQuant: per input channel j of each activation, `s_j = max|W_j|^(1-alpha) / amax_j^alpha`
+/// (clamped to 1e-4..1e4, over every weight reading that activation). The activation is divided by `s`
+/// (an inserted `Mul` by 1/s) and the weights' input rows multiplied by it, which leaves the product
+/// unchanged while moving range from activations to weights. Returns retargeted layers and stats.
+fn smooth(
+    model: &mut Model,
+    targets: &[Target],
+    stats: &CalibrationStats,
+    alpha: f64,
+) -> Result<(Vec<Target>, CalibrationStats)> {
+    let mut stats = stats.clone();
+    let mut out = targets.to_vec();
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, t) in targets.iter().enumerate() {
+        groups.entry(t.activation.clone()).or_default().push(i);
+    }
+    for (activation, members) in groups {
+        let Some(a) = stats.channel_amax(&activation).map(|a| a.to_vec()) else {
+            bail!("SmoothQuant needs per-channel ranges for '{activation}': recalibrate with `ditc calibrate`");
+        };
+        let k = a.len();
+        let mut w_max = vec![0f32; k];
+        for &m in &members {
+            let t = &targets[m];
+            let w = model.graph.initializer(&t.weight).context("weight")?;
+            let v = w.to_f32_vec().context("f32 weight")?;
+            let cols = w.dims[1] as usize;
+            for (i, x) in v.iter().enumerate() {
+                let j = if t.axis == 1 { i / cols } else { i % cols };
+                if j >= k {
+                    bail!(
+                        "'{activation}' has {k} channels but weight '{}' has more input channels",
+                        t.weight
+                    );
+                }
+                w_max[j] = w_max[j].max(x.abs());
+            }
+        }
+        let s: Vec<f32> = (0..k)
+            .map(|j| {
+                if a[j] > 0.0 && w_max[j] > 0.0 {
+                    ((w_max[j] as f64).powf(1.0 - alpha) / (a[j] as f64).powf(alpha))
+                        .clamp(1e-4, 1e4) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let inv = format!("{activation}.smooth_inv");
+        let smoothed = format!("{activation}.smoothed");
+        model.graph.initializers.push(Tensor::from_f32(
+            &inv,
+            vec![k as i64],
+            &s.iter().map(|x| 1.0 / x).collect::<Vec<_>>(),
+        ));
+        let at = model
+            .graph
+            .nodes
+            .iter()
+            .position(|n| n.outputs.iter().any(|o| *o == activation))
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        model.graph.nodes.insert(
+            at,
+            Node::new(
+                &format!("{activation}.smooth"),
+                "Mul",
+                &[&activation, &inv],
+                &[&smoothed],
+            ),
+        );
+        let new_amax = a.iter().zip(&s).map(|(x, s)| x / s).fold(0f32, f32::max);
+        stats.tensors.insert(
+            smoothed.clone(),
+            crate::calibration::TensorStats {
+                amax: new_amax,
+                channel_amax: None,
+            },
+        );
+        for &m in &members {
+            let t = &mut out[m];
+            let w = model
+                .graph
+                .initializer(&t.weight)
+                .context("weight")?
+                .clone();
+            let cols = w.dims[1] as usize;
+            let scaled: Vec<f32> = w
+                .to_f32_vec()
+                .context("f32 weight")?
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x * s[if t.axis == 1 { i / cols } else { i % cols }])
+                .collect();
+            let name = format!("{}.smoothed.{activation}", t.weight);
+            if model.graph.initializer(&name).is_none() {
+                model
+                    .graph
+                    .initializers
+                    .push(Tensor::from_f32(&name, w.dims.clone(), &scaled));
+            }
+            t.weight = name;
+            t.activation = smoothed.clone();
+        }
+    }
+    Ok((out, stats))
 }
 
 /// Symmetric INT8 scale for a range: amax/127 (a zero range gets scale 1 so nothing divides by zero).
