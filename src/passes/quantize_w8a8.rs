@@ -355,7 +355,7 @@ fn smooth(
             .graph
             .nodes
             .iter()
-            .position(|n| n.outputs.iter().any(|o| *o == activation))
+            .position(|n| n.outputs.contains(&activation))
             .map(|i| i + 1)
             .unwrap_or(0);
         model.graph.nodes.insert(
