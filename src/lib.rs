@@ -8,6 +8,7 @@ pub mod analysis;
 pub mod calibration;
 #[cfg(feature = "tract")]
 pub mod cli;
+pub mod fp8;
 pub mod ir;
 pub mod lint;
 pub mod manifest;

@@ -417,3 +417,95 @@ fn smooth_quant_equals_hand_written_computation() {
         }
     }
 }
+
+/// FP8 E4M3: per-tensor Q/DQ at opset 19. tract has no FLOAT8, so ditc runs the graph through an
+/// op-level emulation; its result must equal the bit-level E4M3 rounding implemented separately.
+#[test]
+fn fp8_emulation_equals_bit_level_rounding() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    std::fs::write(
+        &stats,
+        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":2.54}}}"#,
+    )
+    .unwrap();
+    let mut options = toml::Table::new();
+    options.insert(
+        "calibration_stats".into(),
+        stats.display().to_string().into(),
+    );
+    options.insert("include".into(), toml::Value::Array(vec!["layer.".into()]));
+    options.insert("format".into(), "fp8".into());
+    let pass = create("quantize-w8a8", &options).unwrap();
+    let mut m = model();
+    let mut cx = PassContext {
+        dit_map: analyse(&m),
+        sampler: None,
+        schedule: None,
+        state: vec![],
+        step_input: None,
+        precision: None,
+    };
+    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
+    assert_eq!(m.default_opset(), 19);
+    assert_eq!(
+        m.graph.initializer("w.fp8").unwrap().dtype,
+        DataType::F8E4M3FN
+    );
+    assert_eq!(
+        m.graph.initializer("x.act_zero").unwrap().dtype,
+        DataType::F8E4M3FN
+    );
+    assert!(ditc::lint::lint(&m, ditc::lint::Target::Trt10, None).is_empty());
+
+    // Values around every binade, ties, subnormals and saturation (x / sx reaches 448 at 2.54).
+    let x: Vec<f32> = vec![0.013, -2.6, 1.0, 0.499, -0.31, 2.54, 1e-4, -0.0101];
+    let out = run_once(&m, &[Tensor::from_f32("x", vec![4, 2], &x)]).unwrap();
+    let got = out[0].to_f32_vec().unwrap();
+    let sx = 2.54f32 / 448.0;
+    let sw = 1.27f32 / 448.0;
+    let q = |v: f32, s: f32| ditc::fp8::round_e4m3(v / s) * s;
+    for r in 0..4 {
+        for c in 0..3 {
+            let want = q(x[r * 2], sx) * q(W[c], sw) + q(x[r * 2 + 1], sx) * q(W[3 + c], sw);
+            let g = got[r * 3 + c];
+            assert!(
+                (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "y[{r},{c}] = {g}, E4M3 {want}"
+            );
+        }
+    }
+}
+
+/// The op-level FP8 emulation agrees with bit-level E4M3 rounding on every representable value, every
+/// midpoint between neighbours (ties to even), beyond-range values (saturation) and zero.
+#[test]
+fn fp8_emulation_is_exact_on_all_values_and_ties() {
+    let mut values: Vec<f32> = (0..=0x7Eu8).map(ditc::fp8::decode).collect();
+    let mids: Vec<f32> = values.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    values.extend(mids);
+    values.extend([449.0, 470.0, 1e6, 3e-4]);
+    let negatives: Vec<f32> = values.iter().map(|v| -v).collect();
+    values.extend(negatives);
+    let n = values.len() as i64;
+    let zero = Tensor::from_raw(
+        "z",
+        DataType::F8E4M3FN,
+        vec![],
+        bytes::Bytes::from(vec![0u8]),
+    )
+    .unwrap();
+    let mut m = model();
+    m.opsets = vec![(String::new(), 19)];
+    m.graph.inputs = vec![ValueInfo::tensor("x", DataType::F32, vec![Dim::Value(n)])];
+    m.graph.outputs = vec![ValueInfo::tensor("y", DataType::F32, vec![Dim::Value(n)])];
+    m.graph.initializers = vec![Tensor::from_f32("s", vec![], &[1.0]), zero];
+    m.graph.nodes = vec![
+        Node::new("q", "QuantizeLinear", &["x", "s", "z"], &["xq"]),
+        Node::new("dq", "DequantizeLinear", &["xq", "s", "z"], &["y"]),
+    ];
+    let out = run_once(&m, &[Tensor::from_f32("x", vec![n], &values)]).unwrap();
+    for (x, y) in values.iter().zip(out[0].to_f32_vec().unwrap()) {
+        assert_eq!(y, ditc::fp8::round_e4m3(*x), "x = {x}");
+    }
+}

@@ -12,7 +12,8 @@
 //! - `calibration_stats` (required): a stats file from `ditc calibrate` or written elsewhere;
 //! - `exclude`: node-name substrings to keep in high precision; `skip_blocks`: DiT-map block indices;
 //!   `include`: node-name substrings of further MatMul/Gemm layers to quantize;
-//! - `format`: `"int8"` (`"fp8"` is refused: not implemented yet);
+//! - `format`: `"int8"`, or `"fp8"`: FLOAT8 E4M3FN per tensor (scale amax/448) with opset-19 Q/DQ (the
+//!   model's opset is raised to 19); tract verifies it through an exact emulation ([`crate::fp8`]);
 //! - `smooth_quant_alpha` (e.g. 0.8): SmoothQuant with an inserted `Mul` on each activation (needs
 //!   per-channel ranges from `ditc calibrate`);
 //! - `budget_psnr`, `budget_cosine`: keep the fewest most-sensitive layers in high precision that meet the
@@ -57,10 +58,13 @@ impl QuantizeOptions {
     pub fn validate(&self) -> Result<()> {
         match self.format.as_deref() {
             None | Some("int8") => {}
-            Some("fp8") => {
-                bail!("quantize-w8a8.format = \"fp8\" is not implemented yet (use \"int8\")")
+            Some("fp8") if self.smooth_quant_alpha.is_some() => {
+                bail!("quantize-w8a8: SmoothQuant is only offered with format = \"int8\"")
             }
-            Some(other) => bail!("quantize-w8a8.format = \"{other}\": expected \"int8\""),
+            Some("fp8") => {}
+            Some(other) => {
+                bail!("quantize-w8a8.format = \"{other}\": expected \"int8\" or \"fp8\"")
+            }
         }
         if let Some(a) = self.smooth_quant_alpha {
             if !(0.0..=1.0).contains(&a) {
@@ -68,6 +72,33 @@ impl QuantizeOptions {
             }
         }
         Ok(())
+    }
+}
+
+/// The quantized number format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// INT8: weights per output channel, scale amax/127.
+    Int8,
+    /// FLOAT8 E4M3FN: weights and activations per tensor, scale amax/448 (opset 19 Q/DQ).
+    Fp8,
+}
+
+impl Format {
+    fn max(self) -> f32 {
+        match self {
+            Format::Int8 => 127.0,
+            Format::Fp8 => crate::fp8::E4M3_MAX,
+        }
+    }
+
+    /// A scalar zero point of the format's type.
+    fn zero(self, name: &str) -> Tensor {
+        let dtype = match self {
+            Format::Int8 => DataType::I8,
+            Format::Fp8 => DataType::F8E4M3FN,
+        };
+        Tensor::from_raw(name, dtype, vec![], Bytes::from(vec![0u8])).expect("one byte")
     }
 }
 
@@ -200,8 +231,22 @@ impl Pass for QuantizeW8A8 {
                 !kept
             });
         }
-        let layers = quantize_layers_with(model, &targets, &stats, self.options.smooth_quant_alpha)
-            .with_context(|| format!("with calibration stats '{}'", path.display()))?;
+        let format = if self.options.format.as_deref() == Some("fp8") {
+            Format::Fp8
+        } else {
+            Format::Int8
+        };
+        if format == Format::Fp8 {
+            raise_opset_to_19(model)?;
+        }
+        let layers = quantize_layers_with(
+            model,
+            &targets,
+            &stats,
+            self.options.smooth_quant_alpha,
+            format,
+        )
+        .with_context(|| format!("with calibration stats '{}'", path.display()))?;
         if !model
             .opsets
             .iter()
@@ -210,9 +255,21 @@ impl Pass for QuantizeW8A8 {
             bail!("per-channel DequantizeLinear needs opset 13 or later");
         }
         cx.precision = Some(Precision {
-            format: "w8a8-int8".into(),
-            weights: "int8, symmetric, per output channel, scale = absmax/127".into(),
-            activations: "int8, symmetric, per tensor, static scale = amax/127".into(),
+            format: match format {
+                Format::Int8 => "w8a8-int8".into(),
+                Format::Fp8 => "w8a8-fp8-e4m3".into(),
+            },
+            weights: match format {
+                Format::Int8 => "int8, symmetric, per output channel, scale = absmax/127".into(),
+                Format::Fp8 => {
+                    "float8 e4m3fn, per tensor, scale = absmax/448 (tract verifies it by emulation)"
+                        .into()
+                }
+            },
+            activations: match format {
+                Format::Int8 => "int8, symmetric, per tensor, static scale = amax/127".into(),
+                Format::Fp8 => "float8 e4m3fn, per tensor, static scale = amax/448".into(),
+            },
             quantized: layers,
             excluded: excluded
                 .into_iter()
@@ -230,7 +287,7 @@ pub fn quantize_layers(
     targets: &[Target],
     stats: &CalibrationStats,
 ) -> Result<Vec<QuantizedLayer>> {
-    quantize_layers_with(model, targets, stats, None)
+    quantize_layers_with(model, targets, stats, None, Format::Int8)
 }
 
 /// As [`quantize_layers`], first applying SmoothQuant with `alpha` when given.
@@ -239,6 +296,7 @@ pub fn quantize_layers_with(
     targets: &[Target],
     stats: &CalibrationStats,
     alpha: Option<f64>,
+    format: Format,
 ) -> Result<Vec<QuantizedLayer>> {
     let (targets, stats) = match alpha {
         Some(a) => smooth(model, targets, stats, a)?,
@@ -256,11 +314,11 @@ pub fn quantize_layers_with(
                 t.node
             );
         };
-        let act_scale = scale_for(amax);
+        let act_scale = scale_for(amax, format);
         let dq = match dq_of_activation.get(&t.activation) {
             Some(dq) => dq.clone(),
             None => {
-                let dq = quantize_activation(&mut model.graph, &t.activation, act_scale);
+                let dq = quantize_activation(&mut model.graph, &t.activation, act_scale, format);
                 dq_of_activation.insert(t.activation.clone(), dq.clone());
                 dq
             }
@@ -268,7 +326,10 @@ pub fn quantize_layers_with(
         let (w_dq, channels) = match dq_of_weight.get(&t.weight) {
             Some(done) => done.clone(),
             None => {
-                let done = quantize_weight(&mut model.graph, &t.weight, t.axis)?;
+                let done = match format {
+                    Format::Int8 => quantize_weight(&mut model.graph, &t.weight, t.axis)?,
+                    Format::Fp8 => quantize_weight_fp8(&mut model.graph, &t.weight)?,
+                };
                 dq_of_weight.insert(t.weight.clone(), done.clone());
                 done
             }
@@ -404,13 +465,80 @@ fn smooth(
     Ok((out, stats))
 }
 
-/// Symmetric INT8 scale for a range: amax/127 (a zero range gets scale 1 so nothing divides by zero).
-pub fn scale_for(amax: f32) -> f32 {
+/// Symmetric scale for a range: amax/127 (INT8) or amax/448 (FP8); a zero range gets scale 1.
+pub fn scale_for(amax: f32, format: Format) -> f32 {
     if amax > 0.0 && amax.is_finite() {
-        amax / 127.0
+        amax / format.max()
     } else {
         1.0
     }
+}
+
+/// FP8 weight: one scale (absmax/448) for the tensor, values rounded to E4M3FN.
+fn quantize_weight_fp8(graph: &mut Graph, name: &str) -> Result<(String, usize)> {
+    let w = graph
+        .initializer(name)
+        .context("weight initializer")?
+        .clone();
+    let values = w.to_f32_vec().context("f32 weight")?;
+    let s = scale_for(values.iter().fold(0f32, |m, x| m.max(x.abs())), Format::Fp8);
+    let scaled: Vec<f32> = values.iter().map(|v| v / s).collect();
+    let (qn, sn, zn, dq) = (
+        format!("{name}.fp8"),
+        format!("{name}.scale"),
+        format!("{name}.zero"),
+        format!("{name}.dq"),
+    );
+    graph
+        .initializers
+        .push(crate::fp8::encode_tensor(&qn, w.dims.clone(), &scaled)?);
+    scalar_f32(graph, &sn, s);
+    graph.initializers.push(Format::Fp8.zero(&zn));
+    graph.nodes.insert(
+        0,
+        Node::new(
+            &format!("{name}.dequantize"),
+            "DequantizeLinear",
+            &[&qn, &sn, &zn],
+            &[&dq],
+        ),
+    );
+    Ok((dq, 1))
+}
+
+/// FP8 Q/DQ needs opset 19. Raise an older model's opset, moving `axes` of Reduce ops (attributes
+/// before opset 18) to inputs; refuse ops whose meaning changed otherwise.
+fn raise_opset_to_19(model: &mut Model) -> Result<()> {
+    let opset = model.default_opset();
+    if opset >= 19 {
+        return Ok(());
+    }
+    let changed = ["Resize", "GroupNormalization", "LpPool", "Col2Im"];
+    let mut extra = Vec::new();
+    for n in &mut model.graph.nodes {
+        if n.subgraphs().next().is_some() {
+            bail!("raising opset {opset} -> 19 for FP8 is not supported for graphs with subgraphs (node {})", n.label());
+        }
+        if changed.contains(&n.op_type.as_str()) && n.is_onnx() {
+            bail!("raising opset {opset} -> 19 for FP8: node {} changed meaning; export the model at opset 19", n.label());
+        }
+        if n.op_type.starts_with("Reduce") && n.op_type != "ReduceSum" {
+            if let Some(axes) = n.attr_ints("axes").map(|a| a.to_vec()) {
+                let name = format!("{}.axes", n.name);
+                extra.push(Tensor::from_i64(&name, vec![axes.len() as i64], &axes));
+                n.attributes.retain(|a| a.name != "axes");
+                n.inputs.truncate(1);
+                n.inputs.push(name);
+            }
+        }
+    }
+    model.graph.initializers.extend(extra);
+    for (d, v) in &mut model.opsets {
+        if d.is_empty() || d == "ai.onnx" {
+            *v = 19;
+        }
+    }
+    Ok(())
 }
 
 fn scalar_f32(graph: &mut Graph, name: &str, v: f32) {
@@ -419,12 +547,10 @@ fn scalar_f32(graph: &mut Graph, name: &str, v: f32) {
         .push(Tensor::from_f32(name, vec![], &[v]));
 }
 
-fn quantize_activation(graph: &mut Graph, value: &str, scale: f32) -> String {
+fn quantize_activation(graph: &mut Graph, value: &str, scale: f32, format: Format) -> String {
     let (s, z) = (format!("{value}.act_scale"), format!("{value}.act_zero"));
     scalar_f32(graph, &s, scale);
-    graph.initializers.push(
-        Tensor::from_raw(&z, DataType::I8, vec![], Bytes::from(vec![0u8])).expect("one byte"),
-    );
+    graph.initializers.push(format.zero(&z));
     let (q, dq) = (format!("{value}.q"), format!("{value}.dq"));
     let at = graph
         .nodes
@@ -471,7 +597,7 @@ fn quantize_weight(graph: &mut Graph, name: &str, axis: usize) -> Result<(String
         }
     }
     for s in &mut scales {
-        *s = scale_for(*s);
+        *s = scale_for(*s, Format::Int8);
     }
     let q: Vec<u8> = (0..rows * cols)
         .map(|i| {

@@ -31,6 +31,14 @@ impl TractRunner {
             .map(|i| i.name.clone())
             .collect();
         let outputs: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+        // tract has no FLOAT8: FP8 Q/DQ run as their exact f32 emulation.
+        let emulated;
+        let model = if crate::fp8::needs_emulation(model) {
+            emulated = crate::fp8::emulate(model)?;
+            &emulated
+        } else {
+            model
+        };
         let bytes = model_to_bytes_inline(model)?;
         let mut tract_model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
