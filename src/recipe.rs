@@ -145,7 +145,11 @@ fn apply_override(
     };
     let value = parse_value(raw.trim());
     let mut path: Vec<&str> = key.trim().split('.').collect();
-    let root = path.remove(0);
+    // `quantize.x` is accepted for `quantize-w8a8.x`.
+    let root = match path.remove(0) {
+        "quantize" => "quantize-w8a8",
+        other => other,
+    };
     if path.is_empty() {
         bail!("--set '{o}': name an option under '{root}', e.g. {root}.steps");
     }
@@ -207,6 +211,21 @@ mod tests {
         assert_eq!(o["spatial"]["period"].as_integer(), Some(3));
         assert_eq!(o["cross"]["period"].as_integer(), Some(8));
         assert!(Recipe::load(&dir.path().join("r.toml"), &["nope.x=1".into()]).is_err());
+        // `quantize.` is short for `quantize-w8a8.`.
+        std::fs::write(
+            dir.path().join("q.toml"),
+            "[[passes]]\nname = \"quantize-w8a8\"\n",
+        )
+        .unwrap();
+        let q = Recipe::load(
+            &dir.path().join("q.toml"),
+            &["quantize.skip_blocks=[0, 27]".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            q.passes[0].options["skip_blocks"].as_array().unwrap().len(),
+            2
+        );
         assert!(Recipe::load(&dir.path().join("r.toml"), &["sampler.bogus=1".into()]).is_err());
     }
 }

@@ -509,3 +509,89 @@ fn fp8_emulation_is_exact_on_all_values_and_ties() {
         assert_eq!(y, ditc::fp8::round_e4m3(*x), "x = {x}");
     }
 }
+
+/// Conv layers (when included) get per-output-channel INT8 weights on axis 0; tract equals a
+/// fake-quant convolution written out here.
+#[test]
+fn conv_weights_per_output_channel() {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    std::fs::write(
+        &stats,
+        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":1.5}}}"#,
+    )
+    .unwrap();
+    let w: Vec<f32> = (0..24)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / (3.0 + (i / 8) as f32))
+        .collect(); // [3, 2, 2, 2]
+    let mut m = model();
+    m.graph.inputs = vec![ValueInfo::tensor(
+        "x",
+        DataType::F32,
+        [1, 2, 4, 4].iter().map(|&d| Dim::Value(d)).collect(),
+    )];
+    m.graph.outputs = vec![ValueInfo::tensor("y", DataType::F32, vec![])];
+    m.graph.initializers = vec![Tensor::from_f32("cw", vec![3, 2, 2, 2], &w)];
+    m.graph.nodes = vec![Node::new("patch.conv", "Conv", &["x", "cw"], &["y"])];
+    let mut options = toml::Table::new();
+    options.insert(
+        "calibration_stats".into(),
+        stats.display().to_string().into(),
+    );
+    options.insert("include".into(), toml::Value::Array(vec!["patch.".into()]));
+    let pass = create("quantize-w8a8", &options).unwrap();
+    let mut cx = PassContext {
+        dit_map: analyse(&m),
+        sampler: None,
+        schedule: None,
+        state: vec![],
+        step_input: None,
+        precision: None,
+    };
+    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
+    let dq = m
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.inputs.first().is_some_and(|i| i == "cw.int8"))
+        .unwrap();
+    assert_eq!(dq.attr("axis"), Some(&AttrValue::Int(0)));
+    assert_eq!(m.graph.initializer("cw.scale").unwrap().dims, vec![3]);
+
+    let x: Vec<f32> = (0..32).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+    let out = run_once(&m, &[Tensor::from_f32("x", vec![1, 2, 4, 4], &x)]).unwrap();
+    let got = out[0].to_f32_vec().unwrap();
+    let sx = 1.5f32 / 127.0;
+    let xq: Vec<f32> = x
+        .iter()
+        .map(|v| (v / sx).round_ties_even().clamp(-128.0, 127.0) * sx)
+        .collect();
+    let sw: Vec<f32> = (0..3)
+        .map(|o| w[o * 8..o * 8 + 8].iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0)
+        .collect();
+    let wq: Vec<f32> = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v / sw[i / 8]).round_ties_even() * sw[i / 8])
+        .collect();
+    for o in 0..3 {
+        for r in 0..3 {
+            for c in 0..3 {
+                let mut want = 0f32;
+                for ci in 0..2 {
+                    for kr in 0..2 {
+                        for kc in 0..2 {
+                            want += xq[ci * 16 + (r + kr) * 4 + c + kc]
+                                * wq[o * 8 + ci * 4 + kr * 2 + kc];
+                        }
+                    }
+                }
+                let g = got[o * 9 + r * 3 + c];
+                assert!(
+                    (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "y[{o},{r},{c}] = {g}, expected {want}"
+                );
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! Pass `quantize-w8a8`: explicit INT8 quantization that TensorRT accepts (reference.md §4).
 //!
-//! Rewrites every selected linear layer (MatMul with a constant 2-D weight, or Gemm):
+//! Rewrites every selected layer (MatMul with a constant 2-D weight, Gemm, or Conv when included):
 //! - the weight becomes an INT8 initializer, symmetric per output channel (scale = absmax/127, zero
 //!   point 0), followed by `DequantizeLinear` with the output-channel `axis`;
 //! - its activation input goes through `QuantizeLinear -> DequantizeLinear` with one static per-tensor
@@ -140,7 +140,7 @@ pub fn select_targets(
             .include
             .iter()
             .any(|p| node.name.contains(p.as_str()));
-        if matches && matches!(node.op_type.as_str(), "MatMul" | "Gemm") {
+        if matches && matches!(node.op_type.as_str(), "MatMul" | "Gemm" | "Conv") {
             wanted.entry(node.name.clone()).or_insert(None);
         }
     }
@@ -165,7 +165,10 @@ pub fn select_targets(
                 axis,
                 block,
             }),
-            None => excluded.push((name, "weight is not a constant f32 2-D initializer".into())),
+            None => excluded.push((
+                name,
+                "weight is not a constant f32 initializer of a supported layout".into(),
+            )),
         }
     }
     (targets, excluded)
@@ -173,7 +176,13 @@ pub fn select_targets(
 
 fn linear_weight(graph: &Graph, node: &Node) -> Option<(String, usize)> {
     let w = graph.initializer(node.inputs.get(1)?)?;
-    if w.dtype != DataType::F32 || w.dims.len() != 2 {
+    if w.dtype != DataType::F32 {
+        return None;
+    }
+    if node.op_type == "Conv" {
+        return (w.dims.len() >= 3).then(|| (w.name.clone(), 0));
+    }
+    if w.dims.len() != 2 {
         return None;
     }
     let axis = match node.op_type.as_str() {
@@ -371,8 +380,18 @@ fn smooth(
     let mut out = targets.to_vec();
     let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, t) in targets.iter().enumerate() {
-        groups.entry(t.activation.clone()).or_default().push(i);
+        let two_d = model
+            .graph
+            .initializer(&t.weight)
+            .is_some_and(|w| w.dims.len() == 2);
+        if two_d {
+            groups.entry(t.activation.clone()).or_default().push(i);
+        }
     }
+    // Convolutions (and activations shared with them) are not smoothed.
+    groups.retain(|a, members| {
+        targets.iter().filter(|t| &t.activation == a).count() == members.len()
+    });
     for (activation, members) in groups {
         let Some(a) = stats.channel_amax(&activation).map(|a| a.to_vec()) else {
             bail!("SmoothQuant needs per-channel ranges for '{activation}': recalibrate with `ditc calibrate`");
@@ -586,24 +605,30 @@ fn quantize_weight(graph: &mut Graph, name: &str, axis: usize) -> Result<(String
         .context("weight initializer")?
         .clone();
     let values = w.to_f32_vec().context("f32 weight")?;
-    let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
-    let channels = if axis == 1 { cols } else { rows };
-    let at = |r: usize, c: usize| values[r * cols + c];
-    let mut scales = vec![0f32; channels];
-    for r in 0..rows {
-        for c in 0..cols {
-            let ch = if axis == 1 { c } else { r };
-            scales[ch] = scales[ch].max(at(r, c).abs());
+    // Axis 0: output channels are the outer dimension (Gemm with transB, Conv [M, C/g, k...]);
+    // axis 1: the columns of a 2-D MatMul weight [K, N].
+    let channels = w.dims[axis] as usize;
+    let inner = values.len() / (w.dims[0] as usize).max(1);
+    let channel_of = |i: usize| {
+        if axis == 0 {
+            i / inner.max(1)
+        } else {
+            i % channels
         }
+    };
+    let mut scales = vec![0f32; channels];
+    for (i, v) in values.iter().enumerate() {
+        let ch = channel_of(i);
+        scales[ch] = scales[ch].max(v.abs());
     }
     for s in &mut scales {
         *s = scale_for(*s, Format::Int8);
     }
-    let q: Vec<u8> = (0..rows * cols)
-        .map(|i| {
-            let (r, c) = (i / cols, i % cols);
-            let ch = if axis == 1 { c } else { r };
-            (at(r, c) / scales[ch])
+    let q: Vec<u8> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            (v / scales[channel_of(i)])
                 .round_ties_even()
                 .clamp(-127.0, 127.0) as i8 as u8
         })
