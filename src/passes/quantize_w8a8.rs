@@ -14,7 +14,7 @@
 //!   `include`: node-name substrings of further MatMul/Gemm layers to quantize;
 //! - `format`: `"int8"`, or `"fp8"`: FLOAT8 E4M3FN per tensor (scale amax/448) with opset-19 Q/DQ (the
 //!   model's opset is raised to 19); tract verifies it through an exact emulation ([`crate::fp8`]);
-//! - `smooth_quant_alpha` (e.g. 0.8): SmoothQuant with an inserted `Mul` on each activation (needs
+//! - `smooth_quant = true` (alpha 0.8) or `smooth_quant_alpha = A`: SmoothQuant with an inserted `Mul` on each activation (needs
 //!   per-channel ranges from `ditc calibrate`);
 //! - `budget_psnr`, `budget_cosine`: keep the fewest most-sensitive layers in high precision that meet the
 //!   budget, from the table `ditc calibrate --sensitivity` measured.
@@ -47,6 +47,9 @@ pub struct QuantizeOptions {
     pub skip_blocks: Vec<usize>,
     pub format: Option<String>,
     pub smooth_quant_alpha: Option<f64>,
+    /// SmoothQuant with the default alpha 0.8 (`smooth_quant_alpha` chooses another).
+    #[serde(default)]
+    pub smooth_quant: bool,
     /// Keep the fewest most-sensitive layers in high precision that meet this PSNR (dB), as measured
     /// by `ditc calibrate --sensitivity` (its budget table is in the stats file).
     pub budget_psnr: Option<f64>,
@@ -55,10 +58,15 @@ pub struct QuantizeOptions {
 }
 
 impl QuantizeOptions {
+    /// The SmoothQuant alpha in effect, if SmoothQuant is on.
+    pub fn alpha(&self) -> Option<f64> {
+        self.smooth_quant_alpha.or(self.smooth_quant.then_some(0.8))
+    }
+
     pub fn validate(&self) -> Result<()> {
         match self.format.as_deref() {
             None | Some("int8") => {}
-            Some("fp8") if self.smooth_quant_alpha.is_some() => {
+            Some("fp8") if self.alpha().is_some() => {
                 bail!("quantize-w8a8: SmoothQuant is only offered with format = \"int8\"")
             }
             Some("fp8") => {}
@@ -202,7 +210,7 @@ pub struct QuantizeW8A8 {
 impl QuantizeW8A8 {
     pub fn from_options(options: &toml::Table) -> Result<Self> {
         let options: QuantizeOptions = options.clone().try_into().context(
-            "invalid quantize-w8a8 options (valid keys: calibration_stats, include, exclude, skip_blocks, format, smooth_quant_alpha, budget_psnr, budget_cosine)",
+            "invalid quantize-w8a8 options (valid keys: calibration_stats, include, exclude, skip_blocks, format, smooth_quant, smooth_quant_alpha, budget_psnr, budget_cosine)",
         )?;
         options.validate()?;
         if options.calibration_stats.is_none() {
@@ -248,14 +256,8 @@ impl Pass for QuantizeW8A8 {
         if format == Format::Fp8 {
             raise_opset_to_19(model)?;
         }
-        let layers = quantize_layers_with(
-            model,
-            &targets,
-            &stats,
-            self.options.smooth_quant_alpha,
-            format,
-        )
-        .with_context(|| format!("with calibration stats '{}'", path.display()))?;
+        let layers = quantize_layers_with(model, &targets, &stats, self.options.alpha(), format)
+            .with_context(|| format!("with calibration stats '{}'", path.display()))?;
         if !model
             .opsets
             .iter()
