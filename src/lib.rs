@@ -6,6 +6,7 @@
 
 pub mod analysis;
 pub mod calibration;
+pub mod checkpoint;
 #[cfg(feature = "tract")]
 pub mod cli;
 pub mod fp8;

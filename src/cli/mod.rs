@@ -36,10 +36,16 @@ pub fn load_inputs(path: &Path, prefix: Option<&str>) -> Result<Vec<Tensor>> {
 /// Read a model given on the command line (an `.onnx` file).
 pub fn read_model_arg(path: &Path) -> Result<crate::ir::Model> {
     if path.is_dir() {
-        bail!(
-            "'{}' is a folder; diffusers checkpoint folders are not supported yet (give an .onnx file)",
-            path.display()
-        );
+        if crate::checkpoint::is_checkpoint_dir(path) {
+            let ckpt = crate::checkpoint::Checkpoint::open(path)?;
+            bail!(
+                "'{}' is a diffusers checkpoint ({}, {} tensors); building its graph from safetensors is not implemented yet: export it to ONNX (`ditc inspect` on the folder summarises the checkpoint)",
+                path.display(),
+                ckpt.class_name,
+                ckpt.tensors.len()
+            );
+        }
+        bail!("'{}' is a folder but not a diffusers checkpoint (config.json + {}); give an .onnx file", path.display(), crate::checkpoint::WEIGHTS);
     }
     crate::onnx::read_model(path)
 }

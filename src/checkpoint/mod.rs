@@ -1,0 +1,197 @@
+//! Diffusers checkpoints: a folder with `config.json` and `diffusion_pytorch_model.safetensors`, or
+//! shards listed by `diffusion_pytorch_model.safetensors.index.json` (`weight_map`: tensor -> shard).
+//!
+//! Every file is memory-mapped; tensors are zero-copy slices that stay on disk until touched. Reading
+//! checks what a hostile or broken checkpoint could get wrong, naming the file and tensor: header sizes
+//! and offsets (the safetensors parser refuses a header beyond the file or above 100 MB, overlapping or
+//! out-of-bounds offsets, and a length that disagrees with dtype x shape), unsupported dtypes, missing
+//! shards, an index naming a tensor twice, tensors in a shard that the index does not list, and tensors
+//! the index lists but the shard lacks. Graph builders per model family come on top of this.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::ir::{DataType, Tensor};
+use crate::onnx::external::map_file;
+
+pub const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+pub const INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
+
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub class_name: String,
+    pub config: serde_json::Value,
+    /// Shard files in the order they were read.
+    pub files: Vec<PathBuf>,
+    /// All tensors, sorted by name.
+    pub tensors: Vec<Tensor>,
+}
+
+/// True when `dir` looks like a diffusers model folder.
+pub fn is_checkpoint_dir(dir: &Path) -> bool {
+    dir.join("config.json").is_file() && (dir.join(WEIGHTS).is_file() || dir.join(INDEX).is_file())
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read '{}'", config_path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("'{}' is not valid JSON", config_path.display()))?;
+        let class_name = config["_class_name"]
+            .as_str()
+            .with_context(|| format!("'{}' has no \"_class_name\"", config_path.display()))?
+            .to_string();
+        let (files, tensors) = if dir.join(INDEX).is_file() {
+            read_sharded(dir)?
+        } else {
+            read_single(dir)?
+        };
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            class_name,
+            config,
+            files,
+            tensors,
+        })
+    }
+
+    pub fn parameters(&self) -> u64 {
+        self.tensors.iter().map(|t| t.numel()).sum()
+    }
+}
+
+fn read_single(dir: &Path) -> Result<(Vec<PathBuf>, Vec<Tensor>)> {
+    let path = dir.join(WEIGHTS);
+    if !path.is_file() {
+        bail!("'{}' has neither {WEIGHTS} nor {INDEX}", dir.display());
+    }
+    let mut tensors = read_shard(&path)?;
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((vec![path], tensors))
+}
+
+/// Tensors of one safetensors file (zero-copy), with errors naming the file and tensor.
+pub fn read_shard(path: &Path) -> Result<Vec<Tensor>> {
+    let file = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
+    let bytes = map_file(&file)?;
+    let parsed = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!("'{}' is not a valid safetensors file: {e}", path.display())
+    })?;
+    let mut out = Vec::new();
+    for (name, view) in parsed.tensors() {
+        let Some(dtype) = DataType::from_safetensors(view.dtype()) else {
+            bail!(
+                "'{}': tensor '{name}' has unsupported dtype {:?}",
+                path.display(),
+                view.dtype()
+            );
+        };
+        let dims = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::from_raw(&name, dtype, dims, bytes.slice_ref(view.data()))
+            .with_context(|| format!("in '{}'", path.display()))?;
+        out.push(t);
+    }
+    Ok(out)
+}
+
+fn read_sharded(dir: &Path) -> Result<(Vec<PathBuf>, Vec<Tensor>)> {
+    let index_path = dir.join(INDEX);
+    let text = std::fs::read_to_string(&index_path)
+        .with_context(|| format!("cannot read '{}'", index_path.display()))?;
+    let index: IndexFile = serde_json::from_str(&text)
+        .with_context(|| format!("'{}' is not a valid shard index", index_path.display()))?;
+    let mut wanted: HashMap<String, String> = HashMap::new();
+    for (tensor, shard) in index.weight_map.0 {
+        if let Some(first) = wanted.insert(tensor.clone(), shard.clone()) {
+            bail!(
+                "'{}' names tensor '{tensor}' twice (in '{first}' and '{shard}')",
+                index_path.display()
+            );
+        }
+    }
+    let mut shards: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (tensor, shard) in &wanted {
+        shards
+            .entry(shard.clone())
+            .or_default()
+            .push(tensor.clone());
+    }
+    let mut files = Vec::new();
+    let mut tensors = Vec::new();
+    for (shard, listed) in shards {
+        if shard.contains('/') || shard.contains('\\') || shard == ".." {
+            bail!(
+                "'{}': shard '{shard}' must be a file name in the checkpoint folder",
+                index_path.display()
+            );
+        }
+        let path = dir.join(&shard);
+        if !path.is_file() {
+            bail!(
+                "shard '{shard}' listed by '{}' is missing",
+                index_path.display()
+            );
+        }
+        let found = read_shard(&path)?;
+        for t in &found {
+            if wanted.get(&t.name) != Some(&shard) {
+                bail!(
+                    "'{}': tensor '{}' is not listed for this shard in the index",
+                    path.display(),
+                    t.name
+                );
+            }
+        }
+        for name in &listed {
+            if !found.iter().any(|t| &t.name == name) {
+                bail!(
+                    "'{}': the index lists tensor '{name}' here, but the shard does not have it",
+                    path.display()
+                );
+            }
+        }
+        files.push(path);
+        tensors.extend(found);
+    }
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((files, tensors))
+}
+
+#[derive(Deserialize)]
+struct IndexFile {
+    weight_map: Pairs,
+}
+
+/// A JSON object read as a list of pairs, so duplicate keys stay visible.
+struct Pairs(Vec<(String, String)>);
+
+impl<'de> Deserialize<'de> for Pairs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Pairs, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Pairs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of tensor name -> shard file")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Pairs, A::Error> {
+                let mut v = Vec::new();
+                while let Some((k, s)) = m.next_entry::<String, String>()? {
+                    v.push((k, s));
+                }
+                Ok(Pairs(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}

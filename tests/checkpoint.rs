@@ -1,0 +1,199 @@
+//! Diffusers checkpoint folders: single-file and sharded reads agree; broken and hostile files fail with
+//! an error naming the file and tensor, never a panic or a huge allocation.
+
+mod common;
+
+use std::path::Path;
+
+use common::ditc;
+use ditc::checkpoint::{Checkpoint, INDEX, WEIGHTS};
+
+/// A safetensors file from (name, dtype, shape, data offsets) entries and a data section.
+fn safetensors_bytes(entries: &[(&str, &str, &[u64], [u64; 2])], data: &[u8]) -> Vec<u8> {
+    let fields: Vec<String> = entries
+        .iter()
+        .map(|(n, d, s, o)| {
+            format!(
+                r#""{n}":{{"dtype":"{d}","shape":{s:?},"data_offsets":[{},{}]}}"#,
+                o[0], o[1]
+            )
+        })
+        .collect();
+    let header = format!("{{{}}}", fields.join(","));
+    [
+        &(header.len() as u64).to_le_bytes()[..],
+        header.as_bytes(),
+        data,
+    ]
+    .concat()
+}
+
+fn folder(files: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"_class_name": "LatteTransformer3DModel"}"#,
+    )
+    .unwrap();
+    for (name, bytes) in files {
+        std::fs::write(dir.path().join(name), bytes).unwrap();
+    }
+    dir
+}
+
+fn data(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7) as u8).collect()
+}
+
+#[test]
+fn sharded_and_single_file_give_the_same_tensors() {
+    let single = folder(&[(
+        WEIGHTS,
+        safetensors_bytes(
+            &[("a", "F32", &[2], [0, 8]), ("b", "BF16", &[3], [8, 14])],
+            &data(14),
+        ),
+    )]);
+    let d = data(14);
+    let sharded = folder(&[
+        ("s-00001.safetensors", safetensors_bytes(&[("a", "F32", &[2], [0, 8])], &d[..8])),
+        ("s-00002.safetensors", safetensors_bytes(&[("b", "BF16", &[3], [0, 6])], &d[8..])),
+        (INDEX, br#"{"metadata": {}, "weight_map": {"a": "s-00001.safetensors", "b": "s-00002.safetensors"}}"#.to_vec()),
+    ]);
+    let a = Checkpoint::open(single.path()).unwrap();
+    let b = Checkpoint::open(sharded.path()).unwrap();
+    assert_eq!(a.tensors, b.tensors);
+    assert_eq!(b.files.len(), 2);
+    assert_eq!(a.class_name, "LatteTransformer3DModel");
+}
+
+#[test]
+fn the_latte_checkpoint_matches_its_onnx_export() {
+    let Some(dir) = common::fixtures() else {
+        return;
+    };
+    let ckpt = Checkpoint::open(&dir.join("latte-tiny/ckpt")).unwrap();
+    let onnx = ditc::onnx::read_model(&dir.join("latte-tiny/model.onnx")).unwrap();
+    let onnx_params: u64 = onnx.graph.initializers.iter().map(|t| t.numel()).sum();
+    assert_eq!(ckpt.parameters(), onnx_params);
+    assert_eq!(ckpt.tensors.len(), 151);
+}
+
+fn assert_fails(dir: &Path, expect: &str, what: &str) {
+    let err = match Checkpoint::open(dir) {
+        Ok(_) => panic!("{what}: opened"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains(expect),
+        "{what}: expected '{expect}' in: {err}"
+    );
+    let r = ditc(&["inspect", dir.to_str().unwrap()]);
+    assert_eq!(
+        r.status.code(),
+        Some(2),
+        "{what}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
+#[test]
+fn hostile_checkpoints_fail_cleanly() {
+    let good = safetensors_bytes(&[("a", "F32", &[2], [0, 8])], &data(8));
+    let index = |map: &str| format!(r#"{{"weight_map": {map}}}"#).into_bytes();
+    // (what, files of the folder, a phrase the error must contain)
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "absurd header size",
+            vec![(WEIGHTS, [&u64::MAX.to_le_bytes()[..], b"{}"].concat())],
+            WEIGHTS,
+        ),
+        (
+            "header beyond the file",
+            vec![(WEIGHTS, [&1000u64.to_le_bytes()[..], b"{}"].concat())],
+            WEIGHTS,
+        ),
+        (
+            "offsets out of bounds",
+            vec![(
+                WEIGHTS,
+                safetensors_bytes(&[("a", "F32", &[2], [0, 800])], &data(8)),
+            )],
+            WEIGHTS,
+        ),
+        (
+            "overlapping offsets",
+            vec![(
+                WEIGHTS,
+                safetensors_bytes(
+                    &[("a", "F32", &[2], [0, 8]), ("b", "F32", &[2], [4, 12])],
+                    &data(12),
+                ),
+            )],
+            WEIGHTS,
+        ),
+        (
+            "length != dtype x shape",
+            vec![(
+                WEIGHTS,
+                safetensors_bytes(&[("a", "F32", &[3], [0, 8])], &data(8)),
+            )],
+            WEIGHTS,
+        ),
+        (
+            "missing shard",
+            vec![(INDEX, index(r#"{"a": "gone.safetensors"}"#))],
+            "missing",
+        ),
+        (
+            "tensor named twice",
+            vec![
+                ("s1.safetensors", good.clone()),
+                (
+                    INDEX,
+                    index(r#"{"a": "s1.safetensors", "a": "s2.safetensors"}"#),
+                ),
+            ],
+            "twice",
+        ),
+        (
+            "unlisted tensor",
+            vec![
+                (
+                    "s1.safetensors",
+                    safetensors_bytes(
+                        &[("a", "F32", &[2], [0, 8]), ("z", "F32", &[1], [8, 12])],
+                        &data(12),
+                    ),
+                ),
+                (INDEX, index(r#"{"a": "s1.safetensors"}"#)),
+            ],
+            "'z'",
+        ),
+        (
+            "listed tensor missing",
+            vec![
+                ("s1.safetensors", good.clone()),
+                (
+                    INDEX,
+                    index(r#"{"a": "s1.safetensors", "q": "s1.safetensors"}"#),
+                ),
+            ],
+            "'q'",
+        ),
+        (
+            "shard path traversal",
+            vec![(INDEX, index(r#"{"a": "../s1.safetensors"}"#))],
+            "file name",
+        ),
+        ("garbage index", vec![(INDEX, b"{not json".to_vec())], INDEX),
+    ];
+    for (what, files, expect) in cases {
+        let dir = folder(&files);
+        assert_fails(dir.path(), expect, what);
+    }
+    let no_class = folder(&[(WEIGHTS, good)]);
+    std::fs::write(no_class.path().join("config.json"), "{}").unwrap();
+    assert_fails(no_class.path(), "_class_name", "config without class");
+}
