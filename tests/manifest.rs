@@ -158,3 +158,27 @@ fn bad_options_fail_before_any_work() {
     ]);
     assert!(String::from_utf8_lossy(&r.stderr).contains("recipe"));
 }
+
+#[test]
+fn dump_after_writes_the_graph_after_a_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("b");
+    convert(
+        &repo("examples/latte-tiny/model.onnx"),
+        &[
+            "--recipe",
+            &repo("passes/pab.toml"),
+            "--dump-after",
+            "broadcast-static",
+        ],
+        &out,
+    );
+    let dumped = ditc::onnx::read_model(&out.join("after-broadcast-static.onnx")).unwrap();
+    let ifs = dumped
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "If")
+        .count();
+    assert_eq!(ifs, 20, "12 attention sites + 8 MLPs baked");
+}

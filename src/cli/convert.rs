@@ -51,6 +51,10 @@ pub struct Args {
     /// Write the bundle even if the TensorRT lint finds violations (they are still printed).
     #[arg(long)]
     pub allow_lint_errors: bool,
+    /// Also write the graph as it is after this pass, as OUT/after-<pass>.onnx (weights inline).
+    /// Repeatable.
+    #[arg(long, value_name = "PASS")]
+    pub dump_after: Vec<String>,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -79,6 +83,12 @@ pub fn run(args: &Args) -> Result<()> {
         .transpose()
         .context("invalid [sampler]")?;
 
+    for name in &args.dump_after {
+        if !recipe.passes.iter().any(|p| &p.name == name) {
+            let known: Vec<&str> = recipe.passes.iter().map(|p| p.name.as_str()).collect();
+            anyhow::bail!("--dump-after {name}: the recipe runs no such pass (it runs: {known:?})");
+        }
+    }
     let mut model = super::read_model_arg(&args.model)?;
     check_graph(&model.graph).context("the input graph is invalid")?;
     let source = manifest::describe_source(&args.model, &model)?;
@@ -99,7 +109,16 @@ pub fn run(args: &Args) -> Result<()> {
         step_input: None,
         precision: None,
     };
-    passes::run_pipeline(&mut model, &pass_list, &mut cx)?;
+    let mut dumps: Vec<(String, Vec<u8>)> = Vec::new();
+    passes::run_pipeline_with(&mut model, &pass_list, &mut cx, &mut |name, m| {
+        if args.dump_after.iter().any(|d| d == name) {
+            dumps.push((
+                format!("after-{name}.onnx"),
+                crate::onnx::model_to_bytes_inline(m)?,
+            ));
+        }
+        Ok(())
+    })?;
     let cost = cost(&original, &model, &cx)?;
     let violations = crate::lint::lint(&model, args.target, None);
     if !violations.is_empty() {
@@ -163,6 +182,9 @@ pub fn run(args: &Args) -> Result<()> {
         precision: cx.precision.clone(),
         dit_map: serde_json::to_value(&cx.dit_map)?,
     };
+    for (name, bytes) in &dumps {
+        staging.write(name, bytes)?;
+    }
     staging.write(
         "manifest.json",
         serde_json::to_string_pretty(&manifest)?.as_bytes(),

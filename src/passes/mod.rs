@@ -65,6 +65,17 @@ pub fn run_pipeline(
     passes: &[Box<dyn Pass>],
     cx: &mut PassContext,
 ) -> Result<()> {
+    run_pipeline_with(model, passes, cx, &mut |_, _| Ok(()))
+}
+
+/// As [`run_pipeline`], calling `after(pass name, model)` once each pass has run and been checked
+/// (`ditc convert --dump-after` writes the graph there).
+pub fn run_pipeline_with(
+    model: &mut Model,
+    passes: &[Box<dyn Pass>],
+    cx: &mut PassContext,
+    after: &mut dyn FnMut(&str, &Model) -> Result<()>,
+) -> Result<()> {
     for pass in passes {
         pass.run(model, cx)
             .with_context(|| format!("pass '{}'", pass.name()))?;
@@ -76,6 +87,7 @@ pub fn run_pipeline(
                     pass.name()
                 )
             })?;
+        after(pass.name(), model)?;
     }
     Ok(())
 }
