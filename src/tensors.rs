@@ -3,44 +3,19 @@
 //! Reading is zero-copy (the file is memory-mapped and each tensor is a slice of the map). Writing goes
 //! through a temporary file and a rename.
 
-use std::fs::File;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::ir::{DataType, Tensor};
-use crate::onnx::external::map_file;
+use crate::ir::Tensor;
 use crate::output::write_file_atomically;
 
-/// All tensors of a safetensors file, in file order.
+/// All tensors of a safetensors file, in file order (zero-copy slices of the mapped file).
 pub fn read_safetensors(path: &Path) -> Result<Vec<Tensor>> {
-    let file = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
-    let bytes = map_file(&file)?;
-    let parsed = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-        anyhow::anyhow!("'{}' is not a valid safetensors file: {e}", path.display())
-    })?;
-    let mut names: Vec<(usize, String)> = Vec::new();
-    for (name, view) in parsed.tensors() {
-        let offset = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
-        names.push((offset, name));
-    }
-    names.sort();
-    names
-        .into_iter()
-        .map(|(_, name)| {
-            let view = parsed.tensor(&name)?;
-            let Some(dtype) = DataType::from_safetensors(view.dtype()) else {
-                bail!(
-                    "'{}': tensor '{name}' has unsupported dtype {:?}",
-                    path.display(),
-                    view.dtype()
-                );
-            };
-            let dims = view.shape().iter().map(|&d| d as i64).collect();
-            Tensor::from_raw(&name, dtype, dims, bytes.slice_ref(view.data()))
-                .with_context(|| format!("in '{}'", path.display()))
-        })
-        .collect()
+    let mut tensors = crate::checkpoint::read_shard(path)?;
+    // Slices of one map: their addresses give the file order.
+    tensors.sort_by_key(|t| t.raw().map(|b| b.as_ptr() as usize).unwrap_or(0));
+    Ok(tensors)
 }
 
 /// Write tensors (by their names) as a safetensors file, atomically.

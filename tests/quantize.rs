@@ -41,37 +41,48 @@ fn model() -> Model {
     }
 }
 
-fn quantized(stats_dir: &Path) -> (Model, PassContext) {
-    let stats = stats_dir.join("stats.json");
-    std::fs::write(
-        &stats,
-        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":2.54}}}"#,
-    )
-    .unwrap();
+/// Run `quantize-w8a8` on `m` with these calibration stats (JSON) and extra options.
+fn quantize(m: &mut Model, stats_json: &str, extra: &[(&str, toml::Value)]) -> PassContext {
+    let dir = tempfile::tempdir().unwrap();
+    let stats = dir.path().join("stats.json");
+    std::fs::write(&stats, stats_json).unwrap();
     let mut options = toml::Table::new();
     options.insert(
         "calibration_stats".into(),
         stats.display().to_string().into(),
     );
-    options.insert("include".into(), toml::Value::Array(vec!["layer.".into()]));
+    for (k, v) in extra {
+        options.insert(k.to_string(), v.clone());
+    }
     let pass = create("quantize-w8a8", &options).unwrap();
-    let mut m = model();
     let mut cx = PassContext {
-        dit_map: analyse(&m),
+        dit_map: analyse(m),
         sampler: None,
         schedule: None,
         state: vec![],
         step_input: None,
         precision: None,
     };
-    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
+    run_pipeline(m, &[pass], &mut cx).unwrap();
+    cx
+}
+
+const X_STATS: &str =
+    r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":2.54}}}"#;
+
+fn layer() -> (&'static str, toml::Value) {
+    ("include", toml::Value::Array(vec!["layer.".into()]))
+}
+
+fn quantized() -> (Model, PassContext) {
+    let mut m = model();
+    let cx = quantize(&mut m, X_STATS, &[layer()]);
     (m, cx)
 }
 
 #[test]
 fn qdq_structure_and_scales() {
-    let dir = tempfile::tempdir().unwrap();
-    let (m, cx) = quantized(dir.path());
+    let (m, cx) = quantized();
     let g = &m.graph;
     let node = |op: &str| {
         g.nodes
@@ -120,8 +131,7 @@ fn qdq_structure_and_scales() {
 
 #[test]
 fn tract_equals_hand_written_fake_quant() {
-    let dir = tempfile::tempdir().unwrap();
-    let (m, _) = quantized(dir.path());
+    let (m, _) = quantized();
     let x: Vec<f32> = vec![0.013, -2.6, 1.0, 0.499, -0.31, 2.54, 0.0, -0.01];
     let out = run_once(&m, &[Tensor::from_f32("x", vec![4, 2], &x)]).unwrap();
     let got = out[0].to_f32_vec().unwrap();
@@ -354,28 +364,16 @@ fn sensitivity_budget_meets_the_fidelity_target() {
 /// diag(s) W per output channel. tract's result equals that computation written out here.
 #[test]
 fn smooth_quant_equals_hand_written_computation() {
-    let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.json");
     let (a0, a1) = (2.54f32, 0.4f32);
-    std::fs::write(&stats, format!(r#"{{"format":"ditc-calibration","version":1,"method":"max","tensors":{{"x":{{"amax":{a0},"channel_amax":[{a0},{a1}]}}}}}}"#)).unwrap();
-    let mut options = toml::Table::new();
-    options.insert(
-        "calibration_stats".into(),
-        stats.display().to_string().into(),
+    let stats = format!(
+        r#"{{"format":"ditc-calibration","version":1,"method":"max","tensors":{{"x":{{"amax":{a0},"channel_amax":[{a0},{a1}]}}}}}}"#
     );
-    options.insert("include".into(), toml::Value::Array(vec!["layer.".into()]));
-    options.insert("smooth_quant_alpha".into(), 0.8.into());
-    let pass = create("quantize-w8a8", &options).unwrap();
     let mut m = model();
-    let mut cx = PassContext {
-        dit_map: analyse(&m),
-        sampler: None,
-        schedule: None,
-        state: vec![],
-        step_input: None,
-        precision: None,
-    };
-    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
+    quantize(
+        &mut m,
+        &stats,
+        &[layer(), ("smooth_quant_alpha", 0.8.into())],
+    );
     assert_eq!(
         m.graph.nodes.iter().filter(|n| n.op_type == "Mul").count(),
         1,
@@ -422,31 +420,8 @@ fn smooth_quant_equals_hand_written_computation() {
 /// op-level emulation; its result must equal the bit-level E4M3 rounding implemented separately.
 #[test]
 fn fp8_emulation_equals_bit_level_rounding() {
-    let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.json");
-    std::fs::write(
-        &stats,
-        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":2.54}}}"#,
-    )
-    .unwrap();
-    let mut options = toml::Table::new();
-    options.insert(
-        "calibration_stats".into(),
-        stats.display().to_string().into(),
-    );
-    options.insert("include".into(), toml::Value::Array(vec!["layer.".into()]));
-    options.insert("format".into(), "fp8".into());
-    let pass = create("quantize-w8a8", &options).unwrap();
     let mut m = model();
-    let mut cx = PassContext {
-        dit_map: analyse(&m),
-        sampler: None,
-        schedule: None,
-        state: vec![],
-        step_input: None,
-        precision: None,
-    };
-    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
+    quantize(&mut m, X_STATS, &[layer(), ("format", "fp8".into())]);
     assert_eq!(m.default_opset(), 19);
     assert_eq!(
         m.graph.initializer("w.fp8").unwrap().dtype,
@@ -514,13 +489,6 @@ fn fp8_emulation_is_exact_on_all_values_and_ties() {
 /// fake-quant convolution written out here.
 #[test]
 fn conv_weights_per_output_channel() {
-    let dir = tempfile::tempdir().unwrap();
-    let stats = dir.path().join("stats.json");
-    std::fs::write(
-        &stats,
-        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":1.5}}}"#,
-    )
-    .unwrap();
     let w: Vec<f32> = (0..24)
         .map(|i| ((i * 7 % 11) as f32 - 5.0) / (3.0 + (i / 8) as f32))
         .collect(); // [3, 2, 2, 2]
@@ -533,22 +501,13 @@ fn conv_weights_per_output_channel() {
     m.graph.outputs = vec![ValueInfo::tensor("y", DataType::F32, vec![])];
     m.graph.initializers = vec![Tensor::from_f32("cw", vec![3, 2, 2, 2], &w)];
     m.graph.nodes = vec![Node::new("patch.conv", "Conv", &["x", "cw"], &["y"])];
-    let mut options = toml::Table::new();
-    options.insert(
-        "calibration_stats".into(),
-        stats.display().to_string().into(),
+    let stats =
+        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":1.5}}}"#;
+    quantize(
+        &mut m,
+        stats,
+        &[("include", toml::Value::Array(vec!["patch.".into()]))],
     );
-    options.insert("include".into(), toml::Value::Array(vec!["patch.".into()]));
-    let pass = create("quantize-w8a8", &options).unwrap();
-    let mut cx = PassContext {
-        dit_map: analyse(&m),
-        sampler: None,
-        schedule: None,
-        state: vec![],
-        step_input: None,
-        precision: None,
-    };
-    run_pipeline(&mut m, &[pass], &mut cx).unwrap();
     let dq = m
         .graph
         .nodes
