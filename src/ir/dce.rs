@@ -21,26 +21,26 @@ pub fn remove_dead_nodes(graph: &mut Graph) {
         .retain(|_| *k.next().expect("one flag per node"));
 }
 
-/// Remove graph inputs (not outputs) that no node reads.
-pub fn remove_unused_inputs(graph: &mut Graph) {
-    let used: HashSet<String> = graph
+/// Values some node (or a graph output) reads.
+fn used_values(graph: &Graph) -> HashSet<String> {
+    graph
         .nodes
         .iter()
         .flat_map(uses)
         .chain(graph.outputs.iter().map(|o| o.name.clone()))
-        .collect();
+        .collect()
+}
+
+/// Remove graph inputs (not outputs) that no node reads.
+pub fn remove_unused_inputs(graph: &mut Graph) {
+    let used = used_values(graph);
     graph.inputs.retain(|i| used.contains(&i.name));
     graph.initializers.retain(|t| used.contains(&t.name));
 }
 
 /// Remove initializers that no node (or graph output) reads, e.g. float weights replaced by INT8 ones.
 pub fn remove_unused_initializers(graph: &mut Graph) {
-    let used: HashSet<String> = graph
-        .nodes
-        .iter()
-        .flat_map(uses)
-        .chain(graph.outputs.iter().map(|o| o.name.clone()))
-        .collect();
+    let used = used_values(graph);
     let inputs: HashSet<&str> = graph.inputs.iter().map(|i| i.name.as_str()).collect();
     let keep: Vec<bool> = graph
         .initializers

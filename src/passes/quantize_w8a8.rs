@@ -504,27 +504,42 @@ fn quantize_weight_fp8(graph: &mut Graph, name: &str) -> Result<(String, usize)>
     let values = w.to_f32_vec().context("f32 weight")?;
     let s = scale_for(values.iter().fold(0f32, |m, x| m.max(x.abs())), Format::Fp8);
     let scaled: Vec<f32> = values.iter().map(|v| v / s).collect();
-    let (qn, sn, zn, dq) = (
-        format!("{name}.fp8"),
-        format!("{name}.scale"),
-        format!("{name}.zero"),
-        format!("{name}.dq"),
-    );
-    graph
-        .initializers
-        .push(crate::fp8::encode_tensor(&qn, w.dims.clone(), &scaled)?);
-    scalar_f32(graph, &sn, s);
-    graph.initializers.push(Format::Fp8.zero(&zn));
-    graph.nodes.insert(
-        0,
-        Node::new(
-            &format!("{name}.dequantize"),
-            "DequantizeLinear",
-            &[&qn, &sn, &zn],
-            &[&dq],
-        ),
+    let quantized = crate::fp8::encode_tensor(&format!("{name}.fp8"), w.dims.clone(), &scaled)?;
+    let scale = Tensor::from_f32(&format!("{name}.scale"), vec![], &[s]);
+    let dq = insert_weight_dequantize(
+        graph,
+        name,
+        quantized,
+        scale,
+        Format::Fp8.zero(&format!("{name}.zero")),
+        None,
     );
     Ok((dq, 1))
+}
+
+/// Add the quantized weight, its scale and zero point, and the `DequantizeLinear` that restores
+/// weight `name` (with `axis` for per-channel scales); returns the dequantized value's name.
+fn insert_weight_dequantize(
+    graph: &mut Graph,
+    name: &str,
+    quantized: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    axis: Option<usize>,
+) -> String {
+    let dq = format!("{name}.dq");
+    let mut node = Node::new(
+        &format!("{name}.dequantize"),
+        "DequantizeLinear",
+        &[&quantized.name, &scale.name, &zero.name],
+        &[&dq],
+    );
+    if let Some(axis) = axis {
+        node = node.with_attr("axis", AttrValue::Int(axis as i64));
+    }
+    graph.initializers.extend([quantized, scale, zero]);
+    graph.nodes.insert(0, node);
+    dq
 }
 
 /// FP8 Q/DQ needs opset 19. Raise an older model's opset, moving `axes` of Reduce ops (attributes
@@ -635,36 +650,19 @@ fn quantize_weight(graph: &mut Graph, name: &str, axis: usize) -> Result<(String
                 .clamp(-127.0, 127.0) as i8 as u8
         })
         .collect();
-    let (qn, sn, zn, dq) = (
-        format!("{name}.int8"),
-        format!("{name}.scale"),
-        format!("{name}.zero"),
-        format!("{name}.dq"),
-    );
-    graph.initializers.push(Tensor::from_raw(
-        &qn,
+    let quantized = Tensor::from_raw(
+        &format!("{name}.int8"),
         DataType::I8,
         w.dims.clone(),
         Bytes::from(q),
-    )?);
-    graph
-        .initializers
-        .push(Tensor::from_f32(&sn, vec![channels as i64], &scales));
-    graph.initializers.push(Tensor::from_raw(
-        &zn,
+    )?;
+    let scale = Tensor::from_f32(&format!("{name}.scale"), vec![channels as i64], &scales);
+    let zero = Tensor::from_raw(
+        &format!("{name}.zero"),
         DataType::I8,
         vec![channels as i64],
         Bytes::from(vec![0u8; channels]),
-    )?);
-    graph.nodes.insert(
-        0,
-        Node::new(
-            &format!("{name}.dequantize"),
-            "DequantizeLinear",
-            &[&qn, &sn, &zn],
-            &[&dq],
-        )
-        .with_attr("axis", AttrValue::Int(axis as i64)),
-    );
+    )?;
+    let dq = insert_weight_dequantize(graph, name, quantized, scale, zero, Some(axis));
     Ok((dq, channels))
 }

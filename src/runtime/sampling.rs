@@ -166,6 +166,7 @@ pub fn sample(
             pattern_at(&tables, i)
         };
         let key: Vec<bool> = pattern.values().copied().collect();
+        set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
         if !plans.contains_key(&key) {
             let t = Instant::now();
             // State outputs of values this step reuses equal their inputs: leave them out. A forced
@@ -178,13 +179,11 @@ pub fn sample(
                 .map(|b| b.output.clone())
                 .collect();
             let specialised = specialize_without(&bundle.model, &pattern, &unchanged)?;
-            set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
             let runner = TractRunner::new(&specialised, &inputs)?;
             plans.insert(key.clone(), (runner, model_flops(&specialised)));
             plan_seconds += t.elapsed().as_secs_f64();
         }
         let (runner, flops) = &plans[&key];
-        set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
         let outputs = runner.run(&inputs).with_context(|| format!("step {i}"))?;
         let prediction = outputs
             .iter()
@@ -222,16 +221,38 @@ pub fn sample(
     Ok((out, report))
 }
 
-fn site_costs(m: &Manifest) -> BTreeMap<usize, (Group, u64)> {
+/// An attention site as the report counts it.
+struct SiteCost {
+    kind: Group,
+    /// Score/value products plus projections, per call.
+    flops: u64,
+    /// Whether the schedule drives this site (else it computes every step).
+    scheduled: bool,
+}
+
+/// Every attention site of the manifest's DiT map, read once per run.
+fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
+    let scheduled: Vec<usize> = m
+        .schedule
+        .as_ref()
+        .map(|s| s.sites.values().flatten().copied().collect())
+        .unwrap_or_default();
     let mut out = BTreeMap::new();
     if let Some(sites) = m.dit_map.get("attention").and_then(|a| a.as_array()) {
         for s in sites {
             let id = s["id"].as_u64().unwrap_or(0) as usize;
             let kind: Option<Group> = serde_json::from_value(s["kind"].clone()).ok();
-            let cost =
+            let flops =
                 s["flops"].as_u64().unwrap_or(0) + s["projection_flops"].as_u64().unwrap_or(0);
             if let Some(kind) = kind {
-                out.insert(id, (kind, cost));
+                out.insert(
+                    id,
+                    SiteCost {
+                        kind,
+                        flops,
+                        scheduled: scheduled.contains(&id),
+                    },
+                );
             }
         }
     }
@@ -242,27 +263,13 @@ fn record(
     report: &mut RunReport,
     bundle: &Bundle,
     pattern: &Pattern,
-    sites: &BTreeMap<usize, (Group, u64)>,
+    sites: &BTreeMap<usize, SiteCost>,
     flops: u64,
     full: u64,
 ) {
-    let scheduled: BTreeMap<usize, Group> = bundle
-        .manifest
-        .schedule
-        .as_ref()
-        .map(|s| {
-            s.sites
-                .iter()
-                .flat_map(|(k, ids)| ids.iter().map(move |&id| (id, *k)))
-                .collect()
-        })
-        .unwrap_or_default();
-    for (&id, &(kind, cost)) in sites {
-        let computed = scheduled
-            .get(&id)
-            .and_then(|k| pattern.get(k))
-            .copied()
-            .unwrap_or(true);
+    for (&id, site) in sites {
+        let (kind, cost) = (site.kind, site.flops);
+        let computed = !site.scheduled || pattern.get(&kind).copied().unwrap_or(true);
         report.decisions.entry(id).or_default().push(computed);
         let calls = report.calls.entry(kind).or_default();
         if computed {
