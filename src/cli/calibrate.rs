@@ -18,6 +18,7 @@ use crate::metrics::compare;
 use crate::output::write_file_atomically;
 use crate::passes::quantize_w8a8::{quantize_layers, select_targets, QuantizeOptions, Target};
 use crate::recipe::Recipe;
+use crate::runtime::sampling::timestep_tensor;
 use crate::runtime::TractRunner;
 
 #[derive(clap::Args, Debug)]
@@ -127,9 +128,8 @@ pub fn run(args: &Args) -> Result<()> {
         .iter()
         .map(|a| (a.clone(), Histogram::new()))
         .collect();
-    let steps: Vec<usize> = (0..sampler.steps()).collect();
     let bar = crate::progress::steps_bar(
-        (args.cases.len() * steps.len()) as u64,
+        (args.cases.len() * sampler.steps()) as u64,
         "calibrating",
         !args.no_progress,
     );
@@ -138,25 +138,13 @@ pub fn run(args: &Args) -> Result<()> {
     let mut points: Vec<(Vec<Tensor>, Vec<f32>)> = Vec::new();
     let mut finals: Vec<Vec<f32>> = Vec::new();
     for case in &args.cases {
-        let inputs = select_case(&all, case)?;
-        let noise = inputs
-            .iter()
-            .find(|t| t.name == "noise")
-            .with_context(|| format!("case {case}: no '{case}.noise'"))?
-            .clone();
-        let mut x = noise.to_f32_vec().context("noise must be f32")?;
-        for &i in &steps {
-            let mut feed: Vec<Tensor> = inputs
-                .iter()
-                .filter(|t| t.name != "noise")
-                .cloned()
-                .collect();
-            feed.push(Tensor::from_f32(&io.latent, noise.dims.clone(), &x));
-            feed.push(timestep_tensor(&model, &io.timestep, sampler.timesteps[i])?);
-            if runner.is_none() {
-                runner = Some(TractRunner::new(&probe, &feed)?);
-            }
-            let outputs = runner.as_ref().expect("prepared").run(&feed)?;
+        let inputs = select_case(&all, case).with_context(|| format!("case {case}"))?;
+        let trajectory = Trajectory {
+            io: &io,
+            sampler: &sampler,
+            inputs: &inputs,
+        };
+        let x = trajectory.run(&probe, &mut runner, |i, feed, outputs| {
             let t_now = sampler.timesteps[i];
             let in_window = args
                 .window
@@ -164,7 +152,7 @@ pub fn run(args: &Args) -> Result<()> {
                 .is_none_or(|w| w[0] <= t_now && t_now <= w[1]);
             if i % args.every == 0 && in_window {
                 samples += 1;
-                for t in &outputs {
+                for t in outputs {
                     if let Some(m) = amax.get_mut(&t.name) {
                         let v = t.to_f32_vec().context("activations are float")?;
                         *m = v.iter().fold(*m, |acc, x| acc.max(x.abs()));
@@ -184,18 +172,16 @@ pub fn run(args: &Args) -> Result<()> {
                     }
                 }
             }
-            let pred = outputs
-                .iter()
-                .find(|t| t.name == io.prediction)
-                .context("no prediction")?;
-            let pred = pred.to_f32_vec().context("f32 prediction")?;
             if args.sensitivity && i % SENSITIVITY_EVERY == 0 {
-                points.push((feed.clone(), pred.clone()));
+                let pred = outputs
+                    .iter()
+                    .find(|t| t.name == io.prediction)
+                    .context("no prediction")?;
+                points.push((feed.to_vec(), pred.to_f32_vec().context("f32 prediction")?));
             }
-            let n = x.len();
-            sampler.step(i, &mut x, &pred[..n]);
             bar.inc(1);
-        }
+            Ok(())
+        })?;
         finals.push(x);
     }
     bar.finish_and_clear();
@@ -288,37 +274,11 @@ pub fn run(args: &Args) -> Result<()> {
 
 fn select_case(all: &[Tensor], case: &str) -> Result<Vec<Tensor>> {
     let prefix = format!("{case}.");
-    let v: Vec<Tensor> = all
-        .iter()
-        .filter_map(|t| {
-            let mut t = t.clone();
-            t.name = t.name.strip_prefix(&prefix)?.to_string();
-            Some(t)
-        })
-        .collect();
+    let v = super::select_prefixed(all, &prefix);
     if v.is_empty() {
         bail!("no tensors named '{prefix}...' in the inputs");
     }
     Ok(v)
-}
-
-fn timestep_tensor(model: &crate::ir::Model, name: &str, t: f64) -> Result<Tensor> {
-    let info = model
-        .graph
-        .inputs
-        .iter()
-        .find(|i| i.name == name)
-        .context("timestep input")?;
-    let shape: Vec<i64> = info
-        .shape()
-        .unwrap_or(&[])
-        .iter()
-        .map(|d| d.value().unwrap_or(1))
-        .collect();
-    Ok(match info.dtype() {
-        Some(crate::ir::DataType::I64) => Tensor::from_i64(name, shape, &[t.round() as i64]),
-        _ => Tensor::from_f32(name, shape, &[t as f32]),
-    })
 }
 
 /// Sensitivity is measured at every this-many-th step of each calibration trajectory.
@@ -366,15 +326,20 @@ struct Trajectory<'a> {
 }
 
 impl Trajectory<'_> {
-    /// The final latent of a full sampling run of `model`.
-    fn run(&self, model: &crate::ir::Model) -> Result<Vec<f32>> {
+    /// Sample with `model` from the case's `noise` and return the final latent. `on_step(i, feed,
+    /// outputs)` sees every step; `runner` is the plan for `model`, made on first use and reusable.
+    fn run(
+        &self,
+        model: &crate::ir::Model,
+        runner: &mut Option<TractRunner>,
+        mut on_step: impl FnMut(usize, &[Tensor], &[Tensor]) -> Result<()>,
+    ) -> Result<Vec<f32>> {
         let noise = self
             .inputs
             .iter()
             .find(|t| t.name == "noise")
-            .context("no noise")?;
-        let mut x = noise.to_f32_vec().context("f32 noise")?;
-        let mut runner: Option<TractRunner> = None;
+            .context("no 'noise' tensor")?;
+        let mut x = noise.to_f32_vec().context("noise must be f32")?;
         for i in 0..self.sampler.steps() {
             let mut feed: Vec<Tensor> = self
                 .inputs
@@ -389,14 +354,15 @@ impl Trajectory<'_> {
                 self.sampler.timesteps[i],
             )?);
             if runner.is_none() {
-                runner = Some(TractRunner::new(model, &feed)?);
+                *runner = Some(TractRunner::new(model, &feed)?);
             }
             let out = runner.as_ref().expect("prepared").run(&feed)?;
+            on_step(i, &feed, &out)?;
             let pred = out
                 .iter()
                 .find(|o| o.name == self.io.prediction)
                 .context("no prediction")?;
-            let pred = pred.to_f32_vec().context("f32")?;
+            let pred = pred.to_f32_vec().context("f32 prediction")?;
             let n = x.len();
             self.sampler.step(i, &mut x, &pred[..n]);
         }
@@ -437,7 +403,7 @@ fn budget_table(
             .collect();
         let mut m = model.clone();
         quantize_layers(&mut m, &chosen, stats)?;
-        let f = compare(&trajectory.run(&m)?, reference);
+        let f = compare(&trajectory.run(&m, &mut None, |_, _, _| Ok(()))?, reference);
         table.push(BudgetPoint {
             keep_float: keep,
             psnr_db: f.psnr_db.min(999.0),

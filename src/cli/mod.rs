@@ -19,18 +19,21 @@ use crate::tensors::read_safetensors;
 pub fn load_inputs(path: &Path, prefix: Option<&str>) -> Result<Vec<Tensor>> {
     let all = read_safetensors(path)?;
     let Some(prefix) = prefix else { return Ok(all) };
-    let selected: Vec<Tensor> = all
-        .into_iter()
-        .filter_map(|mut t| {
-            let rest = t.name.strip_prefix(prefix)?.to_string();
-            t.name = rest;
-            Some(t)
-        })
-        .collect();
+    let selected = select_prefixed(&all, prefix);
     if selected.is_empty() {
         bail!("'{}' has no tensor named '{prefix}...'", path.display());
     }
     Ok(selected)
+}
+
+/// The tensors named `PREFIX<name>`, renamed `<name>`.
+pub fn select_prefixed(all: &[Tensor], prefix: &str) -> Vec<Tensor> {
+    all.iter()
+        .filter_map(|t| {
+            let name = t.name.strip_prefix(prefix)?.to_string();
+            Some(Tensor { name, ..t.clone() })
+        })
+        .collect()
 }
 
 /// Read a model given on the command line (an `.onnx` file).

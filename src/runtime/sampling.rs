@@ -349,6 +349,27 @@ fn base_inputs(bundle: &Bundle, noise: &Tensor, extra: &[Tensor]) -> Result<Vec<
     Ok(inputs)
 }
 
+/// The sampler's timestep `t` as the model's timestep input takes it (its shape; i64 rounded, or f32).
+pub fn timestep_tensor(model: &Model, name: &str, t: f64) -> Result<Tensor> {
+    let info = model
+        .graph
+        .inputs
+        .iter()
+        .find(|i| i.name == name)
+        .context("no timestep input")?;
+    let shape: Vec<i64> = info
+        .shape()
+        .unwrap_or(&[])
+        .iter()
+        .map(|d| d.value().unwrap_or(1))
+        .collect();
+    Ok(match info.dtype() {
+        Some(DataType::I64) => Tensor::from_i64(name, shape, &[t.round() as i64]),
+        Some(DataType::F32) | None => Tensor::from_f32(name, shape, &[t as f32]),
+        Some(other) => bail!("timestep input '{name}' has type {other}; ditc feeds i64 or f32"),
+    })
+}
+
 fn set_step_inputs(
     bundle: &Bundle,
     inputs: &mut Vec<Tensor>,
@@ -356,28 +377,12 @@ fn set_step_inputs(
     noise: &Tensor,
     step: usize,
 ) -> Result<()> {
-    let graph = &bundle.model.graph;
     let latent = Tensor::from_f32(&bundle.io.latent, noise.dims.clone(), x);
-    let ts_info = graph
-        .inputs
-        .iter()
-        .find(|i| i.name == bundle.io.timestep)
-        .context("no timestep input")?;
-    let ts_shape: Vec<i64> = ts_info
-        .shape()
-        .unwrap_or(&[])
-        .iter()
-        .map(|d| d.value().unwrap_or(1))
-        .collect();
-    let t = bundle.sampler.timesteps[step];
-    let timestep = match ts_info.dtype() {
-        Some(DataType::I64) => Tensor::from_i64(&bundle.io.timestep, ts_shape, &[t.round() as i64]),
-        Some(DataType::F32) | None => Tensor::from_f32(&bundle.io.timestep, ts_shape, &[t as f32]),
-        Some(other) => bail!(
-            "timestep input '{}' has type {other}; ditc feeds i64 or f32",
-            bundle.io.timestep
-        ),
-    };
+    let timestep = timestep_tensor(
+        &bundle.model,
+        &bundle.io.timestep,
+        bundle.sampler.timesteps[step],
+    )?;
     let mut fresh = vec![latent, timestep];
     if let Some(step_name) = &bundle.io.step {
         fresh.push(Tensor::from_i64(step_name, vec![], &[step as i64]));
