@@ -136,19 +136,7 @@ impl Builder {
                 doc_string: String::new(),
             });
         }
-        Model {
-            ir_version: 9,
-            opsets: vec![(String::new(), opset)],
-            producer_name: "test".into(),
-            producer_version: String::new(),
-            domain: String::new(),
-            model_version: 0,
-            doc_string: String::new(),
-            metadata: vec![],
-            functions: vec![],
-            graph: self.graph,
-            external_files: vec![],
-        }
+        Model::new(self.graph, opset)
     }
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{case, ditc, fixtures, named, GRAPH_FILES, MODELS};
+use common::{case, ditc, ditc_ok, fixtures, named, GRAPH_FILES, MODELS};
 use ditc::metrics::compare;
 use ditc::onnx::read_model;
 use ditc::runtime::TractRunner;
@@ -47,18 +47,13 @@ fn convert_then_verify_is_exact() {
         for file in GRAPH_FILES {
             let src = dir.join(m).join(file);
             let out = tmp.path().join(format!("{m}-{file}"));
-            let r = ditc(&[
+            ditc_ok(&[
                 "convert",
                 src.to_str().unwrap(),
                 "-o",
                 out.to_str().unwrap(),
                 "--no-progress",
             ]);
-            assert!(
-                r.status.success(),
-                "convert {m}/{file}: {}",
-                String::from_utf8_lossy(&r.stderr)
-            );
             assert!(
                 out.join("model.onnx.data").is_file(),
                 "weights go to external data"
@@ -69,7 +64,7 @@ fn convert_then_verify_is_exact() {
             assert_eq!(manifest["files"][0]["path"], "model.onnx");
             let converted = out.join("model.onnx");
             let io = dir.join(m).join("io.safetensors");
-            let r = ditc(&[
+            let stdout = ditc_ok(&[
                 "verify",
                 converted.to_str().unwrap(),
                 src.to_str().unwrap(),
@@ -81,12 +76,7 @@ fn convert_then_verify_is_exact() {
                 "1e-6",
                 "--json",
             ]);
-            assert!(
-                r.status.success(),
-                "verify {m}/{file}: {}",
-                String::from_utf8_lossy(&r.stderr)
-            );
-            let rows: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+            let rows: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
             let max_rel = rows[0]["max_rel"].as_f64().unwrap();
             assert!(max_rel <= 1e-6, "{m}/{file}: {max_rel}");
         }
@@ -102,14 +92,13 @@ fn conversion_is_deterministic() {
     let mut outputs = Vec::new();
     for i in 0..2 {
         let out = tmp.path().join(format!("run{i}"));
-        let r = ditc(&[
+        ditc_ok(&[
             "convert",
             src.to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
             "--no-progress",
         ]);
-        assert!(r.status.success());
         outputs.push(out);
     }
     for f in ["model.onnx", "model.onnx.data", "manifest.json"] {
@@ -147,9 +136,8 @@ fn inspect_classifies_fixture_attention() {
     for (m, want, blocks) in expected {
         for file in GRAPH_FILES {
             let path = dir.join(m).join(file);
-            let r = ditc(&["inspect", path.to_str().unwrap(), "--json"]);
-            assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-            let report: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+            let stdout = ditc_ok(&["inspect", path.to_str().unwrap(), "--json"]);
+            let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
             let got = kinds(&report);
             let want: std::collections::BTreeMap<String, usize> =
                 want.iter().map(|(k, n)| (k.to_string(), *n)).collect();

@@ -5,17 +5,8 @@ use ditc::ir::{AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
 use ditc::lint::{lint, Target};
 
 fn model(nodes: Vec<Node>, initializers: Vec<Tensor>, opset: i64) -> Model {
-    Model {
-        ir_version: 9,
-        opsets: vec![(String::new(), opset)],
-        producer_name: String::new(),
-        producer_version: String::new(),
-        domain: String::new(),
-        model_version: 0,
-        doc_string: String::new(),
-        metadata: vec![],
-        functions: vec![],
-        graph: Graph {
+    Model::new(
+        Graph {
             inputs: vec![ValueInfo::tensor(
                 "x",
                 DataType::F32,
@@ -26,8 +17,8 @@ fn model(nodes: Vec<Node>, initializers: Vec<Tensor>, opset: i64) -> Model {
             nodes,
             ..Graph::default()
         },
-        external_files: vec![],
-    }
+        opset,
+    )
 }
 
 fn i8s(name: &str, dims: Vec<i64>, v: &[i8]) -> Tensor {

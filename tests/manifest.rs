@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{ditc, fixtures, schema};
+use common::{ditc, ditc_ok, fixtures, schema};
 use serde_json::Value;
 
 fn repo(p: &str) -> String {
@@ -29,12 +29,7 @@ fn convert(model: &str, extra: &[&str], out: &Path) -> Value {
         "--no-progress",
     ];
     args.extend_from_slice(extra);
-    let r = ditc(&args);
-    assert!(
-        r.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
+    ditc_ok(&args);
     serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
 }
 

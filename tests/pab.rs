@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{ditc, fixtures};
+use common::{ditc_ok, fixtures};
 use ditc::cli::run::{sample_bundle, Args};
 use ditc::metrics::compare;
 use ditc::tensors::read_safetensors;
@@ -41,8 +41,7 @@ fn convert(dir: &Path, out: &Path, sets: &[String]) {
         args.push("--set");
         args.push(s);
     }
-    let r = ditc(&args);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    ditc_ok(&args);
 }
 
 fn run(manifest: &Path, inputs: &Path, case: usize) -> (Vec<f32>, ditc::cli::run::Report) {

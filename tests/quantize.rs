@@ -1,6 +1,8 @@
 //! W8A8 quantization: the Q/DQ structure on a hand-made graph, and tract's result against a fake-quant
 //! computation written out here.
 
+mod common;
+
 use std::path::Path;
 
 use ditc::analysis::analyse;
@@ -26,19 +28,7 @@ fn model() -> Model {
         nodes: vec![Node::new("layer.mm", "MatMul", &["x", "w"], &["y"])],
         ..Graph::default()
     };
-    Model {
-        ir_version: 9,
-        opsets: vec![(String::new(), 17)],
-        producer_name: String::new(),
-        producer_version: String::new(),
-        domain: String::new(),
-        model_version: 0,
-        doc_string: String::new(),
-        metadata: vec![],
-        functions: vec![],
-        graph,
-        external_files: vec![],
-    }
+    Model::new(graph, 17)
 }
 
 /// Run `quantize-w8a8` on `m` with these calibration stats (JSON) and extra options.
@@ -168,18 +158,7 @@ fn latte_w8a8_over_a_sampling_trajectory() {
     let demo = root.join("examples/latte-tiny");
     let tmp = tempfile::tempdir().unwrap();
     let stats = tmp.path().join("stats.json");
-    let ditc = |args: &[&str]| {
-        let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            r.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-        r.stdout
-    };
+    let ditc = common::ditc_ok;
     let model = demo.join("model.onnx");
     let inputs = demo.join("sampling.safetensors");
     let (m, i, s) = (
@@ -258,18 +237,7 @@ fn sensitivity_budget_meets_the_fidelity_target() {
     let demo = root.join("examples/latte-tiny");
     let tmp = tempfile::tempdir().unwrap();
     let stats = tmp.path().join("stats.json");
-    let ditc = |args: &[&str]| {
-        let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            r.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-        r.stdout
-    };
+    let ditc = common::ditc_ok;
     let (model, inputs, recipe) = (
         demo.join("model.onnx"),
         demo.join("sampling.safetensors"),

@@ -29,6 +29,30 @@ pub struct Model {
 }
 
 impl Model {
+    /// A model of `graph` importing the default ONNX domain at `opset`, with the IR version ONNX pairs
+    /// with that opset and no other metadata (for graphs built in code).
+    pub fn new(graph: Graph, opset: i64) -> Model {
+        let ir_version = match opset {
+            ..=18 => 8,
+            19..=20 => 9,
+            21..=22 => 10,
+            _ => 11,
+        };
+        Model {
+            ir_version,
+            opsets: vec![(String::new(), opset)],
+            producer_name: String::new(),
+            producer_version: String::new(),
+            domain: String::new(),
+            model_version: 0,
+            doc_string: String::new(),
+            metadata: Vec::new(),
+            functions: Vec::new(),
+            graph,
+            external_files: Vec::new(),
+        }
+    }
+
     /// The opset version of the default (`ai.onnx`) domain.
     pub fn default_opset(&self) -> i64 {
         self.opsets

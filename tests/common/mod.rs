@@ -34,6 +34,17 @@ pub fn ditc(args: &[&str]) -> Output {
         .expect("the ditc binary runs")
 }
 
+/// Run ditc, assert it succeeded (showing its stderr otherwise), return its stdout.
+pub fn ditc_ok(args: &[&str]) -> Vec<u8> {
+    let r = ditc(args);
+    assert!(
+        r.status.success(),
+        "ditc {args:?}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    r.stdout
+}
+
 /// Tensors of one fixture case (`{case}.name`), with the prefix stripped.
 pub fn case(io: &[Tensor], case: usize) -> Vec<Tensor> {
     let prefix = format!("{case}.");
