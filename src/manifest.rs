@@ -20,7 +20,7 @@ use crate::schedule::SamplerConfig;
 pub const FORMAT: &str = "ditc-manifest";
 pub const VERSION: u32 = 1;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
     pub version: u32,
@@ -47,7 +47,7 @@ pub struct Manifest {
     pub dit_map: serde_json::Value,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Source {
     pub path: String,
     pub files: Vec<WrittenFile>,
@@ -275,11 +275,6 @@ pub fn trtexec_command(model: &Model) -> String {
     format!(
         "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4 --minShapes={shapes} --optShapes={shapes} --maxShapes={shapes}"
     )
-}
-
-/// Parse a manifest held in memory.
-pub fn read_from_str(text: &str) -> Result<Manifest> {
-    Ok(serde_json::from_str(text)?)
 }
 
 pub fn read(path: &Path) -> Result<Manifest> {

@@ -31,10 +31,6 @@ impl Staging {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Create `name` (relative to the folder) under a temporary name.
     pub fn create(&mut self, name: &str) -> Result<File> {
         let final_path = self.dir.join(name);

@@ -104,29 +104,6 @@ impl DataType {
         matches!(self, U8 | I8 | U16 | I16 | I32 | I64 | U32 | U64 | U4 | I4)
     }
 
-    /// The dtype name used in safetensors headers, where one exists.
-    pub fn safetensors_name(self) -> Option<&'static str> {
-        use DataType::*;
-        Some(match self {
-            F32 => "F32",
-            F16 => "F16",
-            BF16 => "BF16",
-            F64 => "F64",
-            U8 => "U8",
-            I8 => "I8",
-            U16 => "U16",
-            I16 => "I16",
-            I32 => "I32",
-            U32 => "U32",
-            I64 => "I64",
-            U64 => "U64",
-            Bool => "BOOL",
-            F8E4M3FN => "F8_E4M3",
-            F8E5M2 => "F8_E5M2",
-            _ => return None,
-        })
-    }
-
     pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<DataType> {
         use safetensors::Dtype as S;
         Some(match dtype {

@@ -79,9 +79,8 @@ impl Bundle {
                 source.display()
             )
         })?;
-        let manifest = crate::manifest::read_from_str(&serde_json::to_string(&self.manifest)?)?;
         Ok(Some(Bundle {
-            manifest,
+            manifest: self.manifest.clone(),
             model,
             io: self.io.clone(),
             sampler: self.sampler.clone(),
