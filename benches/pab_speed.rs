@@ -5,7 +5,9 @@
 //! the median sampling time (plans excluded; reported separately) of:
 //! - `plain`: the model converted with the sampler only (no pass);
 //! - `period1`: `broadcast-static` with every period 1 (must stay within 1.10x of plain);
-//! - `pab`: the Latte PAB preset (attention and MLP broadcast), against the same bundle run with every site computing (`full`).
+//! - `pab`: the Latte PAB preset (attention and MLP broadcast), against the same bundle run with every
+//!   site computing (`full`);
+//! - `pab-attention`: the preset's attention periods only (spatial 2, temporal 3, cross 6), no MLP.
 //!
 //! It compares PAB's measured speedup with the ideal from its FLOP ratio (target: >= 0.9 of ideal).
 
@@ -45,6 +47,16 @@ fn main() {
     convert(&demo, &plain_recipe, &[], &tmp.join("plain"));
     convert(&demo, &bare_recipe, &ones, &tmp.join("period1"));
     convert(&demo, &recipe, &[], &tmp.join("pab"));
+    let latte_attention: Vec<String> = [("spatial", 2), ("temporal", 3), ("cross", 6)]
+        .iter()
+        .map(|(k, p)| format!("broadcast-static.{k}={{ period = {p}, window = [100, 800] }}"))
+        .collect();
+    convert(
+        &demo,
+        &bare_recipe,
+        &latte_attention,
+        &tmp.join("pab-attention"),
+    );
 
     let inputs =
         ditc::tensors::read_safetensors(&root.join("examples/latte-tiny/io.safetensors")).unwrap();
@@ -60,32 +72,39 @@ fn main() {
     let noise = pick("hidden_states");
     let extra = vec![pick("encoder_hidden_states")];
     let open = |n: &str| Bundle::open(&tmp.join(n).join("manifest.json")).unwrap();
-    let (plain, period1, pab) = (open("plain"), open("period1"), open("pab"));
-    let mut times: [Vec<f64>; 4] = Default::default();
-    let mut last: Option<RunReport> = None;
+    let (plain, period1, pab, attention) = (
+        open("plain"),
+        open("period1"),
+        open("pab"),
+        open("pab-attention"),
+    );
+    let mut times: [Vec<f64>; 5] = Default::default();
+    let mut reports: [Option<RunReport>; 5] = Default::default();
     for _ in 0..reps {
         let runs = [
             (&plain, false),
             (&period1, false),
             (&pab, false),
             (&pab, true),
+            (&attention, false),
         ];
         for (slot, (bundle, full)) in runs.iter().enumerate() {
             let (_, report) = sample(bundle, &noise, &extra, *full, false).unwrap();
             times[slot].push(report.wall_seconds - report.plan_seconds);
-            if slot == 2 {
-                last = Some(report);
-            }
+            reports[slot] = Some(report);
         }
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let [p, one, s, f] = times.each_mut().map(median);
-    let report = last.unwrap();
-    let ideal = report.model_flops_full as f64 / report.model_flops as f64;
-    let measured = f / s;
+    let [p, one, s, f, a] = times.each_mut().map(median);
+    let ideal_of = |slot: usize| {
+        let r = reports[slot].as_ref().expect("ran");
+        r.model_flops_full as f64 / r.model_flops as f64
+    };
+    let (ideal, measured) = (ideal_of(2), f / s);
+    let (ideal_a, measured_a) = (ideal_of(4), f / a);
     println!("median sampling time over {reps} interleaved runs (50 steps, plans excluded):");
     println!("  plain graph       {p:.3}s");
     println!(
@@ -94,6 +113,7 @@ fn main() {
     );
     println!("  PAB full compute  {f:.3}s");
     println!("  PAB scheduled     {s:.3}s  speedup {measured:.3}x; ideal from FLOPs {ideal:.3}x; measured/ideal {:.3} (target >= 0.9)", measured / ideal);
+    println!("  PAB attention     {a:.3}s  speedup {measured_a:.3}x; ideal from FLOPs {ideal_a:.3}x; measured/ideal {:.3} (target >= 0.9)", measured_a / ideal_a);
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
