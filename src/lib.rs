@@ -5,6 +5,7 @@
 //! [`runtime`] runs any graph on CPU with tract to verify it.
 
 pub mod analysis;
+pub mod build;
 pub mod calibration;
 pub mod checkpoint;
 #[cfg(feature = "tract")]

@@ -50,7 +50,22 @@ pub struct Manifest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Source {
     pub path: String,
+    /// Files read, with their SHA-256 (for a checkpoint folder: config.json and the shard index).
     pub files: Vec<WrittenFile>,
+    /// Safetensors weight files of a checkpoint folder: size and the SHA-256 of their header (hashing
+    /// every byte of a 28 GB checkpoint would read it twice); empty for ONNX sources.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<WeightFile>,
+    /// The shapes a checkpoint folder's graph was built with (absent for ONNX sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<crate::build::BuildOptions>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WeightFile {
+    pub path: String,
+    pub bytes: u64,
+    pub header_sha256: String,
 }
 
 /// A graph input or output: name, dtype and shape (numbers, or names for dynamic axes).
@@ -170,17 +185,62 @@ pub fn binding(v: &ValueInfo) -> Binding {
     }
 }
 
-/// Hash the source model file and the external data files it read.
+/// Hash the source model file and the external data files it read; for a checkpoint folder, its
+/// config.json and index, and the headers of its safetensors files.
 pub fn describe_source(path: &Path, model: &Model) -> Result<Source> {
+    let absolute = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if path.is_dir() {
+        let mut files = vec![hashed(&path.join("config.json"))?];
+        let index = path.join(crate::checkpoint::INDEX);
+        if index.is_file() {
+            files.push(hashed(&index)?);
+        }
+        let weights = model
+            .external_files
+            .iter()
+            .map(|f| weight_file(f))
+            .collect::<Result<_>>()?;
+        return Ok(Source {
+            path: absolute.display().to_string(),
+            files,
+            weights,
+            build: None,
+        });
+    }
     let mut files = vec![hashed(path)?];
     for f in &model.external_files {
         files.push(hashed(f)?);
     }
     // Absolute, so a runtime can find the float model from anywhere (`ditc run --compare-full`).
-    let absolute = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     Ok(Source {
         path: absolute.display().to_string(),
         files,
+        weights: Vec::new(),
+        build: None,
+    })
+}
+
+/// A safetensors file identified by size and the SHA-256 of its header (8-byte length + JSON).
+fn weight_file(path: &Path) -> Result<WeightFile> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let bytes = f.metadata()?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    // Checkpoint::open already refused headers above 100 MB or beyond the file; stay bounded anyway.
+    let header_len = u64::from_le_bytes(len)
+        .min(bytes.saturating_sub(8))
+        .min(100 << 20);
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)?;
+    let mut h = sha2::Sha256::new();
+    h.update(len);
+    h.update(&header);
+    Ok(WeightFile {
+        path: path.display().to_string(),
+        bytes,
+        header_sha256: format!("{:x}", h.finalize()),
     })
 }
 

@@ -151,15 +151,21 @@ impl<'a> Context<'a> {
         self.types.get(value)?.shape.clone()
     }
 
-    /// The value after a linear layer's bias add (or its own output without one).
+    /// The value after a linear layer's bias add (or its own output without one), and after the
+    /// reshape back to tokens that follows a 2-D Gemm (graphs built from checkpoints).
     pub fn bias_output(&self, linear: &Node) -> String {
-        let out = &linear.outputs[0];
-        match self.consumers(out).as_slice() {
-            [add] if add.op_type == "Add" && add.present_inputs().any(|i| self.is_constant(i)) => {
-                add.outputs[0].clone()
+        let mut out = linear.outputs[0].clone();
+        if let [add] = self.consumers(&out).as_slice() {
+            if add.op_type == "Add" && add.present_inputs().any(|i| self.is_constant(i)) {
+                out = add.outputs[0].clone();
             }
-            _ => out.clone(),
         }
+        if let [reshape] = self.consumers(&out).as_slice() {
+            if reshape.op_type == "Reshape" && linear.op_type == "Gemm" {
+                out = reshape.outputs[0].clone();
+            }
+        }
+        out
     }
 
     /// A linear layer: MatMul/Gemm whose weight is a constant (possibly through Transpose/Cast/DQ).
@@ -326,7 +332,7 @@ fn decomposed_site(ctx: &Context, softmax: &Node) -> Option<AttentionSite> {
     let k_proj = projection(ctx, qk.inputs.get(1)?);
     let v_proj = projection(ctx, pv.inputs.get(1)?);
     let out_proj = ctx.walk_forward(&pv.outputs[0], LAYOUT_OPS, |n| ctx.is_linear(n));
-    let output = out_proj.map(|p| bias_output(ctx, p));
+    let output = out_proj.map(|p| ctx.bias_output(p));
     Some(site(
         softmax,
         Some(qk),
@@ -388,7 +394,7 @@ fn fused_site(ctx: &Context, node: &Node) -> Option<AttentionSite> {
         projection(ctx, v),
         ctx.walk_forward(&node.outputs[0], LAYOUT_OPS, |n| ctx.is_linear(n)),
     ];
-    let output = projections[3].map(|p| bias_output(ctx, p));
+    let output = projections[3].map(|p| ctx.bias_output(p));
     let mut s = site(node, None, None, projections, output, ctx, g);
     s.flops = node_flops(node, ctx.types).max(s.flops);
     Some(s)
@@ -487,17 +493,6 @@ fn projection<'a>(ctx: &Context<'a>, value: &str) -> Option<&'a Node> {
 }
 
 /// The value after a linear layer's bias add (or its own output without one).
-fn bias_output(ctx: &Context, linear: &Node) -> String {
-    let out = &linear.outputs[0];
-    let consumers = ctx.consumers(out);
-    match consumers.as_slice() {
-        [add] if add.op_type == "Add" && add.present_inputs().any(|i| ctx.is_constant(i)) => {
-            add.outputs[0].clone()
-        }
-        _ => out.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

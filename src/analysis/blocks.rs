@@ -35,7 +35,7 @@ const ACTIVATIONS: &[&str] = &[
 ];
 const FFN_PATH: &[&str] = &[
     "Mul", "Add", "Div", "Pow", "Sub", "Cast", "Identity", "Gelu", "Erf", "Tanh", "Sigmoid",
-    "Relu", "Split", "Slice",
+    "Relu", "Split", "Slice", "Reshape",
 ];
 
 pub fn find_blocks(ctx: &Context, sites: &[AttentionSite], order: &[usize]) -> Vec<Block> {

@@ -26,7 +26,7 @@ use crate::runtime::TractRunner;
     after_help = "Example:\n  ditc calibrate examples/latte-tiny/model.onnx --recipe passes/w8a8.toml --inputs examples/latte-tiny/sampling.safetensors --cases 1,2 -o stats.json"
 )]
 pub struct Args {
-    /// The float model (.onnx).
+    /// The float model: an .onnx file or a diffusers checkpoint folder.
     pub model: PathBuf,
     /// The recipe whose sampler drives the trajectories (and whose quantize-w8a8 options choose layers).
     #[arg(long)]
@@ -64,6 +64,8 @@ pub struct Args {
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub shapes: super::ShapeArgs,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -96,7 +98,7 @@ pub fn run(args: &Args) -> Result<()> {
         None => QuantizeOptions::default(),
     };
     let all = crate::tensors::read_safetensors(&args.inputs)?;
-    let model = super::read_model_arg(&args.model)?;
+    let model = super::read_model_arg(&args.model, &args.shapes)?;
     let map = analyse(&model);
     let io = detect_io(&model)?;
     let (targets, _) = select_targets(&model, &map, &options);

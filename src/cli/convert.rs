@@ -26,7 +26,8 @@ use crate::schedule::Group;
     after_help = "Examples:\n  ditc convert model.onnx -o out\n  ditc convert model.onnx --recipe passes/pab.toml -o out\n  ditc convert model.onnx --recipe passes/pab.toml --set broadcast-static.spatial.period=3 --set sampler.steps=30 -o out"
 )]
 pub struct Args {
-    /// The model: an .onnx file (external data is read from beside it).
+    /// The model: an .onnx file (external data is read from beside it) or a diffusers checkpoint folder
+    /// (config.json + safetensors; its graph is built, see the shape options).
     pub model: PathBuf,
     /// Output folder for the bundle (created if missing; existing bundle files are replaced).
     #[arg(short, long)]
@@ -58,6 +59,8 @@ pub struct Args {
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub shapes: super::ShapeArgs,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -89,9 +92,12 @@ pub fn run(args: &Args) -> Result<()> {
             anyhow::bail!("--dump-after {name}: the recipe runs no such pass (it runs: {known:?})");
         }
     }
-    let mut model = super::read_model_arg(&args.model)?;
+    let mut model = super::read_model_arg(&args.model, &args.shapes)?;
     check_graph(&model.graph).context("the input graph is invalid")?;
-    let source = manifest::describe_source(&args.model, &model)?;
+    let mut source = manifest::describe_source(&args.model, &model)?;
+    if args.model.is_dir() {
+        source.build = Some(args.shapes.options());
+    }
     let dit_map = analyse(&model);
     let io = match manifest::detect_io(&model) {
         Ok(io) => Some(io),

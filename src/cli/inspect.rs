@@ -12,11 +12,14 @@ use crate::manifest::{binding, Binding};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The model: an .onnx file (external data is read from beside it).
+    /// The model: an .onnx file (external data is read from beside it) or a diffusers checkpoint folder
+    /// (config.json + safetensors; its graph is built, see the shape options).
     pub model: PathBuf,
     /// Print the report as JSON (shape documented in the README).
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub shapes: super::ShapeArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,10 +116,7 @@ pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    if args.model.is_dir() && crate::checkpoint::is_checkpoint_dir(&args.model) {
-        return checkpoint_report(args);
-    }
-    let model = super::read_model_arg(&args.model)?;
+    let model = super::read_model_arg(&args.model, &args.shapes)?;
     let map = analyse(&model);
     let report = report(&args.model.display().to_string(), &model, map);
     if args.json {
@@ -252,46 +252,4 @@ pub fn human_flops(f: u64) -> String {
     } else {
         format!("{v:.2}{}", units[u])
     }
-}
-
-/// A diffusers checkpoint folder: class, files, parameters by dtype (no graph yet).
-fn checkpoint_report(args: &Args) -> Result<()> {
-    let ckpt = crate::checkpoint::Checkpoint::open(&args.model)?;
-    let mut by_dtype: BTreeMap<String, DtypeTotals> = BTreeMap::new();
-    for t in &ckpt.tensors {
-        let e = by_dtype.entry(t.dtype.to_string()).or_default();
-        e.count += t.numel();
-        e.bytes += t.byte_len();
-    }
-    let report = serde_json::json!({
-        "format": "ditc-inspect-checkpoint",
-        "version": 1,
-        "path": args.model.display().to_string(),
-        "class": ckpt.class_name,
-        "config": ckpt.config,
-        "files": ckpt.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
-        "tensors": ckpt.tensors.len(),
-        "parameters": { "count": ckpt.parameters(), "by_dtype": by_dtype },
-        "graph": "not built: graph builders for diffusers checkpoints are not implemented yet",
-    });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
-    }
-    println!("checkpoint {} ({})", args.model.display(), ckpt.class_name);
-    println!("files      {}", ckpt.files.len());
-    let by: Vec<String> = by_dtype
-        .iter()
-        .map(|(d, t)| format!("{d}: {} ({})", t.count, human_bytes(t.bytes)))
-        .collect();
-    println!(
-        "tensors    {}, parameters {} ({})",
-        ckpt.tensors.len(),
-        ckpt.parameters(),
-        by.join(", ")
-    );
-    println!(
-        "graph      not built: graph builders for diffusers checkpoints are not implemented yet"
-    );
-    Ok(())
 }

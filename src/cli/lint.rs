@@ -8,7 +8,7 @@ use crate::lint::{lint, Target, Violation};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The model (.onnx).
+    /// The model: an .onnx file or a diffusers checkpoint folder.
     pub model: PathBuf,
     /// TensorRT version whose rules apply.
     #[arg(long, value_enum, default_value = "trt10")]
@@ -16,11 +16,13 @@ pub struct Args {
     /// Print the violations as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub shapes: super::ShapeArgs,
 }
 
 /// Returns whether the model conforms.
 pub fn run(args: &Args) -> Result<bool> {
-    let model = super::read_model_arg(&args.model)?;
+    let model = super::read_model_arg(&args.model, &args.shapes)?;
     let bytes = std::fs::metadata(&args.model).ok().map(|m| m.len());
     let violations = lint(&model, args.target, bytes);
     if args.json {

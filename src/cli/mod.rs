@@ -36,19 +36,46 @@ pub fn select_prefixed(all: &[Tensor], prefix: &str) -> Vec<Tensor> {
         .collect()
 }
 
-/// Read a model given on the command line (an `.onnx` file).
-pub fn read_model_arg(path: &Path) -> Result<crate::ir::Model> {
-    if path.is_dir() {
-        if crate::checkpoint::is_checkpoint_dir(path) {
-            let ckpt = crate::checkpoint::Checkpoint::open(path)?;
-            bail!(
-                "'{}' is a diffusers checkpoint ({}, {} tensors); building its graph from safetensors is not implemented yet: export it to ONNX (`ditc inspect` on the folder summarises the checkpoint)",
-                path.display(),
-                ckpt.class_name,
-                ckpt.tensors.len()
-            );
+/// Input shapes for graphs built from diffusers checkpoints (ignored for .onnx files, which carry
+/// their own shapes). All sizes are latent sizes: what the transformer sees after the VAE.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Shapes when MODEL is a diffusers checkpoint folder")]
+pub struct ShapeArgs {
+    /// Batch size [default: 1]
+    #[arg(long)]
+    pub batch: Option<i64>,
+    /// Leave the batch axis symbolic ("batch") for TensorRT optimisation profiles
+    #[arg(long)]
+    pub dynamic_batch: bool,
+    /// Latent frames [default: Latte: video_length; Wan: 21 (81 video frames); CogVideoX: 13]
+    #[arg(long)]
+    pub frames: Option<i64>,
+    /// Latent height [default: sample_size; Wan: 60 (480 px); CogVideoX: sample_height]
+    #[arg(long)]
+    pub height: Option<i64>,
+    /// Latent width [default: sample_size; Wan: 104 (832 px); CogVideoX: sample_width]
+    #[arg(long)]
+    pub width: Option<i64>,
+    /// Text tokens of encoder_hidden_states [default: Latte/PixArt 120, Wan 512, CogVideoX max_text_seq_length]
+    #[arg(long)]
+    pub text_len: Option<i64>,
+}
+
+impl ShapeArgs {
+    pub fn options(&self) -> crate::build::BuildOptions {
+        crate::build::BuildOptions {
+            batch: self.batch,
+            dynamic_batch: self.dynamic_batch,
+            frames: self.frames,
+            height: self.height,
+            width: self.width,
+            text_len: self.text_len,
         }
-        bail!("'{}' is a folder but not a diffusers checkpoint (config.json + {}); give an .onnx file", path.display(), crate::checkpoint::WEIGHTS);
     }
-    crate::onnx::read_model(path)
+}
+
+/// Read a model given on the command line: an `.onnx` file, or a diffusers checkpoint folder whose
+/// graph is built with the shapes in `shapes`.
+pub fn read_model_arg(path: &Path, shapes: &ShapeArgs) -> Result<crate::ir::Model> {
+    crate::build::read_model_or_checkpoint(path, &shapes.options())
 }

@@ -37,6 +37,8 @@ pub struct Args {
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    #[command(flatten)]
+    pub shapes: super::ShapeArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,7 +56,7 @@ pub fn run(args: &Args) -> Result<()> {
         return run_bundle(args);
     }
     let inputs = super::load_inputs(&args.inputs, args.prefix.as_deref())?;
-    let model = super::read_model_arg(&args.model)?;
+    let model = super::read_model_arg(&args.model, &args.shapes)?;
     let start = Instant::now();
     let runner = TractRunner::new(&model, &inputs)?;
     let prepared = start.elapsed();

@@ -10,9 +10,9 @@ use crate::runtime::TractRunner;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The model under test (.onnx).
+    /// The model under test: an .onnx file or a diffusers checkpoint folder.
     pub a: PathBuf,
-    /// The reference model (.onnx).
+    /// The reference model: an .onnx file or a diffusers checkpoint folder.
     pub b: PathBuf,
     /// Inputs as a safetensors file keyed by graph input names.
     #[arg(long)]
@@ -26,6 +26,8 @@ pub struct Args {
     /// Print the comparison as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub shapes: super::ShapeArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -39,8 +41,8 @@ pub struct OutputComparison {
 /// Run both models and compare outputs by name; fails if the outputs differ in name or shape.
 pub fn compare_models(args: &Args) -> Result<Vec<OutputComparison>> {
     let inputs = super::load_inputs(&args.inputs, args.prefix.as_deref())?;
-    let a = super::read_model_arg(&args.a)?;
-    let b = super::read_model_arg(&args.b)?;
+    let a = super::read_model_arg(&args.a, &args.shapes)?;
+    let b = super::read_model_arg(&args.b, &args.shapes)?;
     let out_a = TractRunner::new(&a, &inputs)
         .and_then(|r| r.run(&inputs))
         .with_context(|| format!("running '{}'", args.a.display()))?;

@@ -73,7 +73,8 @@ impl Bundle {
             return Ok(None);
         }
         let source = Path::new(&self.manifest.source.path);
-        let model = crate::onnx::read_model(source).with_context(|| {
+        let build = self.manifest.source.build.clone().unwrap_or_default();
+        let model = crate::build::read_model_or_checkpoint(source, &build).with_context(|| {
             format!(
                 "the float source model '{}' (needed to compare with the full computation)",
                 source.display()

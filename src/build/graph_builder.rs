@@ -1,0 +1,230 @@
+//! Emitting ONNX nodes from code: unique names that follow module paths, constants, and checkpoint
+//! weights that stay zero-copy slices of the memory-mapped safetensors files.
+//!
+//! Weight lookups never fail on the spot: a missing tensor or one of the wrong shape is recorded and a
+//! placeholder name returned, so one build reports *every* problem of a checkpoint at once
+//! ([`GraphBuilder::finish`]), including tensors the checkpoint has but the model never asked for.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use anyhow::{bail, Result};
+
+use crate::ir::{AttrValue, Attribute, DataType, Dim, Graph, Node, Tensor, ValueInfo};
+
+pub struct GraphBuilder {
+    graph: Graph,
+    /// Every value name in use (node outputs, initializers, inputs).
+    taken: HashSet<String>,
+    /// Checkpoint tensors by name, and which of them the model used.
+    weights: BTreeMap<String, Tensor>,
+    used: BTreeSet<String>,
+    missing: Vec<String>,
+    wrong_shape: Vec<String>,
+}
+
+impl GraphBuilder {
+    pub fn new(name: &str, weights: Vec<Tensor>) -> GraphBuilder {
+        GraphBuilder {
+            graph: Graph {
+                name: name.to_string(),
+                ..Graph::default()
+            },
+            taken: HashSet::new(),
+            weights: weights.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            used: BTreeSet::new(),
+            missing: Vec::new(),
+            wrong_shape: Vec::new(),
+        }
+    }
+
+    /// A graph input; `dims` uses `Dim::Param` for dynamic axes.
+    pub fn input(&mut self, name: &str, dtype: DataType, dims: Vec<Dim>) -> String {
+        self.taken.insert(name.to_string());
+        self.graph.inputs.push(ValueInfo::tensor(name, dtype, dims));
+        name.to_string()
+    }
+
+    /// Marks `value` as the graph output `name` (through an Identity when the names differ).
+    pub fn output(&mut self, value: &str, name: &str, dtype: DataType, dims: Vec<Dim>) {
+        if value != name {
+            self.taken.insert(name.to_string());
+            self.graph
+                .nodes
+                .push(Node::new(name, "Identity", &[value], &[name]));
+        }
+        self.graph
+            .outputs
+            .push(ValueInfo::tensor(name, dtype, dims));
+    }
+
+    /// A fresh value name derived from `base` (`base`, then `base#2`, `base#3`, ...).
+    fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut n = 1;
+        while self.taken.contains(&name) {
+            n += 1;
+            name = format!("{base}#{n}");
+        }
+        self.taken.insert(name.clone());
+        name
+    }
+
+    /// One node with one output; node and output share the (uniquified) name.
+    pub fn op(
+        &mut self,
+        name: &str,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, AttrValue)>,
+    ) -> String {
+        let out = self.fresh(name);
+        let mut node = Node::new(&out, op_type, inputs, &[&out]);
+        node.attributes = attrs
+            .into_iter()
+            .map(|(name, value)| Attribute {
+                name: name.to_string(),
+                value,
+            })
+            .collect();
+        self.graph.nodes.push(node);
+        out
+    }
+
+    /// A node with several outputs (`Split`), named `name:0`, `name:1`, ...
+    pub fn op_n(
+        &mut self,
+        name: &str,
+        op_type: &str,
+        inputs: &[&str],
+        outputs: usize,
+        attrs: Vec<(&str, AttrValue)>,
+    ) -> Vec<String> {
+        let node_name = self.fresh(name);
+        let outs: Vec<String> = (0..outputs)
+            .map(|i| self.fresh(&format!("{node_name}:{i}")))
+            .collect();
+        let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+        let mut node = Node::new(&node_name, op_type, inputs, &refs);
+        node.attributes = attrs
+            .into_iter()
+            .map(|(name, value)| Attribute {
+                name: name.to_string(),
+                value,
+            })
+            .collect();
+        self.graph.nodes.push(node);
+        outs
+    }
+
+    pub fn const_f32(&mut self, name: &str, dims: Vec<i64>, values: &[f32]) -> String {
+        let name = self.fresh(name);
+        self.graph
+            .initializers
+            .push(Tensor::from_f32(&name, dims, values));
+        name
+    }
+
+    pub fn const_i64(&mut self, name: &str, values: &[i64]) -> String {
+        let name = self.fresh(name);
+        self.graph
+            .initializers
+            .push(Tensor::from_i64(&name, vec![values.len() as i64], values));
+        name
+    }
+
+    pub fn scalar(&mut self, name: &str, value: f32) -> String {
+        self.const_f32(name, vec![], &[value])
+    }
+
+    /// True when the checkpoint has a tensor called `name` (for optional parameters such as biases).
+    pub fn has_weight(&self, name: &str) -> bool {
+        self.weights.contains_key(name)
+    }
+
+    /// The checkpoint tensor `name` as a float32 value of shape `dims`: the initializer itself when the
+    /// checkpoint stores f32, else the initializer in its stored dtype followed by a Cast (the weight
+    /// bytes stay as they are on disk). Missing or misshapen tensors are recorded for [`finish`].
+    ///
+    /// [`finish`]: GraphBuilder::finish
+    pub fn weight(&mut self, name: &str, dims: &[i64]) -> String {
+        let Some(t) = self.weights.get(name) else {
+            self.missing.push(format!("{name} {dims:?}"));
+            return self.placeholder(name, dims);
+        };
+        if t.dims != dims {
+            self.wrong_shape.push(format!(
+                "{name}: checkpoint has {:?}, the config implies {dims:?}",
+                t.dims
+            ));
+            return self.placeholder(name, dims);
+        }
+        if !self.used.insert(name.to_string()) {
+            return self.weight_value_name(name, t.dtype);
+        }
+        let t = t.clone();
+        self.taken.insert(name.to_string());
+        let dtype = t.dtype;
+        self.graph.initializers.push(t);
+        if dtype == DataType::F32 {
+            return name.to_string();
+        }
+        let cast = self.fresh(&format!("{name}/cast"));
+        self.graph.nodes.push(
+            Node::new(&cast, "Cast", &[name], &[&cast])
+                .with_attr("to", AttrValue::Int(DataType::F32.onnx_code() as i64)),
+        );
+        cast
+    }
+
+    fn weight_value_name(&self, name: &str, dtype: DataType) -> String {
+        if dtype == DataType::F32 {
+            name.to_string()
+        } else {
+            format!("{name}/cast")
+        }
+    }
+
+    /// Stands in for a missing weight so the build can go on collecting problems; never written.
+    fn placeholder(&mut self, name: &str, dims: &[i64]) -> String {
+        let numel: i64 = dims.iter().product::<i64>().clamp(0, 1 << 20);
+        let dims = if numel == dims.iter().product::<i64>() {
+            dims.to_vec()
+        } else {
+            vec![numel]
+        };
+        self.const_f32(&format!("{name}/missing"), dims, &vec![0.0; numel as usize])
+    }
+
+    /// The graph, or an error listing every missing, misshapen and unexpected tensor.
+    pub fn finish(self, class_name: &str) -> Result<Graph> {
+        let unexpected: Vec<&String> = self
+            .weights
+            .keys()
+            .filter(|k| !self.used.contains(*k))
+            .collect();
+        if self.missing.is_empty() && self.wrong_shape.is_empty() && unexpected.is_empty() {
+            return Ok(self.graph);
+        }
+        let mut msg =
+            format!("the checkpoint does not match what {class_name} with this config.json needs:");
+        let mut section = |title: &str, items: Vec<String>| {
+            if items.is_empty() {
+                return;
+            }
+            msg.push_str(&format!("\n  {title} ({}):", items.len()));
+            for item in items.iter().take(20) {
+                msg.push_str(&format!("\n    {item}"));
+            }
+            if items.len() > 20 {
+                msg.push_str(&format!("\n    ... and {} more", items.len() - 20));
+            }
+        };
+        section("missing tensors", self.missing.clone());
+        section("tensors of the wrong shape", self.wrong_shape.clone());
+        section(
+            "unexpected tensors",
+            unexpected.into_iter().cloned().collect(),
+        );
+        bail!("{msg}")
+    }
+}

@@ -1,0 +1,271 @@
+//! Graph builders: a diffusers checkpoint folder (config.json + safetensors) turned into the same
+//! computation diffusers runs, as an IR graph whose initializers are the checkpoint's tensors
+//! (zero-copy slices of the memory-mapped files, in their stored dtype).
+//!
+//! diffusers' model code is the specification; each family lives in its own file:
+//! [`latte`], [`dit`], [`pixart`], [`wan`], [`cogvideox`]. Nodes are named by module path
+//! (`transformer_blocks.3.attn1.to_q`), attention is written as MatMul -> Softmax -> MatMul so the
+//! structure analysis finds and classifies every site, and shapes come from [`BuildOptions`]
+//! (defaults per family, documented in the README) with an optional dynamic batch axis.
+//!
+//! Anything the builder does not reproduce exactly is refused: unknown `_class_name`, unknown config
+//! keys, unsupported config values, and checkpoints whose tensors differ from what the config implies
+//! (every missing, misshapen and unexpected tensor is listed).
+
+mod basic_block;
+mod cogvideox;
+mod dit;
+pub mod embed;
+mod graph_builder;
+mod latte;
+mod layers;
+mod pixart;
+mod wan;
+
+use anyhow::{bail, Context, Result};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::checkpoint::Checkpoint;
+use crate::ir::{AttrValue, Dim, Model};
+pub use graph_builder::GraphBuilder;
+
+/// ONNX opset of built graphs: LayerNormalization (17) without opset 18's Reduce/Split input changes.
+pub const OPSET: i64 = 17;
+
+/// Input shapes of the built graph, in latent units (what the transformer sees, after the VAE).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BuildOptions {
+    /// Batch size (default 1); ignored when `dynamic_batch`.
+    pub batch: Option<i64>,
+    /// Leave the batch axis symbolic (`batch`) for TensorRT optimisation profiles.
+    pub dynamic_batch: bool,
+    pub frames: Option<i64>,
+    pub height: Option<i64>,
+    pub width: Option<i64>,
+    /// Text tokens of `encoder_hidden_states`.
+    pub text_len: Option<i64>,
+}
+
+impl BuildOptions {
+    /// Input dims: the batch axis, then `rest`.
+    pub fn dims(&self, rest: &[i64]) -> Vec<Dim> {
+        let batch = if self.dynamic_batch {
+            Dim::Param("batch".into())
+        } else {
+            Dim::Value(self.batch.unwrap_or(1))
+        };
+        std::iter::once(batch)
+            .chain(rest.iter().map(|&d| Dim::Value(d)))
+            .collect()
+    }
+
+    fn latent_size(&self, default_h: i64, default_w: i64) -> (i64, i64) {
+        (
+            self.height.unwrap_or(default_h),
+            self.width.unwrap_or(default_w),
+        )
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("batch", self.batch),
+            ("frames", self.frames),
+            ("height", self.height),
+            ("width", self.width),
+            ("text-len", self.text_len),
+        ] {
+            if let Some(v) = v {
+                if !(1..=1 << 20).contains(&v) {
+                    bail!("--{name} {v} is out of range (1..=1048576)");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One model family: its diffusers class name and how to build its graph.
+trait Family {
+    const CLASS: &'static str;
+    fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()>;
+}
+
+/// The class names [`build_model`] accepts.
+pub const CLASSES: &[&str] = &[
+    latte::Latte::CLASS,
+    dit::Dit::CLASS,
+    pixart::PixArt::CLASS,
+    wan::Wan::CLASS,
+    cogvideox::CogVideoX::CLASS,
+];
+
+/// Read `path`: an ONNX file, or a diffusers checkpoint folder built with `opts`.
+pub fn read_model_or_checkpoint(path: &std::path::Path, opts: &BuildOptions) -> Result<Model> {
+    if path.is_dir() {
+        if crate::checkpoint::is_checkpoint_dir(path) {
+            return build_model(&Checkpoint::open(path)?, opts);
+        }
+        bail!(
+            "'{}' is a folder but not a diffusers checkpoint (config.json + {} or {}); give an .onnx file or a checkpoint folder",
+            path.display(),
+            crate::checkpoint::WEIGHTS,
+            crate::checkpoint::INDEX
+        );
+    }
+    if *opts != BuildOptions::default() {
+        bail!("--batch/--dynamic-batch/--frames/--height/--width/--text-len apply to diffusers checkpoint folders; '{}' is an ONNX file with its own shapes", path.display());
+    }
+    crate::onnx::read_model(path)
+}
+
+/// Build the graph of a diffusers checkpoint.
+pub fn build_model(ckpt: &Checkpoint, opts: &BuildOptions) -> Result<Model> {
+    opts.validate()?;
+    let mut b = GraphBuilder::new(&ckpt.class_name, ckpt.tensors.clone());
+    let build = match ckpt.class_name.as_str() {
+        latte::Latte::CLASS => latte::Latte::build,
+        dit::Dit::CLASS => dit::Dit::build,
+        pixart::PixArt::CLASS => pixart::PixArt::build,
+        wan::Wan::CLASS => wan::Wan::build,
+        cogvideox::CogVideoX::CLASS => cogvideox::CogVideoX::build,
+        other => bail!(
+            "'{}': _class_name '{other}' has no graph builder (ditc builds {})",
+            ckpt.dir.join("config.json").display(),
+            CLASSES.join(", ")
+        ),
+    };
+    let context = || format!("building {} from '{}'", ckpt.class_name, ckpt.dir.display());
+    build(&ckpt.config, opts, &mut b).with_context(context)?;
+    let graph = b.finish(&ckpt.class_name).with_context(context)?;
+    let mut model = Model::new(graph, OPSET);
+    model.producer_name = "ditc".into();
+    model.producer_version = env!("CARGO_PKG_VERSION").into();
+    model.doc_string = format!(
+        "{} built from a diffusers checkpoint by ditc",
+        ckpt.class_name
+    );
+    // The files the weights live in (reported as the source in manifests).
+    model.external_files = ckpt.files.clone();
+    crate::ir::check_graph(&model.graph).context("the built graph is malformed (a ditc bug)")?;
+    Ok(model)
+}
+
+/// `config` as `T`, refusing keys `T` does not know (diffusers' own `_`-prefixed keys aside) with one
+/// error that lists them all.
+fn parse_config<T: DeserializeOwned + Serialize + Default>(
+    config: &serde_json::Value,
+    class: &str,
+) -> Result<T> {
+    let known = serde_json::to_value(T::default())?;
+    let known = known.as_object().expect("configs are structs");
+    let obj = config.as_object().context("config.json is not an object")?;
+    let unknown: Vec<&String> = obj
+        .keys()
+        .filter(|k| !k.starts_with('_') && !known.contains_key(*k))
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "config.json has keys the {class} builder does not know: {} (known: {})",
+            unknown
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            known
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let filtered: serde_json::Map<String, serde_json::Value> = obj
+        .iter()
+        .filter(|(k, _)| !k.starts_with('_'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(filtered))
+        .context("config.json has a value of the wrong type")
+}
+
+fn check_divisible(what: &str, size: i64, by: i64) -> Result<()> {
+    if by <= 0 || size % by != 0 {
+        bail!("{what} {size} is not a multiple of the patch size {by}");
+    }
+    Ok(())
+}
+
+/// `PatchEmbed.proj` (Conv2d, kernel = stride = patch) at `path`, flattened to tokens [B', N, dim].
+fn patch_embed(
+    b: &mut GraphBuilder,
+    path: &str,
+    x: &str,
+    cin: i64,
+    dim: i64,
+    p: i64,
+    n: i64,
+) -> String {
+    let w = b.weight(&format!("{path}.proj.weight"), &[dim, cin, p, p]);
+    let bias = b.weight(&format!("{path}.proj.bias"), &[dim]);
+    let y = b.op(
+        &format!("{path}.proj"),
+        "Conv",
+        &[x, &w, &bias],
+        vec![
+            ("kernel_shape", AttrValue::Ints(vec![p, p])),
+            ("strides", AttrValue::Ints(vec![p, p])),
+        ],
+    );
+    let y = b.reshape(&format!("{path}/flatten"), &y, &[-1, dim, n]);
+    b.transpose(&format!("{path}/tokens"), &y, &[0, 2, 1])
+}
+
+/// `AdaLayerNormSingle` without additional conditions: `(linear(silu(emb)) [B, 6*dim], emb [B, dim])`.
+fn ada_norm_single(b: &mut GraphBuilder, path: &str, timestep: &str, dim: i64) -> (String, String) {
+    let proj = b.timestep_proj(&format!("{path}.emb.time_proj"), timestep, 256, true, 0.0);
+    let emb = b.timestep_embedding(&format!("{path}.emb.timestep_embedder"), &proj, 256, dim);
+    let act = b.silu(&format!("{path}.silu"), &emb);
+    let t6 = b.linear(&format!("{path}.linear"), &act, &[-1], dim, 6 * dim, true);
+    (t6, emb)
+}
+
+/// `PixArtAlphaTextProjection` (linear_1, tanh-GELU, linear_2) on [B, len, in] -> [B, len, dim].
+fn caption_projection(
+    b: &mut GraphBuilder,
+    path: &str,
+    x: &str,
+    len: i64,
+    in_f: i64,
+    dim: i64,
+) -> String {
+    let lead = layers::tokens(len);
+    let h = b.linear(&format!("{path}.linear_1"), x, &lead, in_f, dim, true);
+    let h = b.gelu_tanh(&format!("{path}.act_1"), &h);
+    b.linear(&format!("{path}.linear_2"), &h, &lead, dim, dim, true)
+}
+
+/// PixArt/Latte final layer: shift/scale from `scale_shift_table` [2, dim] + the timestep embedding
+/// [B', dim], LayerNorm (eps 1e-6, no affine), modulation, `proj_out`.
+fn final_layer_single(
+    b: &mut GraphBuilder,
+    x: &str,
+    t_emb: &str,
+    n: i64,
+    dim: i64,
+    out: i64,
+) -> String {
+    let table = b.weight("scale_shift_table", &[2, dim]);
+    let axis = b.const_i64("norm_out/axis", &[1]);
+    let t = b.op("norm_out/unsqueeze", "Unsqueeze", &[t_emb, &axis], vec![]);
+    let mods = b.add("norm_out/modulation", &table, &t);
+    let parts = b.chunk("norm_out/chunks", &mods, 2, 1);
+    let normed = b.layer_norm("norm_out", x, dim, 1e-6, false, false);
+    let normed = b.modulate("norm_out/modulate", &normed, &parts[1], &parts[0]);
+    b.linear("proj_out", &normed, &layers::tokens(n), dim, out, true)
+}
+
+/// Tokens [B', h*w, p*p*C] back to images [B', C, h*p, w*p] (diffusers' `nhwpqc->nchpwq`).
+fn unpatchify_2d(b: &mut GraphBuilder, x: &str, h: i64, w: i64, p: i64, c: i64) -> String {
+    let x = b.reshape("unpatchify/grid", x, &[-1, h, w, p, p, c]);
+    let x = b.transpose("unpatchify/permute", &x, &[0, 5, 1, 3, 2, 4]);
+    b.reshape("unpatchify", &x, &[-1, c, h * p, w * p])
+}

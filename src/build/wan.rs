@@ -1,0 +1,406 @@
+//! `WanTransformer3DModel` (diffusers `transformer_wan.py`), text-to-video: Conv3d patch embedding,
+//! 3-D rotary position embedding (frames / rows / columns share each head's dims), blocks of full
+//! self-attention with RMS-normalised q/k and RoPE, cross-attention to the projected text, and a
+//! feed-forward, all modulated by `scale_shift_table` + the timestep projection; unpatchify to
+//! `[B, C, F, H, W]`.
+//!
+//! Inputs `hidden_states` [B, C, F, H, W], `timestep` [B] int64, `encoder_hidden_states` [B, L, text_dim];
+//! output `sample`. Image conditioning (I2V: `image_dim`, `added_kv_proj_dim`) is refused.
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+use super::embed::rope_1d;
+use super::graph_builder::GraphBuilder;
+use super::layers::tokens;
+use super::{BuildOptions, Family};
+use crate::ir::{AttrValue, DataType};
+
+#[derive(Deserialize, Serialize)]
+#[serde(default)]
+struct Config {
+    patch_size: Vec<i64>,
+    num_attention_heads: i64,
+    attention_head_dim: i64,
+    in_channels: i64,
+    out_channels: Option<i64>,
+    text_dim: i64,
+    freq_dim: i64,
+    ffn_dim: i64,
+    num_layers: i64,
+    cross_attn_norm: bool,
+    qk_norm: Option<String>,
+    eps: f64,
+    image_dim: Option<i64>,
+    added_kv_proj_dim: Option<i64>,
+    rope_max_seq_len: i64,
+    pos_embed_seq_len: Option<i64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            patch_size: vec![1, 2, 2],
+            num_attention_heads: 40,
+            attention_head_dim: 128,
+            in_channels: 16,
+            out_channels: Some(16),
+            text_dim: 4096,
+            freq_dim: 256,
+            ffn_dim: 13824,
+            num_layers: 40,
+            cross_attn_norm: true,
+            qk_norm: Some("rms_norm_across_heads".into()),
+            eps: 1e-6,
+            image_dim: None,
+            added_kv_proj_dim: None,
+            rope_max_seq_len: 1024,
+            pos_embed_seq_len: None,
+        }
+    }
+}
+
+/// Latent shape of Wan2.1's default 81 x 480 x 832 video (VAE: 4x in time, 8x in space).
+const DEFAULT_FRAMES: i64 = 21;
+const DEFAULT_HEIGHT: i64 = 60;
+const DEFAULT_WIDTH: i64 = 104;
+const DEFAULT_TEXT: i64 = 512;
+
+pub struct Wan;
+
+struct Dims {
+    dim: i64,
+    heads: i64,
+    head_dim: i64,
+    seq: i64,
+    text: i64,
+    eps: f64,
+}
+
+impl Family for Wan {
+    const CLASS: &'static str = "WanTransformer3DModel";
+
+    fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()> {
+        let c: Config = super::parse_config(config, Self::CLASS)?;
+        if c.image_dim.is_some() || c.added_kv_proj_dim.is_some() || c.pos_embed_seq_len.is_some() {
+            bail!("image conditioning (image_dim / added_kv_proj_dim / pos_embed_seq_len: Wan I2V) is not implemented");
+        }
+        if c.qk_norm.as_deref() != Some("rms_norm_across_heads") {
+            bail!(
+                "qk_norm {:?} is not supported (only 'rms_norm_across_heads')",
+                c.qk_norm
+            );
+        }
+        let [pt, ph, pw] = c.patch_size[..] else {
+            bail!("patch_size must have 3 entries, got {:?}", c.patch_size);
+        };
+        let cout = c.out_channels.unwrap_or(c.in_channels);
+        let dim = c.num_attention_heads * c.attention_head_dim;
+        let frames = opts.frames.unwrap_or(DEFAULT_FRAMES);
+        let (height, width) = opts.latent_size(DEFAULT_HEIGHT, DEFAULT_WIDTH);
+        let text = opts.text_len.unwrap_or(DEFAULT_TEXT);
+        super::check_divisible("frames", frames, pt)?;
+        super::check_divisible("height", height, ph)?;
+        super::check_divisible("width", width, pw)?;
+        let (f, h, w) = (frames / pt, height / ph, width / pw);
+        if f.max(h).max(w) > c.rope_max_seq_len {
+            bail!(
+                "a patch grid of {f} x {h} x {w} exceeds rope_max_seq_len {}",
+                c.rope_max_seq_len
+            );
+        }
+        let d = Dims {
+            dim,
+            heads: c.num_attention_heads,
+            head_dim: c.attention_head_dim,
+            seq: f * h * w,
+            text,
+            eps: c.eps,
+        };
+
+        let x = b.input(
+            "hidden_states",
+            DataType::F32,
+            opts.dims(&[c.in_channels, frames, height, width]),
+        );
+        let t = b.input("timestep", DataType::I64, opts.dims(&[]));
+        let enc = b.input(
+            "encoder_hidden_states",
+            DataType::F32,
+            opts.dims(&[text, c.text_dim]),
+        );
+
+        let (cos, sin) = rope_tables(b, c.attention_head_dim, c.rope_max_seq_len, (f, h, w));
+        let wt = b.weight("patch_embedding.weight", &[dim, c.in_channels, pt, ph, pw]);
+        let bias = b.weight("patch_embedding.bias", &[dim]);
+        let x = b.op(
+            "patch_embedding",
+            "Conv",
+            &[&x, &wt, &bias],
+            vec![
+                ("kernel_shape", AttrValue::Ints(vec![pt, ph, pw])),
+                ("strides", AttrValue::Ints(vec![pt, ph, pw])),
+            ],
+        );
+        let x = b.reshape("patch_embedding/flatten", &x, &[-1, dim, d.seq]);
+        let mut x = b.transpose("patch_embedding/tokens", &x, &[0, 2, 1]);
+
+        // condition_embedder: temb [B, D], timestep_proj [B, 6, D], text [B, L, D].
+        let path = "condition_embedder";
+        let proj = b.timestep_proj(&format!("{path}.timesteps_proj"), &t, c.freq_dim, true, 0.0);
+        let temb = b.timestep_embedding(&format!("{path}.time_embedder"), &proj, c.freq_dim, dim);
+        let act = b.silu(&format!("{path}.act_fn"), &temb);
+        let t6 = b.linear(
+            &format!("{path}.time_proj"),
+            &act,
+            &[-1],
+            dim,
+            6 * dim,
+            true,
+        );
+        let t6 = b.reshape(&format!("{path}.time_proj/rows"), &t6, &[-1, 6, dim]);
+        let context = super::caption_projection(
+            b,
+            &format!("{path}.text_embedder"),
+            &enc,
+            text,
+            c.text_dim,
+            dim,
+        );
+
+        for i in 0..c.num_layers {
+            x = block(
+                b,
+                &format!("blocks.{i}"),
+                &d,
+                &x,
+                &context,
+                &t6,
+                (&cos, &sin),
+                c.cross_attn_norm,
+                c.ffn_dim,
+            );
+        }
+
+        let table = b.weight("scale_shift_table", &[1, 2, dim]);
+        let axis = b.const_i64("norm_out/axis", &[1]);
+        let te = b.op("norm_out/unsqueeze", "Unsqueeze", &[&temb, &axis], vec![]);
+        let mods = b.add("norm_out/modulation", &table, &te);
+        let parts = b.chunk("norm_out/chunks", &mods, 2, 1);
+        let normed = b.layer_norm("norm_out", &x, dim, c.eps, false, false);
+        let normed = b.modulate("norm_out/modulate", &normed, &parts[1], &parts[0]);
+        let x = b.linear(
+            "proj_out",
+            &normed,
+            &tokens(d.seq),
+            dim,
+            cout * pt * ph * pw,
+            true,
+        );
+        // [B, f*h*w, pt*ph*pw*C] -> [B, C, f, pt, h, ph, w, pw] -> [B, C, F, H, W]
+        let x = b.reshape("unpatchify/grid", &x, &[-1, f, h, w, pt, ph, pw, cout]);
+        let x = b.transpose("unpatchify/permute", &x, &[0, 7, 1, 4, 2, 5, 3, 6]);
+        let x = b.reshape("unpatchify", &x, &[-1, cout, frames, height, width]);
+        b.output(
+            &x,
+            "sample",
+            DataType::F32,
+            opts.dims(&[cout, frames, height, width]),
+        );
+        Ok(())
+    }
+}
+
+/// `WanRotaryPosEmbed` for a `f x h x w` patch grid: per token, the frame, row and column tables
+/// side by side, one value per rotated pair: `[1, seq, 1, head_dim/2, 1]` cos and sin constants.
+fn rope_tables(
+    b: &mut GraphBuilder,
+    head_dim: i64,
+    max_len: i64,
+    (f, h, w): (i64, i64, i64),
+) -> (String, String) {
+    let hd = head_dim as usize;
+    let hw_dim = 2 * (hd / 6);
+    let t_dim = hd - 2 * hw_dim;
+    let max = max_len as usize;
+    let tables = [
+        rope_1d(t_dim, max, 10000.0),
+        rope_1d(hw_dim, max, 10000.0),
+        rope_1d(hw_dim, max, 10000.0),
+    ];
+    let dims = [t_dim, hw_dim, hw_dim];
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for fi in 0..f as usize {
+        for hi in 0..h as usize {
+            for wi in 0..w as usize {
+                for (axis, pos) in [fi, hi, wi].into_iter().enumerate() {
+                    let dim = dims[axis];
+                    let row = pos * dim..(pos + 1) * dim;
+                    // Every frequency appears twice (repeat_interleave); the rotation needs it once.
+                    cos.extend(
+                        tables[axis].0[row.clone()]
+                            .iter()
+                            .step_by(2)
+                            .map(|&v| v as f32),
+                    );
+                    sin.extend(tables[axis].1[row].iter().step_by(2).map(|&v| v as f32));
+                }
+            }
+        }
+    }
+    let shape = vec![1, f * h * w, 1, head_dim / 2, 1];
+    (
+        b.const_f32("rope.freqs_cos", shape.clone(), &cos),
+        b.const_f32("rope.freqs_sin", shape, &sin),
+    )
+}
+
+/// Rotate pairs (x[2i], x[2i+1]) of `x` [B, S, H, hd] by the angles of `cos`/`sin`.
+fn apply_rope(
+    b: &mut GraphBuilder,
+    name: &str,
+    x: &str,
+    d: &Dims,
+    (cos, sin): (&str, &str),
+) -> String {
+    let pairs = b.reshape(
+        &format!("{name}/pairs"),
+        x,
+        &[-1, d.seq, d.heads, d.head_dim / 2, 2],
+    );
+    let xs = b.chunk(&format!("{name}/split"), &pairs, 2, -1);
+    let (x1, x2) = (&xs[0], &xs[1]);
+    let a = b.mul(&format!("{name}/x1cos"), x1, cos);
+    let bb = b.mul(&format!("{name}/x2sin"), x2, sin);
+    let even = b.op(&format!("{name}/even"), "Sub", &[&a, &bb], vec![]);
+    let c = b.mul(&format!("{name}/x1sin"), x1, sin);
+    let e = b.mul(&format!("{name}/x2cos"), x2, cos);
+    let odd = b.add(&format!("{name}/odd"), &c, &e);
+    let joined = b.op(
+        &format!("{name}/join"),
+        "Concat",
+        &[&even, &odd],
+        vec![("axis", AttrValue::Int(-1))],
+    );
+    b.reshape(name, &joined, &[-1, d.seq, d.heads, d.head_dim])
+}
+
+/// `WanAttention`: q/k/v projections, RMS norm over all heads, optional RoPE, SDPA, `to_out.0`.
+fn attention(
+    b: &mut GraphBuilder,
+    path: &str,
+    d: &Dims,
+    x: &str,
+    context: Option<&str>,
+    rope: Option<(&str, &str)>,
+) -> String {
+    let (kv, kv_len) = match context {
+        Some(c) => (c, d.text),
+        None => (x, d.seq),
+    };
+    let q = b.linear(
+        &format!("{path}.to_q"),
+        x,
+        &tokens(d.seq),
+        d.dim,
+        d.dim,
+        true,
+    );
+    let k = b.linear(
+        &format!("{path}.to_k"),
+        kv,
+        &tokens(kv_len),
+        d.dim,
+        d.dim,
+        true,
+    );
+    let v = b.linear(
+        &format!("{path}.to_v"),
+        kv,
+        &tokens(kv_len),
+        d.dim,
+        d.dim,
+        true,
+    );
+    let q = b.rms_norm(&format!("{path}.norm_q"), &q, d.dim, d.eps);
+    let k = b.rms_norm(&format!("{path}.norm_k"), &k, d.dim, d.eps);
+    let (q, k) = match rope {
+        Some(r) => {
+            let q = b.reshape(
+                &format!("{path}/q/heads"),
+                &q,
+                &[-1, d.seq, d.heads, d.head_dim],
+            );
+            let k = b.reshape(
+                &format!("{path}/k/heads"),
+                &k,
+                &[-1, d.seq, d.heads, d.head_dim],
+            );
+            let q = apply_rope(b, &format!("{path}/q/rope"), &q, d, r);
+            let k = apply_rope(b, &format!("{path}/k/rope"), &k, d, r);
+            let q = b.transpose(&format!("{path}/q/transpose"), &q, &[0, 2, 1, 3]);
+            let k = b.transpose(&format!("{path}/k/transpose"), &k, &[0, 2, 3, 1]);
+            (q, k)
+        }
+        None => (
+            b.split_heads(&format!("{path}/q"), &q, d.seq, d.heads, d.head_dim, false),
+            b.split_heads(&format!("{path}/k"), &k, kv_len, d.heads, d.head_dim, true),
+        ),
+    };
+    let v = b.split_heads(&format!("{path}/v"), &v, kv_len, d.heads, d.head_dim, false);
+    let out = b.sdpa(path, &q, &k, &v, [d.seq, d.heads, d.head_dim]);
+    b.linear(
+        &format!("{path}.to_out.0"),
+        &out,
+        &tokens(d.seq),
+        d.dim,
+        d.dim,
+        true,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block(
+    b: &mut GraphBuilder,
+    path: &str,
+    d: &Dims,
+    x: &str,
+    context: &str,
+    t6: &str,
+    rope: (&str, &str),
+    cross_attn_norm: bool,
+    ffn_dim: i64,
+) -> String {
+    let dim = d.dim;
+    let table = b.weight(&format!("{path}.scale_shift_table"), &[1, 6, dim]);
+    let mods = b.add(&format!("{path}/modulation"), &table, t6);
+    let m = b.chunk(&format!("{path}/modulation_chunks"), &mods, 6, 1);
+    let (shift, scale, gate, c_shift, c_scale, c_gate) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
+
+    let normed = b.layer_norm(&format!("{path}.norm1"), x, dim, d.eps, false, false);
+    let normed = b.modulate(&format!("{path}.norm1/modulate"), &normed, scale, shift);
+    let attn = attention(b, &format!("{path}.attn1"), d, &normed, None, Some(rope));
+    let attn = b.mul(&format!("{path}.attn1/gate"), &attn, gate);
+    let h = b.add(&format!("{path}.attn1/residual"), x, &attn);
+
+    let normed = if cross_attn_norm {
+        b.layer_norm(&format!("{path}.norm2"), &h, dim, d.eps, true, true)
+    } else {
+        h.clone()
+    };
+    let attn = attention(b, &format!("{path}.attn2"), d, &normed, Some(context), None);
+    let h = b.add(&format!("{path}.attn2/residual"), &h, &attn);
+
+    let normed = b.layer_norm(&format!("{path}.norm3"), &h, dim, d.eps, false, false);
+    let normed = b.modulate(&format!("{path}.norm3/modulate"), &normed, c_scale, c_shift);
+    let ff = b.feed_forward(
+        &format!("{path}.ffn"),
+        &normed,
+        &tokens(d.seq),
+        dim,
+        ffn_dim,
+        true,
+    );
+    let ff = b.mul(&format!("{path}.ffn/gate"), &ff, c_gate);
+    b.add(&format!("{path}.ffn/residual"), &h, &ff)
+}

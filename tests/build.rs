@@ -1,0 +1,395 @@
+//! Graphs built from diffusers checkpoints (config.json + safetensors), against PyTorch's outputs and
+//! against the attention map of torch's own ONNX export of the same model.
+
+mod common;
+
+use common::{case, ditc, ditc_ok, fixtures, named};
+use ditc::build::{build_model, BuildOptions};
+use ditc::checkpoint::Checkpoint;
+use ditc::metrics::compare;
+use ditc::runtime::TractRunner;
+use ditc::tensors::read_safetensors;
+
+/// (fixture, shape options matching its io.safetensors)
+fn fixture_shapes() -> [(&'static str, BuildOptions); 3] {
+    [
+        (
+            "latte-tiny",
+            BuildOptions {
+                text_len: Some(4),
+                ..Default::default()
+            },
+        ),
+        ("dit-tiny", BuildOptions::default()),
+        (
+            "wan-tiny",
+            BuildOptions {
+                frames: Some(5),
+                height: Some(16),
+                width: Some(16),
+                text_len: Some(8),
+                ..Default::default()
+            },
+        ),
+    ]
+}
+
+/// The built graph reproduces PyTorch's outputs on all five cases to relative error 1e-4.
+#[test]
+fn built_graphs_match_pytorch_reference_outputs() {
+    let Some(dir) = fixtures() else { return };
+    for (m, opts) in fixture_shapes() {
+        let ckpt = Checkpoint::open(&dir.join(m).join("ckpt")).unwrap();
+        let model = build_model(&ckpt, &opts).unwrap();
+        let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
+        let runner = TractRunner::new(&model, &case(&io, 0)).unwrap();
+        for c in 0..5 {
+            let inputs = case(&io, c);
+            let out = runner.run(&inputs).unwrap();
+            let got = named(&out, "sample").to_f32_vec().unwrap();
+            let want = named(&inputs, "sample").to_f32_vec().unwrap();
+            let f = compare(&got, &want);
+            eprintln!(
+                "{m} built from ckpt, case {c}: max_rel {:.2e} rel_l2 {:.2e}",
+                f.max_rel, f.rel_l2
+            );
+            assert!(
+                f.max_rel <= 1e-4,
+                "{m} case {c}: relative error {}",
+                f.max_rel
+            );
+        }
+    }
+}
+
+/// CLI shape flags matching each fixture's io.safetensors.
+fn shape_flags(m: &str) -> Vec<&'static str> {
+    match m {
+        "latte-tiny" => vec!["--text-len", "4"],
+        "wan-tiny" => vec![
+            "--frames",
+            "5",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--text-len",
+            "8",
+        ],
+        _ => vec![],
+    }
+}
+
+fn inspect_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["inspect", "--json"];
+    all.extend_from_slice(args);
+    serde_json::from_slice(&ditc_ok(&all)).unwrap()
+}
+
+/// (kind, batch, query_len, key_len, heads, head_dim) of every site, in order.
+fn sites(report: &serde_json::Value) -> Vec<String> {
+    report["attention"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} b{} q{} k{} h{}x{}",
+                s["kind"], s["batch"], s["query_len"], s["key_len"], s["heads"], s["head_dim"]
+            )
+        })
+        .collect()
+}
+
+/// `ditc inspect DIR` finds the same attention sites, kinds and blocks as in torch's ONNX export.
+#[test]
+fn built_graphs_have_the_attention_map_of_the_onnx_export() {
+    let Some(dir) = fixtures() else { return };
+    for m in ["latte-tiny", "dit-tiny", "wan-tiny"] {
+        let ckpt = dir.join(m).join("ckpt");
+        let mut args = vec![ckpt.to_str().unwrap()];
+        args.extend(shape_flags(m));
+        let built = inspect_json(&args);
+        let exported = inspect_json(&[dir.join(m).join("model.onnx").to_str().unwrap()]);
+        assert_eq!(sites(&built), sites(&exported), "{m}");
+        assert!(!sites(&built).is_empty());
+        let blocks = |r: &serde_json::Value| r["blocks"].as_array().unwrap().len();
+        assert_eq!(blocks(&built), blocks(&exported), "{m} blocks");
+        // Sites are named by module path.
+        let anchor = built["attention"][0]["anchor"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(anchor.contains(".attn1"), "{m}: {anchor}");
+    }
+}
+
+/// `ditc convert DIR` writes a bundle that a second graph (torch's export) agrees with under `verify`,
+/// and whose parameters are exactly the checkpoint's tensors.
+#[test]
+fn convert_checkpoint_folder_agrees_with_the_exported_graph() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    for m in ["latte-tiny", "dit-tiny", "wan-tiny"] {
+        let out = tmp.path().join(m);
+        let ckpt = dir.join(m).join("ckpt");
+        let mut args = vec![
+            "convert",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ];
+        args.extend(shape_flags(m));
+        ditc_ok(&args);
+        let io = dir.join(m).join("io.safetensors");
+        let rows: serde_json::Value = serde_json::from_slice(&ditc_ok(&[
+            "verify",
+            out.join("model.onnx").to_str().unwrap(),
+            dir.join(m).join("model.onnx").to_str().unwrap(),
+            "--inputs",
+            io.to_str().unwrap(),
+            "--prefix",
+            "3.",
+            "--tolerance",
+            "1e-4",
+            "--json",
+        ]))
+        .unwrap();
+        assert!(rows[0]["max_rel"].as_f64().unwrap() <= 1e-4, "{m}: {rows}");
+        // The manifest names the checkpoint and the shapes it was built with, and passes the schema.
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../schemas/manifest.schema.json")).unwrap();
+        assert_eq!(
+            common::schema::validate(&schema, &manifest),
+            Vec::<String>::new(),
+            "{m}"
+        );
+        assert_eq!(manifest["source"]["weights"].as_array().unwrap().len(), 1);
+        assert!(manifest["source"]["build"].is_object());
+        // Every checkpoint tensor is in the output under its own name, bytes unchanged.
+        let model = ditc::onnx::read_model(&out.join("model.onnx")).unwrap();
+        let source = Checkpoint::open(&ckpt).unwrap();
+        for t in &source.tensors {
+            let got = model
+                .graph
+                .initializer(&t.name)
+                .unwrap_or_else(|| panic!("{m}: no {}", t.name));
+            assert_eq!(got.raw(), t.raw(), "{m}: {}", t.name);
+        }
+    }
+}
+
+/// Write `tensors` as one safetensors file.
+fn write_safetensors(path: &std::path::Path, tensors: &[&ditc::ir::Tensor]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|t| {
+            let shape = t.dims.iter().map(|&d| d as usize).collect();
+            let view = safetensors::tensor::TensorView::new(
+                t.dtype.to_safetensors().unwrap(),
+                shape,
+                t.raw().unwrap(),
+            )
+            .unwrap();
+            (t.name.clone(), view)
+        })
+        .collect();
+    std::fs::write(path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+}
+
+/// A copy of the latte-tiny checkpoint split into three shards with an index.
+fn sharded_latte(dir: &std::path::Path, into: &std::path::Path) {
+    let ckpt = Checkpoint::open(&dir.join("latte-tiny/ckpt")).unwrap();
+    std::fs::create_dir_all(into).unwrap();
+    std::fs::copy(
+        dir.join("latte-tiny/ckpt/config.json"),
+        into.join("config.json"),
+    )
+    .unwrap();
+    let mut weight_map = serde_json::Map::new();
+    // Reverse order across shards, so shard order differs from name order.
+    for (i, chunk) in ckpt.tensors.rchunks(60).enumerate() {
+        let name = format!("diffusion_pytorch_model-{:05}-of-00003.safetensors", i + 1);
+        write_safetensors(&into.join(&name), &chunk.iter().collect::<Vec<_>>());
+        for t in chunk {
+            weight_map.insert(t.name.clone(), name.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(into.join(ditc::checkpoint::INDEX), index.to_string()).unwrap();
+}
+
+/// Sharded and single-file checkpoints with the same tensors give byte-identical graphs and weights,
+/// and so do two runs.
+#[test]
+fn sharded_single_and_repeated_conversions_are_byte_identical() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let sharded = tmp.path().join("sharded");
+    sharded_latte(&dir, &sharded);
+    assert_eq!(Checkpoint::open(&sharded).unwrap().files.len(), 3);
+    let single = dir.join("latte-tiny/ckpt");
+    let mut outs = Vec::new();
+    for (i, src) in [&single, &single, &sharded].iter().enumerate() {
+        let out = tmp.path().join(format!("out{i}"));
+        ditc_ok(&[
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--no-progress",
+            "--text-len",
+            "4",
+        ]);
+        outs.push(out);
+    }
+    for f in ["model.onnx", "model.onnx.data"] {
+        let first = std::fs::read(outs[0].join(f)).unwrap();
+        for out in &outs[1..] {
+            assert!(
+                first == std::fs::read(out.join(f)).unwrap(),
+                "{f} differs: {}",
+                out.display()
+            );
+        }
+    }
+}
+
+/// Run ditc expecting failure: exit code 2, every `expect` in stderr, nothing written.
+fn assert_refused(args: &[&str], out: &std::path::Path, expect: &[&str]) {
+    let r = ditc(args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+    for e in expect {
+        assert!(err.contains(e), "expected '{e}' in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "{} was written", out.display());
+}
+
+/// Unknown classes, unknown config keys, and tensors missing, misshapen or unexpected are refused
+/// with one error listing them all.
+#[test]
+fn checkpoints_that_do_not_match_their_config_are_refused() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = dir.join("latte-tiny/ckpt");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let out = tmp.path().join("out");
+    let convert = |d: &std::path::Path| {
+        vec![
+            "convert".to_string(),
+            d.display().to_string(),
+            "-o".into(),
+            out.display().to_string(),
+            "--text-len".into(),
+            "4".into(),
+        ]
+    };
+    let variant = |name: &str, config: &serde_json::Value, drop: &[&str], extra: bool| {
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+        let mut kept: Vec<&ditc::ir::Tensor> = ckpt
+            .tensors
+            .iter()
+            .filter(|t| !drop.contains(&t.name.as_str()))
+            .collect();
+        let mut stray = ckpt.tensors[0].clone();
+        stray.name = "stray.weight".into();
+        if extra {
+            kept.push(&stray);
+        }
+        write_safetensors(&d.join(ditc::checkpoint::WEIGHTS), &kept);
+        d
+    };
+
+    let mut c = config.clone();
+    c["_class_name"] = "MochiTransformer3DModel".into();
+    let d = variant("class", &c, &[], false);
+    let args = convert(&d);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_refused(
+        &args,
+        &out,
+        &[
+            "MochiTransformer3DModel",
+            "LatteTransformer3DModel",
+            "WanTransformer3DModel",
+        ],
+    );
+
+    let mut c = config.clone();
+    c["use_rope"] = true.into();
+    c["frobnicate"] = 3.into();
+    let d = variant("keys", &c, &[], false);
+    let args = convert(&d);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_refused(&args, &out, &["use_rope", "frobnicate"]);
+
+    let d = variant(
+        "tensors",
+        &config,
+        &["transformer_blocks.1.attn1.to_q.weight", "proj_out.bias"],
+        true,
+    );
+    let args = convert(&d);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_refused(
+        &args,
+        &out,
+        &[
+            "missing tensors (2)",
+            "transformer_blocks.1.attn1.to_q.weight",
+            "proj_out.bias",
+            "unexpected tensors (1)",
+            "stray.weight",
+        ],
+    );
+
+    // A config that disagrees with the weights: 40 caption channels instead of 32.
+    let mut c = config.clone();
+    c["caption_channels"] = 40.into();
+    let d = variant("shapes", &c, &[], false);
+    let args = convert(&d);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert_refused(&args, &out, &["tensors of the wrong shape", "caption_projection.linear_1.weight: checkpoint has [64, 32], the config implies [64, 40]"]);
+
+    // Shape options out of range, and Latte's fixed temporal table.
+    let args = [
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--frames",
+        "3",
+    ];
+    assert_refused(&args, &out, &["--frames must be 8"]);
+    let args = [
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--height",
+        "0",
+    ];
+    assert_refused(&args, &out, &["--height 0 is out of range"]);
+    let args = [
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--height",
+        "15",
+    ];
+    assert_refused(
+        &args,
+        &out,
+        &["height 15 is not a multiple of the patch size 2"],
+    );
+}
