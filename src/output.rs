@@ -19,6 +19,14 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// Fail early, before writing, when `bytes` more would not fit on the output's filesystem.
+    pub fn ensure_free_space(&self, bytes: u64) -> Result<()> {
+        let Some(free) = free_bytes(&self.dir) else {
+            return Ok(()); // unknown (not Linux/Unix, or statvfs failed): let the writes decide
+        };
+        check_fits(bytes, free, &self.dir)
+    }
+
     /// Stage files for `dir` (created, with parents, if missing).
     pub fn new(dir: &Path) -> Result<Staging> {
         let created_dir = !dir.exists();
@@ -132,6 +140,42 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Bytes available to this user on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs is plain data; all-zero is a valid value.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `path` is a valid NUL-terminated string and `st` a writable statvfs.
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// An error when `needed` bytes (plus 64 MiB of slack for the graph and manifest) exceed `free`.
+fn check_fits(needed: u64, free: u64, dir: &Path) -> Result<()> {
+    const SLACK: u64 = 64 << 20;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if needed.saturating_add(SLACK) > free {
+        anyhow::bail!(
+            "not enough disk space in '{}': the output needs {:.2} GiB, {:.2} GiB are free; nothing was written",
+            dir.display(),
+            gib(needed),
+            gib(free)
+        );
+    }
+    Ok(())
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -147,6 +191,17 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn space_check_counts_the_slack() {
+        let dir = Path::new("/out");
+        assert!(check_fits(1 << 30, 2 << 30, dir).is_ok());
+        let err = check_fits(1 << 30, (1 << 30) + (1 << 20), dir)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs 1.00 GiB"), "{err}");
+        assert!(check_fits(u64::MAX, u64::MAX, dir).is_err());
+    }
 
     #[test]
     fn dropped_staging_leaves_nothing() {

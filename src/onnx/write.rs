@@ -18,6 +18,84 @@ use crate::ir::{
 };
 use crate::output::{HashingWriter, Staging};
 
+/// Bytes per write and per hashing step while streaming weights.
+const CHUNK: usize = 8 << 20;
+/// Chunks the hashing thread may lag behind the writer (bounds the resident source pages).
+const HASH_LAG: usize = 8;
+
+/// Stream `tensors` into `file`, 64-byte aligned, recording each one's `(offset, length)`; returns the
+/// file's size and SHA-256. Chunks are written straight from the (memory-mapped) source, while a
+/// second thread hashes the same chunks and then releases their pages, so hashing overlaps I/O and
+/// resident memory stays at a few chunks whatever the model weighs.
+fn stream_weights(
+    tensors: &[&Tensor],
+    file: std::fs::File,
+    data_name: &str,
+    bar: &indicatif::ProgressBar,
+    locations: &mut HashMap<String, (u64, u64)>,
+) -> Result<(u64, String)> {
+    use sha2::Digest;
+    let (send, recv) = std::sync::mpsc::sync_channel::<bytes::Bytes>(HASH_LAG);
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut h = sha2::Sha256::new();
+            for chunk in recv {
+                h.update(&chunk);
+                release_pages(&chunk);
+            }
+            crate::output::hex(&h.finalize())
+        });
+        let mut sink = Sink {
+            file,
+            position: 0,
+            hasher: send,
+            data_name,
+        };
+        let result = (|| -> Result<()> {
+            for t in tensors {
+                let pad = (ALIGNMENT - sink.position % ALIGNMENT) % ALIGNMENT;
+                if pad > 0 {
+                    sink.write(bytes::Bytes::from(vec![0u8; pad as usize]), "padding")?;
+                }
+                let offset = sink.position;
+                let raw = t.raw().expect("filtered to raw tensors");
+                for start in (0..raw.len()).step_by(CHUNK) {
+                    let chunk = raw.slice(start..(start + CHUNK).min(raw.len()));
+                    let len = chunk.len() as u64;
+                    sink.write(chunk, &t.name)?;
+                    bar.inc(len);
+                }
+                locations.insert(t.name.clone(), (offset, raw.len() as u64));
+            }
+            Ok(())
+        })();
+        let position = sink.position;
+        drop(sink); // closes the channel, so the hasher finishes
+        let sha256 = hasher.join().expect("the hashing thread does not panic");
+        result.map(|()| (position, sha256))
+    })
+}
+
+/// The external data file being written, and the channel to the thread hashing it.
+struct Sink<'a> {
+    file: std::fs::File,
+    position: u64,
+    hasher: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    data_name: &'a str,
+}
+
+impl Sink<'_> {
+    fn write(&mut self, chunk: bytes::Bytes, what: &str) -> Result<()> {
+        self.file
+            .write_all(&chunk)
+            .with_context(|| format!("writing '{what}' to {}", self.data_name))?;
+        self.position += chunk.len() as u64;
+        // A send fails only if the hasher panicked, which join() reports.
+        let _ = self.hasher.send(chunk);
+        Ok(())
+    }
+}
+
 /// Protobuf's hard limit on one message.
 pub const PROTOBUF_LIMIT: u64 = 2 * 1024 * 1024 * 1024 - 1;
 const ALIGNMENT: u64 = 64;
@@ -65,27 +143,13 @@ pub fn write_model(
             matches!(t.data, TensorData::Raw(_)) && t.byte_len() >= options.external_threshold
         })
         .collect();
+    let total: u64 = large.iter().map(|t| t.byte_len()).sum();
+    staging.ensure_free_space(total)?;
     if !large.is_empty() {
-        let total: u64 = large.iter().map(|t| t.byte_len()).sum();
-        let bar = crate::progress::bytes_bar(total, "writing weights", options.progress);
         let file = staging.create(&data_name)?;
-        let mut out = HashingWriter::new(std::io::BufWriter::with_capacity(8 << 20, file));
-        for t in large {
-            let pad = (ALIGNMENT - out.position() % ALIGNMENT) % ALIGNMENT;
-            out.write_all(&vec![0u8; pad as usize])?;
-            let offset = out.position();
-            let raw = t.raw().expect("filtered to raw tensors");
-            for chunk in raw.chunks(8 << 20) {
-                out.write_all(chunk)
-                    .with_context(|| format!("writing tensor '{}' to {data_name}", t.name))?;
-                bar.inc(chunk.len() as u64);
-                release_pages(chunk);
-            }
-            locations.insert(t.name.clone(), (offset, raw.len() as u64));
-        }
+        let bar = crate::progress::bytes_bar(total, "writing weights", options.progress);
+        let (bytes, sha256) = stream_weights(&large, file, &data_name, &bar, &mut locations)?;
         bar.finish_and_clear();
-        let (bytes, sha256, inner) = out.finish();
-        inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         written.push(WrittenFile {
             path: data_name.clone(),
             bytes,
@@ -106,7 +170,7 @@ pub fn write_model(
     let mut out = HashingWriter::new(std::io::BufWriter::new(file));
     out.write_all(&proto.encode_to_vec())?;
     let (bytes, sha256, inner) = out.finish();
-    inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    inner.into_inner().map_err(|e| e.into_error())?;
     written.insert(
         0,
         WrittenFile {
