@@ -2,7 +2,9 @@
 //!
 //! This is how attention sites are classified without looking at names. The latent input is tagged by
 //! its layout (diffusers' convention: video `[B, C, F, H, W]`, image `[B, C, H, W]`), a rank-3 float
-//! input is a condition sequence `[B, L, D]` (text tokens). Tags then flow through layout ops: a
+//! input is a condition sequence `[B, L, D]` (text tokens). An input whose doc_string declares
+//! `ditc.layout=<letters>` (B batch, C channels, F frames, H height, W width, L text tokens; one letter
+//! per axis, e.g. `ditc.layout=BFCHW` for CogVideoX's latent) is tagged by that instead. Tags then flow through layout ops: a
 //! dimension is a list of *atoms* (tag set, size) in row-major order, so `Reshape` can split and merge
 //! them, `Transpose` permutes them, `Conv` keeps spatial tags at the new size, `MatMul` takes rows from
 //! its left operand and columns from its right, `Concat` unions tags. Anything without a rule gets
@@ -71,6 +73,25 @@ fn or_channel(tags: u8) -> u8 {
     }
 }
 
+/// The axis tags an input declares in its doc_string (`ditc.layout=BFCHW`), if any.
+pub fn declared_layout(doc: &str) -> Option<Vec<u8>> {
+    let letters = doc
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("ditc.layout="))?;
+    letters
+        .chars()
+        .map(|c| match c {
+            'B' => Some(BATCH),
+            'C' => Some(CHANNEL),
+            'F' => Some(FRAME),
+            'H' => Some(HEIGHT),
+            'W' => Some(WIDTH),
+            'L' => Some(TEXT),
+            _ => None,
+        })
+        .collect()
+}
+
 fn fresh(shape: &[i64]) -> Axes {
     shape.iter().map(|&d| atom(CHANNEL, d)).collect()
 }
@@ -83,7 +104,9 @@ pub fn propagate(graph: &Graph, types: &TypeMap) -> HashMap<String, Axes> {
             continue;
         };
         let is_float = input.dtype().is_some_and(DataType::is_float);
+        let declared = declared_layout(&input.doc_string).filter(|l| l.len() == shape.len());
         let layout: &[u8] = match (is_float, shape.len()) {
+            _ if declared.is_some() => declared.as_deref().unwrap_or_default(),
             (true, 5) => &[BATCH, CHANNEL, FRAME, HEIGHT, WIDTH],
             (true, 4) => &[BATCH, CHANNEL, HEIGHT, WIDTH],
             (true, 3) => &[BATCH, TEXT, CHANNEL],

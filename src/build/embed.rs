@@ -32,11 +32,17 @@ pub fn sincos_2d(
             .map(|i| (i as f32 / step / interpolation_scale as f32) as f64)
             .collect()
     };
-    let (rows, cols) = (axis(h), axis(w));
+    sincos_2d_grid(dim, &axis(h), &axis(w))
+}
+
+/// 2-D sincos table `[rows*cols, dim]` for given row and column positions, row-major over the grid:
+/// per token, `dim/2` column sinusoids then `dim/2` row sinusoids (diffusers' meshgrid order).
+pub fn sincos_2d_grid(dim: usize, rows: &[f64], cols: &[f64]) -> Vec<f32> {
+    let (h, w) = (rows.len(), cols.len());
     let mut col_pos = Vec::with_capacity(h * w);
     let mut row_pos = Vec::with_capacity(h * w);
-    for r in &rows {
-        for c in &cols {
+    for r in rows {
+        for c in cols {
             col_pos.push(*c);
             row_pos.push(*r);
         }

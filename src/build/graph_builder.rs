@@ -44,6 +44,22 @@ impl GraphBuilder {
         name.to_string()
     }
 
+    /// A graph input whose axis order differs from diffusers' usual `[B, C, F, H, W]`, declared for the
+    /// structure analysis as `ditc.layout=<letters>` in its doc_string (see `analysis::axes`).
+    pub fn input_with_layout(
+        &mut self,
+        name: &str,
+        dtype: DataType,
+        dims: Vec<Dim>,
+        layout: &str,
+    ) -> String {
+        let name = self.input(name, dtype, dims);
+        if let Some(input) = self.graph.inputs.last_mut() {
+            input.doc_string = format!("ditc.layout={layout}");
+        }
+        name
+    }
+
     /// Marks `value` as the graph output `name` (through an Identity when the names differ).
     pub fn output(&mut self, value: &str, name: &str, dtype: DataType, dims: Vec<Dim>) {
         if value != name {

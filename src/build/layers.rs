@@ -313,4 +313,26 @@ impl GraphBuilder {
             vec![("axis", AttrValue::Int(axis))],
         )
     }
+
+    /// `x` split along `axis` into parts of the given sizes (torch's `split([a, b], dim)`).
+    pub fn split_sizes(&mut self, name: &str, x: &str, sizes: &[i64], axis: i64) -> Vec<String> {
+        let sizes_value = self.const_i64(&format!("{name}/sizes"), sizes);
+        self.op_n(
+            name,
+            "Split",
+            &[x, &sizes_value],
+            sizes.len(),
+            vec![("axis", AttrValue::Int(axis))],
+        )
+    }
+
+    /// `x` and `y` joined along `axis`.
+    pub fn concat(&mut self, name: &str, x: &str, y: &str, axis: i64) -> String {
+        self.op(
+            name,
+            "Concat",
+            &[x, y],
+            vec![("axis", AttrValue::Int(axis))],
+        )
+    }
 }
