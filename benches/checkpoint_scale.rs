@@ -164,7 +164,7 @@ fn write_shard(path: &Path, tensors: &[&(String, Vec<u64>)]) -> u64 {
         offset += len;
     }
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = BufWriter::with_capacity(8 << 20, File::create(path).unwrap());

@@ -393,3 +393,111 @@ fn checkpoints_that_do_not_match_their_config_are_refused() {
         &["height 15 is not a multiple of the patch size 2"],
     );
 }
+
+/// Two tensors joined along axis 0 (a batch of two cases).
+fn stack(a: &ditc::ir::Tensor, b: &ditc::ir::Tensor) -> ditc::ir::Tensor {
+    let mut dims = a.dims.clone();
+    dims[0] += b.dims[0];
+    let mut raw = a.raw().unwrap().to_vec();
+    raw.extend_from_slice(b.raw().unwrap());
+    ditc::ir::Tensor::from_raw(&a.name, a.dtype, dims, raw.into()).unwrap()
+}
+
+/// `--dynamic-batch` leaves the batch axis symbolic; a batch of two cases gives each case's PyTorch
+/// output.
+#[test]
+fn dynamic_batch_graphs_run_any_batch() {
+    let Some(dir) = fixtures() else { return };
+    for (m, opts) in fixture_shapes() {
+        let ckpt = Checkpoint::open(&dir.join(m).join("ckpt")).unwrap();
+        let opts = BuildOptions {
+            dynamic_batch: true,
+            ..opts
+        };
+        let model = build_model(&ckpt, &opts).unwrap();
+        let batch = &model.graph.inputs[0].shape().unwrap()[0];
+        assert_eq!(batch.to_string(), "batch", "{m}");
+        let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
+        let (a, b) = (case(&io, 1), case(&io, 4));
+        let inputs: Vec<ditc::ir::Tensor> = model
+            .graph
+            .inputs
+            .iter()
+            .map(|i| stack(named(&a, &i.name), named(&b, &i.name)))
+            .collect();
+        let out = TractRunner::new(&model, &inputs)
+            .unwrap()
+            .run(&inputs)
+            .unwrap();
+        let got = named(&out, "sample").to_f32_vec().unwrap();
+        let mut want = named(&a, "sample").to_f32_vec().unwrap();
+        want.extend(named(&b, "sample").to_f32_vec().unwrap());
+        let f = compare(&got, &want);
+        eprintln!("{m} dynamic batch of 2: max_rel {:.2e}", f.max_rel);
+        assert!(f.max_rel <= 1e-4, "{m}: {}", f.max_rel);
+    }
+}
+
+/// A checkpoint bigger than the free disk space (a sparse file: its 3 TiB of class-embedding rows take no
+/// disk) is refused before anything is written, with the sizes in the message.
+#[test]
+fn conversion_that_cannot_fit_on_disk_is_refused_before_writing() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(&dir.join("dit-tiny/ckpt")).unwrap();
+    let mut config = src.config.clone();
+    let rows: i64 = 1 << 32; // class-embedding rows per block: 2^32 x 64 x 4 bytes = 1 TiB
+    config["num_embeds_ada_norm"] = (rows - 1).into();
+    let ckpt = tmp.path().join("huge");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("config.json"), config.to_string()).unwrap();
+    // Small tensors first (their bytes), then the huge tables as holes at the end of the file.
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    let mut huge = Vec::new();
+    for t in &src.tensors {
+        if t.name.ends_with("class_embedder.embedding_table.weight") {
+            huge.push(t.name.clone());
+            continue;
+        }
+        let raw = t.raw().unwrap();
+        header.insert(t.name.clone(), serde_json::json!({"dtype": "F32", "shape": t.dims, "data_offsets": [data.len(), data.len() + raw.len()]}));
+        data.extend_from_slice(raw);
+    }
+    let mut end = data.len() as u64;
+    for name in &huge {
+        let len = rows as u64 * 64 * 4;
+        header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": [rows, 64], "data_offsets": [end, end + len]}));
+        end += len;
+    }
+    let mut json = serde_json::to_vec(&header).unwrap();
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let path = ckpt.join(ditc::checkpoint::WEIGHTS);
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&json);
+    bytes.extend_from_slice(&data);
+    std::fs::write(&path, &bytes).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    if let Err(e) = file.set_len(8 + json.len() as u64 + end) {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: this filesystem cannot hold a 3 TiB sparse file ({e})"
+        );
+        return;
+    }
+    let out = tmp.path().join("out");
+    assert_refused(
+        &[
+            "convert",
+            ckpt.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ],
+        &out,
+        &["not enough disk space", "the output needs 3072.00 GiB"],
+    );
+}
