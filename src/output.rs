@@ -200,7 +200,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs 1.00 GiB"), "{err}");
-        assert!(check_fits(u64::MAX, u64::MAX - 1, dir).is_err(), "no overflow");
+        assert!(
+            check_fits(u64::MAX, u64::MAX - 1, dir).is_err(),
+            "no overflow"
+        );
     }
 
     #[test]

@@ -390,7 +390,7 @@ fn checkpoints_that_do_not_match_their_config_are_refused() {
     assert_refused(
         &args,
         &out,
-        &["height 15 is not a multiple of the patch size 2"],
+        &["height 15 is not a multiple of 2 (the patch size)"],
     );
 }
 
@@ -438,36 +438,45 @@ fn dynamic_batch_graphs_run_any_batch() {
     }
 }
 
-/// A checkpoint bigger than the free disk space (a sparse file: its 3 TiB of class-embedding rows take no
-/// disk) is refused before anything is written, with the sizes in the message.
+/// A checkpoint bigger than the free disk space (a sparse file: a patch-embedding conv of 16384 input
+/// channels and 1024 x 1024 patches is 4 TiB of holes, taking no disk) is refused before anything is
+/// written, with the sizes in the message.
 #[test]
 fn conversion_that_cannot_fit_on_disk_is_refused_before_writing() {
     let Some(dir) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let src = Checkpoint::open(&dir.join("dit-tiny/ckpt")).unwrap();
     let mut config = src.config.clone();
-    let rows: i64 = 1 << 32; // class-embedding rows per block: 2^32 x 64 x 4 bytes = 1 TiB
-    config["num_embeds_ada_norm"] = (rows - 1).into();
+    config["in_channels"] = 16384.into();
+    config["patch_size"] = 1024.into();
+    config["sample_size"] = 1024.into();
+    let huge: [(&str, Vec<i64>); 3] = [
+        ("pos_embed.proj.weight", vec![64, 16384, 1024, 1024]),
+        ("proj_out_2.weight", vec![8 << 20, 64]),
+        ("proj_out_2.bias", vec![8 << 20]),
+    ];
     let ckpt = tmp.path().join("huge");
     std::fs::create_dir_all(&ckpt).unwrap();
     std::fs::write(ckpt.join("config.json"), config.to_string()).unwrap();
-    // Small tensors first (their bytes), then the huge tables as holes at the end of the file.
+    // Small tensors first (their bytes), then the huge ones as holes at the end of the file.
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
-    let mut huge = Vec::new();
-    for t in &src.tensors {
-        if t.name.ends_with("class_embedder.embedding_table.weight") {
-            huge.push(t.name.clone());
-            continue;
-        }
+    for t in src
+        .tensors
+        .iter()
+        .filter(|t| !huge.iter().any(|(n, _)| *n == t.name))
+    {
         let raw = t.raw().unwrap();
         header.insert(t.name.clone(), serde_json::json!({"dtype": "F32", "shape": t.dims, "data_offsets": [data.len(), data.len() + raw.len()]}));
         data.extend_from_slice(raw);
     }
     let mut end = data.len() as u64;
-    for name in &huge {
-        let len = rows as u64 * 64 * 4;
-        header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": [rows, 64], "data_offsets": [end, end + len]}));
+    for (name, dims) in &huge {
+        let len = 4 * dims.iter().product::<i64>() as u64;
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": dims, "data_offsets": [end, end + len]}),
+        );
         end += len;
     }
     let mut json = serde_json::to_vec(&header).unwrap();
@@ -484,7 +493,7 @@ fn conversion_that_cannot_fit_on_disk_is_refused_before_writing() {
         use std::io::Write;
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED: this filesystem cannot hold a 3 TiB sparse file ({e})"
+            "SKIPPED: this filesystem cannot hold a 4 TiB sparse file ({e})"
         );
         return;
     }
@@ -498,6 +507,101 @@ fn conversion_that_cannot_fit_on_disk_is_refused_before_writing() {
             "--no-progress",
         ],
         &out,
-        &["not enough disk space", "the output needs 3072.00 GiB"],
+        &["not enough disk space", "the output needs 4098."],
     );
+}
+
+/// Hostile numbers in config.json or the shape options end in a clear error: no panic, no overflow, no
+/// huge allocation (each case returns at once).
+#[test]
+fn hostile_configs_and_shapes_are_refused() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let cases: [(&str, &str, serde_json::Value, &[&str], &str); 9] = [
+        (
+            "latte-tiny",
+            "layers",
+            serde_json::json!({"num_layers": 1_000_000_000_000i64}),
+            &[],
+            "\"num_layers\" = 1000000000000 is out of range",
+        ),
+        (
+            "latte-tiny",
+            "negative",
+            serde_json::json!({"in_channels": -4}),
+            &[],
+            "\"in_channels\" = -4 is out of range",
+        ),
+        (
+            "latte-tiny",
+            "zero patch",
+            serde_json::json!({"patch_size": 0}),
+            &[],
+            "\"patch_size\" = 0 is out of range",
+        ),
+        (
+            "latte-tiny",
+            "wide",
+            serde_json::json!({"num_attention_heads": 1 << 20, "attention_head_dim": 1 << 20}),
+            &[],
+            "above the supported inner dim",
+        ),
+        (
+            "dit-tiny",
+            "odd dim",
+            serde_json::json!({"num_attention_heads": 3, "attention_head_dim": 5}),
+            &[],
+            "is not a multiple of 4",
+        ),
+        (
+            "latte-tiny",
+            "type",
+            serde_json::json!({"num_layers": "four"}),
+            &[],
+            "wrong type",
+        ),
+        (
+            "wan-tiny",
+            "odd head",
+            serde_json::json!({"attention_head_dim": 15}),
+            &["--frames", "5", "--height", "16", "--width", "16"],
+            "attention_head_dim 15 is not a multiple of 2",
+        ),
+        (
+            "wan-tiny",
+            "grid",
+            serde_json::json!({}),
+            &[
+                "--frames", "1048576", "--height", "1048576", "--width", "1048576",
+            ],
+            "exceeds rope_max_seq_len",
+        ),
+        (
+            "dit-tiny",
+            "huge grid",
+            serde_json::json!({"sample_size": 1 << 20}),
+            &[],
+            "elements (limit",
+        ),
+    ];
+    for (model, name, patch, flags, expect) in cases {
+        let src = dir.join(model).join("ckpt");
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+        for (k, v) in patch.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+        std::fs::copy(
+            src.join(ditc::checkpoint::WEIGHTS),
+            d.join(ditc::checkpoint::WEIGHTS),
+        )
+        .unwrap();
+        let mut args = vec!["convert", d.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        assert_refused(&args, &out, &[expect]);
+    }
 }

@@ -110,7 +110,7 @@ impl Family for CogVideoX {
         let (cin, p, dim) = (
             c.in_channels,
             c.patch_size,
-            c.num_attention_heads * c.attention_head_dim,
+            super::inner_dim(c.num_attention_heads, c.attention_head_dim)?,
         );
         let cout = c.out_channels.unwrap_or(cin);
         let frames = opts
@@ -121,14 +121,15 @@ impl Family for CogVideoX {
         if text != c.max_text_seq_length {
             bail!("CogVideoX adds a joint position table of max_text_seq_length = {} text tokens: --text-len must be {}", c.max_text_seq_length, c.max_text_seq_length);
         }
-        super::check_divisible("height", height, p)?;
-        super::check_divisible("width", width, p)?;
+        super::check_divisible("height", height, p, "the patch size")?;
+        super::check_divisible("width", width, p, "the patch size")?;
         if dim % 16 != 0 {
             bail!(
                 "the inner dim {dim} must be a multiple of 16 for CogVideoX's 3-D sincos positions"
             );
         }
         let (h, w) = (height / p, width / p);
+        super::check_table("position", frames * h * w, dim)?;
         let d = Dims {
             dim,
             heads: c.num_attention_heads,

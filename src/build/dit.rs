@@ -81,17 +81,19 @@ impl Family for Dit {
         let (cin, p, dim) = (
             c.in_channels,
             c.patch_size,
-            c.num_attention_heads * c.attention_head_dim,
+            super::inner_dim(c.num_attention_heads, c.attention_head_dim)?,
         );
         let cout = c.out_channels.unwrap_or(cin);
         let (height, width) = opts.latent_size(c.sample_size, c.sample_size);
-        super::check_divisible("height", height, p)?;
-        super::check_divisible("width", width, p)?;
+        super::check_divisible("height", height, p, "the patch size")?;
+        super::check_divisible("width", width, p, "the patch size")?;
         if height != width {
             bail!("DiT's unpatchify assumes a square latent (diffusers takes sqrt of the token count): height {height} != width {width}");
         }
         let (h, w) = (height / p, width / p);
         let n = h * w;
+        super::check_divisible("the inner dim", dim, 4, "2-D sincos positions need it")?;
+        super::check_table("position", n, dim)?;
 
         let x = b.input(
             "hidden_states",

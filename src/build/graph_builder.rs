@@ -202,8 +202,9 @@ impl GraphBuilder {
 
     /// Stands in for a missing weight so the build can go on collecting problems; never written.
     fn placeholder(&mut self, name: &str, dims: &[i64]) -> String {
-        let numel: i64 = dims.iter().product::<i64>().clamp(0, 1 << 20);
-        let dims = if numel == dims.iter().product::<i64>() {
+        let full = crate::ir::checked_numel(dims);
+        let numel = full.unwrap_or(0).min(1 << 20) as i64;
+        let dims = if full == Some(numel as u64) {
             dims.to_vec()
         } else {
             vec![numel]

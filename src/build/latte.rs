@@ -77,12 +77,12 @@ impl Family for Latte {
             bail!("config.json must set in_channels, patch_size and caption_channels");
         };
         let cout = c.out_channels.unwrap_or(cin);
-        let dim = c.num_attention_heads * c.attention_head_dim;
+        let dim = super::inner_dim(c.num_attention_heads, c.attention_head_dim)?;
         let frames = opts.frames.unwrap_or(c.video_length);
         let (height, width) = opts.latent_size(c.sample_size, c.sample_size);
         let text = opts.text_len.unwrap_or(120);
-        super::check_divisible("height", height, p)?;
-        super::check_divisible("width", width, p)?;
+        super::check_divisible("height", height, p, "the patch size")?;
+        super::check_divisible("width", width, p, "the patch size")?;
         if frames != c.video_length && frames != 1 {
             bail!("Latte adds a fixed temporal position table of video_length = {} frames: --frames must be {} (or 1)", c.video_length, c.video_length);
         }
@@ -91,6 +91,8 @@ impl Family for Latte {
         }
         let (h, w) = (height / p, width / p);
         let n = h * w;
+        super::check_divisible("the inner dim", dim, 4, "2-D sincos positions need it")?;
+        super::check_table("position", n.max(frames), dim)?;
 
         let x = b.input(
             "hidden_states",

@@ -178,6 +178,7 @@ fn parse_config<T: DeserializeOwned + Serialize + Default>(
                 .join(", ")
         );
     }
+    check_config_numbers(obj)?;
     let filtered: serde_json::Map<String, serde_json::Value> = obj
         .iter()
         .filter(|(k, _)| !k.starts_with('_'))
@@ -187,9 +188,60 @@ fn parse_config<T: DeserializeOwned + Serialize + Default>(
         .context("config.json has a value of the wrong type")
 }
 
-fn check_divisible(what: &str, size: i64, by: i64) -> Result<()> {
+/// Largest integer a config may hold (sizes, counts): keeps every product of a few of them in i64 and
+/// every table a builder computes bounded, whatever a hostile config.json says.
+const MAX_CONFIG_INT: i64 = 1 << 20;
+const MAX_LAYERS: i64 = 1024;
+/// Largest constant table (positions, rotary angles) a build may compute, in elements.
+const MAX_TABLE: i64 = 1 << 28;
+
+/// Integers in config.json (also inside arrays) must be 1..=2^20 (0 only for `freq_shift`), and
+/// `num_layers` at most 1024.
+fn check_config_numbers(obj: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    for (key, value) in obj.iter().filter(|(k, _)| !k.starts_with('_')) {
+        let values: Vec<&serde_json::Value> = match value {
+            serde_json::Value::Array(items) => items.iter().collect(),
+            v => vec![v],
+        };
+        for v in values {
+            if !v.is_number() || v.is_f64() {
+                continue;
+            }
+            let min = if key == "freq_shift" { 0 } else { 1 };
+            let max = if key == "num_layers" {
+                MAX_LAYERS
+            } else {
+                MAX_CONFIG_INT
+            };
+            match v.as_i64() {
+                Some(n) if (min..=max).contains(&n) => {}
+                _ => bail!("config.json: \"{key}\" = {v} is out of range ({min}..={max})"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// heads x head_dim, refused above 65536 (the largest published DiTs use about 5000).
+fn inner_dim(heads: i64, head_dim: i64) -> Result<i64> {
+    match heads.checked_mul(head_dim) {
+        Some(d) if d <= 1 << 16 => Ok(d),
+        _ => bail!("num_attention_heads {heads} x attention_head_dim {head_dim} is above the supported inner dim 65536"),
+    }
+}
+
+/// A constant table of `rows x cols` elements, refused above [`MAX_TABLE`].
+fn check_table(what: &str, rows: i64, cols: i64) -> Result<()> {
+    match rows.checked_mul(cols) {
+        Some(n) if n <= MAX_TABLE => Ok(()),
+        _ => bail!("the {what} table would have {rows} x {cols} elements (limit {MAX_TABLE}): the shapes are too large"),
+    }
+}
+
+/// `size` (named `what`) must be a multiple of `by` (named `of`).
+fn check_divisible(what: &str, size: i64, by: i64, of: &str) -> Result<()> {
     if by <= 0 || size % by != 0 {
-        bail!("{what} {size} is not a multiple of the patch size {by}");
+        bail!("{what} {size} is not a multiple of {by} ({of})");
     }
     Ok(())
 }

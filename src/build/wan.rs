@@ -95,13 +95,13 @@ impl Family for Wan {
             bail!("patch_size must have 3 entries, got {:?}", c.patch_size);
         };
         let cout = c.out_channels.unwrap_or(c.in_channels);
-        let dim = c.num_attention_heads * c.attention_head_dim;
+        let dim = super::inner_dim(c.num_attention_heads, c.attention_head_dim)?;
         let frames = opts.frames.unwrap_or(DEFAULT_FRAMES);
         let (height, width) = opts.latent_size(DEFAULT_HEIGHT, DEFAULT_WIDTH);
         let text = opts.text_len.unwrap_or(DEFAULT_TEXT);
-        super::check_divisible("frames", frames, pt)?;
-        super::check_divisible("height", height, ph)?;
-        super::check_divisible("width", width, pw)?;
+        super::check_divisible("frames", frames, pt, "the patch size")?;
+        super::check_divisible("height", height, ph, "the patch size")?;
+        super::check_divisible("width", width, pw, "the patch size")?;
         let (f, h, w) = (frames / pt, height / ph, width / pw);
         if f.max(h).max(w) > c.rope_max_seq_len {
             bail!(
@@ -109,6 +109,13 @@ impl Family for Wan {
                 c.rope_max_seq_len
             );
         }
+        super::check_divisible(
+            "attention_head_dim",
+            c.attention_head_dim,
+            2,
+            "rotary embeddings rotate pairs",
+        )?;
+        super::check_table("rotary", f * h * w, c.attention_head_dim)?;
         let d = Dims {
             dim,
             heads: c.num_attention_heads,
