@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use super::basic_block::{
     basic_block, check_activation, combined_timestep_label, BlockSpec, Modulation,
 };
-use super::embed::sincos_2d;
 use super::graph_builder::GraphBuilder;
 use super::layers::tokens;
 use super::{BuildOptions, Family};
@@ -85,15 +84,11 @@ impl Family for Dit {
         );
         let cout = c.out_channels.unwrap_or(cin);
         let (height, width) = opts.latent_size(c.sample_size, c.sample_size);
-        super::check_divisible("height", height, p, "the patch size")?;
-        super::check_divisible("width", width, p, "the patch size")?;
+        let grid = super::PatchGrid::new(height, width, p, dim)?;
         if height != width {
             bail!("DiT's unpatchify assumes a square latent (diffusers takes sqrt of the token count): height {height} != width {width}");
         }
-        let (h, w) = (height / p, width / p);
-        let n = h * w;
-        super::check_divisible("the inner dim", dim, 4, "2-D sincos positions need it")?;
-        super::check_table("position", n, dim)?;
+        let (h, w, n) = (grid.h, grid.w, grid.tokens());
 
         let x = b.input(
             "hidden_states",
@@ -103,16 +98,8 @@ impl Family for Dit {
         let t = b.input("timestep", DataType::I64, opts.dims(&[]));
         let labels = b.input("class_labels", DataType::I64, opts.dims(&[]));
 
-        let x = super::patch_embed(b, "pos_embed", &x, cin, dim, p, n);
-        let table = sincos_2d(
-            dim as usize,
-            h as usize,
-            w as usize,
-            (c.sample_size / p) as f64,
-            1.0,
-        );
-        let pos = b.const_f32("pos_embed.pos_embed", vec![1, n, dim], &table);
-        let mut x = b.add("pos_embed/add", &x, &pos);
+        let base = (c.sample_size / p) as f64;
+        let mut x = super::patch_embed_sincos(b, &x, cin, dim, &grid, base, 1.0);
 
         let spec = BlockSpec {
             dim,

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::basic_block::{basic_block, check_activation, BlockSpec, Modulation};
-use super::embed::{sincos_1d, sincos_2d};
+use super::embed::sincos_1d;
 use super::graph_builder::GraphBuilder;
 use super::{unpatchify_2d, BuildOptions, Family};
 use crate::ir::DataType;
@@ -81,18 +81,15 @@ impl Family for Latte {
         let frames = opts.frames.unwrap_or(c.video_length);
         let (height, width) = opts.latent_size(c.sample_size, c.sample_size);
         let text = opts.text_len.unwrap_or(120);
-        super::check_divisible("height", height, p, "the patch size")?;
-        super::check_divisible("width", width, p, "the patch size")?;
+        let grid = super::PatchGrid::new(height, width, p, dim)?;
+        super::check_table("temporal position", c.video_length, dim)?;
         if frames != c.video_length && frames != 1 {
             bail!("Latte adds a fixed temporal position table of video_length = {} frames: --frames must be {} (or 1)", c.video_length, c.video_length);
         }
         if let Some(cross) = c.cross_attention_dim.filter(|&d| d != dim) {
             bail!("cross_attention_dim {cross} must equal the inner dim {dim} (the caption is projected to it)");
         }
-        let (h, w) = (height / p, width / p);
-        let n = h * w;
-        super::check_divisible("the inner dim", dim, 4, "2-D sincos positions need it")?;
-        super::check_table("position", n.max(frames), dim)?;
+        let (h, w, n) = (grid.h, grid.w, grid.tokens());
 
         let x = b.input(
             "hidden_states",
@@ -109,12 +106,9 @@ impl Family for Latte {
         // Frames become batch rows: [B, C, F, H, W] -> [B*F, C, H, W] -> patches [B*F, N, D] + positions.
         let x = b.transpose("frames_first", &x, &[0, 2, 1, 3, 4]);
         let x = b.reshape("frames_as_batch", &x, &[-1, cin, height, width]);
-        let x = super::patch_embed(b, "pos_embed", &x, cin, dim, p, n);
         let base = (c.sample_size / p) as f64;
         let interp = (c.sample_size / 64).max(1) as f64;
-        let table = sincos_2d(dim as usize, h as usize, w as usize, base, interp);
-        let pos = b.const_f32("pos_embed.pos_embed", vec![1, n, dim], &table);
-        let mut x = b.add("pos_embed/add", &x, &pos);
+        let mut x = super::patch_embed_sincos(b, &x, cin, dim, &grid, base, interp);
 
         // adaLN-single: timestep -> [B, 6D] projection and the [B, D] embedding for the final layer.
         let (t6, t_emb) = super::ada_norm_single(b, "adaln_single", &t, dim);

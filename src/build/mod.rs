@@ -246,20 +246,46 @@ fn check_divisible(what: &str, size: i64, by: i64, of: &str) -> Result<()> {
     Ok(())
 }
 
-/// `PatchEmbed.proj` (Conv2d, kernel = stride = patch) at `path`, flattened to tokens [B', N, dim].
-fn patch_embed(
+/// The 2-D patch grid of a `height x width` latent, checked: divisible by the patch, and a sincos
+/// table of `h*w x dim` within bounds (its dim a multiple of 4, as the 2-D sincos split needs).
+struct PatchGrid {
+    p: i64,
+    h: i64,
+    w: i64,
+}
+
+impl PatchGrid {
+    fn new(height: i64, width: i64, p: i64, dim: i64) -> Result<PatchGrid> {
+        check_divisible("height", height, p, "the patch size")?;
+        check_divisible("width", width, p, "the patch size")?;
+        check_divisible("the inner dim", dim, 4, "2-D sincos positions need it")?;
+        let (h, w) = (height / p, width / p);
+        check_table("position", h * w, dim)?;
+        Ok(PatchGrid { p, h, w })
+    }
+
+    fn tokens(&self) -> i64 {
+        self.h * self.w
+    }
+}
+
+/// diffusers' `PatchEmbed` at `pos_embed`: Conv2d patches (kernel = stride = patch) as tokens
+/// [B', N, dim], plus the 2-D sincos table for this grid (`base_size` and `interpolation_scale` as the
+/// model sets them).
+fn patch_embed_sincos(
     b: &mut GraphBuilder,
-    path: &str,
     x: &str,
     cin: i64,
     dim: i64,
-    p: i64,
-    n: i64,
+    grid: &PatchGrid,
+    base_size: f64,
+    interpolation_scale: f64,
 ) -> String {
-    let w = b.weight(&format!("{path}.proj.weight"), &[dim, cin, p, p]);
-    let bias = b.weight(&format!("{path}.proj.bias"), &[dim]);
+    let (p, n) = (grid.p, grid.tokens());
+    let w = b.weight("pos_embed.proj.weight", &[dim, cin, p, p]);
+    let bias = b.weight("pos_embed.proj.bias", &[dim]);
     let y = b.op(
-        &format!("{path}.proj"),
+        "pos_embed.proj",
         "Conv",
         &[x, &w, &bias],
         vec![
@@ -267,8 +293,17 @@ fn patch_embed(
             ("strides", AttrValue::Ints(vec![p, p])),
         ],
     );
-    let y = b.reshape(&format!("{path}/flatten"), &y, &[-1, dim, n]);
-    b.transpose(&format!("{path}/tokens"), &y, &[0, 2, 1])
+    let y = b.reshape("pos_embed/flatten", &y, &[-1, dim, n]);
+    let y = b.transpose("pos_embed/tokens", &y, &[0, 2, 1]);
+    let table = embed::sincos_2d(
+        dim as usize,
+        grid.h as usize,
+        grid.w as usize,
+        base_size,
+        interpolation_scale,
+    );
+    let pos = b.const_f32("pos_embed.pos_embed", vec![1, n, dim], &table);
+    b.add("pos_embed/add", &y, &pos)
 }
 
 /// `AdaLayerNormSingle` without additional conditions: `(linear(silu(emb)) [B, 6*dim], emb [B, dim])`.

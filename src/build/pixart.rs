@@ -10,7 +10,6 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::basic_block::{basic_block, check_activation, BlockSpec, Modulation};
-use super::embed::sincos_2d;
 use super::graph_builder::GraphBuilder;
 use super::{BuildOptions, Family};
 use crate::ir::DataType;
@@ -100,12 +99,8 @@ impl Family for PixArt {
         let cout = c.out_channels.unwrap_or(cin);
         let (height, width) = opts.latent_size(c.sample_size, c.sample_size);
         let text = opts.text_len.unwrap_or(120);
-        super::check_divisible("height", height, p, "the patch size")?;
-        super::check_divisible("width", width, p, "the patch size")?;
-        let (h, w) = (height / p, width / p);
-        let n = h * w;
-        super::check_divisible("the inner dim", dim, 4, "2-D sincos positions need it")?;
-        super::check_table("position", n, dim)?;
+        let grid = super::PatchGrid::new(height, width, p, dim)?;
+        let (h, w, n) = (grid.h, grid.w, grid.tokens());
 
         let x = b.input(
             "hidden_states",
@@ -120,19 +115,11 @@ impl Family for PixArt {
         );
         let t = b.input("timestep", DataType::I64, opts.dims(&[]));
 
-        let x = super::patch_embed(b, "pos_embed", &x, cin, dim, p, n);
         let interp = c
             .interpolation_scale
             .unwrap_or((c.sample_size / 64).max(1) as f64);
-        let table = sincos_2d(
-            dim as usize,
-            h as usize,
-            w as usize,
-            (c.sample_size / p) as f64,
-            interp,
-        );
-        let pos = b.const_f32("pos_embed.pos_embed", vec![1, n, dim], &table);
-        let mut x = b.add("pos_embed/add", &x, &pos);
+        let base = (c.sample_size / p) as f64;
+        let mut x = super::patch_embed_sincos(b, &x, cin, dim, &grid, base, interp);
 
         let (t6, t_emb) = super::ada_norm_single(b, "adaln_single", &t, dim);
         let context = match c.caption_channels {
