@@ -361,37 +361,25 @@ fn checkpoints_that_do_not_match_their_config_are_refused() {
     assert_refused(&args, &out, &["tensors of the wrong shape", "caption_projection.linear_1.weight: checkpoint has [64, 32], the config implies [64, 40]"]);
 
     // Shape options out of range, and Latte's fixed temporal table.
-    let args = [
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--frames",
-        "3",
-    ];
-    assert_refused(&args, &out, &["--frames must be 8"]);
-    let args = [
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--height",
-        "0",
-    ];
-    assert_refused(&args, &out, &["--height 0 is out of range"]);
-    let args = [
-        "convert",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--height",
-        "15",
-    ];
-    assert_refused(
-        &args,
-        &out,
-        &["height 15 is not a multiple of 2 (the patch size)"],
-    );
+    for (flag, value, expect) in [
+        ("--frames", "3", "--frames must be 8"),
+        ("--height", "0", "--height 0 is out of range"),
+        (
+            "--height",
+            "15",
+            "height 15 is not a multiple of 2 (the patch size)",
+        ),
+    ] {
+        let args = [
+            "convert",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            flag,
+            value,
+        ];
+        assert_refused(&args, &out, &[expect]);
+    }
 }
 
 /// Two tensors joined along axis 0 (a batch of two cases).

@@ -31,8 +31,17 @@ pub struct BlockSpec {
     pub cross: Option<(i64, i64)>,
 }
 
-/// Activations `BasicTransformerBlock` supports here.
-pub fn check_activation(activation_fn: &str) -> Result<()> {
+/// The `BasicTransformerBlock` flavour a model's config asks for must be the one its forward runs
+/// (`norm_type`) with the activation built here.
+pub fn check_block_config(
+    class: &str,
+    norm_type: &str,
+    expected: &str,
+    activation_fn: &str,
+) -> Result<()> {
+    if norm_type != expected {
+        bail!("norm_type '{norm_type}' is not supported ({class}'s forward runs '{expected}')");
+    }
     if activation_fn != "gelu-approximate" {
         bail!("activation_fn '{activation_fn}' is not supported (ditc builds 'gelu-approximate', the DiT/PixArt/Latte default)");
     }

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::basic_block::{
-    basic_block, check_activation, combined_timestep_label, BlockSpec, Modulation,
+    basic_block, check_block_config, combined_timestep_label, BlockSpec, Modulation,
 };
 use super::graph_builder::GraphBuilder;
 use super::layers::tokens;
@@ -67,13 +67,7 @@ impl Family for Dit {
 
     fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()> {
         let c: Config = super::parse_config(config, Self::CLASS)?;
-        check_activation(&c.activation_fn)?;
-        if c.norm_type != "ada_norm_zero" {
-            bail!(
-                "norm_type '{}' is not supported (DiTTransformer2DModel only runs 'ada_norm_zero')",
-                c.norm_type
-            );
-        }
+        check_block_config(Self::CLASS, &c.norm_type, "ada_norm_zero", &c.activation_fn)?;
         let Some(num_classes) = c.num_embeds_ada_norm else {
             bail!("num_embeds_ada_norm must be set for adaLN-Zero");
         };

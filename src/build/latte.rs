@@ -9,7 +9,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::basic_block::{basic_block, check_activation, BlockSpec, Modulation};
+use super::basic_block::{basic_block, check_block_config, BlockSpec, Modulation};
 use super::embed::sincos_1d;
 use super::graph_builder::GraphBuilder;
 use super::{unpatchify_2d, BuildOptions, Family};
@@ -68,10 +68,12 @@ impl Family for Latte {
 
     fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()> {
         let c: Config = super::parse_config(config, Self::CLASS)?;
-        check_activation(&c.activation_fn)?;
-        if c.norm_type != "ada_norm_single" {
-            bail!("norm_type '{}' is not supported for Latte (diffusers' Latte forward needs 'ada_norm_single')", c.norm_type);
-        }
+        check_block_config(
+            Self::CLASS,
+            &c.norm_type,
+            "ada_norm_single",
+            &c.activation_fn,
+        )?;
         let (Some(cin), Some(p), Some(caption)) = (c.in_channels, c.patch_size, c.caption_channels)
         else {
             bail!("config.json must set in_channels, patch_size and caption_channels");

@@ -9,7 +9,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use super::basic_block::{basic_block, check_activation, BlockSpec, Modulation};
+use super::basic_block::{basic_block, check_block_config, BlockSpec, Modulation};
 use super::graph_builder::GraphBuilder;
 use super::{BuildOptions, Family};
 use crate::ir::DataType;
@@ -75,10 +75,12 @@ impl Family for PixArt {
 
     fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()> {
         let c: Config = super::parse_config(config, Self::CLASS)?;
-        check_activation(&c.activation_fn)?;
-        if c.norm_type != "ada_norm_single" {
-            bail!("norm_type '{}' is not supported (PixArtTransformer2DModel only runs 'ada_norm_single')", c.norm_type);
-        }
+        check_block_config(
+            Self::CLASS,
+            &c.norm_type,
+            "ada_norm_single",
+            &c.activation_fn,
+        )?;
         if c.use_additional_conditions.unwrap_or(c.sample_size == 128) {
             bail!("use_additional_conditions (resolution and aspect-ratio embeddings, PixArt-alpha 1024px) is not implemented; set \"use_additional_conditions\": false only if the checkpoint has no resolution_embedder");
         }
