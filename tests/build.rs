@@ -593,3 +593,130 @@ fn hostile_configs_and_shapes_are_refused() {
         assert_refused(&args, &out, &[expect]);
     }
 }
+
+/// A BF16 copy of the latte-tiny checkpoint: weights stay BF16 in the graph (cast to f32 inside), the
+/// graph runs on CPU close to PyTorch's f32 outputs, and `quantize-w8a8` quantizes its linears from the
+/// BF16 values (the BF16 copies of quantized weights leave the bundle).
+#[test]
+fn bf16_checkpoints_keep_their_dtype_and_quantize() {
+    let Some(dir) = fixtures() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(&dir.join("latte-tiny/ckpt")).unwrap();
+    let bf16: Vec<ditc::ir::Tensor> = src
+        .tensors
+        .iter()
+        .map(|t| {
+            let raw: Vec<u8> = t
+                .to_f32_vec()
+                .unwrap()
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect();
+            ditc::ir::Tensor::from_raw(
+                &t.name,
+                ditc::ir::DataType::BF16,
+                t.dims.clone(),
+                raw.into(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let ckpt = tmp.path().join("bf16");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::copy(
+        dir.join("latte-tiny/ckpt/config.json"),
+        ckpt.join("config.json"),
+    )
+    .unwrap();
+    write_safetensors(
+        &ckpt.join(ditc::checkpoint::WEIGHTS),
+        &bf16.iter().collect::<Vec<_>>(),
+    );
+
+    let opts = BuildOptions {
+        text_len: Some(4),
+        ..Default::default()
+    };
+    let model = build_model(&Checkpoint::open(&ckpt).unwrap(), &opts).unwrap();
+    assert!(
+        model
+            .graph
+            .initializers
+            .iter()
+            .filter(|t| t.dtype == ditc::ir::DataType::BF16)
+            .count()
+            == src.tensors.len()
+    );
+    let io = read_safetensors(&dir.join("latte-tiny/io.safetensors")).unwrap();
+    let inputs = case(&io, 2);
+    let out = TractRunner::new(&model, &inputs)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    let f = compare(
+        &named(&out, "sample").to_f32_vec().unwrap(),
+        &named(&inputs, "sample").to_f32_vec().unwrap(),
+    );
+    eprintln!(
+        "latte-tiny with BF16 weights vs PyTorch f32: rel L2 {:.2e}, cosine {:.6}",
+        f.rel_l2, f.cosine
+    );
+    assert!(f.cosine > 0.999, "{f:?}");
+
+    // W8A8 from the BF16 values.
+    let stats = tmp.path().join("stats.json");
+    let sampling = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/latte-tiny/sampling.safetensors");
+    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/w8a8.toml");
+    let c = ckpt.to_str().unwrap();
+    let r = recipe.to_str().unwrap();
+    ditc_ok(&[
+        "calibrate",
+        c,
+        "--text-len",
+        "4",
+        "--recipe",
+        r,
+        "--inputs",
+        sampling.to_str().unwrap(),
+        "--cases",
+        "1",
+        "--every",
+        "10",
+        "-o",
+        stats.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let out = tmp.path().join("w8a8");
+    ditc_ok(&[
+        "convert",
+        c,
+        "--text-len",
+        "4",
+        "--recipe",
+        r,
+        "--calibration-stats",
+        stats.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["precision"]["quantized"].as_array().unwrap().len(),
+        64,
+        "every attention projection and FFN linear"
+    );
+    let q = ditc::onnx::read_model(&out.join("model.onnx")).unwrap();
+    assert!(
+        q.graph
+            .initializer("transformer_blocks.0.attn1.to_q.weight")
+            .is_none(),
+        "BF16 source of a quantized weight dropped"
+    );
+    assert!(q
+        .graph
+        .initializer("transformer_blocks.0.attn1.to_q.weight.int8")
+        .is_some());
+}

@@ -175,16 +175,37 @@ pub fn select_targets(
             }),
             None => excluded.push((
                 name,
-                "weight is not a constant f32 initializer of a supported layout".into(),
+                "weight is not a constant f32 initializer (or BF16/F16 cast to f32) of a supported layout".into(),
             )),
         }
     }
     (targets, excluded)
 }
 
+/// The constant weight of a linear layer and its output-channel axis: an f32 initializer, or a
+/// BF16/F16 (or f32) initializer behind a Cast to f32 (graphs built from checkpoints keep the stored
+/// dtype).
 fn linear_weight(graph: &Graph, node: &Node) -> Option<(String, usize)> {
-    let w = graph.initializer(node.inputs.get(1)?)?;
-    if w.dtype != DataType::F32 {
+    let input = node.inputs.get(1)?;
+    let w = match graph.initializer(input) {
+        Some(w) => w,
+        None => {
+            let cast = graph
+                .nodes
+                .iter()
+                .find(|n| n.outputs.first() == Some(input))?;
+            let to_f32 = cast.attr_int("to") == Some(DataType::F32.onnx_code() as i64);
+            let w = graph.initializer(cast.inputs.first()?)?;
+            if cast.op_type != "Cast"
+                || !to_f32
+                || !matches!(w.dtype, DataType::BF16 | DataType::F16 | DataType::F32)
+            {
+                return None;
+            }
+            w
+        }
+    };
+    if w.dtype != DataType::F32 && graph.initializer(input).is_some() {
         return None;
     }
     if node.op_type == "Conv" {
@@ -364,6 +385,8 @@ pub fn quantize_layers_with(
             weight_channels: channels,
         });
     }
+    // Casts of weights now read through Q/DQ are dead; their BF16/F16 sources go with them.
+    crate::ir::remove_dead_nodes(&mut model.graph);
     remove_unused_initializers(&mut model.graph);
     Ok(layers)
 }

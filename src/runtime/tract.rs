@@ -39,6 +39,20 @@ impl TractRunner {
         } else {
             model
         };
+        // tract has no BF16 either: BF16 initializers (weights of checkpoints, cast to f32 in the graph)
+        // are widened to f32, which is exact.
+        let widened;
+        let model = if model
+            .graph
+            .initializers
+            .iter()
+            .any(|t| t.dtype == DataType::BF16)
+        {
+            widened = widen_bf16(model)?;
+            &widened
+        } else {
+            model
+        };
         let bytes = model_to_bytes_inline(model)?;
         let mut tract_model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
@@ -178,4 +192,21 @@ fn from_tract(name: &str, v: &TValue) -> Result<Tensor> {
 /// Convenience for tests and tools: a one-shot run.
 pub fn run_once(model: &Model, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
     TractRunner::new(model, inputs)?.run(inputs)
+}
+
+/// `model` with every top-level BF16 initializer widened to f32 (exactly: BF16 is f32's upper half).
+fn widen_bf16(model: &Model) -> Result<Model> {
+    let mut out = model.clone();
+    for t in out
+        .graph
+        .initializers
+        .iter_mut()
+        .filter(|t| t.dtype == DataType::BF16)
+    {
+        let values = t
+            .to_f32_vec()
+            .with_context(|| format!("BF16 tensor '{}'", t.name))?;
+        *t = Tensor::from_f32(&t.name, t.dims.clone(), &values);
+    }
+    Ok(out)
 }
