@@ -266,9 +266,13 @@ pub fn detect_io(model: &Model) -> Result<ModelIo> {
     let [latent] = latents.as_slice() else {
         bail!("cannot tell the latent input: expected exactly one rank-4 or rank-5 float input, found {}", latents.len());
     };
+    // One element per batch row: dims of 1, or the symbolic batch axis of a dynamic-batch graph.
     let one_element = |i: &&ValueInfo| {
-        i.shape()
-            .is_some_and(|s| s.iter().all(|d| d.value() == Some(1)))
+        i.shape().is_some_and(|s| {
+            s.iter()
+                .enumerate()
+                .all(|(k, d)| d.value() == Some(1) || (k == 0 && matches!(d, Dim::Param(_))))
+        })
     };
     let timestep = graph
         .runtime_inputs()
@@ -309,31 +313,38 @@ fn reaches_sinusoid(model: &Model, input: &str) -> bool {
     false
 }
 
-pub fn trtexec_command(model: &Model) -> String {
-    let shapes: Vec<String> = model
-        .graph
-        .runtime_inputs()
-        .filter_map(|i| {
-            let dims: Option<Vec<String>> = i
-                .shape()?
-                .iter()
-                .map(|d| d.value().map(|v| v.to_string()))
-                .collect();
-            let dims = dims?;
-            Some(format!(
-                "'{}':{}",
-                i.name,
-                if dims.is_empty() {
+pub fn trtexec_command(model: &Model, batch_range: (i64, i64, i64)) -> String {
+    // One shape list per profile point; symbolic dims (the dynamic batch) take min, opt and max.
+    let shapes = |pick: fn((i64, i64, i64)) -> i64| -> String {
+        model
+            .graph
+            .runtime_inputs()
+            .filter_map(|i| {
+                let dims: Option<Vec<String>> = i
+                    .shape()?
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Value(v) => Some(v.to_string()),
+                        Dim::Param(_) => Some(pick(batch_range).to_string()),
+                        Dim::Unknown => None,
+                    })
+                    .collect();
+                let dims = dims?;
+                let dims = if dims.is_empty() {
                     "1".to_string()
                 } else {
                     dims.join("x")
-                }
-            ))
-        })
-        .collect();
-    let shapes = shapes.join(",");
+                };
+                Some(format!("'{}':{dims}", i.name))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     format!(
-        "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4 --minShapes={shapes} --optShapes={shapes} --maxShapes={shapes}"
+        "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4 --minShapes={} --optShapes={} --maxShapes={}",
+        shapes(|r| r.0),
+        shapes(|r| r.1),
+        shapes(|r| r.2)
     )
 }
 

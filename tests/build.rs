@@ -424,6 +424,57 @@ fn dynamic_batch_graphs_run_any_batch() {
         eprintln!("{m} dynamic batch of 2: max_rel {:.2e}", f.max_rel);
         assert!(f.max_rel <= 1e-4, "{m}: {}", f.max_rel);
     }
+    // The manifest's trtexec command builds a profile for batches 1..=4.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("dyn");
+    let ckpt = dir.join("latte-tiny/ckpt");
+    ditc_ok(&[
+        "convert",
+        ckpt.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+        "--text-len",
+        "4",
+        "--dynamic-batch",
+        "--batch",
+        "4",
+    ]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let cmd = manifest["tensorrt"]["build_command"].as_str().unwrap();
+    assert!(
+        cmd.contains(
+            "--minShapes='hidden_states':1x4x8x16x16,'timestep':1,'encoder_hidden_states':1x4x32"
+        ),
+        "{cmd}"
+    );
+    assert!(
+        cmd.contains(
+            "--maxShapes='hidden_states':4x4x8x16x16,'timestep':4,'encoder_hidden_states':4x4x32"
+        ),
+        "{cmd}"
+    );
+    assert_eq!(manifest["inputs"][0]["shape"][0], "batch");
+    // The analysis reads a dynamic-batch graph per batch row; static broadcast needs static shapes.
+    assert_eq!(
+        manifest["dit_map"]["attention"].as_array().unwrap().len(),
+        12
+    );
+    let pab = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab.toml");
+    let out = tmp.path().join("dyn-pab");
+    let args = [
+        "convert",
+        ckpt.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--text-len",
+        "4",
+        "--dynamic-batch",
+        "--recipe",
+        pab.to_str().unwrap(),
+    ];
+    assert_refused(&args, &out, &["needs static input shapes"]);
 }
 
 /// A checkpoint bigger than the free disk space (a sparse file: a patch-embedding conv of 16384 input

@@ -12,7 +12,7 @@ use serde::Serialize;
 pub use attention::{AttentionKind, AttentionSite};
 pub use blocks::Block;
 
-use crate::ir::{infer_types, topological_order, Model, TypeMap};
+use crate::ir::{infer_types, topological_order, Dim, Model, TypeMap, ValueType};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DitMap {
@@ -39,8 +39,33 @@ impl DitMap {
 
 /// Analyse a model with its declared input shapes.
 pub fn analyse(model: &Model) -> DitMap {
+    // Structure does not depend on the batch: symbolic input dims (a dynamic batch) are analysed as 1,
+    // so geometry and FLOPs are reported per batch row.
+    if has_symbolic_inputs(&model.graph) {
+        let mut graph = model.graph.clone();
+        for input in &mut graph.inputs {
+            if let ValueType::Tensor {
+                shape: Some(dims), ..
+            } = &mut input.ty
+            {
+                for d in dims.iter_mut().filter(|d| d.value().is_none()) {
+                    *d = Dim::Value(1);
+                }
+            }
+        }
+        let types = infer_types(&graph, model.default_opset());
+        return analyse_with_types(model, &types);
+    }
     let types = infer_types(&model.graph, model.default_opset());
     analyse_with_types(model, &types)
+}
+
+/// True when a runtime input has a symbolic or unknown dimension.
+pub fn has_symbolic_inputs(graph: &crate::ir::Graph) -> bool {
+    graph.runtime_inputs().any(|i| {
+        i.shape()
+            .is_some_and(|s| s.iter().any(|d| d.value().is_none()))
+    })
 }
 
 pub fn analyse_with_types(model: &Model, types: &TypeMap) -> DitMap {

@@ -169,7 +169,7 @@ pub fn run(args: &Args) -> Result<()> {
         state: cx.state.clone(),
         cost,
         tensorrt: TensorRt {
-            build_command: manifest::trtexec_command(&model),
+            build_command: manifest::trtexec_command(&model, args.shapes.batch_range()),
         },
         provenance: Provenance {
             recipe: recipe.path.as_ref().map(|p| p.display().to_string()),

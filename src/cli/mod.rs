@@ -41,10 +41,12 @@ pub fn select_prefixed(all: &[Tensor], prefix: &str) -> Vec<Tensor> {
 #[derive(clap::Args, Debug, Clone, Default)]
 #[command(next_help_heading = "Shapes when MODEL is a diffusers checkpoint folder")]
 pub struct ShapeArgs {
-    /// Batch size [default: 1]
+    /// Batch size [default: 1]; with --dynamic-batch, the largest batch of the TensorRT profile in the
+    /// manifest's trtexec command [default: 2, as classifier-free guidance runs]
     #[arg(long)]
     pub batch: Option<i64>,
-    /// Leave the batch axis symbolic ("batch") for TensorRT optimisation profiles
+    /// Leave the batch axis symbolic ("batch"); the manifest's trtexec command then builds a profile
+    /// for batches 1..=--batch
     #[arg(long)]
     pub dynamic_batch: bool,
     /// Latent frames [default: Latte: video_length; Wan: 21 (81 video frames); CogVideoX: 13]
@@ -62,6 +64,12 @@ pub struct ShapeArgs {
 }
 
 impl ShapeArgs {
+    /// (min, opt, max) of a symbolic batch axis for TensorRT's optimisation profile.
+    pub fn batch_range(&self) -> (i64, i64, i64) {
+        let max = self.batch.unwrap_or(if self.dynamic_batch { 2 } else { 1 });
+        (1, max, max)
+    }
+
     pub fn options(&self) -> crate::build::BuildOptions {
         crate::build::BuildOptions {
             batch: self.batch,

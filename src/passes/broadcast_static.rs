@@ -59,6 +59,9 @@ impl Pass for BroadcastStatic {
         let Some((_, sampler)) = &cx.sampler else {
             bail!("needs a sampler: add a [sampler] table to the recipe");
         };
+        if crate::analysis::has_symbolic_inputs(&model.graph) {
+            bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
+        }
         let steps = sampler.steps();
         let tables = tables(&self.options, &sampler.timesteps);
         let types = infer_types(&model.graph, model.default_opset());
