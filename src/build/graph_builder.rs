@@ -165,14 +165,14 @@ impl GraphBuilder {
     pub fn weight(&mut self, name: &str, dims: &[i64]) -> String {
         let Some(t) = self.weights.get(name) else {
             self.missing.push(format!("{name} {dims:?}"));
-            return self.placeholder(name, dims);
+            return self.placeholder(name);
         };
         if t.dims != dims {
             self.wrong_shape.push(format!(
                 "{name}: checkpoint has {:?}, the config implies {dims:?}",
                 t.dims
             ));
-            return self.placeholder(name, dims);
+            return self.placeholder(name);
         }
         if !self.used.insert(name.to_string()) {
             return self.weight_value_name(name, t.dtype);
@@ -200,16 +200,10 @@ impl GraphBuilder {
         }
     }
 
-    /// Stands in for a missing weight so the build can go on collecting problems; never written.
-    fn placeholder(&mut self, name: &str, dims: &[i64]) -> String {
-        let full = crate::ir::checked_numel(dims);
-        let numel = full.unwrap_or(0).min(1 << 20) as i64;
-        let dims = if full == Some(numel as u64) {
-            dims.to_vec()
-        } else {
-            vec![numel]
-        };
-        self.const_f32(&format!("{name}/missing"), dims, &vec![0.0; numel as usize])
+    /// Stands in for a missing weight so the build can go on collecting problems: a name only (no data,
+    /// whatever the shape), since a graph with any missing weight is never returned.
+    fn placeholder(&mut self, name: &str) -> String {
+        self.fresh(&format!("{name}/missing"))
     }
 
     /// The graph, or an error listing every missing, misshapen and unexpected tensor.

@@ -193,7 +193,7 @@ fn parse_config<T: DeserializeOwned + Serialize + Default>(
 const MAX_CONFIG_INT: i64 = 1 << 20;
 const MAX_LAYERS: i64 = 1024;
 /// Largest constant table (positions, rotary angles) a build may compute, in elements.
-const MAX_TABLE: i64 = 1 << 28;
+const MAX_TABLE: i64 = 1 << 26;
 
 /// Integers in config.json (also inside arrays) must be 1..=2^20 (0 only for `freq_shift`), and
 /// `num_layers` at most 1024.
