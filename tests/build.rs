@@ -360,6 +360,48 @@ fn checkpoints_that_do_not_match_their_config_are_refused() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     assert_refused(&args, &out, &["tensors of the wrong shape", "caption_projection.linear_1.weight: checkpoint has [64, 32], the config implies [64, 40]"]);
 
+    // A pre-quantized (INT8) tensor where a float weight belongs.
+    let d = tmp.path().join("int8");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+    let int8: Vec<ditc::ir::Tensor> = ckpt
+        .tensors
+        .iter()
+        .map(|t| match t.name.as_str() {
+            "proj_out.weight" => {
+                let n = t.numel() as usize;
+                ditc::ir::Tensor::from_raw(
+                    &t.name,
+                    ditc::ir::DataType::I8,
+                    t.dims.clone(),
+                    vec![0u8; n].into(),
+                )
+                .unwrap()
+            }
+            _ => t.clone(),
+        })
+        .collect();
+    write_safetensors(
+        &d.join(ditc::checkpoint::WEIGHTS),
+        &int8.iter().collect::<Vec<_>>(),
+    );
+    let args = [
+        "convert",
+        d.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--text-len",
+        "4",
+    ];
+    assert_refused(
+        &args,
+        &out,
+        &[
+            "proj_out.weight: dtype",
+            "pre-quantized checkpoints are not supported",
+        ],
+    );
+
     // Shape options out of range, and Latte's fixed temporal table.
     for (flag, value, expect) in [
         ("--frames", "3", "--frames must be 8"),

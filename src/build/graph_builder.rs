@@ -19,7 +19,7 @@ pub struct GraphBuilder {
     weights: BTreeMap<String, Tensor>,
     used: BTreeSet<String>,
     missing: Vec<String>,
-    wrong_shape: Vec<String>,
+    unusable: Vec<String>,
 }
 
 impl GraphBuilder {
@@ -33,7 +33,7 @@ impl GraphBuilder {
             weights: weights.into_iter().map(|t| (t.name.clone(), t)).collect(),
             used: BTreeSet::new(),
             missing: Vec::new(),
-            wrong_shape: Vec::new(),
+            unusable: Vec::new(),
         }
     }
 
@@ -167,12 +167,22 @@ impl GraphBuilder {
             self.missing.push(format!("{name} {dims:?}"));
             return self.placeholder(name);
         };
+        if !matches!(
+            t.dtype,
+            DataType::F32 | DataType::F16 | DataType::BF16 | DataType::F64
+        ) {
+            let why = format!(
+                "{name}: dtype {} (only float weights are built; pre-quantized checkpoints are not supported)",
+                t.dtype
+            );
+            return self.unusable(name, why);
+        }
         if t.dims != dims {
-            self.wrong_shape.push(format!(
+            let why = format!(
                 "{name}: checkpoint has {:?}, the config implies {dims:?}",
                 t.dims
-            ));
-            return self.placeholder(name);
+            );
+            return self.unusable(name, why);
         }
         if !self.used.insert(name.to_string()) {
             return self.weight_value_name(name, t.dtype);
@@ -200,6 +210,14 @@ impl GraphBuilder {
         }
     }
 
+    /// Records a checkpoint tensor that exists but cannot serve (found, so not also "unexpected").
+    fn unusable(&mut self, name: &str, why: String) -> String {
+        if self.used.insert(name.to_string()) {
+            self.unusable.push(why);
+        }
+        self.placeholder(name)
+    }
+
     /// Stands in for a missing weight so the build can go on collecting problems: a name only (no data,
     /// whatever the shape), since a graph with any missing weight is never returned.
     fn placeholder(&mut self, name: &str) -> String {
@@ -213,7 +231,7 @@ impl GraphBuilder {
             .keys()
             .filter(|k| !self.used.contains(*k))
             .collect();
-        if self.missing.is_empty() && self.wrong_shape.is_empty() && unexpected.is_empty() {
+        if self.missing.is_empty() && self.unusable.is_empty() && unexpected.is_empty() {
             return Ok(self.graph);
         }
         let mut msg =
@@ -231,7 +249,7 @@ impl GraphBuilder {
             }
         };
         section("missing tensors", self.missing.clone());
-        section("tensors of the wrong shape", self.wrong_shape.clone());
+        section("tensors of the wrong shape or dtype", self.unusable.clone());
         section(
             "unexpected tensors",
             unexpected.into_iter().cloned().collect(),
