@@ -23,7 +23,7 @@ use crate::schedule::Group;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Examples:\n  ditc convert model.onnx -o out\n  ditc convert model.onnx --recipe passes/pab.toml -o out\n  ditc convert model.onnx --recipe passes/pab.toml --set broadcast-static.spatial.period=3 --set sampler.steps=30 -o out"
+    after_help = "Examples:\n  ditc convert model.onnx -o out\n  ditc convert model.onnx --recipe passes/pab.toml -o out\n  ditc convert model.onnx --recipe passes/pab.toml --set broadcast-static.spatial.period=3 --set sampler.steps=30 -o out\n  ditc convert Wan2.1-T2V-14B-Diffusers/transformer -o out --frames 21 --height 60 --width 104   (a diffusers checkpoint folder; BF16 kept)\n  ditc convert latte/transformer --recipe passes/pab.toml --text-len 120 -o out"
 )]
 pub struct Args {
     /// The model: an .onnx file (external data is read from beside it) or a diffusers checkpoint folder
