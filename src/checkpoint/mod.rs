@@ -6,7 +6,7 @@
 //! and offsets (the safetensors parser refuses a header beyond the file or above 100 MB, overlapping or
 //! out-of-bounds offsets, and a length that disagrees with dtype x shape), unsupported dtypes, missing
 //! shards, an index naming a tensor twice, tensors in a shard that the index does not list, and tensors
-//! the index lists but the shard lacks. Graph builders per model family come on top of this.
+//! the index lists but the shard lacks. The graph builders ([`crate::build`]) turn a checkpoint into a graph.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
