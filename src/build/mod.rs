@@ -32,21 +32,40 @@ pub use graph_builder::GraphBuilder;
 /// ONNX opset of built graphs: LayerNormalization (17) without opset 18's Reduce/Split input changes.
 pub const OPSET: i64 = 17;
 
-/// Input shapes of the built graph, in latent units (what the transformer sees, after the VAE).
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Input shapes of the built graph, in latent units (what the transformer sees, after the VAE). Also the
+/// command line's shape options (ignored for `.onnx` files, which carry their own shapes).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
+#[command(next_help_heading = "Shapes when MODEL is a diffusers checkpoint folder")]
 pub struct BuildOptions {
-    /// Batch size (default 1); ignored when `dynamic_batch`.
+    /// Batch size [default: 1]; with --dynamic-batch, the largest batch of the TensorRT profile in the
+    /// manifest's trtexec command [default: 2, as classifier-free guidance runs]
+    #[arg(long)]
     pub batch: Option<i64>,
-    /// Leave the batch axis symbolic (`batch`) for TensorRT optimisation profiles.
+    /// Leave the batch axis symbolic ("batch"); the manifest's trtexec command then builds a profile
+    /// for batches 1..=--batch
+    #[arg(long)]
     pub dynamic_batch: bool,
+    /// Latent frames [default: Latte: video_length; Wan: 21 (81 video frames); CogVideoX: 13]
+    #[arg(long)]
     pub frames: Option<i64>,
+    /// Latent height [default: sample_size; Wan: 60 (480 px); CogVideoX: sample_height]
+    #[arg(long)]
     pub height: Option<i64>,
+    /// Latent width [default: sample_size; Wan: 104 (832 px); CogVideoX: sample_width]
+    #[arg(long)]
     pub width: Option<i64>,
-    /// Text tokens of `encoder_hidden_states`.
+    /// Text tokens of encoder_hidden_states [default: Latte/PixArt 120, Wan 512, CogVideoX max_text_seq_length]
+    #[arg(long)]
     pub text_len: Option<i64>,
 }
 
 impl BuildOptions {
+    /// (min, opt, max) of a symbolic batch axis for TensorRT's optimisation profile.
+    pub fn batch_range(&self) -> (i64, i64, i64) {
+        let max = self.batch.unwrap_or(if self.dynamic_batch { 2 } else { 1 });
+        (1, max, max)
+    }
+
     /// Input dims: the batch axis, then `rest`.
     pub fn dims(&self, rest: &[i64]) -> Vec<Dim> {
         let batch = if self.dynamic_batch {

@@ -17,12 +17,12 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub shapes: super::ShapeArgs,
+    pub shapes: crate::build::BuildOptions,
 }
 
 /// Returns whether the model conforms.
 pub fn run(args: &Args) -> Result<bool> {
-    let model = super::read_model_arg(&args.model, &args.shapes)?;
+    let model = crate::build::read_model_or_checkpoint(&args.model, &args.shapes)?;
     let bytes = std::fs::metadata(&args.model).ok().map(|m| m.len());
     let violations = lint(&model, args.target, bytes);
     if args.json {
