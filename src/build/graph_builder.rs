@@ -5,7 +5,7 @@
 //! placeholder name returned, so one build reports *every* problem of a checkpoint at once
 //! ([`GraphBuilder::finish`]), including tensors the checkpoint has but the model never asked for.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{bail, Result};
 
@@ -15,9 +15,10 @@ pub struct GraphBuilder {
     graph: Graph,
     /// Every value name in use (node outputs, initializers, inputs).
     taken: HashSet<String>,
-    /// Checkpoint tensors by name, and which of them the model used.
+    /// Checkpoint tensors by name, and the value each one the model asked for became (its f32 value,
+    /// or a placeholder when it could not serve).
     weights: BTreeMap<String, Tensor>,
-    used: BTreeSet<String>,
+    used: BTreeMap<String, String>,
     missing: Vec<String>,
     unusable: Vec<String>,
 }
@@ -31,7 +32,7 @@ impl GraphBuilder {
             },
             taken: HashSet::new(),
             weights: weights.into_iter().map(|t| (t.name.clone(), t)).collect(),
-            used: BTreeSet::new(),
+            used: BTreeMap::new(),
             missing: Vec::new(),
             unusable: Vec::new(),
         }
@@ -64,9 +65,7 @@ impl GraphBuilder {
     pub fn output(&mut self, value: &str, name: &str, dtype: DataType, dims: Vec<Dim>) {
         if value != name {
             self.taken.insert(name.to_string());
-            self.graph
-                .nodes
-                .push(Node::new(name, "Identity", &[value], &[name]));
+            self.push(name, "Identity", &[value], &[name], vec![]);
         }
         self.graph
             .outputs
@@ -94,15 +93,7 @@ impl GraphBuilder {
         attrs: Vec<(&str, AttrValue)>,
     ) -> String {
         let out = self.fresh(name);
-        let mut node = Node::new(&out, op_type, inputs, &[&out]);
-        node.attributes = attrs
-            .into_iter()
-            .map(|(name, value)| Attribute {
-                name: name.to_string(),
-                value,
-            })
-            .collect();
-        self.graph.nodes.push(node);
+        self.push(&out, op_type, inputs, &[&out], attrs);
         out
     }
 
@@ -120,7 +111,25 @@ impl GraphBuilder {
             .map(|i| self.fresh(&format!("{node_name}:{i}")))
             .collect();
         let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
-        let mut node = Node::new(&node_name, op_type, inputs, &refs);
+        self.push(&node_name, op_type, inputs, &refs, attrs);
+        outs
+    }
+
+    /// `x` cast to float32.
+    pub fn cast_f32(&mut self, name: &str, x: &str) -> String {
+        let to = AttrValue::Int(DataType::F32.onnx_code() as i64);
+        self.op(name, "Cast", &[x], vec![("to", to)])
+    }
+
+    fn push(
+        &mut self,
+        name: &str,
+        op_type: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: Vec<(&str, AttrValue)>,
+    ) {
+        let mut node = Node::new(name, op_type, inputs, outputs);
         node.attributes = attrs
             .into_iter()
             .map(|(name, value)| Attribute {
@@ -129,7 +138,6 @@ impl GraphBuilder {
             })
             .collect();
         self.graph.nodes.push(node);
-        outs
     }
 
     pub fn const_f32(&mut self, name: &str, dims: Vec<i64>, values: &[f32]) -> String {
@@ -150,11 +158,6 @@ impl GraphBuilder {
 
     pub fn scalar(&mut self, name: &str, value: f32) -> String {
         self.const_f32(name, vec![], &[value])
-    }
-
-    /// True when the checkpoint has a tensor called `name` (for optional parameters such as biases).
-    pub fn has_weight(&self, name: &str) -> bool {
-        self.weights.contains_key(name)
     }
 
     /// The checkpoint tensor `name` as a float32 value of shape `dims`: the initializer itself when the
@@ -184,38 +187,31 @@ impl GraphBuilder {
             );
             return self.unusable(name, why);
         }
-        if !self.used.insert(name.to_string()) {
-            return self.weight_value_name(name, t.dtype);
+        if let Some(value) = self.used.get(name) {
+            return value.clone();
         }
         let t = t.clone();
         self.taken.insert(name.to_string());
         let dtype = t.dtype;
         self.graph.initializers.push(t);
-        if dtype == DataType::F32 {
-            return name.to_string();
-        }
-        let cast = self.fresh(&format!("{name}/cast"));
-        self.graph.nodes.push(
-            Node::new(&cast, "Cast", &[name], &[&cast])
-                .with_attr("to", AttrValue::Int(DataType::F32.onnx_code() as i64)),
-        );
-        cast
-    }
-
-    fn weight_value_name(&self, name: &str, dtype: DataType) -> String {
-        if dtype == DataType::F32 {
+        let value = if dtype == DataType::F32 {
             name.to_string()
         } else {
-            format!("{name}/cast")
-        }
+            self.cast_f32(&format!("{name}/cast"), name)
+        };
+        self.used.insert(name.to_string(), value.clone());
+        value
     }
 
     /// Records a checkpoint tensor that exists but cannot serve (found, so not also "unexpected").
     fn unusable(&mut self, name: &str, why: String) -> String {
-        if self.used.insert(name.to_string()) {
-            self.unusable.push(why);
+        if let Some(value) = self.used.get(name) {
+            return value.clone();
         }
-        self.placeholder(name)
+        self.unusable.push(why);
+        let value = self.placeholder(name);
+        self.used.insert(name.to_string(), value.clone());
+        value
     }
 
     /// Stands in for a missing weight so the build can go on collecting problems: a name only (no data,
@@ -229,7 +225,7 @@ impl GraphBuilder {
         let unexpected: Vec<&String> = self
             .weights
             .keys()
-            .filter(|k| !self.used.contains(*k))
+            .filter(|k| !self.used.contains_key(*k))
             .collect();
         if self.missing.is_empty() && self.unusable.is_empty() && unexpected.is_empty() {
             return Ok(self.graph);

@@ -182,15 +182,7 @@ impl GraphBuilder {
             .map(|i| (ln * i as f32 / (half as f32 - shift)).exp())
             .collect();
         let freqs = self.const_f32(&format!("{name}/freqs"), vec![1, half], &freqs);
-        let t = self.op(
-            &format!("{name}/float"),
-            "Cast",
-            &[timestep],
-            vec![(
-                "to",
-                AttrValue::Int(crate::ir::DataType::F32.onnx_code() as i64),
-            )],
-        );
+        let t = self.cast_f32(&format!("{name}/float"), timestep);
         let axis = self.const_i64(&format!("{name}/axis"), &[1]);
         let t = self.op(
             &format!("{name}/unsqueeze"),
