@@ -211,10 +211,8 @@ pub fn ada_norm_zero_modulation(
         class_labels,
         num_classes,
     );
-    let act = b.silu(&format!("{norm1}.silu"), &cond);
-    let emb = b.linear(&format!("{norm1}.linear"), &act, &[-1], dim, 6 * dim, true);
-    let rows = b.reshape(&format!("{norm1}/rows"), &emb, &[-1, 6, dim]);
-    b.chunk(&format!("{norm1}/chunks"), &rows, 6, 1)
+    let (silu, linear) = (format!("{norm1}.silu"), format!("{norm1}.linear"));
+    b.adaln_chunks(&silu, &linear, &cond, dim, dim, 6)
 }
 
 /// `CombinedTimestepLabelEmbeddings`: sinusoids (256, flip, shift 1) -> TimestepEmbedding, plus the class

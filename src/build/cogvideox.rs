@@ -212,17 +212,14 @@ impl Family for CogVideoX {
             c.norm_elementwise_affine,
             true,
         );
-        let act = b.silu("norm_out.silu", &temb);
-        let ss = b.linear(
+        let parts = b.adaln_chunks(
+            "norm_out.silu",
             "norm_out.linear",
-            &act,
-            &[-1],
+            &temb,
             c.time_embed_dim,
-            2 * dim,
-            true,
+            dim,
+            2,
         );
-        let ss = b.reshape("norm_out/rows", &ss, &[-1, 2, dim]);
-        let parts = b.chunk("norm_out/chunks", &ss, 2, 1);
         let x = b.layer_norm(
             "norm_out.norm",
             &x,
@@ -303,17 +300,8 @@ fn norm_zero(
     text: &str,
     temb: &str,
 ) -> [String; 4] {
-    let act = b.silu(&format!("{path}.silu"), temb);
-    let m = b.linear(
-        &format!("{path}.linear"),
-        &act,
-        &[-1],
-        d.time_dim,
-        6 * d.dim,
-        true,
-    );
-    let m = b.reshape(&format!("{path}/rows"), &m, &[-1, 6, d.dim]);
-    let m = b.chunk(&format!("{path}/chunks"), &m, 6, 1);
+    let (silu, linear) = (format!("{path}.silu"), format!("{path}.linear"));
+    let m = b.adaln_chunks(&silu, &linear, temb, d.time_dim, d.dim, 6);
     let norm = format!("{path}.norm");
     let v = b.layer_norm(&norm, video, d.dim, d.eps, d.affine, true);
     let v = b.modulate(&format!("{path}/modulate_video"), &v, &m[1], &m[0]);

@@ -130,10 +130,7 @@ impl Family for Dit {
             &labels,
             num_classes,
         );
-        let act = b.silu("proj_out_1/silu", &cond);
-        let ss = b.linear("proj_out_1", &act, &[-1], dim, 2 * dim, true);
-        let ss = b.reshape("proj_out_1/rows", &ss, &[-1, 2, dim]);
-        let parts = b.chunk("proj_out_1/chunks", &ss, 2, 1);
+        let parts = b.adaln_chunks("proj_out_1/silu", "proj_out_1", &cond, dim, dim, 2);
         let normed = b.layer_norm("norm_out", &x, dim, 1e-6, false, false);
         let normed = b.modulate("norm_out/modulate", &normed, &parts[1], &parts[0]);
         let x = b.linear("proj_out_2", &normed, &tokens(n), dim, p * p * cout, true);

@@ -193,7 +193,8 @@ impl Family for Latte {
         }
 
         let t_emb = b.repeat_rows("embedded_timestep", &t_emb, frames, &[dim]);
-        let x = super::final_layer_single(b, &x, &t_emb, n, dim, p * p * cout);
+        let table = b.weight("scale_shift_table", &[2, dim]);
+        let x = super::final_layer_single(b, &x, &t_emb, &table, 1e-6, [n, dim, p * p * cout]);
         // [B*F, N, p*p*C] -> [B*F, C, H, W] -> [B, C, F, H, W]
         let x = unpatchify_2d(b, &x, h, w, p, cout);
         let x = b.reshape("unpatchify/frames", &x, &[-1, frames, cout, height, width]);

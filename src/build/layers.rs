@@ -327,4 +327,26 @@ impl GraphBuilder {
             vec![("axis", AttrValue::Int(axis))],
         )
     }
+
+    /// adaLN conditioning: `linear(silu(cond))` (Linear `in_f -> parts*dim` at `linear_path`, the SiLU
+    /// named `silu_name`) split into `parts` chunks of `[B, 1, dim]` (shift, scale, gate, ...).
+    pub fn adaln_chunks(
+        &mut self,
+        silu_name: &str,
+        linear_path: &str,
+        cond: &str,
+        in_f: i64,
+        dim: i64,
+        parts: usize,
+    ) -> Vec<String> {
+        let act = self.silu(silu_name, cond);
+        let out = parts as i64 * dim;
+        let emb = self.linear(linear_path, &act, &[-1], in_f, out, true);
+        let rows = self.reshape(
+            &format!("{linear_path}/rows"),
+            &emb,
+            &[-1, parts as i64, dim],
+        );
+        self.chunk(&format!("{linear_path}/chunks"), &rows, parts, 1)
+    }
 }

@@ -349,22 +349,22 @@ fn caption_projection(
     b.linear(&format!("{path}.linear_2"), &h, &lead, dim, dim, true)
 }
 
-/// PixArt/Latte final layer: shift/scale from `scale_shift_table` [2, dim] + the timestep embedding
-/// [B', dim], LayerNorm (eps 1e-6, no affine), modulation, `proj_out`.
+/// The adaLN-single final layer (PixArt, Latte, Wan): shift/scale from the model's `scale_shift_table`
+/// value `table` (2 rows of `dim`) + the timestep embedding [B', dim], LayerNorm (no affine, `eps`),
+/// modulation, then `proj_out` from `dim` to `out` features on `n` tokens.
 fn final_layer_single(
     b: &mut GraphBuilder,
     x: &str,
     t_emb: &str,
-    n: i64,
-    dim: i64,
-    out: i64,
+    table: &str,
+    eps: f64,
+    [n, dim, out]: [i64; 3],
 ) -> String {
-    let table = b.weight("scale_shift_table", &[2, dim]);
     let axis = b.const_i64("norm_out/axis", &[1]);
     let t = b.op("norm_out/unsqueeze", "Unsqueeze", &[t_emb, &axis], vec![]);
-    let mods = b.add("norm_out/modulation", &table, &t);
+    let mods = b.add("norm_out/modulation", table, &t);
     let parts = b.chunk("norm_out/chunks", &mods, 2, 1);
-    let normed = b.layer_norm("norm_out", x, dim, 1e-6, false, false);
+    let normed = b.layer_norm("norm_out", x, dim, eps, false, false);
     let normed = b.modulate("norm_out/modulate", &normed, &parts[1], &parts[0]);
     b.linear("proj_out", &normed, &layers::tokens(n), dim, out, true)
 }

@@ -152,7 +152,8 @@ impl Family for PixArt {
                 &Modulation::Single { timestep: &t6 },
             );
         }
-        let x = super::final_layer_single(b, &x, &t_emb, n, dim, p * p * cout);
+        let table = b.weight("scale_shift_table", &[2, dim]);
+        let x = super::final_layer_single(b, &x, &t_emb, &table, 1e-6, [n, dim, p * p * cout]);
         let x = super::unpatchify_2d(b, &x, h, w, p, cout);
         b.output(
             &x,

@@ -190,20 +190,8 @@ impl Family for Wan {
         }
 
         let table = b.weight("scale_shift_table", &[1, 2, dim]);
-        let axis = b.const_i64("norm_out/axis", &[1]);
-        let te = b.op("norm_out/unsqueeze", "Unsqueeze", &[&temb, &axis], vec![]);
-        let mods = b.add("norm_out/modulation", &table, &te);
-        let parts = b.chunk("norm_out/chunks", &mods, 2, 1);
-        let normed = b.layer_norm("norm_out", &x, dim, c.eps, false, false);
-        let normed = b.modulate("norm_out/modulate", &normed, &parts[1], &parts[0]);
-        let x = b.linear(
-            "proj_out",
-            &normed,
-            &tokens(d.seq),
-            dim,
-            cout * pt * ph * pw,
-            true,
-        );
+        let out = cout * pt * ph * pw;
+        let x = super::final_layer_single(b, &x, &temb, &table, c.eps, [d.seq, dim, out]);
         // [B, f*h*w, pt*ph*pw*C] -> [B, C, f, pt, h, ph, w, pw] -> [B, C, F, H, W]
         let x = b.reshape("unpatchify/grid", &x, &[-1, f, h, w, pt, ph, pw, cout]);
         let x = b.transpose("unpatchify/permute", &x, &[0, 7, 1, 4, 2, 5, 3, 6]);
