@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{case, ditc, ditc_ok, fixtures, named};
+use common::{case, ditc_ok, fixtures, named};
 use ditc::build::{build_model, BuildOptions};
 use ditc::checkpoint::Checkpoint;
 use ditc::metrics::compare;
@@ -42,23 +42,7 @@ fn built_graphs_match_pytorch_reference_outputs() {
         let ckpt = Checkpoint::open(&dir.join(m).join("ckpt")).unwrap();
         let model = build_model(&ckpt, &opts).unwrap();
         let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
-        let runner = TractRunner::new(&model, &case(&io, 0)).unwrap();
-        for c in 0..5 {
-            let inputs = case(&io, c);
-            let out = runner.run(&inputs).unwrap();
-            let got = named(&out, "sample").to_f32_vec().unwrap();
-            let want = named(&inputs, "sample").to_f32_vec().unwrap();
-            let f = compare(&got, &want);
-            eprintln!(
-                "{m} built from ckpt, case {c}: max_rel {:.2e} rel_l2 {:.2e}",
-                f.max_rel, f.rel_l2
-            );
-            assert!(
-                f.max_rel <= 1e-4,
-                "{m} case {c}: relative error {}",
-                f.max_rel
-            );
-        }
+        common::assert_matches_reference(&model, &io, &format!("{m} built from ckpt"));
     }
 }
 
@@ -258,15 +242,9 @@ fn sharded_single_and_repeated_conversions_are_byte_identical() {
     }
 }
 
-/// Run ditc expecting failure: exit code 2, every `expect` in stderr, nothing written.
+/// A clean refusal (see `common::assert_refused`) that wrote nothing at `out`.
 fn assert_refused(args: &[&str], out: &std::path::Path, expect: &[&str]) {
-    let r = ditc(args);
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
-    for e in expect {
-        assert!(err.contains(e), "expected '{e}' in: {err}");
-    }
-    assert!(!err.contains("panicked"), "{err}");
+    common::assert_refused(args, expect);
     assert!(!out.exists(), "{} was written", out.display());
 }
 

@@ -2,10 +2,8 @@
 
 mod common;
 
-use common::{case, ditc, ditc_ok, fixtures, named, GRAPH_FILES, MODELS};
-use ditc::metrics::compare;
+use common::{ditc, ditc_ok, fixtures, GRAPH_FILES, MODELS};
 use ditc::onnx::read_model;
-use ditc::runtime::TractRunner;
 use ditc::tensors::read_safetensors;
 
 /// tract's outputs on every case of `io.safetensors` match PyTorch's to relative error 1e-4.
@@ -16,24 +14,7 @@ fn tract_matches_pytorch_reference_outputs() {
         let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
         for file in GRAPH_FILES {
             let model = read_model(&dir.join(m).join(file)).unwrap();
-            let first = case(&io, 0);
-            let runner = TractRunner::new(&model, &first).unwrap();
-            for c in 0..5 {
-                let inputs = case(&io, c);
-                let out = runner.run(&inputs).unwrap();
-                let got = named(&out, "sample").to_f32_vec().unwrap();
-                let want = named(&inputs, "sample").to_f32_vec().unwrap();
-                let f = compare(&got, &want);
-                eprintln!(
-                    "{m}/{file} case {c}: max_rel {:.2e} rel_l2 {:.2e}",
-                    f.max_rel, f.rel_l2
-                );
-                assert!(
-                    f.max_rel <= 1e-4,
-                    "{m}/{file} case {c}: relative error {}",
-                    f.max_rel
-                );
-            }
+            common::assert_matches_reference(&model, &io, &format!("{m}/{file}"));
         }
     }
 }

@@ -63,3 +63,44 @@ pub fn named<'a>(tensors: &'a [Tensor], name: &str) -> &'a Tensor {
         .find(|t| t.name == name)
         .unwrap_or_else(|| panic!("no tensor '{name}'"))
 }
+
+/// Run ditc expecting a clean refusal: exit status 2, an `error: ...` message containing every string
+/// of `expect`, no panic. Returns stderr.
+pub fn assert_refused(args: &[&str], expect: &[&str]) -> String {
+    let r = ditc(args);
+    let err = String::from_utf8_lossy(&r.stderr).to_string();
+    assert_eq!(
+        r.status.code(),
+        Some(2),
+        "{args:?} exited {:?}: {err}",
+        r.status
+    );
+    assert!(!err.contains("panicked"), "{args:?}: panic: {err}");
+    assert!(err.starts_with("error:"), "{args:?}: {err}");
+    for e in expect {
+        assert!(err.contains(e), "{args:?}: expected '{e}' in: {err}");
+    }
+    err
+}
+
+/// `model` under tract reproduces PyTorch's `sample` on all five cases of a fixture's io.safetensors
+/// to relative error 1e-4 (printing each case's error under `label`).
+pub fn assert_matches_reference(model: &ditc::ir::Model, io: &[Tensor], label: &str) {
+    let runner = ditc::runtime::TractRunner::new(model, &case(io, 0)).unwrap();
+    for c in 0..5 {
+        let inputs = case(io, c);
+        let out = runner.run(&inputs).unwrap();
+        let got = named(&out, "sample").to_f32_vec().unwrap();
+        let want = named(&inputs, "sample").to_f32_vec().unwrap();
+        let f = ditc::metrics::compare(&got, &want);
+        eprintln!(
+            "{label} case {c}: max_rel {:.2e} rel_l2 {:.2e}",
+            f.max_rel, f.rel_l2
+        );
+        assert!(
+            f.max_rel <= 1e-4,
+            "{label} case {c}: relative error {}",
+            f.max_rel
+        );
+    }
+}
