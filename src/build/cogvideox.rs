@@ -323,11 +323,14 @@ fn block(
     let [v, t, gate, text_gate] = norm_zero(b, &format!("{path}.norm1"), d, video, text, temb);
     let joint = b.concat(&format!("{path}.attn1/joint"), &t, &v, 1);
     let attn = joint_attention(b, &format!("{path}.attn1"), d, &joint, seq);
-    let parts = b.split_sizes(&format!("{path}.attn1/split"), &attn, &[d.text, d.video], 1);
-    let gv = b.mul(&format!("{path}.attn1/gate_video"), &gate, &parts[1]);
-    let video = b.add(&format!("{path}.attn1/residual_video"), video, &gv);
-    let gt = b.mul(&format!("{path}.attn1/gate_text"), &text_gate, &parts[0]);
-    let text = b.add(&format!("{path}.attn1/residual_text"), text, &gt);
+    let (video, text) = gated_residuals(
+        b,
+        &format!("{path}.attn1"),
+        d,
+        &attn,
+        (video, text),
+        (&gate, &text_gate),
+    );
 
     let [v, t, gate, text_gate] = norm_zero(b, &format!("{path}.norm2"), d, &video, &text, temb);
     let joint = b.concat(&format!("{path}.ff/joint"), &t, &v, 1);
@@ -339,11 +342,31 @@ fn block(
         4 * d.dim,
         true,
     );
-    let parts = b.split_sizes(&format!("{path}.ff/split"), &ff, &[d.text, d.video], 1);
-    let gv = b.mul(&format!("{path}.ff/gate_video"), &gate, &parts[1]);
-    let video = b.add(&format!("{path}.ff/residual_video"), &video, &gv);
-    let gt = b.mul(&format!("{path}.ff/gate_text"), &text_gate, &parts[0]);
-    let text = b.add(&format!("{path}.ff/residual_text"), &text, &gt);
+    gated_residuals(
+        b,
+        &format!("{path}.ff"),
+        d,
+        &ff,
+        (&video, &text),
+        (&gate, &text_gate),
+    )
+}
+
+/// `out` over the joint sequence split back into text and video, each gated and added to its stream
+/// (named `{name}/residual_video`, `{name}/residual_text`); returns (video, text).
+fn gated_residuals(
+    b: &mut GraphBuilder,
+    name: &str,
+    d: &Dims,
+    out: &str,
+    (video, text): (&str, &str),
+    (gate, text_gate): (&str, &str),
+) -> (String, String) {
+    let parts = b.split_sizes(&format!("{name}/split"), out, &[d.text, d.video], 1);
+    let gv = b.mul(&format!("{name}/gate_video"), gate, &parts[1]);
+    let video = b.add(&format!("{name}/residual_video"), video, &gv);
+    let gt = b.mul(&format!("{name}/gate_text"), text_gate, &parts[0]);
+    let text = b.add(&format!("{name}/residual_text"), text, &gt);
     (video, text)
 }
 
