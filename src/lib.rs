@@ -1,12 +1,12 @@
 //! ditc: an offline optimizing compiler for video Diffusion Transformers.
 //!
 //! Data flow: a checkpoint is read into the [`ir`] graph ([`onnx`] for ONNX files; [`checkpoint`] +
-//! [`build`] for diffusers safetensors folders), analysed into a DiT
+//! [`models`] for diffusers safetensors folders), analysed into a DiT
 //! map ([`analysis`]), rewritten by passes, and written back as ONNX plus a [`manifest`]. The
 //! [`runtime`] runs any graph on CPU with tract to verify it.
 
 pub mod analysis;
-pub mod build;
+pub mod models;
 pub mod calibration;
 pub mod checkpoint;
 #[cfg(feature = "tract")]

@@ -58,7 +58,7 @@ pub struct Source {
     pub weights: Vec<WeightFile>,
     /// The shapes a checkpoint folder's graph was built with (absent for ONNX sources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub build: Option<crate::build::BuildOptions>,
+    pub build: Option<crate::models::BuildOptions>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,13 +13,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut config) = serde_json::from_slice::<serde_json::Value>(text) else {
         return;
     };
-    let classes = ditc::build::CLASSES;
+    let classes = ditc::models::CLASSES;
     let class = classes[head[0] as usize % classes.len()];
     if let Some(obj) = config.as_object_mut() {
         obj.insert("_class_name".into(), class.into());
     }
     let size = |b: u8| (b != 0).then(|| b as i64);
-    let opts = ditc::build::BuildOptions {
+    let opts = ditc::models::BuildOptions {
         batch: None,
         dynamic_batch: head[0] & 0x80 != 0,
         frames: size(head[1]),
@@ -34,5 +34,5 @@ fuzz_target!(|data: &[u8]| {
         files: Vec::new(),
         tensors: Vec::new(),
     };
-    let _ = ditc::build::build_model(&ckpt, &opts);
+    let _ = ditc::models::build_model(&ckpt, &opts);
 });

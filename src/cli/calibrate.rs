@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long)]
     pub no_progress: bool,
     #[command(flatten)]
-    pub shapes: crate::build::BuildOptions,
+    pub shapes: crate::models::BuildOptions,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -98,7 +98,7 @@ pub fn run(args: &Args) -> Result<()> {
         None => QuantizeOptions::default(),
     };
     let all = crate::tensors::read_safetensors(&args.inputs)?;
-    let model = crate::build::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
     let map = analyse(&model);
     let io = detect_io(&model)?;
     let (targets, _) = select_targets(&model, &map, &options);

@@ -60,7 +60,7 @@ pub struct Args {
     #[arg(long)]
     pub no_progress: bool,
     #[command(flatten)]
-    pub shapes: crate::build::BuildOptions,
+    pub shapes: crate::models::BuildOptions,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -92,7 +92,7 @@ pub fn run(args: &Args) -> Result<()> {
             anyhow::bail!("--dump-after {name}: the recipe runs no such pass (it runs: {known:?})");
         }
     }
-    let mut model = crate::build::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    let mut model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
     check_graph(&model.graph).context("the input graph is invalid")?;
     let mut source = manifest::describe_source(&args.model, &model)?;
     if args.model.is_dir() {

@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub shapes: crate::build::BuildOptions,
+    pub shapes: crate::models::BuildOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,7 +116,7 @@ pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let model = crate::build::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
     let map = analyse(&model);
     let report = report(&args.model.display().to_string(), &model, map);
     if args.json {

@@ -17,12 +17,12 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub shapes: crate::build::BuildOptions,
+    pub shapes: crate::models::BuildOptions,
 }
 
 /// Returns whether the model conforms.
 pub fn run(args: &Args) -> Result<bool> {
-    let model = crate::build::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
     let bytes = std::fs::metadata(&args.model).ok().map(|m| m.len());
     let violations = lint(&model, args.target, bytes);
     if args.json {

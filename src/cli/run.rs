@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long)]
     pub no_progress: bool,
     #[command(flatten)]
-    pub shapes: crate::build::BuildOptions,
+    pub shapes: crate::models::BuildOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -56,7 +56,7 @@ pub fn run(args: &Args) -> Result<()> {
         return run_bundle(args);
     }
     let inputs = super::load_inputs(&args.inputs, args.prefix.as_deref())?;
-    let model = crate::build::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
     let start = Instant::now();
     let runner = TractRunner::new(&model, &inputs)?;
     let prepared = start.elapsed();

@@ -27,7 +27,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub shapes: crate::build::BuildOptions,
+    pub shapes: crate::models::BuildOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -41,8 +41,8 @@ pub struct OutputComparison {
 /// Run both models and compare outputs by name; fails if the outputs differ in name or shape.
 pub fn compare_models(args: &Args) -> Result<Vec<OutputComparison>> {
     let inputs = super::load_inputs(&args.inputs, args.prefix.as_deref())?;
-    let a = crate::build::read_model_or_checkpoint(&args.a, &args.shapes)?;
-    let b = crate::build::read_model_or_checkpoint(&args.b, &args.shapes)?;
+    let a = crate::models::read_model_or_checkpoint(&args.a, &args.shapes)?;
+    let b = crate::models::read_model_or_checkpoint(&args.b, &args.shapes)?;
     let out_a = TractRunner::new(&a, &inputs)
         .and_then(|r| r.run(&inputs))
         .with_context(|| format!("running '{}'", args.a.display()))?;

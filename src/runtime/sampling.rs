@@ -74,7 +74,7 @@ impl Bundle {
         }
         let source = Path::new(&self.manifest.source.path);
         let build = self.manifest.source.build.clone().unwrap_or_default();
-        let model = crate::build::read_model_or_checkpoint(source, &build).with_context(|| {
+        let model = crate::models::read_model_or_checkpoint(source, &build).with_context(|| {
             format!(
                 "the float source model '{}' (needed to compare with the full computation)",
                 source.display()

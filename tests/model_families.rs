@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ditc::build::{build_model, BuildOptions};
+use ditc::models::{build_model, BuildOptions};
 use ditc::checkpoint::Checkpoint;
 use ditc::ir::{DataType, Model, Tensor, ValueInfo, ValueType};
 use ditc::runtime::TractRunner;

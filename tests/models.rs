@@ -4,7 +4,7 @@
 mod common;
 
 use common::{case, ditc_ok, fixtures, named};
-use ditc::build::{build_model, BuildOptions};
+use ditc::models::{build_model, BuildOptions};
 use ditc::checkpoint::Checkpoint;
 use ditc::metrics::compare;
 use ditc::runtime::TractRunner;
