@@ -24,4 +24,5 @@ pub mod recipe;
 #[cfg(feature = "tract")]
 pub mod runtime;
 pub mod schedule;
+pub mod target;
 pub mod tensors;

@@ -148,6 +148,9 @@ pub struct Cost {
 pub struct TensorRt {
     /// Suggested engine build (static shapes as in `inputs`).
     pub build_command: String,
+    /// The GPU generation and TensorRT version the bundle was converted for (`--target`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<crate::target::DeployTarget>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -313,7 +316,14 @@ fn reaches_sinusoid(model: &Model, input: &str) -> bool {
     false
 }
 
-pub fn trtexec_command(model: &Model, batch_range: (i64, i64, i64)) -> String {
+/// The trtexec build of the bundle. Strongly typed (precisions come from the graph's Q/DQ and casts);
+/// the target GPU is named in a trailing comment because an engine is built on, and for, the GPU it
+/// runs on (trtexec has no flag to build for another one).
+pub fn trtexec_command(
+    model: &Model,
+    batch_range: (i64, i64, i64),
+    target: crate::target::DeployTarget,
+) -> String {
     // One shape list per profile point; symbolic dims (the dynamic batch) take min, opt and max.
     let shapes = |pick: fn((i64, i64, i64)) -> i64| -> String {
         model
@@ -341,10 +351,16 @@ pub fn trtexec_command(model: &Model, batch_range: (i64, i64, i64)) -> String {
             .join(",")
     };
     format!(
-        "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4 --minShapes={} --optShapes={} --maxShapes={}",
+        "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4 --minShapes={} --optShapes={} --maxShapes={}  # build on the target GPU: {} (compute capability {}+), TensorRT {}",
         shapes(|r| r.0),
         shapes(|r| r.1),
-        shapes(|r| r.2)
+        shapes(|r| r.2),
+        target.gpu.name(),
+        target.gpu.compute_capability(),
+        match target.tensorrt {
+            crate::lint::Target::Trt10 => "10",
+            crate::lint::Target::Trt11 => "11",
+        }
     )
 }
 

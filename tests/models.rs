@@ -771,6 +771,8 @@ fn bf16_checkpoints_keep_their_dtype_and_quantize() {
         "-o",
         out.to_str().unwrap(),
         "--no-progress",
+        "--target",
+        "ampere",
     ]);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();

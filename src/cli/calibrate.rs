@@ -1,25 +1,23 @@
 //! `ditc calibrate MODEL --recipe R --inputs IN --cases 1,2 -o stats.json`: activation ranges for W8A8.
 //!
-//! Runs the float graph with tract along real sampling trajectories (the recipe's sampler, from each
-//! case's `noise` and condition inputs) and records, for every activation a quantized layer would read,
-//! the largest |x| over all cases and the chosen steps. Writes the stats format documented in
-//! [`crate::calibration`].
+//! Parses the options and reports; the work is in [`crate::calibration::collect`] (ranges along the
+//! recipe's sampling trajectories) and [`crate::calibration::sensitivity`] (ranking, budget table).
+//! Writes the stats format documented in [`crate::calibration`].
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
 use crate::analysis::analyse;
-use crate::calibration::{BudgetPoint, CalibrationStats, LayerSensitivity, TensorStats, FORMAT};
-use crate::ir::{Tensor, ValueInfo, ValueType};
+use crate::calibration::collect::{
+    record_trajectories, RangeMethod, RangeRecorder, StepFilter, Trajectory,
+};
+use crate::calibration::sensitivity::{budget_table, rank_layers, SENSITIVITY_EVERY};
+use crate::ir::Tensor;
 use crate::manifest::detect_io;
-use crate::metrics::compare;
 use crate::output::write_file_atomically;
-use crate::passes::quantize_w8a8::{quantize_layers, select_targets, QuantizeOptions, Target};
+use crate::passes::quantize_w8a8::{select_targets, Format, QuantizeOptions};
 use crate::recipe::Recipe;
-use crate::runtime::sampling::timestep_tensor;
-use crate::runtime::TractRunner;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -58,6 +56,10 @@ pub struct Args {
     /// ...): the table `quantize-w8a8.budget_psnr` / `budget_cosine` choose from.
     #[arg(long)]
     pub sensitivity: bool,
+    /// The deployment target (as for convert): its GPU picks the format the sensitivity ranking and
+    /// budget table quantize to when the recipe names none (INT8 on Ampere, FP8 from Ada on).
+    #[arg(long, default_value = "hopper,trt10", value_name = "GPU[,TRT]")]
+    pub target: crate::target::DeployTarget,
     /// Where to write the statistics (JSON).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -69,26 +71,14 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    if args.method != "max" && args.method != "percentile" {
-        bail!("--method {}: expected `max` or `percentile`", args.method);
-    }
-    if !(args.percentile > 0.0 && args.percentile <= 100.0) {
-        bail!("--percentile {} must be in (0, 100]", args.percentile);
-    }
-    match args.window.as_deref() {
-        None => {}
-        Some([lo, hi]) if lo <= hi => {}
-        Some(w) => bail!("--window {w:?}: expected LO,HI with LO <= HI"),
-    }
-    if args.every == 0 {
-        bail!("--every must be at least 1");
-    }
+    let method = range_method(args)?;
+    let filter = step_filter(args)?;
     let recipe = Recipe::load(&args.recipe, &args.set)?;
-    let sampler_config = recipe
+    let sampler = recipe
         .sampler
         .clone()
-        .context("the recipe has no [sampler]")?;
-    let sampler = sampler_config.plan()?;
+        .context("the recipe has no [sampler]")?
+        .plan()?;
     let options: QuantizeOptions = match recipe.passes.iter().find(|p| p.name == "quantize-w8a8") {
         Some(p) => p
             .options
@@ -97,7 +87,20 @@ pub fn run(args: &Args) -> Result<()> {
             .context("invalid quantize-w8a8 options")?,
         None => QuantizeOptions::default(),
     };
+    let format = match options
+        .format
+        .as_deref()
+        .unwrap_or(args.target.gpu.default_w8a8_format())
+    {
+        "fp8" => Format::Fp8,
+        _ => Format::Int8,
+    };
     let all = crate::tensors::read_safetensors(&args.inputs)?;
+    let cases = args
+        .cases
+        .iter()
+        .map(|c| select_case(&all, c).with_context(|| format!("case {c}")))
+        .collect::<Result<Vec<_>>>()?;
     let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
     let map = analyse(&model);
     let io = detect_io(&model)?;
@@ -112,145 +115,49 @@ pub fn run(args: &Args) -> Result<()> {
     activations.sort();
     activations.dedup();
 
-    // Expose every activation as an extra graph output.
-    let mut probe = model.clone();
-    for a in &activations {
-        probe.graph.outputs.push(ValueInfo {
-            name: a.clone(),
-            ty: ValueType::Tensor {
-                dtype: None,
-                shape: None,
-            },
-            doc_string: String::new(),
-        });
-    }
-    let mut amax: BTreeMap<String, f32> = activations.iter().map(|a| (a.clone(), 0.0)).collect();
-    let mut channel_amax: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-    let mut histograms: BTreeMap<String, Histogram> = activations
-        .iter()
-        .map(|a| (a.clone(), Histogram::new()))
-        .collect();
-    let bar = crate::progress::steps_bar(
-        (args.cases.len() * sampler.steps()) as u64,
-        "calibrating",
+    let mut recorder = RangeRecorder::new(&model, &activations, method, filter);
+    let keep_every = args.sensitivity.then_some(SENSITIVITY_EVERY);
+    let (finals, points) = record_trajectories(
+        &model,
+        &cases,
+        &io,
+        &sampler,
+        &mut recorder,
+        keep_every,
         !args.no_progress,
-    );
-    let mut runner: Option<TractRunner> = None;
-    let mut samples = 0;
-    let mut points: Vec<(Vec<Tensor>, Vec<f32>)> = Vec::new();
-    let mut finals: Vec<Vec<f32>> = Vec::new();
-    for case in &args.cases {
-        let inputs = select_case(&all, case).with_context(|| format!("case {case}"))?;
-        let trajectory = Trajectory {
-            io: &io,
-            sampler: &sampler,
-            inputs: &inputs,
-        };
-        let x = trajectory.run(&probe, &mut runner, |i, feed, outputs| {
-            let t_now = sampler.timesteps[i];
-            let in_window = args
-                .window
-                .as_deref()
-                .is_none_or(|w| w[0] <= t_now && t_now <= w[1]);
-            if i % args.every == 0 && in_window {
-                samples += 1;
-                for t in outputs {
-                    if let Some(m) = amax.get_mut(&t.name) {
-                        let v = t.to_f32_vec().context("activations are float")?;
-                        *m = v.iter().fold(*m, |acc, x| acc.max(x.abs()));
-                        let k = *t.dims.last().unwrap_or(&1) as usize;
-                        let c = channel_amax
-                            .entry(t.name.clone())
-                            .or_insert_with(|| vec![0.0; k]);
-                        for row in v.chunks_exact(k.max(1)) {
-                            for (m, x) in c.iter_mut().zip(row) {
-                                *m = m.max(x.abs());
-                            }
-                        }
-                        if args.method == "percentile" {
-                            let h = histograms.get_mut(&t.name).expect("one per activation");
-                            v.iter().for_each(|x| h.add(x.abs()));
-                        }
-                    }
-                }
-            }
-            if args.sensitivity && i % SENSITIVITY_EVERY == 0 {
-                let pred = outputs
-                    .iter()
-                    .find(|t| t.name == io.prediction)
-                    .context("no prediction")?;
-                points.push((feed.to_vec(), pred.to_f32_vec().context("f32 prediction")?));
-            }
-            bar.inc(1);
-            Ok(())
-        })?;
-        finals.push(x);
-    }
-    bar.finish_and_clear();
-    if samples == 0 {
-        bail!("no step was recorded: --window and --every leave nothing");
-    }
-    if args.method == "percentile" {
-        for (name, h) in &histograms {
-            amax.insert(name.clone(), h.percentile(args.percentile));
-        }
-    }
-    let method = if args.method == "percentile" {
-        format!("percentile {}", args.percentile)
-    } else {
-        "max".into()
-    };
-    let mut stats = CalibrationStats {
-        format: FORMAT.into(),
-        version: 1,
-        method,
-        source: format!(
-            "ditc calibrate {} on cases {:?} of {}, every {} step(s), timestep window {:?}",
-            args.model.display(),
-            args.cases,
-            args.inputs.display(),
-            args.every,
-            args.window
-        ),
-        samples,
-        tensors: amax
-            .into_iter()
-            .map(|(k, v)| {
-                let channels = channel_amax.remove(&k);
-                (
-                    k,
-                    TensorStats {
-                        amax: v,
-                        channel_amax: channels,
-                    },
-                )
-            })
-            .collect(),
-        sensitivity: Vec::new(),
-        budget: Vec::new(),
-    };
+    )?;
+    let mut stats = recorder.finish(format!(
+        "ditc calibrate {} on cases {:?} of {}, every {} step(s), timestep window {:?}",
+        args.model.display(),
+        args.cases,
+        args.inputs.display(),
+        args.every,
+        args.window
+    ))?;
     if args.sensitivity {
-        let first = select_case(&all, &args.cases[0])?;
+        let progress = !args.no_progress;
         stats.sensitivity = rank_layers(
             &model,
             &targets,
             &stats,
+            format,
             &points,
             &io.prediction,
-            !args.no_progress,
+            progress,
         )?;
         let trajectory = Trajectory {
             io: &io,
             sampler: &sampler,
-            inputs: &first,
+            inputs: &cases[0],
         };
         stats.budget = budget_table(
             &model,
             &targets,
             &stats,
+            format,
             &trajectory,
             &finals[0],
-            !args.no_progress,
+            progress,
         )?;
         for b in &stats.budget {
             eprintln!(
@@ -269,9 +176,35 @@ pub fn run(args: &Args) -> Result<()> {
         "wrote {}: {} activations over {} model calls",
         args.output.display(),
         stats.tensors.len(),
-        samples
+        stats.samples
     );
     Ok(())
+}
+
+fn range_method(args: &Args) -> Result<RangeMethod> {
+    match args.method.as_str() {
+        "max" => Ok(RangeMethod::Max),
+        "percentile" if args.percentile > 0.0 && args.percentile <= 100.0 => {
+            Ok(RangeMethod::Percentile(args.percentile))
+        }
+        "percentile" => bail!("--percentile {} must be in (0, 100]", args.percentile),
+        other => bail!("--method {other}: expected `max` or `percentile`"),
+    }
+}
+
+fn step_filter(args: &Args) -> Result<StepFilter> {
+    if args.every == 0 {
+        bail!("--every must be at least 1");
+    }
+    let window = match args.window.as_deref() {
+        None => None,
+        Some(&[lo, hi]) if lo <= hi => Some((lo, hi)),
+        Some(w) => bail!("--window {w:?}: expected LO,HI with LO <= HI"),
+    };
+    Ok(StepFilter {
+        every: args.every,
+        window,
+    })
 }
 
 fn select_case(all: &[Tensor], case: &str) -> Result<Vec<Tensor>> {
@@ -281,202 +214,4 @@ fn select_case(all: &[Tensor], case: &str) -> Result<Vec<Tensor>> {
         bail!("no tensors named '{prefix}...' in the inputs");
     }
     Ok(v)
-}
-
-/// Sensitivity is measured at every this-many-th step of each calibration trajectory.
-const SENSITIVITY_EVERY: usize = 10;
-
-/// Layers by the mean relative L2 error of the prediction when only that layer is quantized.
-fn rank_layers(
-    model: &crate::ir::Model,
-    targets: &[Target],
-    stats: &CalibrationStats,
-    points: &[(Vec<Tensor>, Vec<f32>)],
-    prediction: &str,
-    progress: bool,
-) -> Result<Vec<LayerSensitivity>> {
-    let bar = crate::progress::steps_bar(targets.len() as u64, "sensitivity", progress);
-    let mut ranked = Vec::new();
-    for t in targets {
-        let mut m = model.clone();
-        quantize_layers(&mut m, std::slice::from_ref(t), stats)?;
-        let runner = TractRunner::new(&m, &points[0].0)?;
-        let mut total = 0.0;
-        for (feed, reference) in points {
-            let out = runner.run(feed)?;
-            let pred = out
-                .iter()
-                .find(|o| o.name == prediction)
-                .context("no prediction")?;
-            total += compare(&pred.to_f32_vec().context("f32")?, reference).rel_l2;
-        }
-        ranked.push(LayerSensitivity {
-            node: t.node.clone(),
-            rel_l2: total / points.len() as f64,
-        });
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    ranked.sort_by(|a, b| b.rel_l2.total_cmp(&a.rel_l2));
-    Ok(ranked)
-}
-
-struct Trajectory<'a> {
-    io: &'a crate::manifest::ModelIo,
-    sampler: &'a crate::schedule::Sampler,
-    inputs: &'a [Tensor],
-}
-
-impl Trajectory<'_> {
-    /// Sample with `model` from the case's `noise` and return the final latent. `on_step(i, feed,
-    /// outputs)` sees every step; `runner` is the plan for `model`, made on first use and reusable.
-    fn run(
-        &self,
-        model: &crate::ir::Model,
-        runner: &mut Option<TractRunner>,
-        mut on_step: impl FnMut(usize, &[Tensor], &[Tensor]) -> Result<()>,
-    ) -> Result<Vec<f32>> {
-        let noise = self
-            .inputs
-            .iter()
-            .find(|t| t.name == "noise")
-            .context("no 'noise' tensor")?;
-        let mut x = noise.to_f32_vec().context("noise must be f32")?;
-        for i in 0..self.sampler.steps() {
-            let mut feed: Vec<Tensor> = self
-                .inputs
-                .iter()
-                .filter(|t| t.name != "noise")
-                .cloned()
-                .collect();
-            feed.push(Tensor::from_f32(&self.io.latent, noise.dims.clone(), &x));
-            feed.push(timestep_tensor(
-                model,
-                &self.io.timestep,
-                self.sampler.timesteps[i],
-            )?);
-            if runner.is_none() {
-                *runner = Some(TractRunner::new(model, &feed)?);
-            }
-            let out = runner.as_ref().expect("prepared").run(&feed)?;
-            on_step(i, &feed, &out)?;
-            let pred = out
-                .iter()
-                .find(|o| o.name == self.io.prediction)
-                .context("no prediction")?;
-            let pred = pred.to_f32_vec().context("f32 prediction")?;
-            let n = x.len();
-            self.sampler.step(i, &mut x, &pred[..n]);
-        }
-        Ok(x)
-    }
-}
-
-/// Fidelity of the final latent (first calibration case) with the k most sensitive layers kept in
-/// high precision, k = 0, 1, 2, 4, ... up to all of them.
-fn budget_table(
-    model: &crate::ir::Model,
-    targets: &[Target],
-    stats: &CalibrationStats,
-    trajectory: &Trajectory,
-    reference: &[f32],
-    progress: bool,
-) -> Result<Vec<BudgetPoint>> {
-    let mut ks = vec![0usize];
-    while *ks.last().expect("non-empty") < targets.len() {
-        let next = (ks.last().expect("non-empty") * 2)
-            .max(1)
-            .min(targets.len());
-        ks.push(next);
-    }
-    let bar = crate::progress::steps_bar(ks.len() as u64, "budget table", progress);
-    let mut table = Vec::new();
-    for k in ks {
-        let keep: Vec<String> = stats
-            .sensitivity
-            .iter()
-            .take(k)
-            .map(|s| s.node.clone())
-            .collect();
-        let chosen: Vec<Target> = targets
-            .iter()
-            .filter(|t| !keep.contains(&t.node))
-            .cloned()
-            .collect();
-        let mut m = model.clone();
-        quantize_layers(&mut m, &chosen, stats)?;
-        let f = compare(&trajectory.run(&m, &mut None, |_, _, _| Ok(()))?, reference);
-        table.push(BudgetPoint {
-            keep_float: keep,
-            psnr_db: f.psnr_db.min(999.0),
-            cosine: f.cosine,
-        });
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    Ok(table)
-}
-
-/// A histogram of |x| with a fixed number of bins whose width doubles (merging pairs) when a larger
-/// value arrives, so it needs no first pass to find the range.
-struct Histogram {
-    bins: Vec<u64>,
-    width: f32,
-}
-
-const BINS: usize = 4096;
-
-impl Histogram {
-    fn new() -> Histogram {
-        Histogram {
-            bins: vec![0; BINS],
-            width: 1e-6,
-        }
-    }
-
-    fn add(&mut self, x: f32) {
-        if !x.is_finite() {
-            return;
-        }
-        while x >= self.width * BINS as f32 {
-            for i in 0..BINS / 2 {
-                self.bins[i] = self.bins[2 * i] + self.bins[2 * i + 1];
-            }
-            self.bins[BINS / 2..].iter_mut().for_each(|b| *b = 0);
-            self.width *= 2.0;
-        }
-        self.bins[((x / self.width) as usize).min(BINS - 1)] += 1;
-    }
-
-    /// Upper edge of the bin where the cumulative count reaches `p` percent.
-    fn percentile(&self, p: f64) -> f32 {
-        let total: u64 = self.bins.iter().sum();
-        let target = (total as f64 * p / 100.0).ceil() as u64;
-        let mut seen = 0;
-        for (i, b) in self.bins.iter().enumerate() {
-            seen += b;
-            if seen >= target.max(1) {
-                return (i + 1) as f32 * self.width;
-            }
-        }
-        BINS as f32 * self.width
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Histogram;
-
-    #[test]
-    fn histogram_percentiles() {
-        let mut h = Histogram::new();
-        for i in 1..=10_000 {
-            h.add(i as f32 / 1000.0); // 0.001 .. 10.0, uniform
-        }
-        let p50 = h.percentile(50.0);
-        assert!((p50 - 5.0).abs() < 0.01, "{p50}");
-        let p100 = h.percentile(100.0);
-        assert!((p100 - 10.0).abs() < 0.01, "{p100}");
-        assert!(h.percentile(99.0) < p100);
-    }
 }

@@ -46,9 +46,12 @@ pub struct Args {
     /// Initializers of at least this many bytes go to model.onnx.data instead of the graph file.
     #[arg(long, default_value_t = 1024, value_name = "BYTES")]
     pub external_threshold: u64,
-    /// TensorRT version whose rules the emitted graph is checked against.
-    #[arg(long, value_enum, default_value = "trt10")]
-    pub target: crate::lint::Target,
+    /// Deployment target: a GPU generation (ampere, ada, hopper, blackwell), a TensorRT version
+    /// (trt10, trt11), or both ("ampere,trt10"). The GPU sets W8A8's format when the recipe names none
+    /// (INT8 on Ampere, FP8 E4M3 from Ada on: FP8 GEMMs are the faster ones there); the TensorRT
+    /// version sets the lint's rules.
+    #[arg(long, default_value = "hopper,trt10", value_name = "GPU[,TRT]")]
+    pub target: crate::target::DeployTarget,
     /// Write the bundle even if the TensorRT lint finds violations (they are still printed).
     #[arg(long)]
     pub allow_lint_errors: bool,
@@ -63,6 +66,23 @@ pub struct Args {
     pub shapes: crate::models::BuildOptions,
 }
 
+/// W8A8's format follows the GPU when the recipe names none; FP8 on a GPU without FP8 is refused.
+fn apply_target_defaults(recipe: &mut Recipe, target: crate::target::DeployTarget) -> Result<()> {
+    for pass in recipe.passes.iter_mut().filter(|p| p.name == "quantize-w8a8") {
+        let format = pass
+            .options
+            .entry("format")
+            .or_insert_with(|| target.gpu.default_w8a8_format().into());
+        if format.as_str() == Some("fp8") && !target.gpu.has_fp8() {
+            anyhow::bail!(
+                "quantize-w8a8.format = \"fp8\" but --target {} has no FP8 tensor cores (FP8 needs Ada, Hopper or Blackwell): use format = \"int8\" or another --target",
+                target.gpu.name()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &Args) -> Result<()> {
     // Options first: a bad option fails before any model is read.
     let mut overrides = args.set.clone();
@@ -70,10 +90,11 @@ pub fn run(args: &Args) -> Result<()> {
         let text = toml::Value::String(stats.display().to_string()).to_string();
         overrides.push(format!("quantize-w8a8.calibration_stats={text}"));
     }
-    let recipe = match &args.recipe {
+    let mut recipe = match &args.recipe {
         Some(path) => Recipe::load(path, &overrides)?,
         None => Recipe::empty(&overrides)?,
     };
+    apply_target_defaults(&mut recipe, args.target)?;
     let pass_list = recipe
         .passes
         .iter()
@@ -126,7 +147,8 @@ pub fn run(args: &Args) -> Result<()> {
         Ok(())
     })?;
     let cost = cost(&original, &model, &cx)?;
-    let violations = crate::lint::lint(&model, args.target, None);
+    let mut violations = crate::lint::lint(&model, args.target.tensorrt, None);
+    violations.extend(crate::lint::lint_gpu(&model, args.target.gpu));
     if !violations.is_empty() {
         super::lint::print(&violations);
         if !args.allow_lint_errors {
@@ -169,7 +191,12 @@ pub fn run(args: &Args) -> Result<()> {
         state: cx.state.clone(),
         cost,
         tensorrt: TensorRt {
-            build_command: manifest::trtexec_command(&model, args.shapes.batch_range()),
+            build_command: manifest::trtexec_command(
+                &model,
+                args.shapes.batch_range(),
+                args.target,
+            ),
+            target: Some(args.target),
         },
         provenance: Provenance {
             recipe: recipe.path.as_ref().map(|p| p.display().to_string()),

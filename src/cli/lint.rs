@@ -1,18 +1,19 @@
-//! `ditc lint MODEL [--target trt10|trt11] [--json]`: check a graph against TensorRT's ONNX rules.
+//! `ditc lint MODEL [--target GPU,TRT] [--json]`: check a graph against TensorRT's ONNX rules.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::lint::{lint, Target, Violation};
+use crate::lint::{lint, lint_gpu, Violation};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The model: an .onnx file or a diffusers checkpoint folder.
     pub model: PathBuf,
-    /// TensorRT version whose rules apply.
-    #[arg(long, value_enum, default_value = "trt10")]
-    pub target: Target,
+    /// The TensorRT version whose rules apply (trt10, trt11) and the GPU generation (ampere, ada,
+    /// hopper, blackwell: FP8 needs Ada or newer), alone or both as "ampere,trt10".
+    #[arg(long, default_value = "hopper,trt10", value_name = "GPU[,TRT]")]
+    pub target: crate::target::DeployTarget,
     /// Print the violations as JSON.
     #[arg(long)]
     pub json: bool,
@@ -24,14 +25,15 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<bool> {
     let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
     let bytes = std::fs::metadata(&args.model).ok().map(|m| m.len());
-    let violations = lint(&model, args.target, bytes);
+    let mut violations = lint(&model, args.target.tensorrt, bytes);
+    violations.extend(lint_gpu(&model, args.target.gpu));
     if args.json {
         println!("{}", serde_json::to_string_pretty(&violations)?);
     } else {
         print(&violations);
         if violations.is_empty() {
             println!(
-                "{}: conforms to the {:?} rules",
+                "{}: conforms to the TensorRT rules for {}",
                 args.model.display(),
                 args.target
             );

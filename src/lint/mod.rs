@@ -12,11 +12,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ir::{infer_types, AttrValue, DataType, Graph, Model, Node, Tensor, TypeMap};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Target {
     Trt10,
@@ -49,6 +49,37 @@ pub fn lint(model: &Model, target: Target, graph_file_bytes: Option<u64>) -> Vec
     let types = infer_types(&model.graph, opset);
     lint_graph(&model.graph, &types, target, &Scope::default(), &mut out);
     out
+}
+
+/// Rule `gpu-fp8`: FP8 Q/DQ need FP8 tensor cores (Ada or newer); TensorRT refuses them on Ampere.
+pub fn lint_gpu(model: &Model, gpu: crate::target::Gpu) -> Vec<Violation> {
+    if gpu.has_fp8() {
+        return Vec::new();
+    }
+    let fp8 = |name: &str| {
+        model
+            .graph
+            .initializer(name)
+            .is_some_and(|t| matches!(t.dtype, DataType::F8E4M3FN))
+    };
+    model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear"))
+        .filter(|n| n.inputs.iter().any(|i| fp8(i)))
+        .map(|n| {
+            v(
+                "gpu-fp8",
+                &n.name,
+                format!(
+                    "FP8 {} but the target GPU ({}) has no FP8 tensor cores (Ada or newer)",
+                    n.op_type,
+                    gpu.name()
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Constants visible from enclosing graphs (subgraphs read their initializers from outer scopes).

@@ -6,6 +6,7 @@
 
 mod broadcast_static;
 pub mod quantize_w8a8;
+pub mod smooth_quant;
 
 use anyhow::{bail, Context, Result};
 

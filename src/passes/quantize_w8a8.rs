@@ -274,9 +274,6 @@ impl Pass for QuantizeW8A8 {
         } else {
             Format::Int8
         };
-        if format == Format::Fp8 {
-            raise_opset_to_19(model)?;
-        }
         let layers = quantize_layers_with(model, &targets, &stats, self.options.alpha(), format)
             .with_context(|| format!("with calibration stats '{}'", path.display()))?;
         if !model
@@ -322,7 +319,8 @@ pub fn quantize_layers(
     quantize_layers_with(model, targets, stats, None, Format::Int8)
 }
 
-/// As [`quantize_layers`], first applying SmoothQuant with `alpha` when given.
+/// As [`quantize_layers`], first applying SmoothQuant with `alpha` when given, in `format` (FP8 raises
+/// the model's opset to 19 first).
 pub fn quantize_layers_with(
     model: &mut Model,
     targets: &[Target],
@@ -330,8 +328,11 @@ pub fn quantize_layers_with(
     alpha: Option<f64>,
     format: Format,
 ) -> Result<Vec<QuantizedLayer>> {
+    if format == Format::Fp8 {
+        raise_opset_to_19(model)?;
+    }
     let (targets, stats) = match alpha {
-        Some(a) => smooth(model, targets, stats, a)?,
+        Some(a) => super::smooth_quant::apply(model, targets, stats, a)?,
         None => (targets.to_vec(), stats.clone()),
     };
     let (targets, stats) = (&targets[..], &stats);
@@ -346,6 +347,14 @@ pub fn quantize_layers_with(
                 t.node
             );
         };
+        if amax < crate::calibration::AMAX_FLOOR {
+            eprintln!(
+                "warning: activation '{}' (input of {}) has calibrated range {amax:e}; using the floor {:e}",
+                t.activation,
+                t.node,
+                crate::calibration::AMAX_FLOOR
+            );
+        }
         let act_scale = scale_for(amax, format);
         let dq = match dq_of_activation.get(&t.activation) {
             Some(dq) => dq.clone(),
@@ -391,131 +400,10 @@ pub fn quantize_layers_with(
     Ok(layers)
 }
 
-/// SmoothQuant: per input channel j of each activation, `s_j = max|W_j|^(1-alpha) / amax_j^alpha`
-/// (clamped to 1e-4..1e4, over every weight reading that activation). The activation is divided by `s`
-/// (an inserted `Mul` by 1/s) and the weights' input rows multiplied by it, which leaves the product
-/// unchanged while moving range from activations to weights. Returns retargeted layers and stats.
-fn smooth(
-    model: &mut Model,
-    targets: &[Target],
-    stats: &CalibrationStats,
-    alpha: f64,
-) -> Result<(Vec<Target>, CalibrationStats)> {
-    let mut stats = stats.clone();
-    let mut out = targets.to_vec();
-    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (i, t) in targets.iter().enumerate() {
-        let two_d = model
-            .graph
-            .initializer(&t.weight)
-            .is_some_and(|w| w.dims.len() == 2);
-        if two_d {
-            groups.entry(t.activation.clone()).or_default().push(i);
-        }
-    }
-    // Convolutions (and activations shared with them) are not smoothed.
-    groups.retain(|a, members| {
-        targets.iter().filter(|t| &t.activation == a).count() == members.len()
-    });
-    for (activation, members) in groups {
-        let Some(a) = stats.channel_amax(&activation).map(|a| a.to_vec()) else {
-            bail!("SmoothQuant needs per-channel ranges for '{activation}': recalibrate with `ditc calibrate`");
-        };
-        let k = a.len();
-        let mut w_max = vec![0f32; k];
-        for &m in &members {
-            let t = &targets[m];
-            let w = model.graph.initializer(&t.weight).context("weight")?;
-            let v = w.to_f32_vec().context("f32 weight")?;
-            let cols = w.dims[1] as usize;
-            for (i, x) in v.iter().enumerate() {
-                let j = if t.axis == 1 { i / cols } else { i % cols };
-                if j >= k {
-                    bail!(
-                        "'{activation}' has {k} channels but weight '{}' has more input channels",
-                        t.weight
-                    );
-                }
-                w_max[j] = w_max[j].max(x.abs());
-            }
-        }
-        let s: Vec<f32> = (0..k)
-            .map(|j| {
-                if a[j] > 0.0 && w_max[j] > 0.0 {
-                    ((w_max[j] as f64).powf(1.0 - alpha) / (a[j] as f64).powf(alpha))
-                        .clamp(1e-4, 1e4) as f32
-                } else {
-                    1.0
-                }
-            })
-            .collect();
-        let inv = format!("{activation}.smooth_inv");
-        let smoothed = format!("{activation}.smoothed");
-        model.graph.initializers.push(Tensor::from_f32(
-            &inv,
-            vec![k as i64],
-            &s.iter().map(|x| 1.0 / x).collect::<Vec<_>>(),
-        ));
-        let at = model
-            .graph
-            .nodes
-            .iter()
-            .position(|n| n.outputs.contains(&activation))
-            .map(|i| i + 1)
-            .unwrap_or(0);
-        model.graph.nodes.insert(
-            at,
-            Node::new(
-                &format!("{activation}.smooth"),
-                "Mul",
-                &[&activation, &inv],
-                &[&smoothed],
-            ),
-        );
-        let new_amax = a.iter().zip(&s).map(|(x, s)| x / s).fold(0f32, f32::max);
-        stats.tensors.insert(
-            smoothed.clone(),
-            crate::calibration::TensorStats {
-                amax: new_amax,
-                channel_amax: None,
-            },
-        );
-        for &m in &members {
-            let t = &mut out[m];
-            let w = model
-                .graph
-                .initializer(&t.weight)
-                .context("weight")?
-                .clone();
-            let cols = w.dims[1] as usize;
-            let scaled: Vec<f32> = w
-                .to_f32_vec()
-                .context("f32 weight")?
-                .iter()
-                .enumerate()
-                .map(|(i, x)| x * s[if t.axis == 1 { i / cols } else { i % cols }])
-                .collect();
-            let name = format!("{}.smoothed.{activation}", t.weight);
-            if model.graph.initializer(&name).is_none() {
-                model
-                    .graph
-                    .initializers
-                    .push(Tensor::from_f32(&name, w.dims.clone(), &scaled));
-            }
-            t.weight = name;
-            t.activation = smoothed.clone();
-        }
-    }
-    Ok((out, stats))
-}
-
-/// Symmetric scale for a range: amax/127 (INT8) or amax/448 (FP8); a zero range gets scale 1.
+/// Symmetric scale for a range: amax/127 (INT8) or amax/448 (FP8). A range below the calibration floor
+/// (an activation that was exactly 0, or a hand-written 0) is raised to it, so no scale is ever 0.
 pub fn scale_for(amax: f32, format: Format) -> f32 {
-    if amax > 0.0 && amax.is_finite() {
-        amax / format.max()
-    } else {
-        1.0
-    }
+    amax.max(crate::calibration::AMAX_FLOOR) / format.max()
 }
 
 /// FP8 weight: one scale (absmax/448) for the tensor, values rounded to E4M3FN.

@@ -12,6 +12,12 @@
 //! `amax` is the largest |x| seen for that value (the input of a quantized layer) over all samples;
 //! `channel_amax` (optional; SmoothQuant needs it) the same per channel of the last axis.
 //! Keys are value names of the graph being converted (`ditc calibrate MODEL` uses the same ones).
+//!
+//! Submodules: [`collect`] measures the ranges along sampling trajectories, [`sensitivity`] ranks layers
+//! and measures the fidelity budget table.
+
+pub mod collect;
+pub mod sensitivity;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +26,11 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "ditc-calibration";
+
+/// The smallest activation range a scale is made from. An activation that was exactly 0 at every
+/// calibrated step (or a hand-written `amax` of 0) is given this range, so its scale (1e-6/127 for
+/// INT8) is positive and zeros still quantize to exactly 0.
+pub const AMAX_FLOOR: f32 = 1e-6;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
