@@ -3,10 +3,12 @@
 //! It lists the files (with hashes), the graph's inputs and outputs and what each means to a sampling
 //! loop (`io`), the sampler and its timesteps, the baked schedule (per-kind decision tables and the sites
 //! they drive), the state bindings to feed back each step, the expected cost, and provenance. The JSON
-//! Schema is `schemas/manifest.schema.json`; tests validate every emitted manifest against it.
+//! Schema is `schemas/manifest.schema.json`, built in: [`read`] checks a manifest against it, and tests
+//! validate every emitted manifest with it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -364,19 +366,94 @@ pub fn trtexec_command(
     )
 }
 
+/// The manifest's JSON Schema (`schemas/manifest.schema.json`), built into the binary so `ditc run`
+/// works from any folder.
+pub const SCHEMA: &str = include_str!("../schemas/manifest.schema.json");
+
+/// The compiled schema, built once per process.
+fn schema_validator() -> &'static jsonschema::Validator {
+    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    VALIDATOR.get_or_init(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(SCHEMA).expect("the built-in manifest schema is JSON (tested)");
+        jsonschema::draft202012::options()
+            .build(&schema)
+            .expect("the built-in manifest schema compiles (tested)")
+    })
+}
+
+/// Every violation of the manifest schema by `manifest`, each as `$.json.path: what is wrong`
+/// (empty when it conforms).
+pub fn validate_schema(manifest: &serde_json::Value) -> Vec<String> {
+    schema_validator()
+        .iter_errors(manifest)
+        .map(|e| {
+            // A whole object or array in the message would bury the point: name its kind instead.
+            let value = e.instance().to_string();
+            let message = if value.len() > 80 {
+                e.masked_with(value_kind(e.instance())).to_string()
+            } else {
+                e.to_string()
+            };
+            format!("{}: {message}", json_path(e.instance_path()))
+        })
+        .collect()
+}
+
+/// A JSON pointer location written as a JSONPath (`$.files[0].sha256`).
+fn json_path(location: &jsonschema::paths::Location) -> String {
+    let mut path = String::from("$");
+    for segment in location.iter() {
+        match segment {
+            jsonschema::paths::LocationSegment::Index(i) => path.push_str(&format!("[{i}]")),
+            jsonschema::paths::LocationSegment::Property(name) => {
+                if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    path.push('.');
+                    path.push_str(&name);
+                } else {
+                    path.push_str(&format!("[{}]", serde_json::Value::from(name.as_ref())));
+                }
+            }
+        }
+    }
+    path
+}
+
+fn value_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Object(_) => "an object",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::String(_) => "a long string",
+        _ => "the value",
+    }
+}
+
+/// Read and check a manifest: JSON, this ditc's format and version, then the schema (every violation
+/// listed). The bundle's files are checked separately ([`crate::integrity`]).
 pub fn read(path: &Path) -> Result<Manifest> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read '{}'", path.display()))?;
-    let m: Manifest = serde_json::from_slice(&bytes)
-        .with_context(|| format!("'{}' is not a ditc manifest", path.display()))?;
-    if m.format != FORMAT || m.version != VERSION {
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .with_context(|| format!("'{}' is not a ditc manifest: not JSON", path.display()))?;
+    // A manifest of another version violates this version's schema everywhere; say that instead.
+    let (format, version) = (&value["format"], &value["version"]);
+    let other_version = version.is_u64() && *version != VERSION;
+    if format.is_string() && (*format != FORMAT || other_version) {
         bail!(
-            "'{}': format '{}' version {} (this ditc reads '{FORMAT}' version {VERSION})",
+            "'{}': format {format} version {version} (this ditc reads '{FORMAT}' version {VERSION})",
             path.display(),
-            m.format,
-            m.version
         );
     }
-    Ok(m)
+    let violations = validate_schema(&value);
+    if !violations.is_empty() {
+        bail!(
+            "'{}' is not a ditc manifest: {} violation(s) of its schema:\n  {}",
+            path.display(),
+            violations.len(),
+            violations.join("\n  ")
+        );
+    }
+    serde_json::from_value(value)
+        .with_context(|| format!("'{}' is not a ditc manifest", path.display()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

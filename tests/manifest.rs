@@ -1,11 +1,13 @@
-//! Every kind of emitted manifest validates against `schemas/manifest.schema.json`; bad recipe options
-//! are refused before any work.
+//! Every kind of emitted manifest validates against `schemas/manifest.schema.json` (with the
+//! `jsonschema` crate, as `ditc run` does); the schema itself is a valid JSON Schema 2020-12; bad
+//! recipe options are refused before any work.
 
 mod common;
 
 use std::path::Path;
 
-use common::{ditc, ditc_ok, fixtures, schema};
+use common::{ditc, ditc_ok, fixtures};
+use ditc::manifest::validate_schema;
 use serde_json::Value;
 
 fn repo(p: &str) -> String {
@@ -18,6 +20,131 @@ fn repo(p: &str) -> String {
 
 fn schema_json() -> Value {
     serde_json::from_slice(&std::fs::read(repo("schemas/manifest.schema.json")).unwrap()).unwrap()
+}
+
+/// The keywords of JSON Schema 2020-12 (core, applicator, validation, meta-data vocabularies).
+/// The meta-schema accepts any other key as an extension, so a misspelt keyword (`minItem`) would be
+/// silently ignored by every validator: this list catches it.
+const KEYWORDS: &[&str] = &[
+    "$schema",
+    "$id",
+    "$ref",
+    "$defs",
+    "$anchor",
+    "$dynamicRef",
+    "$dynamicAnchor",
+    "$comment",
+    "$vocabulary",
+    "title",
+    "description",
+    "default",
+    "examples",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "type",
+    "const",
+    "enum",
+    "required",
+    "properties",
+    "additionalProperties",
+    "patternProperties",
+    "propertyNames",
+    "items",
+    "prefixItems",
+    "contains",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+    "if",
+    "then",
+    "else",
+    "minProperties",
+    "maxProperties",
+    "dependentRequired",
+    "dependentSchemas",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+];
+
+/// Every key of every subschema of `schema` that is not a 2020-12 keyword, with its location.
+fn unknown_keywords(schema: &Value, at: &str, out: &mut Vec<String>) {
+    let Some(object) = schema.as_object() else {
+        return; // `true` / `false` schemas
+    };
+    for (key, value) in object {
+        if !KEYWORDS.contains(&key.as_str()) {
+            out.push(format!("{at}/{key}"));
+        }
+        match key.as_str() {
+            // Maps from names to subschemas.
+            "properties" | "$defs" | "patternProperties" | "dependentSchemas" => {
+                for (name, sub) in value.as_object().into_iter().flatten() {
+                    unknown_keywords(sub, &format!("{at}/{key}/{name}"), out);
+                }
+            }
+            // Lists of subschemas.
+            "allOf" | "anyOf" | "oneOf" | "prefixItems" => {
+                for (i, sub) in value.as_array().into_iter().flatten().enumerate() {
+                    unknown_keywords(sub, &format!("{at}/{key}/{i}"), out);
+                }
+            }
+            // One subschema.
+            "items"
+            | "additionalProperties"
+            | "contains"
+            | "not"
+            | "if"
+            | "then"
+            | "else"
+            | "propertyNames"
+            | "unevaluatedItems"
+            | "unevaluatedProperties" => unknown_keywords(value, &format!("{at}/{key}"), out),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn the_schema_is_valid_json_schema_2020_12() {
+    let schema = schema_json();
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    let meta = jsonschema::draft202012::meta::validator();
+    let errors: Vec<String> = meta
+        .iter_errors(&schema)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    let mut unknown = Vec::new();
+    unknown_keywords(&schema, "#", &mut unknown);
+    assert!(unknown.is_empty(), "not JSON Schema keywords: {unknown:?}");
+    // The binary embeds this very file.
+    assert_eq!(
+        serde_json::from_str::<Value>(ditc::manifest::SCHEMA).unwrap(),
+        schema
+    );
+    // Both checks can fail.
+    let broken = serde_json::json!({ "type": "objekt", "minItem": 1, "properties": { "a": { "minimum": "1" } } });
+    assert!(!meta.is_valid(&broken));
+    let mut unknown = Vec::new();
+    unknown_keywords(&broken, "#", &mut unknown);
+    assert_eq!(unknown, ["#/minItem"]);
 }
 
 fn convert(model: &str, extra: &[&str], out: &Path) -> Value {
@@ -63,8 +190,10 @@ fn emitted_manifests_match_the_schema() {
         manifests.push(("wan", m));
     }
     for (name, m) in &manifests {
-        let errors = schema::validate(&schema, m);
+        let errors = validate_schema(m);
         assert!(errors.is_empty(), "{name}: {errors:#?}");
+        // The same verdict as a validator built here from the schema file.
+        assert!(jsonschema::draft202012::is_valid(&schema, m), "{name}");
     }
     let pab = &manifests[1].1;
     // 12 attention sites + the MLPs of all 8 blocks (spatial and temporal blocks 0-3 of 0-4 listed).
@@ -78,16 +207,43 @@ fn emitted_manifests_match_the_schema() {
     assert_eq!(pab["schedule"]["calls"]["temporal"]["computed"], 4 * 27);
     assert_eq!(pab["schedule"]["calls"]["cross"]["computed"], 4 * 22);
 
-    // The validator can fail: damaged manifests are caught.
+    // The validator can fail: damaged manifests are caught, each violation named by its path.
     let mut missing = pab.clone();
     missing.as_object_mut().unwrap().remove("state");
     let mut bad_kind = pab.clone();
     bad_kind["state"][0]["group"] = "diagonal".into();
     let mut bad_hash = pab.clone();
     bad_hash["files"][0]["sha256"] = "xyz".into();
-    for broken in [missing, bad_kind, bad_hash] {
-        assert!(!schema::validate(&schema, &broken).is_empty());
+    let mut extra = pab.clone();
+    extra["cost"]["joules"] = 1.into();
+    let mut negative = pab.clone();
+    negative["files"][1]["bytes"] = (-1).into();
+    let cases = [
+        (missing, "$: \"state\" is a required property"),
+        (bad_kind, "$.state[0].group: \"diagonal\" is not one of"),
+        (bad_hash, "$.files[0].sha256: \"xyz\" does not match"),
+        (
+            extra,
+            "$.cost: Additional properties are not allowed ('joules'",
+        ),
+        (
+            negative,
+            "$.files[1].bytes: -1 is less than the minimum of 0",
+        ),
+    ];
+    for (broken, expect) in cases {
+        let errors = validate_schema(&broken);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert!(errors[0].starts_with(expect), "{errors:#?}");
     }
+    // A whole object where a number belongs is named by its kind, not printed.
+    let mut object = pab.clone();
+    object["cost"]["steps"] = pab["dit_map"].clone();
+    let errors = validate_schema(&object);
+    assert_eq!(
+        errors,
+        ["$.cost.steps: an object is not of type \"integer\""]
+    );
 }
 
 #[test]

@@ -53,6 +53,7 @@ fn run(manifest: &Path, inputs: &Path, case: usize) -> (Vec<f32>, ditc::cli::run
         compare_full: false,
         json: true,
         no_progress: true,
+        no_verify: false,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
@@ -211,6 +212,7 @@ fn mlp_broadcast_reuses_after_key_timesteps() {
         compare_full: true,
         json: true,
         no_progress: true,
+        no_verify: false,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();

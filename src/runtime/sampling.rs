@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use super::TractRunner;
+use crate::integrity::Checks;
 use crate::ir::{DataType, Model, Tensor};
 use crate::manifest::{Manifest, ModelIo};
 use crate::schedule::specialize::{
@@ -32,8 +33,14 @@ pub struct Bundle {
 }
 
 impl Bundle {
+    /// Open a bundle whose files all match the manifest (sizes and SHA-256).
     pub fn open(manifest_path: &Path) -> Result<Bundle> {
-        let manifest = crate::manifest::read(manifest_path)?;
+        Self::open_checked(manifest_path, &Checks::default())
+    }
+
+    /// Open a bundle after checking its manifest and files as `checks` says.
+    pub fn open_checked(manifest_path: &Path, checks: &Checks) -> Result<Bundle> {
+        let manifest = crate::integrity::read_verified(manifest_path, checks)?;
         let dir = manifest_path.parent().unwrap_or(Path::new("."));
         let graph = manifest
             .files
