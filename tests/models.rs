@@ -4,9 +4,9 @@
 mod common;
 
 use common::{case, ditc_ok, fixtures, named};
-use ditc::models::{build_model, BuildOptions, TimestepDtype};
 use ditc::checkpoint::Checkpoint;
 use ditc::metrics::compare;
+use ditc::models::{build_model, BuildOptions, TimestepDtype};
 use ditc::runtime::TractRunner;
 use ditc::tensors::read_safetensors;
 
@@ -58,7 +58,11 @@ fn built_graphs_match_pytorch_reference_outputs() {
             };
             let model = build_model(&ckpt, &opts).unwrap();
             let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
-            assert_eq!(timestep.unwrap().dtype(), Some(dtype.into()), "{m} {given:?}");
+            assert_eq!(
+                timestep.unwrap().dtype(),
+                Some(dtype.into()),
+                "{m} {given:?}"
+            );
             let label = format!("{m} built from ckpt, timestep {dtype:?}");
             common::assert_matches_reference(&model, &io, &label);
         }
@@ -834,14 +838,20 @@ fn wan_small_shapes() -> BuildOptions {
 /// PyTorch on all five cases (timesteps 999.0, 937.5, 712.25, 404.8125, 23.875) to 1e-4 relative.
 #[test]
 fn wan_small_float_timesteps_match_pytorch() {
-    let Some(dir) = common::fixture("wan-small") else { return };
+    let Some(dir) = common::fixture("wan-small") else {
+        return;
+    };
     let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
     let model = build_model(&ckpt, &wan_small_shapes()).unwrap();
     let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
     assert_eq!(timestep.unwrap().dtype(), Some(ditc::ir::DataType::F32));
     let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
     let t = named(&case(&io, 2), "timestep").to_f32_vec().unwrap();
-    assert_eq!(t, [712.25], "the case a rounded timestep could not reproduce");
+    assert_eq!(
+        t,
+        [712.25],
+        "the case a rounded timestep could not reproduce"
+    );
     common::assert_matches_reference(&model, &io, "wan-small (float32 timestep)");
 }
 
@@ -865,13 +875,20 @@ fn schedule_error(got: &[f64], want: &serde_json::Value) -> (f64, usize) {
 /// bit-identical; the double shift ends at timestep 8.93.
 #[test]
 fn flow_schedule_matches_diffusers() {
-    let Some(dir) = common::fixture("wan-small") else { return };
+    let Some(dir) = common::fixture("wan-small") else {
+        return;
+    };
     let sampling: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
     let config: ditc::schedule::SamplerConfig =
         serde_json::from_value(sampling["sampler"].clone()).unwrap();
     let sampler = config.plan().unwrap();
-    let sigmas: Vec<f64> = sampler.sigmas().unwrap().iter().map(|&s| s as f64).collect();
+    let sigmas: Vec<f64> = sampler
+        .sigmas()
+        .unwrap()
+        .iter()
+        .map(|&s| s as f64)
+        .collect();
     let (t_err, t_same) = schedule_error(&sampler.timesteps, &sampling["timesteps"]);
     let (s_err, s_same) = schedule_error(&sigmas, &sampling["sigmas"]);
     eprintln!("flow schedule vs diffusers: timesteps max_rel {t_err:.1e} ({t_same}/50 identical), sigmas max_rel {s_err:.1e} ({s_same}/51 identical)");
@@ -886,7 +903,9 @@ fn flow_schedule_matches_diffusers() {
 /// finds it as the timestep (`io`), lists diffusers' exact timesteps, and passes the schema.
 #[test]
 fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
-    let Some(dir) = common::fixture("wan-small") else { return };
+    let Some(dir) = common::fixture("wan-small") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("wan-small");
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab-flow.toml");
@@ -929,4 +948,24 @@ fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
     let sampling: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
     assert_eq!(manifest["sampler"]["timesteps"], sampling["timesteps"]);
+    // An ONNX file has its own input types; an unknown type is not guessed.
+    let onnx = common::fixtures().unwrap().join("wan-tiny/model.onnx");
+    let bad = tmp.path().join("bad");
+    for (dtype, expect) in [
+        (
+            "float32",
+            "--timestep-dtype apply to diffusers checkpoint folders",
+        ),
+        ("float16", "invalid value 'float16'"),
+    ] {
+        let args = [
+            "convert",
+            onnx.to_str().unwrap(),
+            "-o",
+            bad.to_str().unwrap(),
+            "--timestep-dtype",
+            dtype,
+        ];
+        assert_refused(&args, &bad, &[expect]);
+    }
 }

@@ -65,7 +65,9 @@ pub struct BuildOptions {
 }
 
 /// The type of a built graph's `timestep` input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TimestepDtype {
     Int64,

@@ -133,7 +133,11 @@ impl Family for Wan {
             DataType::F32,
             opts.dims(&[c.in_channels, frames, height, width]),
         );
-        let t = b.input("timestep", opts.timestep_dtype(Self::TIMESTEP_DTYPE), opts.dims(&[]));
+        let t = b.input(
+            "timestep",
+            opts.timestep_dtype(Self::TIMESTEP_DTYPE),
+            opts.dims(&[]),
+        );
         let enc = b.input(
             "encoder_hidden_states",
             DataType::F32,

@@ -309,8 +309,8 @@ pub fn flow_schedule(c: &FlowEulerConfig) -> Result<FlowSchedule> {
     // torch: `shift * s / (1 + (shift - 1) * s)` on a float32 tensor; each Python float becomes f32
     // (`shift - 1` is taken in f64 first), every operation rounds to f32.
     let shift_f32 = |s: f32| (shift as f32 * s) / (1.0 + (shift - 1.0) as f32 * s);
-    // The training timesteps are the integers 1..=n (exact in f32), divided by n in f32.
-    let sigma_max = shift_f32(n as f32 / n as f32);
+    // The training timesteps are the integers n..=1 (exact in f32), divided by n in f32: n / n is 1.
+    let sigma_max = shift_f32(1.0);
     let sigma_min = shift_f32(1.0 / n as f32);
     // numpy, f64: `shift * s / (1 + (shift - 1) * s)`.
     let shift_f64 = |s: f64| shift * s / (1.0 + (shift - 1.0) * s);
@@ -414,7 +414,11 @@ mod tests {
             assert!((got - want).abs() < 1e-4, "{got} vs {want}");
         }
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            assert!(flow_plan(&FlowEulerConfig { shift: bad, ..c.clone() }).is_err());
+            assert!(flow_plan(&FlowEulerConfig {
+                shift: bad,
+                ..c.clone()
+            })
+            .is_err());
         }
         assert!(flow_plan(&FlowEulerConfig { steps: 0, ..c }).is_err());
     }
@@ -433,10 +437,19 @@ mod tests {
         assert_eq!(s.sigmas.len(), 51);
         assert_eq!(s.timesteps.len(), 50);
         assert_eq!(bits(&s.sigmas[0..3]), [0x3f800000, 0x3f7e3d66, 0x3f7c6e3c]);
-        assert_eq!(bits(&s.sigmas[47..50]), [0x3df6d9da, 0x3d8902f6, 0x3c124925]);
+        assert_eq!(
+            bits(&s.sigmas[47..50]),
+            [0x3df6d9da, 0x3d8902f6, 0x3c124925]
+        );
         assert_eq!(s.sigmas[50], 0.0);
-        assert_eq!(bits(&s.timesteps[0..3]), [0x447a0000, 0x447847f6, 0x447683a7]);
-        assert_eq!(bits(&s.timesteps[47..50]), [0x42f110bf, 0x4285cce4, 0x410edb6e]);
+        assert_eq!(
+            bits(&s.timesteps[0..3]),
+            [0x447a0000, 0x447847f6, 0x447683a7]
+        );
+        assert_eq!(
+            bits(&s.timesteps[47..50]),
+            [0x42f110bf, 0x4285cce4, 0x410edb6e]
+        );
     }
 
     /// The update is torch's f32 `x + dt * v`: the product rounds to f32 before the sum. At step 0

@@ -114,7 +114,9 @@ pub fn in_input_dtypes(model: &ditc::ir::Model, tensors: &[Tensor]) -> Vec<Tenso
                     let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
                     Tensor::from_f32(&t.name, t.dims.clone(), &values)
                 }
-                Some(d) if d != t.dtype => panic!("'{}' is {} but the graph wants {d}", t.name, t.dtype),
+                Some(d) if d != t.dtype => {
+                    panic!("'{}' is {} but the graph wants {d}", t.name, t.dtype)
+                }
                 _ => t.clone(),
             }
         })
