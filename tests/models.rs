@@ -6,7 +6,7 @@ mod common;
 use common::{case, ditc_ok, fixtures, named};
 use ditc::checkpoint::Checkpoint;
 use ditc::metrics::compare;
-use ditc::models::{build_model, BuildOptions};
+use ditc::models::{build_model, BuildOptions, TimestepDtype};
 use ditc::runtime::TractRunner;
 use ditc::tensors::read_safetensors;
 
@@ -34,15 +34,38 @@ fn fixture_shapes() -> [(&'static str, BuildOptions); 3] {
     ]
 }
 
-/// The built graph reproduces PyTorch's outputs on all five cases to relative error 1e-4.
+/// The built graph reproduces PyTorch's outputs on all five cases to relative error 1e-4, with the
+/// family's default timestep type (int64 for Latte and DiT, float32 for Wan) and with the other one.
 #[test]
 fn built_graphs_match_pytorch_reference_outputs() {
     let Some(dir) = fixtures() else { return };
     for (m, opts) in fixture_shapes() {
         let ckpt = Checkpoint::open(&dir.join(m).join("ckpt")).unwrap();
-        let model = build_model(&ckpt, &opts).unwrap();
         let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
-        common::assert_matches_reference(&model, &io, &format!("{m} built from ckpt"));
+        let default = if m == "wan-tiny" {
+            TimestepDtype::Float32
+        } else {
+            TimestepDtype::Int64
+        };
+        let other = match default {
+            TimestepDtype::Int64 => TimestepDtype::Float32,
+            TimestepDtype::Float32 => TimestepDtype::Int64,
+        };
+        for (dtype, given) in [(default, None), (other, Some(other))] {
+            let opts = BuildOptions {
+                timestep_dtype: given,
+                ..opts.clone()
+            };
+            let model = build_model(&ckpt, &opts).unwrap();
+            let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
+            assert_eq!(
+                timestep.unwrap().dtype(),
+                Some(dtype.into()),
+                "{m} {given:?}"
+            );
+            let label = format!("{m} built from ckpt, timestep {dtype:?}");
+            common::assert_matches_reference(&model, &io, &label);
+        }
     }
 }
 
@@ -125,6 +148,10 @@ fn convert_checkpoint_folder_agrees_with_the_exported_graph() {
             "--no-progress",
         ];
         args.extend(shape_flags(m));
+        if m == "wan-tiny" {
+            // The exported graph's timestep is int64, and verify feeds both graphs the same tensors.
+            args.extend(["--timestep-dtype", "int64"]);
+        }
         ditc_ok(&args);
         let io = dir.join(m).join("io.safetensors");
         let rows: serde_json::Value = serde_json::from_slice(&ditc_ok(&[
@@ -431,6 +458,7 @@ fn dynamic_batch_graphs_run_any_batch() {
             .iter()
             .map(|i| stack(named(&a, &i.name), named(&b, &i.name)))
             .collect();
+        let inputs = common::in_input_dtypes(&model, &inputs);
         let out = TractRunner::new(&model, &inputs)
             .unwrap()
             .run(&inputs)
@@ -790,4 +818,154 @@ fn bf16_checkpoints_keep_their_dtype_and_quantize() {
         .graph
         .initializer("transformer_blocks.0.attn1.to_q.weight.int8")
         .is_some());
+}
+
+// wan-small: a trained flow-matching Wan model whose io.safetensors has float32 timesteps that are not
+// integers, and whose sampling.json has diffusers' own flow-matching schedule.
+
+/// Shapes of wan-small's io.safetensors and trajectories.
+fn wan_small_shapes() -> BuildOptions {
+    BuildOptions {
+        frames: Some(8),
+        height: Some(16),
+        width: Some(16),
+        text_len: Some(4),
+        ..Default::default()
+    }
+}
+
+/// The Wan graph built from wan-small's checkpoint has a float32 timestep by default and reproduces
+/// PyTorch on all five cases (timesteps 999.0, 937.5, 712.25, 404.8125, 23.875) to 1e-4 relative.
+#[test]
+fn wan_small_float_timesteps_match_pytorch() {
+    let Some(dir) = common::fixture("wan-small") else {
+        return;
+    };
+    let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
+    let model = build_model(&ckpt, &wan_small_shapes()).unwrap();
+    let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
+    assert_eq!(timestep.unwrap().dtype(), Some(ditc::ir::DataType::F32));
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let t = named(&case(&io, 2), "timestep").to_f32_vec().unwrap();
+    assert_eq!(
+        t,
+        [712.25],
+        "the case a rounded timestep could not reproduce"
+    );
+    common::assert_matches_reference(&model, &io, "wan-small (float32 timestep)");
+}
+
+/// Largest relative difference of `got` from `want` (absolute where `want` is 0), and how many are
+/// bit-identical.
+fn schedule_error(got: &[f64], want: &serde_json::Value) -> (f64, usize) {
+    let want: Vec<f64> = want
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    let rel = |(g, w): (&f64, &f64)| (g - w).abs() / if *w == 0.0 { 1.0 } else { w.abs() };
+    let max = got.iter().zip(&want).map(rel).fold(0.0, f64::max);
+    (max, got.iter().zip(&want).filter(|(g, w)| g == w).count())
+}
+
+/// The flow-matching sampler's 50 timesteps and 51 sigmas equal diffusers' own (wan-small's
+/// sampling.json, FlowMatchEulerDiscreteScheduler(1000, shift 3)): within 1e-6 relative, and in fact
+/// bit-identical; the double shift ends at timestep 8.93.
+#[test]
+fn flow_schedule_matches_diffusers() {
+    let Some(dir) = common::fixture("wan-small") else {
+        return;
+    };
+    let sampling: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
+    let config: ditc::schedule::SamplerConfig =
+        serde_json::from_value(sampling["sampler"].clone()).unwrap();
+    let sampler = config.plan().unwrap();
+    let sigmas: Vec<f64> = sampler
+        .sigmas()
+        .unwrap()
+        .iter()
+        .map(|&s| s as f64)
+        .collect();
+    let (t_err, t_same) = schedule_error(&sampler.timesteps, &sampling["timesteps"]);
+    let (s_err, s_same) = schedule_error(&sigmas, &sampling["sigmas"]);
+    eprintln!("flow schedule vs diffusers: timesteps max_rel {t_err:.1e} ({t_same}/50 identical), sigmas max_rel {s_err:.1e} ({s_same}/51 identical)");
+    assert!(t_err <= 1e-6 && s_err <= 1e-6, "{t_err} {s_err}");
+    // Repeating diffusers' f32/f64 operations gives its values bit for bit (a schedule computed in f64
+    // throughout differs by up to 7.4e-8, within the bound above but not the same trajectory).
+    assert_eq!((t_same, s_same), (50, 51));
+    assert!((sampler.timesteps[49] - 8.9285717).abs() < 1e-6);
+}
+
+/// `ditc convert` of wan-small with the flow recipe: the manifest declares the float32 timestep input,
+/// finds it as the timestep (`io`), lists diffusers' exact timesteps, and passes the schema.
+#[test]
+fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
+    let Some(dir) = common::fixture("wan-small") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("wan-small");
+    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab-flow.toml");
+    ditc_ok(&[
+        "convert",
+        dir.join("ckpt").to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+        "--frames",
+        "8",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--text-len",
+        "4",
+    ]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let schema: serde_json::Value =
+        serde_json::from_str(include_str!("../schemas/manifest.schema.json")).unwrap();
+    assert_eq!(
+        common::schema::validate(&schema, &manifest),
+        Vec::<String>::new()
+    );
+    let input = |name: &str| {
+        manifest["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(input("timestep")["dtype"], "f32", "{manifest}");
+    assert_eq!(manifest["io"]["timestep"], "timestep");
+    let sampling: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
+    assert_eq!(manifest["sampler"]["timesteps"], sampling["timesteps"]);
+    // An ONNX file has its own input types; an unknown type is not guessed.
+    let onnx = common::fixtures().unwrap().join("wan-tiny/model.onnx");
+    let bad = tmp.path().join("bad");
+    for (dtype, expect) in [
+        (
+            "float32",
+            "--timestep-dtype apply to diffusers checkpoint folders",
+        ),
+        ("float16", "invalid value 'float16'"),
+    ] {
+        let args = [
+            "convert",
+            onnx.to_str().unwrap(),
+            "-o",
+            bad.to_str().unwrap(),
+            "--timestep-dtype",
+            dtype,
+        ];
+        assert_refused(&args, &bad, &[expect]);
+    }
 }

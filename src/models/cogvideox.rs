@@ -153,7 +153,11 @@ impl Family for CogVideoX {
             DataType::F32,
             opts.dims(&[text, c.text_embed_dim]),
         );
-        let t = b.input("timestep", DataType::I64, opts.dims(&[]));
+        let t = b.input(
+            "timestep",
+            opts.timestep_dtype(Self::TIMESTEP_DTYPE),
+            opts.dims(&[]),
+        );
 
         let proj = b.timestep_proj("time_proj", &t, dim, c.flip_sin_to_cos, c.freq_shift as f32);
         let temb = b.timestep_embedding("time_embedding", &proj, dim, c.time_embed_dim);

@@ -89,7 +89,11 @@ impl Family for Dit {
             DataType::F32,
             opts.dims(&[cin, height, width]),
         );
-        let t = b.input("timestep", DataType::I64, opts.dims(&[]));
+        let t = b.input(
+            "timestep",
+            opts.timestep_dtype(Self::TIMESTEP_DTYPE),
+            opts.dims(&[]),
+        );
         let labels = b.input("class_labels", DataType::I64, opts.dims(&[]));
 
         let base = (c.sample_size / p) as f64;

@@ -115,6 +115,15 @@ impl GraphBuilder {
         outs
     }
 
+    /// The type of graph input `name` (`None` for any other value).
+    pub fn input_dtype(&self, name: &str) -> Option<DataType> {
+        self.graph
+            .inputs
+            .iter()
+            .find(|i| i.name == name)
+            .and_then(|i| i.dtype())
+    }
+
     /// `x` cast to float32.
     pub fn cast_f32(&mut self, name: &str, x: &str) -> String {
         let to = AttrValue::Int(DataType::F32.onnx_code() as i64);

@@ -98,7 +98,11 @@ impl Family for Latte {
             DataType::F32,
             opts.dims(&[cin, frames, height, width]),
         );
-        let t = b.input("timestep", DataType::I64, opts.dims(&[]));
+        let t = b.input(
+            "timestep",
+            opts.timestep_dtype(Self::TIMESTEP_DTYPE),
+            opts.dims(&[]),
+        );
         let enc = b.input(
             "encoder_hidden_states",
             DataType::F32,

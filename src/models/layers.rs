@@ -5,7 +5,7 @@
 //! Token tensors are `[rows..., features]`; the leading dimensions are passed as `lead` with at most one
 //! `-1` (the batch-dependent one), so the same graph serves a dynamic batch axis.
 
-use crate::ir::AttrValue;
+use crate::ir::{AttrValue, DataType};
 
 use super::graph_builder::GraphBuilder;
 
@@ -166,8 +166,9 @@ impl GraphBuilder {
         self.add(name, &scaled, shift)
     }
 
-    /// diffusers' `get_timestep_embedding` of the int64 `timestep` [B]: [B, channels] sinusoids with
-    /// frequencies exp(-ln(10000) i / (channels/2 - shift)) computed as torch does (float32).
+    /// diffusers' `get_timestep_embedding` of `timestep` [B] (int64, cast to float32; or float32, used as
+    /// given): [B, channels] sinusoids with frequencies exp(-ln(10000) i / (channels/2 - shift)) computed
+    /// as torch does (float32).
     pub fn timestep_proj(
         &mut self,
         name: &str,
@@ -182,7 +183,11 @@ impl GraphBuilder {
             .map(|i| (ln * i as f32 / (half as f32 - shift)).exp())
             .collect();
         let freqs = self.const_f32(&format!("{name}/freqs"), vec![1, half], &freqs);
-        let t = self.cast_f32(&format!("{name}/float"), timestep);
+        let t = if self.input_dtype(timestep) == Some(DataType::F32) {
+            timestep.to_string()
+        } else {
+            self.cast_f32(&format!("{name}/float"), timestep)
+        };
         let axis = self.const_i64(&format!("{name}/axis"), &[1]);
         let t = self.op(
             &format!("{name}/unsqueeze"),

@@ -26,7 +26,7 @@ use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::checkpoint::Checkpoint;
-use crate::ir::{AttrValue, Dim, Model};
+use crate::ir::{AttrValue, DataType, Dim, Model};
 pub use graph_builder::GraphBuilder;
 
 /// ONNX opset of built graphs: LayerNormalization (17) without opset 18's Reduce/Split input changes.
@@ -35,7 +35,7 @@ pub const OPSET: i64 = 17;
 /// Input shapes of the built graph, in latent units (what the transformer sees, after the VAE). Also the
 /// command line's shape options (ignored for `.onnx` files, which carry their own shapes).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize, clap::Args)]
-#[command(next_help_heading = "Shapes when MODEL is a diffusers checkpoint folder")]
+#[command(next_help_heading = "Shapes and input types when MODEL is a diffusers checkpoint folder")]
 pub struct BuildOptions {
     /// Batch size [default: 1]; with --dynamic-batch, the largest batch of the TensorRT profile in the
     /// manifest's trtexec command [default: 2, as classifier-free guidance runs]
@@ -57,6 +57,30 @@ pub struct BuildOptions {
     /// Text tokens of encoder_hidden_states [default: Latte/PixArt 120, Wan 512, CogVideoX max_text_seq_length]
     #[arg(long)]
     pub text_len: Option<i64>,
+    /// Type of the `timestep` input [default: float32 for flow-matching families (Wan: pipelines pass
+    /// sigma x 1000 unrounded), int64 for Latte, DiT, PixArt, CogVideoX]
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub timestep_dtype: Option<TimestepDtype>,
+}
+
+/// The type of a built graph's `timestep` input.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum TimestepDtype {
+    Int64,
+    Float32,
+}
+
+impl From<TimestepDtype> for DataType {
+    fn from(t: TimestepDtype) -> DataType {
+        match t {
+            TimestepDtype::Int64 => DataType::I64,
+            TimestepDtype::Float32 => DataType::F32,
+        }
+    }
 }
 
 impl BuildOptions {
@@ -76,6 +100,11 @@ impl BuildOptions {
         std::iter::once(batch)
             .chain(rest.iter().map(|&d| Dim::Value(d)))
             .collect()
+    }
+
+    /// The `timestep` input's type: `--timestep-dtype`, else the family's `default`.
+    fn timestep_dtype(&self, default: TimestepDtype) -> DataType {
+        self.timestep_dtype.unwrap_or(default).into()
     }
 
     fn latent_size(&self, default_h: i64, default_w: i64) -> (i64, i64) {
@@ -106,6 +135,9 @@ impl BuildOptions {
 /// One model family: its diffusers class name and how to build its graph.
 trait Family {
     const CLASS: &'static str;
+    /// The `timestep` input's type unless `--timestep-dtype` says otherwise: int64 (diffusers' pipelines
+    /// of these families pass integer timesteps); flow-matching families override it with float32.
+    const TIMESTEP_DTYPE: TimestepDtype = TimestepDtype::Int64;
     fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()>;
 }
 
@@ -132,7 +164,7 @@ pub fn read_model_or_checkpoint(path: &std::path::Path, opts: &BuildOptions) -> 
         );
     }
     if *opts != BuildOptions::default() {
-        bail!("--batch/--dynamic-batch/--frames/--height/--width/--text-len apply to diffusers checkpoint folders; '{}' is an ONNX file with its own shapes", path.display());
+        bail!("--batch/--dynamic-batch/--frames/--height/--width/--text-len/--timestep-dtype apply to diffusers checkpoint folders; '{}' is an ONNX file with its own shapes and types", path.display());
     }
     crate::onnx::read_model(path)
 }

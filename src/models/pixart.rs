@@ -115,7 +115,11 @@ impl Family for PixArt {
             DataType::F32,
             opts.dims(&[text, caption_in]),
         );
-        let t = b.input("timestep", DataType::I64, opts.dims(&[]));
+        let t = b.input(
+            "timestep",
+            opts.timestep_dtype(Self::TIMESTEP_DTYPE),
+            opts.dims(&[]),
+        );
 
         let interp = c
             .interpolation_scale

@@ -4,7 +4,8 @@
 //! feed-forward, all modulated by `scale_shift_table` + the timestep projection; unpatchify to
 //! `[B, C, F, H, W]`.
 //!
-//! Inputs `hidden_states` [B, C, F, H, W], `timestep` [B] int64, `encoder_hidden_states` [B, L, text_dim];
+//! Inputs `hidden_states` [B, C, F, H, W], `timestep` [B] float32 (`sigma * 1000` as WanPipeline passes
+//! it; int64 with `--timestep-dtype int64`), `encoder_hidden_states` [B, L, text_dim];
 //! output `sample`. Image conditioning (I2V: `image_dim`, `added_kv_proj_dim`) is refused.
 
 use anyhow::{bail, Result};
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::embed::rope_1d;
 use super::graph_builder::GraphBuilder;
 use super::layers::tokens;
-use super::{BuildOptions, Family};
+use super::{BuildOptions, Family, TimestepDtype};
 use crate::ir::{AttrValue, DataType};
 
 #[derive(Deserialize, Serialize)]
@@ -79,6 +80,8 @@ struct Dims {
 
 impl Family for Wan {
     const CLASS: &'static str = "WanTransformer3DModel";
+    /// Flow matching: WanPipeline passes `sigma * 1000` unrounded.
+    const TIMESTEP_DTYPE: TimestepDtype = TimestepDtype::Float32;
 
     fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()> {
         let c: Config = super::parse_config(config, Self::CLASS)?;
@@ -130,7 +133,11 @@ impl Family for Wan {
             DataType::F32,
             opts.dims(&[c.in_channels, frames, height, width]),
         );
-        let t = b.input("timestep", DataType::I64, opts.dims(&[]));
+        let t = b.input(
+            "timestep",
+            opts.timestep_dtype(Self::TIMESTEP_DTYPE),
+            opts.dims(&[]),
+        );
         let enc = b.input(
             "encoder_hidden_states",
             DataType::F32,

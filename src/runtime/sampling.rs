@@ -431,3 +431,30 @@ fn prediction_for(prediction: &Tensor, noise: &Tensor) -> Result<Vec<f32>> {
         .flat_map(|c| c[..half].to_vec())
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dim, Graph, ValueInfo};
+
+    fn model_with_timestep(dtype: DataType) -> Model {
+        let mut graph = Graph::default();
+        graph
+            .inputs
+            .push(ValueInfo::tensor("timestep", dtype, vec![Dim::Value(1)]));
+        Model::new(graph, 17)
+    }
+
+    /// A float32 timestep input gets the sampler's timestep unrounded (diffusers' 993.12439 at step 1 of
+    /// the shift-3 flow schedule), an int64 one the nearest integer.
+    #[test]
+    fn timesteps_are_fed_in_the_inputs_type() {
+        let t = 993.1243896484375;
+        let f = timestep_tensor(&model_with_timestep(DataType::F32), "timestep", t).unwrap();
+        assert_eq!(f.dtype, DataType::F32);
+        assert_eq!(f.to_f32_vec().unwrap()[0].to_bits(), 0x447847f6);
+        let i = timestep_tensor(&model_with_timestep(DataType::I64), "timestep", t).unwrap();
+        assert_eq!(i.to_i64_vec().unwrap(), [993]);
+        assert!(timestep_tensor(&model_with_timestep(DataType::F16), "timestep", t).is_err());
+    }
+}

@@ -1,8 +1,9 @@
 //! Samplers a bundle is driven with: DDIM (eta 0) and flow-matching Euler.
 //!
 //! Both follow diffusers' schedulers (`DDIMScheduler`, `FlowMatchEulerDiscreteScheduler` without dynamic
-//! shifting) so a bundle reproduces a diffusers pipeline: the same timesteps, the same update. The
-//! update runs in f64 on the f32 latent.
+//! shifting) so a bundle reproduces a diffusers pipeline: the same timesteps, the same update. DDIM's
+//! update runs in f64 on the f32 latent; the flow-matching schedule and update repeat diffusers'
+//! float32 / float64 arithmetic operation by operation (see [`flow_schedule`]).
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -128,13 +129,21 @@ enum Update {
         prediction: Prediction,
     },
     Flow {
-        sigmas: Vec<f64>,
+        sigmas: Vec<f32>,
     },
 }
 
 impl Sampler {
     pub fn steps(&self) -> usize {
         self.timesteps.len()
+    }
+
+    /// The flow-matching sigmas (one per step, then the final 0); `None` for DDIM.
+    pub fn sigmas(&self) -> Option<&[f32]> {
+        match &self.update {
+            Update::Flow { sigmas } => Some(sigmas),
+            Update::Ddim { .. } => None,
+        }
     }
 
     /// Advance `x` from step `i` given the model's output at that step.
@@ -167,9 +176,11 @@ impl Sampler {
                 }
             }
             Update::Flow { sigmas } => {
+                // diffusers: `sample + (sigma_next - sigma) * model_output` on f32 tensors: the
+                // difference, the product and the sum each rounded to f32 (no fused multiply-add).
                 let dt = sigmas[i + 1] - sigmas[i];
                 for (xv, &v) in x.iter_mut().zip(model_out) {
-                    *xv = (*xv as f64 + dt * v as f64) as f32;
+                    *xv += dt * v;
                 }
             }
         }
@@ -261,33 +272,68 @@ fn ddim_plan(c: &DdimConfig) -> Result<Sampler> {
 }
 
 fn flow_plan(c: &FlowEulerConfig) -> Result<Sampler> {
-    let (n, steps) = (c.num_train_timesteps as f64, c.steps);
+    let FlowSchedule { timesteps, sigmas } = flow_schedule(c)?;
+    Ok(Sampler {
+        timesteps: timesteps.iter().map(|&t| t as f64).collect(),
+        update: Update::Flow { sigmas },
+    })
+}
+
+/// The flow-matching schedule: the timestep fed at each step and the sigmas (one more, the last 0).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowSchedule {
+    pub timesteps: Vec<f32>,
+    pub sigmas: Vec<f32>,
+}
+
+/// diffusers' `FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift).set_timesteps(steps)`,
+/// rounding where it rounds. The shift is applied twice:
+/// 1. construction (torch, float32): the training table `t / n` for `t = n, ..., 1`, shifted; only
+///    its ends `sigma_max` (of t = n) and `sigma_min` (of t = 1) are used later;
+/// 2. `set_timesteps` (numpy, float64): `linspace(sigma_max * n, sigma_min * n, steps) / n`, shifted
+///    again, then cast to float32; the timesteps are those float32 sigmas times `n` in float32.
+///
+/// With shift 3, 1000 training steps and 50 steps the last timestep is 8.93 (a single shift would end
+/// at 2.99).
+pub fn flow_schedule(c: &FlowEulerConfig) -> Result<FlowSchedule> {
+    let (n, steps, shift) = (c.num_train_timesteps, c.steps, c.shift);
     if steps == 0 {
         bail!("sampler.steps must be at least 1");
     }
-    if c.shift.is_nan() || c.shift <= 0.0 {
+    if !(shift.is_finite() && shift > 0.0) {
         bail!("sampler.shift must be positive");
     }
-    let shift = |s: f64| c.shift * s / (1.0 + (c.shift - 1.0) * s);
-    // As diffusers: the training sigmas are shifted once, then the inference sigmas spaced between their
-    // ends (in timestep units) are shifted again.
-    let (sigma_max, sigma_min) = (shift(1.0), shift(1.0 / n));
-    let mut sigmas: Vec<f64> = (0..steps)
-        .map(|i| {
-            let t = if steps == 1 {
-                sigma_max * n
-            } else {
-                sigma_max * n + (sigma_min * n - sigma_max * n) * i as f64 / (steps - 1) as f64
-            };
-            shift(t / n)
-        })
+    if n == 0 || n > 1 << 24 {
+        bail!("sampler.num_train_timesteps = {n}: must be 1..=16777216");
+    }
+    // torch: `shift * s / (1 + (shift - 1) * s)` on a float32 tensor; each Python float becomes f32
+    // (`shift - 1` is taken in f64 first), every operation rounds to f32.
+    let shift_f32 = |s: f32| (shift as f32 * s) / (1.0 + (shift - 1.0) as f32 * s);
+    // The training timesteps are the integers n..=1 (exact in f32), divided by n in f32: n / n is 1.
+    let sigma_max = shift_f32(1.0);
+    let sigma_min = shift_f32(1.0 / n as f32);
+    // numpy, f64: `shift * s / (1 + (shift - 1) * s)`.
+    let shift_f64 = |s: f64| shift * s / (1.0 + (shift - 1.0) * s);
+    let ends = (sigma_max as f64 * n as f64, sigma_min as f64 * n as f64);
+    let mut sigmas: Vec<f32> = numpy_linspace(ends.0, ends.1, steps)
+        .into_iter()
+        .map(|t| shift_f64(t / n as f64) as f32)
         .collect();
-    let timesteps = sigmas.iter().map(|s| s * n).collect();
+    let timesteps = sigmas.iter().map(|&s| s * n as f32).collect();
     sigmas.push(0.0);
-    Ok(Sampler {
-        timesteps,
-        update: Update::Flow { sigmas },
-    })
+    Ok(FlowSchedule { timesteps, sigmas })
+}
+
+/// `numpy.linspace(start, stop, num)` in f64 as numpy computes it: `i * step + start` with
+/// `step = (stop - start) / (num - 1)`, the last value set to `stop` exactly.
+fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
+    if num == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (num - 1) as f64;
+    let mut values: Vec<f64> = (0..num).map(|i| i as f64 * step + start).collect();
+    values[num - 1] = stop;
+    values
 }
 
 #[cfg(test)]
@@ -341,22 +387,23 @@ mod tests {
 
     #[test]
     fn flow_euler_is_exact_on_straight_paths() {
-        // x_s = (1 - s) x0 + s noise has velocity noise - x0: Euler integrates it exactly.
+        // x_s = (1 - s) x0 + s noise has velocity noise - x0: Euler integrates it exactly, up to the
+        // f32 rounding of each update (7 steps, ulp(1.5) = 1.2e-7).
         let c = FlowEulerConfig {
             steps: 7,
             num_train_timesteps: 1000,
             shift: 3.0,
         };
         let s = flow_plan(&c).unwrap();
-        assert!((s.timesteps[0] - 1000.0).abs() < 1e-9, "starts at sigma 1");
+        assert_eq!(s.timesteps[0], 1000.0, "starts at sigma 1");
         assert!(s.timesteps.windows(2).all(|w| w[0] > w[1]));
         let (x0, noise) = (0.25f32, 1.5f32);
         let mut x = vec![noise];
         for i in 0..s.steps() {
             s.step(i, &mut x, &[noise - x0]);
         }
-        assert!((x[0] - x0).abs() < 1e-6);
-        // shift 1: sigmas evenly spaced from 1 to 1/1000.
+        assert!((x[0] - x0).abs() < 1e-6, "{}", x[0]);
+        // shift 1: sigmas evenly spaced from 1 to 1/1000 (in f32).
         let plain = flow_plan(&FlowEulerConfig {
             steps: 3,
             num_train_timesteps: 1000,
@@ -364,7 +411,60 @@ mod tests {
         })
         .unwrap();
         for (got, want) in plain.timesteps.iter().zip([1000.0, 500.5, 1.0]) {
-            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
         }
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(flow_plan(&FlowEulerConfig {
+                shift: bad,
+                ..c.clone()
+            })
+            .is_err());
+        }
+        assert!(flow_plan(&FlowEulerConfig { steps: 0, ..c }).is_err());
+    }
+
+    /// diffusers 0.42.1's values for shift 3, 1000 training steps, 50 steps (f32 bit patterns from a
+    /// replication of its torch/numpy code, research spec section 12): the double shift ends at 8.93.
+    #[test]
+    fn flow_schedule_has_diffusers_bits() {
+        let c = FlowEulerConfig {
+            steps: 50,
+            num_train_timesteps: 1000,
+            shift: 3.0,
+        };
+        let s = flow_schedule(&c).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(s.sigmas.len(), 51);
+        assert_eq!(s.timesteps.len(), 50);
+        assert_eq!(bits(&s.sigmas[0..3]), [0x3f800000, 0x3f7e3d66, 0x3f7c6e3c]);
+        assert_eq!(
+            bits(&s.sigmas[47..50]),
+            [0x3df6d9da, 0x3d8902f6, 0x3c124925]
+        );
+        assert_eq!(s.sigmas[50], 0.0);
+        assert_eq!(
+            bits(&s.timesteps[0..3]),
+            [0x447a0000, 0x447847f6, 0x447683a7]
+        );
+        assert_eq!(
+            bits(&s.timesteps[47..50]),
+            [0x42f110bf, 0x4285cce4, 0x410edb6e]
+        );
+    }
+
+    /// The update is torch's f32 `x + dt * v`: the product rounds to f32 before the sum. At step 0
+    /// (dt = sigma_1 - 1 = -0.0068756342) with x = 1 and v = 1 + 109 ulp, that gives 0x3f7e3d64; one
+    /// rounding of the exact value (f64 arithmetic) would give 0x3f7e3d65.
+    #[test]
+    fn flow_update_rounds_like_torch_f32() {
+        let c = FlowEulerConfig {
+            steps: 50,
+            num_train_timesteps: 1000,
+            shift: 3.0,
+        };
+        let s = flow_plan(&c).unwrap();
+        let mut x = vec![1.0f32];
+        s.step(0, &mut x, &[1.0 + 109.0 * f32::EPSILON]);
+        assert_eq!(x[0].to_bits(), 0x3f7e3d64);
     }
 }

@@ -22,6 +22,21 @@ pub fn fixtures() -> Option<PathBuf> {
     }
 }
 
+/// `../shared/fixtures/<name>`, or `None` (with a visible message) when it is absent.
+pub fn fixture(name: &str) -> Option<PathBuf> {
+    let dir = fixtures()?.join(name);
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: ../shared/fixtures/{name} is not present; this fixture test did not run"
+        );
+        None
+    }
+}
+
 pub const MODELS: [&str; 3] = ["latte-tiny", "dit-tiny", "wan-tiny"];
 pub const GRAPH_FILES: [&str; 2] = ["model.onnx", "model.dynamo.onnx"];
 
@@ -81,12 +96,39 @@ pub fn assert_refused(args: &[&str], expect: &[&str]) -> String {
     err
 }
 
+/// `tensors` with each graph input in the type `model` declares for it: a fixture's int64 timesteps
+/// become float32 for a float32 timestep input (exact: they are integers below 2^24). Any other
+/// difference of type is a test bug and panics.
+pub fn in_input_dtypes(model: &ditc::ir::Model, tensors: &[Tensor]) -> Vec<Tensor> {
+    use ditc::ir::DataType;
+    tensors
+        .iter()
+        .map(|t| {
+            let declared = model.graph.inputs.iter().find(|i| i.name == t.name);
+            match declared.and_then(|i| i.dtype()) {
+                Some(DataType::F32) if t.dtype == DataType::I64 => {
+                    let values = t.to_i64_vec().unwrap();
+                    assert!(values.iter().all(|v| v.abs() <= 1 << 24), "{}", t.name);
+                    let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+                    Tensor::from_f32(&t.name, t.dims.clone(), &values)
+                }
+                Some(d) if d != t.dtype => {
+                    panic!("'{}' is {} but the graph wants {d}", t.name, t.dtype)
+                }
+                _ => t.clone(),
+            }
+        })
+        .collect()
+}
+
 /// `model` under tract reproduces PyTorch's `sample` on all five cases of a fixture's io.safetensors
-/// to relative error 1e-4 (printing each case's error under `label`).
+/// to relative error 1e-4 (printing each case's error under `label`). Inputs are given in the types
+/// the graph declares ([`in_input_dtypes`]).
 pub fn assert_matches_reference(model: &ditc::ir::Model, io: &[Tensor], label: &str) {
-    let runner = ditc::runtime::TractRunner::new(model, &case(io, 0)).unwrap();
+    let runner =
+        ditc::runtime::TractRunner::new(model, &in_input_dtypes(model, &case(io, 0))).unwrap();
     for c in 0..5 {
-        let inputs = case(io, c);
+        let inputs = in_input_dtypes(model, &case(io, c));
         let out = runner.run(&inputs).unwrap();
         let got = named(&out, "sample").to_f32_vec().unwrap();
         let want = named(&inputs, "sample").to_f32_vec().unwrap();
