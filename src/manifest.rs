@@ -110,6 +110,27 @@ pub struct Schedule {
     pub blocks: Vec<usize>,
     /// Per group: expected computed calls over the whole run, out of `total`.
     pub calls: BTreeMap<Group, Calls>,
+    /// For a policy that decides inside the graph (no tables): where the decisions come out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<InGraphDecisions>,
+}
+
+/// A schedule decided by the graph at run time: each call computes its decision from the state, an
+/// `If` runs the cached blocks or reuses their residual, and the decision and its metric are outputs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InGraphDecisions {
+    /// Graph output: the call's decision (bool scalar, true = the cached blocks computed).
+    pub decision: String,
+    /// Graph output: the metric compared with the threshold (f32 scalar).
+    pub metric: String,
+    /// DiT-map blocks that always run before the decision (they feed the metric).
+    pub head_blocks: Vec<usize>,
+    /// Blocks that run only when the decision says so.
+    pub cached_blocks: Vec<usize>,
+    /// Blocks that always run after the cached ones.
+    pub tail_blocks: Vec<usize>,
+    /// Attention sites inside the cached blocks.
+    pub sites: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

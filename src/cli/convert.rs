@@ -260,6 +260,7 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
         sites: BTreeMap::new(),
         blocks: Vec::new(),
         calls: BTreeMap::new(),
+        adaptive: None,
     };
     let schedule = cx.schedule.as_ref().unwrap_or(&empty);
     let mut per_pattern: BTreeMap<Vec<(Group, bool)>, u64> = BTreeMap::new();
@@ -270,7 +271,10 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
         let flops = match per_pattern.get(&key) {
             Some(f) => *f,
             None => {
-                let f = model_flops(&specialize(baked, &pattern)?);
+                // Decisions the graph takes at run time are not known here: count every call as
+                // computing (the bound; `ditc run` measures what ran).
+                let specialised = specialize(baked, &pattern)?;
+                let f = model_flops(&crate::schedule::split::inline_ifs(&specialised, true)?);
                 per_pattern.insert(key, f);
                 f
             }

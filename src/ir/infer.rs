@@ -257,8 +257,36 @@ pub fn infer_node(node: &Node, inputs: &[TypeInfo], opset: i64) -> Vec<TypeInfo>
         "Einsum" => vec![TypeInfo::of(x.dtype, einsum_shape(node, inputs))],
         "Pad" => vec![pad(node, &x, &input(1))],
         "Attention" => attention(node, inputs),
+        "If" => if_outputs(node),
         _ => vec![TypeInfo::default(); node.outputs.len()],
     }
+}
+
+/// An `If`'s outputs as its branches declare them (a dim both branches do not agree on is unknown).
+fn if_outputs(node: &Node) -> Vec<TypeInfo> {
+    let declared = |key: &str| -> Vec<TypeInfo> {
+        match node.attr(key) {
+            Some(AttrValue::Graph(g)) => g
+                .outputs
+                .iter()
+                .map(|o| {
+                    let shape = o
+                        .shape()
+                        .and_then(|d| d.iter().map(Dim::value).collect::<Option<Vec<_>>>());
+                    TypeInfo::of(o.dtype(), shape)
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let (then, other) = (declared("then_branch"), declared("else_branch"));
+    (0..node.outputs.len())
+        .map(|i| match (then.get(i), other.get(i)) {
+            (Some(a), Some(b)) if a.dtype == b.dtype && a.shape == b.shape => a.clone(),
+            (Some(a), Some(b)) if a.dtype == b.dtype => TypeInfo::of(a.dtype, None),
+            _ => TypeInfo::default(),
+        })
+        .collect()
 }
 
 fn constant_info(node: &Node) -> TypeInfo {

@@ -149,6 +149,7 @@ impl Pass for BroadcastStatic {
             sites: members,
             blocks,
             calls,
+            adaptive: None,
         });
         Ok(())
     }
@@ -275,7 +276,7 @@ fn bake_value(
 
 /// Indices (ascending) of the nodes that only contribute to `output`: its producer, and every
 /// ancestor all of whose consumers are already in the region. Nodes are in topological order.
-fn exclusive_region(graph: &Graph, output: &str) -> Result<Vec<usize>> {
+pub(crate) fn exclusive_region(graph: &Graph, output: &str) -> Result<Vec<usize>> {
     let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, n) in graph.nodes.iter().enumerate() {
         for input in n.present_inputs() {

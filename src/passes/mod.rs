@@ -4,6 +4,7 @@
 //! before any work), and a `run` that rewrites the model and records what a runtime needs in the
 //! [`PassContext`] (schedule tables, state bindings).
 
+pub mod broadcast_adaptive;
 mod broadcast_static;
 pub mod quantize_w8a8;
 pub mod smooth_quant;
@@ -15,6 +16,7 @@ use crate::ir::{check_graph, sort_topologically, Model};
 use crate::manifest::{Schedule, StateBinding};
 use crate::schedule::{Sampler, SamplerConfig};
 
+pub(crate) use broadcast_static::exclusive_region;
 pub use broadcast_static::{condition_name, BroadcastStatic, STEP_INPUT};
 
 /// What passes read (the DiT map of the input, the sampler) and write (for the manifest).
@@ -44,12 +46,19 @@ pub const REGISTRY: &[(&str, &str)] = &[
         "broadcast-static",
         "bake a static attention-broadcast schedule (PAB) into the graph: an If per scheduled attention site, driven by ditc.step",
     ),
+    (
+        "broadcast-adaptive",
+        "bake a cache decided inside the graph at run time (policy first-block-cache: the head blocks' residual change decides, per call, whether the cached blocks run)",
+    ),
 ];
 
 /// Build a pass from its recipe name and options.
 pub fn create(name: &str, options: &toml::Table) -> Result<Box<dyn Pass>> {
     match name {
         "broadcast-static" => Ok(Box::new(BroadcastStatic::from_options(options)?)),
+        "broadcast-adaptive" => Ok(Box::new(
+            broadcast_adaptive::BroadcastAdaptive::from_options(options)?,
+        )),
         "quantize-w8a8" => Ok(Box::new(quantize_w8a8::QuantizeW8A8::from_options(
             options,
         )?)),

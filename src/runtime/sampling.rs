@@ -2,25 +2,27 @@
 //!
 //! Each step feeds the latent, the sampler's timestep, the step index and the state inputs, reads the
 //! prediction and the state outputs, feeds the state back at the next step, and advances the latent
-//! with the sampler. Decisions are static, so instead of running the graph's `If`s (which tract
-//! re-plans on every call) it plans one specialised graph per distinct decision pattern and picks the
-//! one for each step (see [`crate::schedule::specialize`]).
+//! with the sampler. Static decisions: instead of running the graph's `If`s (which tract re-plans on
+//! every call) it plans one specialised graph per distinct decision pattern and picks the one for each
+//! step (see [`crate::schedule::specialize`]). Decisions computed in the graph (adaptive caches): the
+//! graph is split at its `If` and only the taken outcome's plan runs ([`super::conditional`]); each
+//! call's decision and metric are traced.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use serde::Serialize;
 
-use super::TractRunner;
+use super::conditional::{call, Plan, StateSet};
 use crate::integrity::Checks;
 use crate::ir::{DataType, Model, Tensor};
-use crate::manifest::{Manifest, ModelIo};
+use crate::manifest::{InGraphDecisions, Manifest, ModelIo};
 use crate::schedule::specialize::{
     model_flops, pattern_at, specialize, specialize_without, Pattern,
 };
+use crate::schedule::split::inline_ifs;
 use crate::schedule::Group;
 use crate::schedule::Sampler;
 
@@ -95,6 +97,11 @@ impl Bundle {
         }))
     }
 
+    /// Where an adaptive schedule's decisions come out of the graph, if it has one.
+    pub fn adaptive(&self) -> Option<&InGraphDecisions> {
+        self.manifest.schedule.as_ref()?.adaptive.as_ref()
+    }
+
     fn tables(&self) -> BTreeMap<Group, Vec<bool>> {
         self.manifest
             .schedule
@@ -127,6 +134,20 @@ pub struct RunReport {
     pub model_flops_full: u64,
     pub attention_flops: u64,
     pub attention_flops_full: u64,
+    /// Adaptive schedules: every call's decision and metric, as the graph computed them.
+    pub trace: Vec<CallTrace>,
+}
+
+/// One call of a graph that decides for itself.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct CallTrace {
+    pub step: usize,
+    /// `cond` (the only branch without classifier-free guidance).
+    pub branch: String,
+    /// Whether the cached blocks computed.
+    pub computed: bool,
+    /// The metric the decision compared with its threshold (null where not finite: a first call).
+    pub metric: Option<f32>,
 }
 
 /// Sample from `noise` with the other model inputs `extra` (e.g. `encoder_hidden_states`).
@@ -147,7 +168,7 @@ pub fn sample(
     };
     let all_compute: Pattern = bundle.tables().keys().map(|&k| (k, true)).collect();
     let mut inputs = base_inputs(bundle, noise, extra)?;
-    let mut plans: BTreeMap<Vec<bool>, (TractRunner, u64)> = BTreeMap::new();
+    let mut plans: BTreeMap<Vec<bool>, Plan> = BTreeMap::new();
     let mut plan_seconds = 0.0;
     let mut report = RunReport {
         steps,
@@ -161,9 +182,15 @@ pub fn sample(
         model_flops_full: 0,
         attention_flops: 0,
         attention_flops_full: 0,
+        trace: Vec::new(),
     };
     let site_cost = site_costs(&bundle.manifest);
-    let full_flops = model_flops(&specialize(&bundle.model, &all_compute)?);
+    let full_flops = model_flops(&inline_ifs(
+        &specialize(&bundle.model, &all_compute)?,
+        true,
+    )?);
+    let mut state = StateSet::zeros(&bundle.model, &bundle.manifest.state)?;
+    let adaptive = bundle.adaptive().filter(|_| !force_full);
     let mut x = noise.to_f32_vec().context("noise must be a float tensor")?;
     let bar = crate::progress::steps_bar(steps as u64, "sampling", progress);
     for i in 0..steps {
@@ -177,43 +204,47 @@ pub fn sample(
         if !plans.contains_key(&key) {
             let t = Instant::now();
             // State outputs of values this step reuses equal their inputs: leave them out. A forced
-            // full run needs no state at all.
-            let unchanged: Vec<String> = bundle
+            // full run needs no state at all, nor the decisions of an adaptive schedule.
+            let mut unchanged: Vec<String> = bundle
                 .manifest
                 .state
                 .iter()
                 .filter(|b| force_full || !pattern.get(&b.group).copied().unwrap_or(true))
                 .map(|b| b.output.clone())
                 .collect();
-            let specialised = specialize_without(&bundle.model, &pattern, &unchanged)?;
-            let runner = TractRunner::new(&specialised, &inputs)?;
-            plans.insert(key.clone(), (runner, model_flops(&specialised)));
+            let specialised = if force_full {
+                if let Some(a) = bundle.adaptive() {
+                    unchanged.extend([a.decision.clone(), a.metric.clone()]);
+                }
+                inline_ifs(
+                    &specialize_without(&bundle.model, &pattern, &unchanged)?,
+                    true,
+                )?
+            } else {
+                specialize_without(&bundle.model, &pattern, &unchanged)?
+            };
+            let example = [&inputs[..], state.tensors()].concat();
+            plans.insert(key.clone(), Plan::new(&specialised, &example)?);
             plan_seconds += t.elapsed().as_secs_f64();
         }
-        let (runner, flops) = &plans[&key];
-        let outputs = runner.run(&inputs).with_context(|| format!("step {i}"))?;
+        let result = call(&plans[&key], &inputs, &mut state, &bundle.manifest.state)
+            .with_context(|| format!("step {i}"))?;
+        let (outputs, flops) = (&result.outputs, &result.flops);
+        let decision = match adaptive {
+            Some(a) => Some(trace_call(&mut report, a, outputs, i)?),
+            None => None,
+        };
         let prediction = outputs
             .iter()
             .find(|t| t.name == bundle.io.prediction)
             .context("no prediction output")?;
         let pred = prediction_for(prediction, noise)?;
-        for binding in &bundle.manifest.state {
-            if let Some(t) = outputs.iter().find(|t| t.name == binding.output) {
-                let slot = inputs
-                    .iter_mut()
-                    .find(|s| s.name == binding.input)
-                    .expect("state inputs exist");
-                *slot = Tensor {
-                    name: binding.input.clone(),
-                    ..t.clone()
-                };
-            }
-        }
         bundle.sampler.step(i, &mut x, &pred);
         record(
             &mut report,
             bundle,
             &pattern,
+            decision,
             &site_cost,
             *flops,
             full_flops,
@@ -226,6 +257,33 @@ pub fn sample(
     report.wall_seconds = start.elapsed().as_secs_f64();
     let out = Tensor::from_f32("sample", noise.dims.clone(), &x);
     Ok((out, report))
+}
+
+/// Record an adaptive call's decision and metric from its outputs; returns the decision.
+fn trace_call(
+    report: &mut RunReport,
+    adaptive: &InGraphDecisions,
+    outputs: &[Tensor],
+    step: usize,
+) -> Result<bool> {
+    let output = |name: &str| {
+        outputs
+            .iter()
+            .find(|t| t.name == name)
+            .with_context(|| format!("the graph did not output '{name}'"))
+    };
+    let computed = super::conditional::bool_scalar(output(&adaptive.decision)?)?;
+    let metric = output(&adaptive.metric)?
+        .to_f32_vec()
+        .and_then(|v| v.first().copied())
+        .with_context(|| format!("'{}' must be a float scalar", adaptive.metric))?;
+    report.trace.push(CallTrace {
+        step,
+        branch: "cond".into(),
+        computed,
+        metric: metric.is_finite().then_some(metric),
+    });
+    Ok(computed)
 }
 
 /// An attention site as the report counts it.
@@ -242,7 +300,10 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
     let scheduled: Vec<usize> = m
         .schedule
         .as_ref()
-        .map(|s| s.sites.values().flatten().copied().collect())
+        .map(|s| {
+            let adaptive = s.adaptive.iter().flat_map(|a| a.sites.iter());
+            s.sites.values().flatten().chain(adaptive).copied().collect()
+        })
         .unwrap_or_default();
     let mut out = BTreeMap::new();
     if let Some(sites) = m.dit_map.get("attention").and_then(|a| a.as_array()) {
@@ -266,17 +327,20 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
     out
 }
 
+/// Count a step's calls and FLOPs; `decision` is an adaptive schedule's (it drives its sites).
 fn record(
     report: &mut RunReport,
     bundle: &Bundle,
     pattern: &Pattern,
+    decision: Option<bool>,
     sites: &BTreeMap<usize, SiteCost>,
     flops: u64,
     full: u64,
 ) {
     for (&id, site) in sites {
         let (kind, cost) = (site.kind, site.flops);
-        let computed = !site.scheduled || pattern.get(&kind).copied().unwrap_or(true);
+        let decided = decision.unwrap_or_else(|| pattern.get(&kind).copied().unwrap_or(true));
+        let computed = !site.scheduled || decided;
         report.decisions.entry(id).or_default().push(computed);
         let calls = report.calls.entry(kind).or_default();
         if computed {
@@ -287,7 +351,16 @@ fn record(
         }
         report.attention_flops_full += cost;
     }
-    if let Some(schedule) = &bundle.manifest.schedule {
+    if let (Some(computed), Some(a)) = (decision, bundle.adaptive()) {
+        let calls = report.calls.entry(Group::Blocks).or_default();
+        let n = a.cached_blocks.len();
+        if computed {
+            calls.computed += n;
+        } else {
+            calls.skipped += n;
+        }
+    }
+    if let Some(schedule) = bundle.manifest.schedule.as_ref().filter(|s| s.adaptive.is_none()) {
         for &block in &schedule.blocks {
             let computed = pattern.get(&Group::Mlp).copied().unwrap_or(true);
             report
@@ -318,17 +391,8 @@ fn base_inputs(bundle: &Bundle, noise: &Tensor, extra: &[Tensor]) -> Result<Vec<
         {
             continue;
         }
-        if let Some(binding) = bundle.manifest.state.iter().find(|b| &b.input == name) {
-            let dtype = input.dtype().unwrap_or(DataType::F32);
-            let bytes = dtype
-                .storage_bytes(binding.shape.iter().product::<i64>() as u64)
-                .unwrap_or(0);
-            inputs.push(Tensor::from_raw(
-                name,
-                dtype,
-                binding.shape.clone(),
-                Bytes::from(vec![0u8; bytes as usize]),
-            )?);
+        // State inputs come from the branch's state set.
+        if bundle.manifest.state.iter().any(|b| &b.input == name) {
             continue;
         }
         let t = extra.iter().find(|t| &t.name == name).with_context(|| {

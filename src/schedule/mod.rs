@@ -1,8 +1,10 @@
 //! Schedules: samplers (timesteps and updates) and the policies that decide, per step, what to compute.
 
+pub mod first_block_cache;
 pub mod pab;
 pub mod sampler;
 pub mod specialize;
+pub mod split;
 
 pub use sampler::{Sampler, SamplerConfig};
 
@@ -10,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::AttentionKind;
 
-/// What one decision table drives: the attention sites of one kind, or the MLPs of chosen blocks.
+/// What one decision table drives: the attention sites of one kind, or the MLPs of chosen blocks; or,
+/// for adaptive policies decided in the graph, whole transformer blocks (`blocks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Group {
@@ -19,6 +22,7 @@ pub enum Group {
     Full,
     Cross,
     Mlp,
+    Blocks,
 }
 
 impl Group {
@@ -29,6 +33,7 @@ impl Group {
             Group::Full => "full",
             Group::Cross => "cross",
             Group::Mlp => "mlp",
+            Group::Blocks => "blocks",
         }
     }
 }

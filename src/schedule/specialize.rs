@@ -54,7 +54,7 @@ pub fn specialize_without(model: &Model, pattern: &Pattern, drop: &[String]) -> 
     Ok(out)
 }
 
-fn inline_branch(
+pub(crate) fn inline_branch(
     node: &Node,
     compute: bool,
     nodes: &mut Vec<Node>,
