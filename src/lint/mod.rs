@@ -6,7 +6,7 @@
 //! `qdq-type` (INT8 or FP8 E4M3 only), `qdq-static-scale` (scales are constants), `qdq-per-channel`
 //! (per-channel scales only on constant weights; activations per tensor), `qdq-block` (no block
 //! quantization), `qdq-pair` (every QuantizeLinear feeds DequantizeLinear), `if-branches` (0-D bool
-//! condition, both branches' outputs of equal rank), `topk` (sorted=1, constant K < 3840), `reduce-axes`
+//! condition, both branches with as many outputs as the If, of equal rank), `topk` (sorted=1, constant K < 3840), `reduce-axes`
 //! (axes are an initializer), `attention` (4-D Q/K/V, no past key/value, no softcap), `cumsum-axis`
 //! (constant axis), `size-limit` (a graph file above 2 GB must keep weights external).
 
@@ -344,6 +344,19 @@ fn lint_if(node: &Node, types: &TypeMap, out: &mut Vec<Violation>) {
     else {
         return;
     };
+    for (key, branch) in [("then_branch", a), ("else_branch", b)] {
+        if branch.outputs.len() != node.outputs.len() {
+            out.push(v(
+                "if-branches",
+                name,
+                format!(
+                    "{key} has {} outputs, the If {}",
+                    branch.outputs.len(),
+                    node.outputs.len()
+                ),
+            ));
+        }
+    }
     for (x, y) in a.outputs.iter().zip(&b.outputs) {
         let (rx, ry) = (x.shape().map(|s| s.len()), y.shape().map(|s| s.len()));
         if let (Some(rx), Some(ry)) = (rx, ry) {

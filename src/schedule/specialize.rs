@@ -80,9 +80,11 @@ pub(crate) fn inline_branch(
         .initializers
         .extend(branch.initializers.iter().cloned());
     nodes.extend(branch.nodes.iter().cloned());
-    for (inner, outer) in branch.outputs.iter().zip(&node.outputs) {
+    for (k, (inner, outer)) in branch.outputs.iter().zip(&node.outputs).enumerate() {
+        // One Identity per output, each with its own node name.
+        let suffix = if k == 0 { String::new() } else { k.to_string() };
         nodes.push(Node::new(
-            &format!("{}.{key}.out", node.name),
+            &format!("{}.{key}.out{suffix}", node.name),
             "Identity",
             &[&inner.name],
             &[outer],

@@ -1,0 +1,585 @@
+//! `broadcast-adaptive` with `policy = "first-block-cache"` on the trained wan-small, without
+//! classifier-free guidance: the bundle's in-graph decisions, metrics and final latent against an
+//! independent hand loop written here, which runs the plain graph built from the checkpoint (with the
+//! residual stream exposed as extra outputs, found by the Wan builder's node names) and applies the
+//! rules of diffusers' FirstBlockCache and cache-dit's DBCache (spec §1, §11.3) itself, in f64.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_refused, ditc_ok, fixture};
+use ditc::checkpoint::Checkpoint;
+use ditc::ir::{infer_types, remove_dead_nodes, remove_unused_inputs, DataType, Dim, Model};
+use ditc::ir::{Tensor, ValueInfo};
+use ditc::metrics::compare;
+use ditc::models::{build_model, BuildOptions};
+use ditc::runtime::{sample, Bundle, Plan, StateSet, TractRunner};
+
+const SHAPE_ARGS: [&str; 8] = [
+    "--frames",
+    "8",
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--text-len",
+    "4",
+];
+
+fn shapes() -> BuildOptions {
+    BuildOptions {
+        frames: Some(8),
+        height: Some(16),
+        width: Some(16),
+        text_len: Some(4),
+        ..Default::default()
+    }
+}
+
+fn recipe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/fbc-flow.toml")
+}
+
+fn convert_args<'a>(model: &'a str, out: &'a str, recipe: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["convert", model, "--recipe", recipe, "-o", out, "--no-progress"];
+    args.extend(SHAPE_ARGS);
+    args
+}
+
+/// `ditc convert` of wan-small's checkpoint with passes/fbc-flow.toml and `--set` overrides.
+fn convert(dir: &Path, out: &Path, sets: &[String]) -> PathBuf {
+    let (ckpt, recipe) = (dir.join("ckpt"), recipe());
+    let mut args = convert_args(
+        ckpt.to_str().unwrap(),
+        out.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+    );
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    ditc_ok(&args);
+    out.join("manifest.json")
+}
+
+/// One configuration, as the test applies it.
+#[derive(Clone, Debug)]
+struct Rules {
+    threshold: f64,
+    first: usize,
+    last: usize,
+    warmup: usize,
+    max_cached: Option<usize>,
+    max_continuous: Option<usize>,
+    steps: usize,
+}
+
+impl Rules {
+    fn diffusers(threshold: f64) -> Rules {
+        Rules {
+            threshold,
+            first: 1,
+            last: 0,
+            warmup: 0,
+            max_cached: None,
+            max_continuous: None,
+            steps: 50,
+        }
+    }
+
+    fn sets(&self) -> Vec<String> {
+        let mut s = vec![
+            format!("broadcast-adaptive.threshold={:?}", self.threshold),
+            format!("broadcast-adaptive.compute_first={}", self.first),
+            format!("broadcast-adaptive.compute_last={}", self.last),
+            format!("broadcast-adaptive.warmup_steps={}", self.warmup),
+            format!("sampler.steps={}", self.steps),
+        ];
+        if let Some(m) = self.max_cached {
+            s.push(format!("broadcast-adaptive.max_cached_steps={m}"));
+        }
+        if let Some(m) = self.max_continuous {
+            s.push(format!("broadcast-adaptive.max_continuous_cached_steps={m}"));
+        }
+        s
+    }
+}
+
+/// Why a call computed or skipped, by the rule that decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Reason {
+    FirstOrWarmup,
+    MaxCached,
+    MaxContinuous,
+    MetricAbove,
+    MetricAtOrBelow,
+}
+
+/// cache-dit's counters (spec §11.3), per branch.
+#[derive(Default)]
+struct Counters {
+    cached: usize,
+    continuous: usize,
+    last_cached: Option<usize>,
+}
+
+/// The decision of call `step` (true = compute), first matching rule wins.
+fn decide(rules: &Rules, step: usize, metric: f64, c: &mut Counters) -> (bool, Reason) {
+    if step == 0 || step < rules.warmup {
+        return (true, Reason::FirstOrWarmup);
+    }
+    if rules.max_cached.is_some_and(|m| c.cached >= m) {
+        return (true, Reason::MaxCached);
+    }
+    if rules.max_continuous.is_some_and(|m| c.continuous >= m) {
+        c.continuous = 0;
+        return (true, Reason::MaxContinuous);
+    }
+    if metric > rules.threshold {
+        return (true, Reason::MetricAbove);
+    }
+    // cache-dit's add_cached_step.
+    match c.last_cached {
+        None => c.continuous += 1,
+        Some(previous) if step - previous == 1 => {
+            c.continuous += if c.continuous == 0 { 2 } else { 1 };
+        }
+        Some(_) => {}
+    }
+    c.last_cached = Some(step);
+    c.cached += 1;
+    (false, Reason::MetricAtOrBelow)
+}
+
+/// The residual stream entering block `k` of the Wan builder's graph (its node names).
+fn stream_value(model: &Model, k: usize) -> String {
+    if k == 0 {
+        let node = model
+            .graph
+            .nodes
+            .iter()
+            .find(|n| n.name == "blocks.0.attn1/residual")
+            .expect("the Wan builder names block 0's first residual add");
+        node.inputs[0].clone()
+    } else {
+        format!("blocks.{}.ffn/residual", k - 1)
+    }
+}
+
+/// The plain graph, run two ways: whole with the stream values as extra outputs, and from the stream
+/// value entering the first always-running tail block (or the output layer) onward.
+struct HandLoop {
+    probe: TractRunner,
+    rest: TractRunner,
+    head_in: String,
+    head_out: String,
+    middle_out: String,
+}
+
+impl HandLoop {
+    fn new(plain: &Model, rules: &Rules, blocks: usize, example: &[Tensor]) -> HandLoop {
+        let head_in = stream_value(plain, 0);
+        let head_out = stream_value(plain, rules.first);
+        let middle_out = stream_value(plain, blocks - rules.last);
+        let types = infer_types(&plain.graph, 17);
+        let shape: Vec<Dim> = types[&head_out]
+            .shape
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(Dim::Value)
+            .collect();
+        let mut probe = plain.clone();
+        for v in [&head_in, &head_out, &middle_out] {
+            probe
+                .graph
+                .outputs
+                .push(ValueInfo::tensor(v, DataType::F32, shape.clone()));
+        }
+        let mut rest = plain.clone();
+        rest.graph
+            .nodes
+            .retain(|n| !n.outputs.contains(&middle_out));
+        rest.graph
+            .inputs
+            .push(ValueInfo::tensor(&middle_out, DataType::F32, shape.clone()));
+        remove_dead_nodes(&mut rest.graph);
+        remove_unused_inputs(&mut rest.graph);
+        let mut rest_example = example.to_vec();
+        let numel: i64 = shape.iter().map(|d| d.value().unwrap()).product();
+        rest_example.push(Tensor::from_f32(
+            &middle_out,
+            shape.iter().map(|d| d.value().unwrap()).collect(),
+            &vec![0.0; numel as usize],
+        ));
+        HandLoop {
+            probe: TractRunner::new(&probe, example).unwrap(),
+            rest: TractRunner::new(&rest, &rest_example).unwrap(),
+            head_in,
+            head_out,
+            middle_out,
+        }
+    }
+}
+
+fn values(outputs: &[Tensor], name: &str) -> Vec<f32> {
+    common::named(outputs, name).to_f32_vec().unwrap()
+}
+
+/// What the hand loop did: per call the decision, the rule and the metric (f64); the final latent.
+struct HandRun {
+    decisions: Vec<bool>,
+    reasons: Vec<Reason>,
+    metrics: Vec<f64>,
+    latent: Vec<f32>,
+}
+
+/// Sample `rules.steps` flow-matching steps from `noise`, deciding each call by `rules`.
+fn hand_loop(bundle: &Bundle, plain: &Model, rules: &Rules, noise: &Tensor, text: &Tensor) -> HandRun {
+    let blocks = bundle.manifest.dit_map["blocks"].as_array().unwrap().len();
+    let timestep = |i: usize| {
+        ditc::runtime::sampling::timestep_tensor(plain, "timestep", bundle.sampler.timesteps[i])
+            .unwrap()
+    };
+    let inputs = |x: &[f32], i: usize| {
+        vec![
+            Tensor::from_f32("hidden_states", noise.dims.clone(), x),
+            timestep(i),
+            text.clone(),
+        ]
+    };
+    let mut x = noise.to_f32_vec().unwrap();
+    let hand = HandLoop::new(plain, rules, blocks, &inputs(&x, 0));
+    let (mut reference, mut tail): (Vec<f32>, Vec<f32>) = (Vec::new(), Vec::new());
+    let mut counters = Counters::default();
+    let mut run = HandRun {
+        decisions: Vec::new(),
+        reasons: Vec::new(),
+        metrics: Vec::new(),
+        latent: Vec::new(),
+    };
+    for i in 0..rules.steps {
+        let step_inputs = inputs(&x, i);
+        let out = hand.probe.run(&step_inputs).unwrap();
+        let (s_in, s_head) = (values(&out, &hand.head_in), values(&out, &hand.head_out));
+        let r: Vec<f32> = s_head.iter().zip(&s_in).map(|(a, b)| a - b).collect();
+        let metric = if reference.is_empty() {
+            f64::NAN
+        } else {
+            let change: f64 = r.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).sum();
+            let size: f64 = reference.iter().map(|a| a.abs() as f64).sum();
+            change / size
+        };
+        if i > 0 {
+            let distance = (metric - rules.threshold).abs() / rules.threshold.max(1e-12);
+            assert!(
+                distance > 1e-4,
+                "step {i}: metric {metric} lies within 1e-4 of the threshold {}: float rounding may decide it; pick another threshold",
+                rules.threshold
+            );
+        }
+        let (compute, reason) = decide(rules, i, metric, &mut counters);
+        let prediction = if compute {
+            let middle = values(&out, &hand.middle_out);
+            tail = middle.iter().zip(&s_head).map(|(a, b)| a - b).collect();
+            reference = r;
+            values(&out, "sample")
+        } else {
+            let middle: Vec<f32> = s_head.iter().zip(&tail).map(|(a, b)| a + b).collect();
+            let mut rest_inputs = step_inputs.clone();
+            rest_inputs.push(Tensor::from_f32(
+                &hand.middle_out,
+                common::named(&out, &hand.middle_out).dims.clone(),
+                &middle,
+            ));
+            values(&hand.rest.run(&rest_inputs).unwrap(), "sample")
+        };
+        bundle.sampler.step(i, &mut x, &prediction);
+        run.decisions.push(compute);
+        run.reasons.push(reason);
+        run.metrics.push(metric);
+    }
+    run.latent = x;
+    run
+}
+
+/// The case-0 noise and caption of wan-small's trajectories.
+fn case_inputs(dir: &Path) -> (Tensor, Tensor) {
+    let tensors = ditc::tensors::read_safetensors(&dir.join("sampling.safetensors")).unwrap();
+    let get = |name: &str, as_name: &str| {
+        let mut t = common::named(&tensors, name).clone();
+        t.name = as_name.into();
+        t
+    };
+    (
+        get("0.noise", "noise"),
+        get("0.encoder_hidden_states", "encoder_hidden_states"),
+    )
+}
+
+/// Run `rules` both ways and compare: every decision, the metrics, the final latent.
+fn check_against_hand_loop(label: &str, rules: &Rules) -> Option<HandRun> {
+    let dir = fixture("wan-small")?;
+    let tmp = tempfile::tempdir().unwrap();
+    let manifest = convert(&dir, &tmp.path().join("b"), &rules.sets());
+    let bundle = Bundle::open(&manifest).unwrap();
+    let plain = build_model(&Checkpoint::open(&dir.join("ckpt")).unwrap(), &shapes()).unwrap();
+    let (noise, text) = case_inputs(&dir);
+    let (latent, report) = sample(&bundle, &noise, &[text.clone()], false, false).unwrap();
+    let hand = hand_loop(&bundle, &plain, rules, &noise, &text);
+
+    let decisions: Vec<bool> = report.trace.iter().map(|c| c.computed).collect();
+    let show = |d: &[bool]| -> String { d.iter().map(|&c| if c { 'C' } else { '-' }).collect() };
+    eprintln!("{label}: ditc  {}", show(&decisions));
+    eprintln!("{label}: hand  {}", show(&hand.decisions));
+    assert_eq!(decisions, hand.decisions, "{label}: decisions per step");
+    let mut worst = 0.0f64;
+    for (call, &want) in report.trace.iter().zip(&hand.metrics).skip(1) {
+        let got = call.metric.expect("a finite metric after the first call") as f64;
+        worst = worst.max((got - want).abs() / want.abs());
+    }
+    let f = compare(&latent.to_f32_vec().unwrap(), &hand.latent);
+    let computed = decisions.iter().filter(|&&c| c).count();
+    eprintln!(
+        "{label}: {computed}/{} calls computed; metric max relative difference {worst:.2e}; final latent rel-L2 {:.2e}",
+        decisions.len(),
+        f.rel_l2
+    );
+    assert!(worst <= 5e-5, "{label}: metric differs by {worst}");
+    assert!(f.rel_l2 <= 1e-5, "{label}: final latent rel-L2 {}", f.rel_l2);
+    assert_eq!(
+        report.model_flops < report.model_flops_full,
+        computed < decisions.len(),
+        "{label}: FLOPs count what ran"
+    );
+    Some(hand)
+}
+
+/// diffusers' defaults (block 0 always runs, nothing else): the two fixture thresholds, both with calls
+/// computed and skipped.
+#[test]
+fn diffusers_rule_matches_the_hand_loop() {
+    for threshold in [0.05, 0.2] {
+        let Some(hand) = check_against_hand_loop(
+            &format!("threshold {threshold}"),
+            &Rules::diffusers(threshold),
+        ) else {
+            return;
+        };
+        assert!(hand.decisions.contains(&false) && hand.reasons.contains(&Reason::MetricAbove));
+    }
+}
+
+/// Threshold 0 never skips: every call computes and the result is the plain graph's trajectory.
+#[test]
+fn threshold_zero_never_skips() {
+    let rules = Rules {
+        steps: 12,
+        ..Rules::diffusers(0.0)
+    };
+    let Some(hand) = check_against_hand_loop("threshold 0", &rules) else {
+        return;
+    };
+    assert!(hand.decisions.iter().all(|&c| c));
+}
+
+/// cache-dit's generalisation: two head blocks, one tail block, warm-up, a budget of cached calls and a
+/// limit on cached calls in a row; every rule decides at least one call.
+#[test]
+fn dbcache_options_match_the_hand_loop() {
+    let rules = Rules {
+        threshold: 0.3,
+        first: 2,
+        last: 1,
+        warmup: 3,
+        max_cached: Some(9),
+        max_continuous: Some(2),
+        steps: 30,
+    };
+    let Some(hand) = check_against_hand_loop("dbcache", &rules) else {
+        return;
+    };
+    for reason in [
+        Reason::FirstOrWarmup,
+        Reason::MaxCached,
+        Reason::MaxContinuous,
+        Reason::MetricAtOrBelow,
+    ] {
+        assert!(
+            hand.reasons.contains(&reason),
+            "no call decided by {reason:?}: {:?}",
+            hand.reasons
+        );
+    }
+}
+
+/// The split plan (prefix, then only the taken outcome) gives the outputs tract gives running the `If`
+/// itself, on computed and skipped calls; the emitted graph passes the graph check, the TensorRT lint
+/// (`ditc lint`) and the manifest schema, and its condition is a 0-D bool.
+#[test]
+fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
+    let Some(dir) = fixture("wan-small") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    // A threshold no metric reaches: call 0 computes, every later call skips.
+    let manifest_path = convert(&dir, &tmp.path().join("b"), &["broadcast-adaptive.threshold=1e9".into()]);
+    let graph_file = tmp.path().join("b/model.onnx");
+    let stdout = ditc_ok(&["lint", graph_file.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&stdout).contains("conforms"));
+    let model = ditc::onnx::read_model(&graph_file).unwrap();
+    ditc::ir::check_graph(&model.graph).unwrap();
+    let types = infer_types(&model.graph, model.default_opset());
+    let condition = &types["ditc.decision"];
+    assert_eq!(
+        (condition.dtype, condition.shape.as_deref()),
+        (Some(DataType::Bool), Some(&[][..]))
+    );
+    let ifs: Vec<_> = model.graph.nodes.iter().filter(|n| n.op_type == "If").collect();
+    assert_eq!(ifs.len(), 1);
+    assert_eq!(ifs[0].inputs, ["ditc.decision"]);
+    assert_eq!(ditc::lint::lint(&model, ditc::lint::Target::Trt10, None), []);
+    // The If rules see this graph: a float condition, and an else-branch short of an output.
+    let if_index = model.graph.nodes.iter().position(|n| n.op_type == "If").unwrap();
+    let mut float_condition = model.clone();
+    float_condition.graph.nodes[if_index].inputs[0] = "ditc.metric".into();
+    let mut short_else = model.clone();
+    for a in &mut short_else.graph.nodes[if_index].attributes {
+        if let ditc::ir::AttrValue::Graph(g) = &mut a.value {
+            if a.name == "else_branch" {
+                g.outputs.pop();
+            }
+        }
+    }
+    for (broken, expect) in [(float_condition, "0-D bool"), (short_else, "else_branch has 2 outputs, the If 3")] {
+        let found = ditc::lint::lint(&broken, ditc::lint::Target::Trt10, None);
+        assert!(
+            found.iter().any(|v| v.rule == "if-branches" && v.message.contains(expect)),
+            "{expect}: {found:?}"
+        );
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(
+        ditc::manifest::validate_schema(&manifest),
+        Vec::<String>::new()
+    );
+    assert_eq!(manifest["schedule"]["policy"], "first-block-cache");
+    assert_eq!(manifest["schedule"]["adaptive"]["cached_blocks"], serde_json::json!([1, 2, 3, 4, 5]));
+    let states: Vec<&str> = manifest["state"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["input"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["ditc.state.fbc.head_residual", "ditc.state.fbc.tail_residual"]
+    );
+
+    let bundle = Bundle::open(&manifest_path).unwrap();
+    let (noise, text) = case_inputs(&dir);
+    let mut common_inputs = vec![text, noise.clone()];
+    common_inputs[1].name = "hidden_states".into();
+    let mut split_state = StateSet::zeros(&bundle.model, &bundle.manifest.state).unwrap();
+    let mut if_state = split_state.clone();
+    let step_inputs = |i: usize| {
+        let mut v = common_inputs.clone();
+        v.push(
+            ditc::runtime::sampling::timestep_tensor(&bundle.model, "timestep", bundle.sampler.timesteps[i])
+                .unwrap(),
+        );
+        v.push(Tensor::from_i64("ditc.step", vec![], &[i as i64]));
+        v
+    };
+    let example = [&step_inputs(0)[..], split_state.tensors()].concat();
+    let plan = Plan::new(&bundle.model, &example).unwrap();
+    assert!(matches!(plan, Plan::Split(_)));
+    let tract_if = TractRunner::new(&bundle.model, &example).unwrap();
+    for i in 0..3 {
+        let split = ditc::runtime::conditional::call(&plan, &step_inputs(i), &mut split_state, &bundle.manifest.state).unwrap();
+        let direct = tract_if.run(&[&step_inputs(i)[..], if_state.tensors()].concat()).unwrap();
+        if_state.update(&bundle.manifest.state, &direct);
+        let decision = common::named(&split.outputs, "ditc.decision").raw().unwrap()[0] != 0;
+        assert_eq!(decision, i == 0, "call {i}");
+        for d in &direct {
+            let s = common::named(&split.outputs, &d.name);
+            assert_eq!((s.dtype, &s.dims), (d.dtype, &d.dims), "{}", d.name);
+            if d.dtype == DataType::F32 && s.raw() != d.raw() {
+                let f = compare(&s.to_f32_vec().unwrap(), &d.to_f32_vec().unwrap());
+                assert!(f.max_rel <= 1e-6 || f.max_abs == 0.0, "call {i} '{}': {f:?}", d.name);
+            } else {
+                assert_eq!(s.raw(), d.raw(), "call {i} '{}'", d.name);
+            }
+        }
+    }
+}
+
+/// Bad options and models without the block structure are refused by name, with nothing written.
+#[test]
+fn bad_options_and_models_are_refused() {
+    let Some(dir) = fixture("wan-small") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (ckpt, recipe, out) = (dir.join("ckpt"), recipe(), tmp.path().join("o"));
+    let base = convert_args(
+        ckpt.to_str().unwrap(),
+        out.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+    );
+    let cases: [(&[&str], &[&str]); 7] = [
+        (&["broadcast-adaptive.threshold=nan"], &["threshold must be a finite number >= 0", "NaN"]),
+        (&["broadcast-adaptive.threshold=-0.1"], &["threshold must be a finite number >= 0", "-0.1"]),
+        (&["broadcast-adaptive.compute_first=0"], &["compute_first must be at least 1"]),
+        (
+            &["broadcast-adaptive.compute_first=4", "broadcast-adaptive.compute_last=2"],
+            &["compute_first (4) + compute_last (2) must be below the model's 6 blocks"],
+        ),
+        (&["broadcast-adaptive.policy=\"tea-cache\""], &["unknown policy", "tea-cache"]),
+        (&["broadcast-adaptive.treshold=0.1"], &["unknown field", "treshold"]),
+        (&["broadcast-adaptive.max_cached_steps=-2"], &["invalid first-block-cache options"]),
+    ];
+    for (sets, expect) in cases {
+        let mut args = base.clone();
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        assert_refused(&args, expect);
+        assert!(!out.exists(), "{sets:?}: nothing may be written");
+    }
+    // latte-tiny's temporal blocks start from the spatial blocks' output plus a positional embedding.
+    if let Some(latte) = fixture("latte-tiny") {
+        let onnx = latte.join("model.onnx");
+        let args = convert_args(
+            onnx.to_str().unwrap(),
+            out.to_str().unwrap(),
+            recipe.to_str().unwrap(),
+        );
+        assert_refused(&args[..7], &["not chained by one residual stream"]);
+        assert!(!out.exists());
+    }
+    // A graph without transformer blocks.
+    let plain = {
+        let graph = ditc::ir::Graph {
+            inputs: vec![ValueInfo::tensor("x", DataType::F32, vec![Dim::Value(1), Dim::Value(4)])],
+            outputs: vec![ValueInfo::tensor("y", DataType::F32, vec![Dim::Value(1), Dim::Value(4)])],
+            nodes: vec![ditc::ir::Node::new("relu", "Relu", &["x"], &["y"])],
+            ..Default::default()
+        };
+        Model::new(graph, 17)
+    };
+    let mut model = plain.clone();
+    let mut cx = ditc::passes::PassContext {
+        dit_map: ditc::analysis::analyse(&model),
+        sampler: None,
+        schedule: None,
+        state: Vec::new(),
+        step_input: None,
+        precision: None,
+    };
+    let options = ditc::schedule::first_block_cache::FbcOptions::default();
+    let e = ditc::schedule::first_block_cache::bake(&mut model, &mut cx, &options).unwrap_err();
+    assert!(e.to_string().contains("no transformer blocks"), "{e}");
+    assert_eq!(model, plain, "a refused model is left as it was");
+}
