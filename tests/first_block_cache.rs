@@ -423,7 +423,35 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
     };
     let tmp = tempfile::tempdir().unwrap();
     // A threshold no metric reaches: call 0 computes, every later call skips.
-    let manifest_path = convert(&dir, &tmp.path().join("b"), &["broadcast-adaptive.threshold=1e9".into()]);
+    let manifest_path = convert(
+        &dir,
+        &tmp.path().join("b"),
+        &[
+            "broadcast-adaptive.threshold=1e9".into(),
+            "sampler.steps=4".into(),
+        ],
+    );
+    // `ditc run --trace` writes each call's decision and metric.
+    let trace_path = tmp.path().join("trace.json");
+    ditc_ok(&[
+        "run",
+        manifest_path.to_str().unwrap(),
+        "--inputs",
+        dir.join("sampling.safetensors").to_str().unwrap(),
+        "--prefix",
+        "0.",
+        "-o",
+        tmp.path().join("s.safetensors").to_str().unwrap(),
+        "--trace",
+        trace_path.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let trace: Vec<ditc::runtime::CallTrace> =
+        serde_json::from_slice(&std::fs::read(&trace_path).unwrap()).unwrap();
+    let computed: Vec<bool> = trace.iter().map(|c| c.computed).collect();
+    assert_eq!(computed, [true, false, false, false]);
+    assert!(trace[0].metric.is_none() && trace[1..].iter().all(|c| c.metric.is_some()));
+    assert!(trace.iter().enumerate().all(|(i, c)| c.step == i && c.branch == "cond"));
     let graph_file = tmp.path().join("b/model.onnx");
     let stdout = ditc_ok(&["lint", graph_file.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&stdout).contains("conforms"));

@@ -54,6 +54,7 @@ fn run(manifest: &Path, inputs: &Path, case: usize) -> (Vec<f32>, ditc::cli::run
         json: true,
         no_progress: true,
         no_verify: false,
+        trace: None,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
@@ -213,6 +214,7 @@ fn mlp_broadcast_reuses_after_key_timesteps() {
         json: true,
         no_progress: true,
         no_verify: false,
+        trace: None,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();

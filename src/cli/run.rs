@@ -47,6 +47,10 @@ pub struct Args {
     /// the bundle: 28 GB for Wan2.1-14B). The manifest's schema and the files' sizes are always checked.
     #[arg(long)]
     pub no_verify: bool,
+    /// For a bundle whose schedule decides inside the graph (first-block-cache): write every call's
+    /// decision and metric to this JSON file (`[{step, branch, computed, metric}]`).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     #[command(flatten)]
     pub shapes: crate::models::BuildOptions,
 }
@@ -135,6 +139,11 @@ pub fn sample_bundle(args: &Args) -> Result<(crate::ir::Tensor, Report)> {
 fn run_bundle(args: &Args) -> Result<()> {
     let (latent, report) = sample_bundle(args)?;
     write_safetensors(&args.output, &[latent])?;
+    if let Some(path) = &args.trace {
+        let text = serde_json::to_string_pretty(&report.scheduled.trace)?;
+        std::fs::write(path, text)
+            .with_context(|| format!("cannot write the trace '{}'", path.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
