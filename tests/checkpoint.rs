@@ -69,11 +69,9 @@ fn sharded_and_single_file_give_the_same_tensors() {
 
 #[test]
 fn the_latte_checkpoint_matches_its_onnx_export() {
-    let Some(dir) = common::fixtures() else {
-        return;
-    };
-    let ckpt = Checkpoint::open(&dir.join("latte-tiny/ckpt")).unwrap();
-    let onnx = ditc::onnx::read_model(&dir.join("latte-tiny/model.onnx")).unwrap();
+    let dir = common::demo();
+    let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
+    let onnx = ditc::onnx::read_model(&dir.join("model.onnx")).unwrap();
     let onnx_params: u64 = onnx.graph.initializers.iter().map(|t| t.numel()).sum();
     assert_eq!(ckpt.parameters(), onnx_params);
     assert_eq!(ckpt.tensors.len(), 151);

@@ -571,10 +571,9 @@ fn cogvideox_block_matches_closed_form() {
 /// what the builders consume: no missing, misshapen or unexpected tensor. Weights are slices of a sparse
 /// file (never touched), so 14B parameters cost no memory.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn real_model_layouts_are_accepted() {
-    let Some(dir) = common::fixtures() else {
-        return;
-    };
+    let dir = common::fixtures();
     for (file, opts) in [
         (
             "latte-1.json",

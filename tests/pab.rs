@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{ditc_ok, fixtures};
+use common::{demo, ditc_ok};
 use ditc::cli::run::{sample_bundle, Args};
 use ditc::metrics::compare;
 use ditc::tensors::read_safetensors;
@@ -25,8 +25,9 @@ fn bare_recipe(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn convert(dir: &Path, out: &Path, sets: &[String]) {
-    let model = dir.join("latte-tiny/model.onnx");
+/// Convert the demo model (latte-tiny) with the bare recipe and `--set` overrides.
+fn convert(out: &Path, sets: &[String]) {
+    let model = demo().join("model.onnx");
     let recipe = bare_recipe(out.parent().unwrap());
     let mut args = vec![
         "convert",
@@ -76,11 +77,10 @@ fn module_name(anchor: &str) -> String {
 
 #[test]
 fn ddim_trajectories_match_diffusers_full_and_pab() {
-    let Some(dir) = fixtures() else { return };
+    let dir = demo();
     let sampling: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("latte-tiny/sampling.json")).unwrap())
-            .unwrap();
-    let inputs = dir.join("latte-tiny/sampling.safetensors");
+        serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
+    let inputs = dir.join("sampling.safetensors");
     let reference = read_safetensors(&inputs).unwrap();
     let final_of = |case: usize, config: &str| {
         reference
@@ -98,7 +98,7 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
         .iter()
         .map(|k| format!("broadcast-static.{k}={{ period = 1, window = [100, 800] }}"))
         .collect();
-    convert(&dir, &full, &ones);
+    convert(&full, &ones);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(full.join("manifest.json")).unwrap()).unwrap();
     let timesteps: Vec<f64> = manifest["sampler"]["timesteps"]
@@ -140,7 +140,7 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
                 )
             })
             .collect();
-        convert(&dir, &out, &sets);
+        convert(&out, &sets);
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
         let anchors: Vec<String> = manifest["dit_map"]["attention"]
@@ -183,20 +183,19 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
 /// rule itself, written out over the recorded timesteps, plus the full trajectory for the forced run.
 #[test]
 fn mlp_broadcast_reuses_after_key_timesteps() {
-    let Some(dir) = fixtures() else { return };
+    let dir = demo();
     let sampling: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("latte-tiny/sampling.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
     let timesteps: Vec<i64> = sampling["timesteps"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t.as_i64().unwrap())
         .collect();
-    let inputs = dir.join("latte-tiny/sampling.safetensors");
+    let inputs = dir.join("sampling.safetensors");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("mlp");
-    convert(&dir, &out, &["broadcast-static.mlp={ timesteps = [720, 640, 560, 480, 400], blocks = [0, 1], reuse = 2 }".to_string()]);
+    convert(&out, &["broadcast-static.mlp={ timesteps = [720, 640, 560, 480, 400], blocks = [0, 1], reuse = 2 }".to_string()]);
     let mut expected = vec![true; 50];
     for key in [720, 640, 560, 480, 400] {
         let j = timesteps.iter().position(|&t| t == key).unwrap();
