@@ -6,7 +6,6 @@
 //! [`runtime`] runs any graph on CPU with tract to verify it.
 
 pub mod analysis;
-pub mod models;
 pub mod calibration;
 pub mod checkpoint;
 #[cfg(feature = "tract")]
@@ -16,6 +15,7 @@ pub mod ir;
 pub mod lint;
 pub mod manifest;
 pub mod metrics;
+pub mod models;
 pub mod onnx;
 pub mod output;
 pub mod passes;

@@ -163,11 +163,7 @@ fn hostile_checkpoints_fail_cleanly() {
                 WEIGHTS,
                 safetensors_bytes(&[("a", "F32", &[3], [0, 8])], &data(8)),
             )],
-            &[
-                WEIGHTS,
-                "tensor 'a'",
-                "hold 8 bytes, but F32 [3] needs 12",
-            ],
+            &[WEIGHTS, "tensor 'a'", "hold 8 bytes, but F32 [3] needs 12"],
         ),
         (
             "unknown dtype",

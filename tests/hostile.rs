@@ -298,7 +298,8 @@ fn broken_tensor_files_fail_cleanly() {
     let model = tmp.path().join("m.onnx");
     std::fs::write(&model, valid_model().encode_to_vec()).unwrap();
     let m = model.to_str().unwrap();
-    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+    let cases: Vec<(&str, Vec<u8>, &[&str])> =
+        vec![
         (
             "empty.safetensors",
             vec![],

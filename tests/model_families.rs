@@ -9,9 +9,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ditc::models::{build_model, BuildOptions};
 use ditc::checkpoint::Checkpoint;
 use ditc::ir::{DataType, Model, Tensor, ValueInfo, ValueType};
+use ditc::models::{build_model, BuildOptions};
 use ditc::runtime::TractRunner;
 
 type Shapes = Vec<(String, Vec<i64>)>;
@@ -212,14 +212,20 @@ fn attention_module(
     qk_norm: bool,
 ) -> Vec<Vec<f64>> {
     let linear = |m: &str, rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
-        let (wt, b) = (w(&format!("{path}.{m}.weight")), w(&format!("{path}.{m}.bias")));
+        let (wt, b) = (
+            w(&format!("{path}.{m}.weight")),
+            w(&format!("{path}.{m}.bias")),
+        );
         rows.iter().map(|r| affine(&wt, &b, r)).collect()
     };
     let head_norm = |n: &str, rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
         if !qk_norm {
             return rows;
         }
-        let (g, b) = (w(&format!("{path}.{n}.weight")), w(&format!("{path}.{n}.bias")));
+        let (g, b) = (
+            w(&format!("{path}.{n}.weight")),
+            w(&format!("{path}.{n}.bias")),
+        );
         rows.iter()
             .map(|r| {
                 r.chunks(g.len())
@@ -588,7 +594,12 @@ fn cogvideox_block_matches_closed_form() {
         ("transformer_blocks.0.attn1.norm_k.weight", 4.0),
     ]
     .into();
-    write_checkpoint(tmp.path(), &cogvideox_config(), &cogvideox_shapes(2), &sharper);
+    write_checkpoint(
+        tmp.path(),
+        &cogvideox_config(),
+        &cogvideox_shapes(2),
+        &sharper,
+    );
     let ckpt = Checkpoint::open(tmp.path()).unwrap();
     let model = build_model(&ckpt, &BuildOptions::default()).unwrap();
     let probes = [

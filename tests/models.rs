@@ -6,9 +6,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{case, demo, ditc_ok, fixtures, named};
-use ditc::models::{build_model, BuildOptions};
 use ditc::checkpoint::Checkpoint;
 use ditc::metrics::compare;
+use ditc::models::{build_model, BuildOptions};
 use ditc::runtime::TractRunner;
 use ditc::tensors::read_safetensors;
 

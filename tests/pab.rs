@@ -337,7 +337,9 @@ impl TinyDit {
             g.initializers.push(Tensor::from_i64(name, vec![n], &shape));
         }
         let perm = |p: &[i64]| ("perm", AttrValue::Ints(p.to_vec()));
-        let nodes: Vec<(&str, &[&str], Option<(&str, AttrValue)>)> = vec![
+        // (op, inputs, attribute); node i's output is `n{i}`, the last one's `sample`.
+        type Spec<'a> = (&'a str, &'a [&'a str], Option<(&'a str, AttrValue)>);
+        let nodes: Vec<Spec> = vec![
             ("Transpose", &["latent"], Some(perm(&[0, 2, 3, 1]))),
             ("Reshape", &["n0", "tokens_shape"], None),
             ("Mul", &["t", "freqs"], None),
@@ -541,7 +543,11 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
         .collect();
     let want: Vec<f64> = (0..10).map(|i| 1000.0 - 111.0 * i as f64).collect();
     assert!(
-        timesteps.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-9) && timesteps.len() == 10,
+        timesteps
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| (a - b).abs() < 1e-9)
+            && timesteps.len() == 10,
         "{timesteps:?}"
     );
     assert_eq!(manifest["schedule"]["blocks"], serde_json::json!([0]));
@@ -587,7 +593,8 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
     let err = rel_l2(&got, &by_hand);
     eprintln!("MLP broadcast: bundle vs the loop by hand, rel L2 {err:.2e}");
     assert!(err < 1e-5, "rel L2 {err}");
-    let wrong: [(&str, Box<dyn Fn(usize) -> bool>); 3] = [
+    type Rule = Box<dyn Fn(usize) -> bool>;
+    let wrong: [(&str, Rule); 3] = [
         ("no reuse", Box::new(|_| true)),
         (
             "reuse shifted by one step",

@@ -101,7 +101,10 @@ pub fn topological_order(graph: &Graph) -> Result<Vec<usize>> {
                         state[d] = 1;
                         stack.push((d, 0));
                     }
-                    1 => bail!("the graph has a cycle: {}", describe_cycle(graph, &stack, d)),
+                    1 => bail!(
+                        "the graph has a cycle: {}",
+                        describe_cycle(graph, &stack, d)
+                    ),
                     _ => {}
                 }
             } else {

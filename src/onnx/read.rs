@@ -244,7 +244,10 @@ pub fn tensor_from_proto(t: proto::TensorProto, external: &mut ExternalData) -> 
         bail!("tensor '{name}' is a segment of a larger tensor, which is not supported");
     }
     if let Some(d) = t.dims.iter().find(|&&d| d < 0) {
-        bail!("tensor '{name}' has a negative dimension {d} (dims {:?})", t.dims);
+        bail!(
+            "tensor '{name}' has a negative dimension {d} (dims {:?})",
+            t.dims
+        );
     }
     let Some(numel) = checked_numel(&t.dims) else {
         bail!(
