@@ -7,7 +7,7 @@
 //! that disagrees with dtype x shape, overlaps; then the safetensors parser refuses headers above 100 MB
 //! and gaps), unsupported dtypes, missing
 //! shards, an index naming a tensor twice, tensors in a shard that the index does not list, and tensors
-//! the index lists but the shard lacks. The graph builders ([`crate::build`]) turn a checkpoint into a graph.
+//! the index lists but the shard lacks. The graph builders ([`crate::models`]) turn a checkpoint into a graph.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
