@@ -262,24 +262,60 @@ fn reduce_axes_must_be_initializers() {
     assert_flags(&m, "reduce-axes", "sum");
 }
 
-#[test]
-fn attention_without_past_or_softcap() {
-    let m = model(
-        vec![Node::new(
-            "attn",
-            "Attention",
-            &["x", "x", "x", "", "pk", "pv"],
-            &["y"],
-        )
-        .with_attr("softcap", AttrValue::Float(30.0))],
-        vec![],
+/// An opset-23 `Attention` node `attn` on `inputs`, among graph inputs `q`, `k`, `v`, `pk`, `pv` (4-D
+/// `[1, 2, 3, 4]`) and `q3` (3-D), with an optional softcap.
+fn attention_model(inputs: &[&str], softcap: Option<f32>) -> Model {
+    let dims = |rank: usize| vec![Dim::Value(2); rank];
+    let mut node = Node::new("attn", "Attention", inputs, &["y"]);
+    if let Some(c) = softcap {
+        node = node.with_attr("softcap", AttrValue::Float(c));
+    }
+    let mut graph_inputs: Vec<ValueInfo> = ["q", "k", "v", "pk", "pv"]
+        .iter()
+        .map(|n| ValueInfo::tensor(n, DataType::F32, dims(4)))
+        .collect();
+    graph_inputs.push(ValueInfo::tensor("q3", DataType::F32, dims(3)));
+    Model::new(
+        Graph {
+            inputs: graph_inputs,
+            outputs: vec![ValueInfo::tensor("y", DataType::F32, vec![])],
+            nodes: vec![node],
+            ..Graph::default()
+        },
         23,
-    );
-    let found = rules(&m);
-    assert!(
-        found.iter().filter(|(r, _)| *r == "attention").count() >= 3,
-        "past KV, softcap, rank: {found:?}"
-    );
+    )
+}
+
+/// `m` has exactly one violation: `rule` on `node`, its message giving the reason `why`.
+fn assert_single_violation(m: &Model, rule: &str, node: &str, why: &str) {
+    let found = lint(m, Target::Trt10, None);
+    assert_eq!(found.len(), 1, "expected one violation, got {found:?}");
+    let v = &found[0];
+    assert_eq!((v.rule, v.node.as_str()), (rule, node), "{v:?}");
+    assert!(v.message.contains(why), "expected '{why}' in: {v:?}");
+}
+
+#[test]
+fn attention_on_4d_inputs_without_past_or_softcap_conforms() {
+    assert_eq!(rules(&attention_model(&["q", "k", "v"], None)), vec![]);
+}
+
+#[test]
+fn attention_with_past_key_value_is_flagged() {
+    let m = attention_model(&["q", "k", "v", "", "pk", "pv"], None);
+    assert_single_violation(&m, "attention", "attn", "past key/value is not supported");
+}
+
+#[test]
+fn attention_with_softcap_is_flagged() {
+    let m = attention_model(&["q", "k", "v"], Some(30.0));
+    assert_single_violation(&m, "attention", "attn", "softcap is not supported");
+}
+
+#[test]
+fn attention_on_3d_inputs_is_flagged() {
+    let m = attention_model(&["q3", "k", "v"], None);
+    assert_single_violation(&m, "attention", "attn", "input 'q3' must be 4-D");
 }
 
 #[test]
