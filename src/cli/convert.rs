@@ -68,7 +68,11 @@ pub struct Args {
 
 /// W8A8's format follows the GPU when the recipe names none; FP8 on a GPU without FP8 is refused.
 fn apply_target_defaults(recipe: &mut Recipe, target: crate::target::DeployTarget) -> Result<()> {
-    for pass in recipe.passes.iter_mut().filter(|p| p.name == "quantize-w8a8") {
+    for pass in recipe
+        .passes
+        .iter_mut()
+        .filter(|p| p.name == "quantize-w8a8")
+    {
         let format = pass
             .options
             .entry("format")
