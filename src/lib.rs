@@ -6,16 +6,17 @@
 //! [`runtime`] runs any graph on CPU with tract to verify it.
 
 pub mod analysis;
-pub mod models;
 pub mod calibration;
 pub mod checkpoint;
 #[cfg(feature = "tract")]
 pub mod cli;
+pub mod finite;
 pub mod fp8;
 pub mod ir;
 pub mod lint;
 pub mod manifest;
 pub mod metrics;
+pub mod models;
 pub mod onnx;
 pub mod output;
 pub mod passes;

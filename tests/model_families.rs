@@ -9,9 +9,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use ditc::models::{build_model, BuildOptions};
 use ditc::checkpoint::Checkpoint;
 use ditc::ir::{DataType, Model, Tensor, ValueInfo, ValueType};
+use ditc::models::{build_model, BuildOptions};
 use ditc::runtime::TractRunner;
 
 type Shapes = Vec<(String, Vec<i64>)>;

@@ -4,9 +4,9 @@
 mod common;
 
 use common::{case, ditc_ok, fixtures, named};
-use ditc::models::{build_model, BuildOptions};
 use ditc::checkpoint::Checkpoint;
 use ditc::metrics::compare;
+use ditc::models::{build_model, BuildOptions};
 use ditc::runtime::TractRunner;
 use ditc::tensors::read_safetensors;
 

@@ -99,6 +99,7 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let all = crate::tensors::read_safetensors(&args.inputs)?;
     let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    crate::finite::check_model(&args.model, &model, !args.no_progress)?;
     let map = analyse(&model);
     let io = detect_io(&model)?;
     let (targets, _) = select_targets(&model, &map, &options);

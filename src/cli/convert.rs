@@ -126,6 +126,8 @@ pub fn run(args: &Args) -> Result<()> {
         Ok(())
     })?;
     let cost = cost(&original, &model, &cx)?;
+    let finite =
+        crate::finite::check_before_write(&args.model, &original, &model, args.external_threshold)?;
     let violations = crate::lint::lint(&model, args.target, None);
     if !violations.is_empty() {
         super::lint::print(&violations);
@@ -141,6 +143,7 @@ pub fn run(args: &Args) -> Result<()> {
     let options = WriteOptions {
         external_threshold: args.external_threshold,
         progress: !args.no_progress,
+        finite: Some(finite),
     };
     let files = write_model(&model, &mut staging, "model.onnx", &options)?;
     let manifest = Manifest {
