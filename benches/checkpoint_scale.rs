@@ -2,8 +2,12 @@
 //! tensor names, shapes and BF16 dtype from `../shared/fixtures/shapes/*.json`, deterministic
 //! pseudo-random values, ~5 GB shards with an index, like the published ones) are generated, then
 //! `ditc convert DIR` runs on each as a child process. Reported per model, in one run: the time of a
-//! plain sequential read of the same shard bytes (the physical limit here), the conversion's wall time,
-//! throughput, its ratio to the plain read, and its peak RSS.
+//! plain sequential read of the same shard bytes (the physical limit here); the finite check alone
+//! (`ditc inspect --check DIR`: every weight scanned for NaN/Inf, its scan time as it reports it, wall
+//! time, peak RSS); and the conversion (which runs the same check fused into its weight stream): wall
+//! time, throughput, its ratio to the plain read, and its peak RSS. Asserted: the check and the
+//! conversion each reach at least half the plain read's throughput, and each peak RSS stays below
+//! 1.5 GB.
 //!
 //! The page cache is emptied of the shards before each timed pass (fsync + `POSIX_FADV_DONTNEED`), so
 //! both read from disk. `cargo bench --profile dev --bench checkpoint_scale -- [--model 1.3b|14b|all]
@@ -81,15 +85,41 @@ fn run(name: &str, spec: &Path, work: &Path) {
     );
 
     drop_cache(&shards);
+    let t = Instant::now();
+    let (scan, rss) = finite_check(&ckpt);
+    let check_s = t.elapsed().as_secs_f64();
+    println!(
+        "{name}: finite check (inspect --check): scan {scan}, {check_s:.1}s wall, {:.0} MB/s, peak RSS {rss}; {:.0}% of the plain-read throughput",
+        bytes as f64 / check_s / 1e6,
+        100.0 * read_s / check_s
+    );
+    assert!(
+        read_s / check_s >= 0.5,
+        "the finite check is below half the plain read's throughput"
+    );
+    assert!(
+        kilobytes(&rss) < 1_500_000,
+        "the finite check's peak RSS {rss} is above 1.5 GB"
+    );
+
+    drop_cache(&shards);
     let out = work.join("bundle");
     let t = Instant::now();
     let rss = convert(&ckpt, &out);
     let conv_s = t.elapsed().as_secs_f64();
     let ratio = read_s / conv_s;
     println!(
-        "{name}: ditc convert: {conv_s:.1}s, {:.0} MB/s of weights, peak RSS {rss}; {:.0}% of the plain-read throughput",
+        "{name}: ditc convert (finite check on): {conv_s:.1}s, {:.0} MB/s of weights, peak RSS {rss}; {:.0}% of the plain-read throughput",
         bytes as f64 / conv_s / 1e6,
         ratio * 100.0
+    );
+    assert!(
+        ratio >= 0.5,
+        "convert is below half the plain read's throughput"
+    );
+    assert!(
+        kilobytes(&rss) < 1_500_000,
+        "convert's peak RSS {rss} is above 1.5 GB"
     );
     check_output(&ckpt, &out);
     println!("{name}: output checked: every checkpoint tensor present with identical bytes");
@@ -257,6 +287,36 @@ fn convert(ckpt: &Path, out: &Path) -> String {
         .find_map(|l| l.strip_prefix("peak RSS: "))
         .unwrap_or("?")
         .to_string()
+}
+
+/// `ditc inspect --check DIR`; returns the scan time it reports and its peak RSS.
+fn finite_check(ckpt: &Path) -> (String, String) {
+    let r = Command::new(env!("CARGO_BIN_EXE_ditc"))
+        .args(["inspect", "--check", ckpt.to_str().unwrap()])
+        .env("DITC_REPORT_PEAK_RSS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "ditc inspect --check: {stderr}");
+    let scan = stderr
+        .lines()
+        .find(|l| l.starts_with("checked "))
+        .unwrap_or("?")
+        .to_string();
+    let rss = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak RSS: "))
+        .unwrap_or("?")
+        .to_string();
+    (scan, rss)
+}
+
+/// `VmHWM`'s "12345 kB" as a number.
+fn kilobytes(rss: &str) -> u64 {
+    rss.trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap_or(u64::MAX)
 }
 
 /// Every checkpoint tensor is an initializer of the output with the same bytes (BF16 kept).

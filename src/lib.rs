@@ -10,6 +10,7 @@ pub mod calibration;
 pub mod checkpoint;
 #[cfg(feature = "tract")]
 pub mod cli;
+pub mod finite;
 pub mod fp8;
 pub mod integrity;
 pub mod ir;

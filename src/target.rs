@@ -135,8 +135,14 @@ mod tests {
         let t: DeployTarget = "trt11".parse().unwrap();
         assert_eq!((t.gpu, t.tensorrt), (Gpu::Hopper, TensorRtVersion::Trt11));
         let t: DeployTarget = "blackwell,trt11".parse().unwrap();
-        assert_eq!((t.gpu, t.tensorrt), (Gpu::Blackwell, TensorRtVersion::Trt11));
-        assert!("volta".parse::<DeployTarget>().unwrap_err().contains("unknown target 'volta'"));
+        assert_eq!(
+            (t.gpu, t.tensorrt),
+            (Gpu::Blackwell, TensorRtVersion::Trt11)
+        );
+        assert!("volta"
+            .parse::<DeployTarget>()
+            .unwrap_err()
+            .contains("unknown target 'volta'"));
         assert!("ada,hopper".parse::<DeployTarget>().is_err());
     }
 

@@ -69,25 +69,23 @@ fn sharded_and_single_file_give_the_same_tensors() {
 
 #[test]
 fn the_latte_checkpoint_matches_its_onnx_export() {
-    let Some(dir) = common::fixtures() else {
-        return;
-    };
-    let ckpt = Checkpoint::open(&dir.join("latte-tiny/ckpt")).unwrap();
-    let onnx = ditc::onnx::read_model(&dir.join("latte-tiny/model.onnx")).unwrap();
+    let dir = common::demo();
+    let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
+    let onnx = ditc::onnx::read_model(&dir.join("model.onnx")).unwrap();
     let onnx_params: u64 = onnx.graph.initializers.iter().map(|t| t.numel()).sum();
     assert_eq!(ckpt.parameters(), onnx_params);
     assert_eq!(ckpt.tensors.len(), 151);
 }
 
-fn assert_fails(dir: &Path, expect: &str, what: &str) {
+/// Opening `dir` fails with a message containing every string of `expect`, and `ditc inspect` exits 2.
+fn assert_fails(dir: &Path, expect: &[&str], what: &str) {
     let err = match Checkpoint::open(dir) {
         Ok(_) => panic!("{what}: opened"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(
-        err.contains(expect),
-        "{what}: expected '{expect}' in: {err}"
-    );
+    for e in expect {
+        assert!(err.contains(e), "{what}: expected '{e}' in: {err}");
+    }
     let r = ditc(&["inspect", dir.to_str().unwrap()]);
     assert_eq!(
         r.status.code(),
@@ -101,18 +99,29 @@ fn assert_fails(dir: &Path, expect: &str, what: &str) {
 fn hostile_checkpoints_fail_cleanly() {
     let good = safetensors_bytes(&[("a", "F32", &[2], [0, 8])], &data(8));
     let index = |map: &str| format!(r#"{{"weight_map": {map}}}"#).into_bytes();
-    // (what, files of the folder, a phrase the error must contain)
-    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, &'a str);
+    // (what, files of the folder, what the error must say: the file, the tensor and the reason)
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>, &'a [&'a str]);
     let cases: Vec<Case> = vec![
         (
             "absurd header size",
             vec![(WEIGHTS, [&u64::MAX.to_le_bytes()[..], b"{}"].concat())],
-            WEIGHTS,
+            &[
+                WEIGHTS,
+                "header size 18446744073709551615 bytes runs beyond the end of the file (10 bytes)",
+            ],
         ),
         (
             "header beyond the file",
             vec![(WEIGHTS, [&1000u64.to_le_bytes()[..], b"{}"].concat())],
-            WEIGHTS,
+            &[
+                WEIGHTS,
+                "header size 1000 bytes runs beyond the end of the file",
+            ],
+        ),
+        (
+            "file shorter than the header size",
+            vec![(WEIGHTS, vec![1, 2, 3])],
+            &[WEIGHTS, "3 bytes, too short for the 8-byte header size"],
         ),
         (
             "offsets out of bounds",
@@ -120,7 +129,19 @@ fn hostile_checkpoints_fail_cleanly() {
                 WEIGHTS,
                 safetensors_bytes(&[("a", "F32", &[2], [0, 800])], &data(8)),
             )],
-            WEIGHTS,
+            &[
+                WEIGHTS,
+                "tensor 'a'",
+                "data_offsets [0, 800] run beyond the end of the data (8 bytes)",
+            ],
+        ),
+        (
+            "reversed offsets",
+            vec![(
+                WEIGHTS,
+                safetensors_bytes(&[("a", "F32", &[2], [8, 0])], &data(8)),
+            )],
+            &[WEIGHTS, "tensor 'a'", "data_offsets [8, 0] are reversed"],
         ),
         (
             "overlapping offsets",
@@ -131,7 +152,10 @@ fn hostile_checkpoints_fail_cleanly() {
                     &data(12),
                 ),
             )],
-            WEIGHTS,
+            &[
+                WEIGHTS,
+                "tensor 'b' (bytes 4..12) overlaps tensor 'a' (bytes 0..8)",
+            ],
         ),
         (
             "length != dtype x shape",
@@ -139,12 +163,20 @@ fn hostile_checkpoints_fail_cleanly() {
                 WEIGHTS,
                 safetensors_bytes(&[("a", "F32", &[3], [0, 8])], &data(8)),
             )],
-            WEIGHTS,
+            &[WEIGHTS, "tensor 'a'", "hold 8 bytes, but F32 [3] needs 12"],
+        ),
+        (
+            "unknown dtype",
+            vec![(
+                WEIGHTS,
+                safetensors_bytes(&[("a", "Q7", &[2], [0, 8])], &data(8)),
+            )],
+            &[WEIGHTS, "tensor 'a' has unknown dtype 'Q7'"],
         ),
         (
             "missing shard",
             vec![(INDEX, index(r#"{"a": "gone.safetensors"}"#))],
-            "missing",
+            &[INDEX, "shard 'gone.safetensors'", "is missing"],
         ),
         (
             "tensor named twice",
@@ -155,7 +187,7 @@ fn hostile_checkpoints_fail_cleanly() {
                     index(r#"{"a": "s1.safetensors", "a": "s2.safetensors"}"#),
                 ),
             ],
-            "twice",
+            &[INDEX, "names tensor 'a' twice"],
         ),
         (
             "unlisted tensor",
@@ -169,7 +201,10 @@ fn hostile_checkpoints_fail_cleanly() {
                 ),
                 (INDEX, index(r#"{"a": "s1.safetensors"}"#)),
             ],
-            "'z'",
+            &[
+                "s1.safetensors",
+                "tensor 'z' is not listed for this shard in the index",
+            ],
         ),
         (
             "listed tensor missing",
@@ -180,14 +215,24 @@ fn hostile_checkpoints_fail_cleanly() {
                     index(r#"{"a": "s1.safetensors", "q": "s1.safetensors"}"#),
                 ),
             ],
-            "'q'",
+            &[
+                "s1.safetensors",
+                "lists tensor 'q' here, but the shard does not have it",
+            ],
         ),
         (
             "shard path traversal",
             vec![(INDEX, index(r#"{"a": "../s1.safetensors"}"#))],
-            "file name",
+            &[
+                INDEX,
+                "shard '../s1.safetensors' must be a file name in the checkpoint folder",
+            ],
         ),
-        ("garbage index", vec![(INDEX, b"{not json".to_vec())], INDEX),
+        (
+            "garbage index",
+            vec![(INDEX, b"{not json".to_vec())],
+            &[INDEX, "is not a valid shard index"],
+        ),
     ];
     for (what, files, expect) in cases {
         let dir = folder(&files);
@@ -195,5 +240,9 @@ fn hostile_checkpoints_fail_cleanly() {
     }
     let no_class = folder(&[(WEIGHTS, good)]);
     std::fs::write(no_class.path().join("config.json"), "{}").unwrap();
-    assert_fails(no_class.path(), "_class_name", "config without class");
+    assert_fails(
+        no_class.path(),
+        &["config.json", "has no \"_class_name\""],
+        "config without class",
+    );
 }

@@ -318,8 +318,8 @@ fn case_inputs(dir: &Path) -> (Tensor, Tensor) {
 }
 
 /// Run `rules` both ways and compare: every decision, the metrics, the final latent.
-fn check_against_hand_loop(label: &str, rules: &Rules) -> Option<HandRun> {
-    let dir = fixture("wan-small")?;
+fn check_against_hand_loop(label: &str, rules: &Rules) -> HandRun {
+    let dir = fixture("wan-small");
     let tmp = tempfile::tempdir().unwrap();
     let manifest = convert(&dir, &tmp.path().join("b"), &rules.sets());
     let bundle = Bundle::open(&manifest).unwrap();
@@ -352,40 +352,39 @@ fn check_against_hand_loop(label: &str, rules: &Rules) -> Option<HandRun> {
         computed < decisions.len(),
         "{label}: FLOPs count what ran"
     );
-    Some(hand)
+    hand
 }
 
 /// diffusers' defaults (block 0 always runs, nothing else): the two fixture thresholds, both with calls
 /// computed and skipped.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn diffusers_rule_matches_the_hand_loop() {
     for threshold in [0.05, 0.2] {
-        let Some(hand) = check_against_hand_loop(
+        let hand = check_against_hand_loop(
             &format!("threshold {threshold}"),
             &Rules::diffusers(threshold),
-        ) else {
-            return;
-        };
+        );
         assert!(hand.decisions.contains(&false) && hand.reasons.contains(&Reason::MetricAbove));
     }
 }
 
 /// Threshold 0 never skips: every call computes and the result is the plain graph's trajectory.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn threshold_zero_never_skips() {
     let rules = Rules {
         steps: 12,
         ..Rules::diffusers(0.0)
     };
-    let Some(hand) = check_against_hand_loop("threshold 0", &rules) else {
-        return;
-    };
+    let hand = check_against_hand_loop("threshold 0", &rules);
     assert!(hand.decisions.iter().all(|&c| c));
 }
 
 /// cache-dit's generalisation: two head blocks, one tail block, warm-up, a budget of cached calls and a
 /// limit on cached calls in a row; every rule decides at least one call.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn dbcache_options_match_the_hand_loop() {
     let rules = Rules {
         threshold: 0.3,
@@ -396,9 +395,7 @@ fn dbcache_options_match_the_hand_loop() {
         max_continuous: Some(2),
         steps: 30,
     };
-    let Some(hand) = check_against_hand_loop("dbcache", &rules) else {
-        return;
-    };
+    let hand = check_against_hand_loop("dbcache", &rules);
     for reason in [
         Reason::FirstOrWarmup,
         Reason::MaxCached,
@@ -417,10 +414,9 @@ fn dbcache_options_match_the_hand_loop() {
 /// itself, on computed and skipped calls; the emitted graph passes the graph check, the TensorRT lint
 /// (`ditc lint`) and the manifest schema, and its condition is a 0-D bool.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
-    let Some(dir) = fixture("wan-small") else {
-        return;
-    };
+    let dir = fixture("wan-small");
     let tmp = tempfile::tempdir().unwrap();
     // A threshold no metric reaches: call 0 computes, every later call skips.
     let manifest_path = convert(
@@ -545,10 +541,9 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
 
 /// Bad options and models without the block structure are refused by name, with nothing written.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn bad_options_and_models_are_refused() {
-    let Some(dir) = fixture("wan-small") else {
-        return;
-    };
+    let dir = fixture("wan-small");
     let tmp = tempfile::tempdir().unwrap();
     let (ckpt, recipe, out) = (dir.join("ckpt"), recipe(), tmp.path().join("o"));
     let base = convert_args(
@@ -577,16 +572,14 @@ fn bad_options_and_models_are_refused() {
         assert!(!out.exists(), "{sets:?}: nothing may be written");
     }
     // latte-tiny's temporal blocks start from the spatial blocks' output plus a positional embedding.
-    if let Some(latte) = fixture("latte-tiny") {
-        let onnx = latte.join("model.onnx");
-        let args = convert_args(
-            onnx.to_str().unwrap(),
-            out.to_str().unwrap(),
-            recipe.to_str().unwrap(),
-        );
-        assert_refused(&args[..7], &["not chained by one residual stream"]);
-        assert!(!out.exists());
-    }
+    let onnx = common::demo().join("model.onnx");
+    let args = convert_args(
+        onnx.to_str().unwrap(),
+        out.to_str().unwrap(),
+        recipe.to_str().unwrap(),
+    );
+    assert_refused(&args[..7], &["not chained by one residual stream"]);
+    assert!(!out.exists());
     // A graph without transformer blocks.
     let plain = {
         let graph = ditc::ir::Graph {

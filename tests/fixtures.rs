@@ -1,73 +1,101 @@
 //! The real fixtures: both exporters' graphs, inline and external weights, against PyTorch outputs.
+//! latte-tiny's `model.onnx` runs from the demo copy in `examples/` (always); the others need
+//! `../shared/fixtures` and are reported as ignored without it.
 
 mod common;
 
-use common::{ditc, ditc_ok, fixtures, GRAPH_FILES, MODELS};
+use std::path::Path;
+
+use common::{demo, ditc_ok, fixture_graphs_beyond_the_demo, fixtures};
 use ditc::onnx::read_model;
 use ditc::tensors::read_safetensors;
 
-/// tract's outputs on every case of `io.safetensors` match PyTorch's to relative error 1e-4.
+/// tract's outputs on every case of `io.safetensors` match PyTorch's to relative error 1e-4: the demo
+/// model (always), then every other fixture graph.
 #[test]
+fn tract_matches_pytorch_on_the_demo_model() {
+    let dir = demo();
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let model = read_model(&dir.join("model.onnx")).unwrap();
+    common::assert_matches_reference(&model, &io, "latte-tiny/model.onnx (demo)");
+}
+
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn tract_matches_pytorch_reference_outputs() {
-    let Some(dir) = fixtures() else { return };
-    for m in MODELS {
+    let dir = fixtures();
+    for (m, file) in fixture_graphs_beyond_the_demo() {
         let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
-        for file in GRAPH_FILES {
-            let model = read_model(&dir.join(m).join(file)).unwrap();
-            common::assert_matches_reference(&model, &io, &format!("{m}/{file}"));
-        }
+        let model = read_model(&dir.join(m).join(file)).unwrap();
+        common::assert_matches_reference(&model, &io, &format!("{m}/{file}"));
     }
 }
 
-/// `ditc convert` then `ditc verify` against the original: relative error at most 1e-6.
+/// `ditc convert` of `src` then `ditc verify` against it on case 2 of `io`: relative error at most 1e-6.
+fn assert_convert_then_verify_is_exact(src: &Path, io: &Path, out: &Path) {
+    ditc_ok(&[
+        "convert",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(
+        out.join("model.onnx.data").is_file(),
+        "weights go to external data"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format"], "ditc-manifest");
+    assert_eq!(manifest["files"][0]["path"], "model.onnx");
+    let converted = out.join("model.onnx");
+    let stdout = ditc_ok(&[
+        "verify",
+        converted.to_str().unwrap(),
+        src.to_str().unwrap(),
+        "--inputs",
+        io.to_str().unwrap(),
+        "--prefix",
+        "2.",
+        "--tolerance",
+        "1e-6",
+        "--json",
+    ]);
+    let rows: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    let max_rel = rows[0]["max_rel"].as_f64().unwrap();
+    assert!(max_rel <= 1e-6, "{}: {max_rel}", src.display());
+}
+
 #[test]
-fn convert_then_verify_is_exact() {
-    let Some(dir) = fixtures() else { return };
+fn convert_then_verify_is_exact_on_the_demo_model() {
     let tmp = tempfile::tempdir().unwrap();
-    for m in MODELS {
-        for file in GRAPH_FILES {
-            let src = dir.join(m).join(file);
-            let out = tmp.path().join(format!("{m}-{file}"));
-            ditc_ok(&[
-                "convert",
-                src.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--no-progress",
-            ]);
-            assert!(
-                out.join("model.onnx.data").is_file(),
-                "weights go to external data"
-            );
-            let manifest: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-            assert_eq!(manifest["format"], "ditc-manifest");
-            assert_eq!(manifest["files"][0]["path"], "model.onnx");
-            let converted = out.join("model.onnx");
-            let io = dir.join(m).join("io.safetensors");
-            let stdout = ditc_ok(&[
-                "verify",
-                converted.to_str().unwrap(),
-                src.to_str().unwrap(),
-                "--inputs",
-                io.to_str().unwrap(),
-                "--prefix",
-                "2.",
-                "--tolerance",
-                "1e-6",
-                "--json",
-            ]);
-            let rows: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
-            let max_rel = rows[0]["max_rel"].as_f64().unwrap();
-            assert!(max_rel <= 1e-6, "{m}/{file}: {max_rel}");
-        }
+    let dir = demo();
+    assert_convert_then_verify_is_exact(
+        &dir.join("model.onnx"),
+        &dir.join("io.safetensors"),
+        &tmp.path().join("demo"),
+    );
+}
+
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn convert_then_verify_is_exact() {
+    let dir = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    for (m, file) in fixture_graphs_beyond_the_demo() {
+        assert_convert_then_verify_is_exact(
+            &dir.join(m).join(file),
+            &dir.join(m).join("io.safetensors"),
+            &tmp.path().join(format!("{m}-{file}")),
+        );
     }
 }
 
 /// Converting twice gives byte-identical bundles (manifest included).
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn conversion_is_deterministic() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let src = dir.join("wan-tiny/model.dynamo.onnx");
     let mut outputs = Vec::new();
@@ -99,47 +127,34 @@ fn kinds(report: &serde_json::Value) -> std::collections::BTreeMap<String, usize
     counts
 }
 
-/// `ditc inspect --json` finds every attention site with the right kind, for both exporters.
-#[test]
-fn inspect_classifies_fixture_attention() {
-    let Some(dir) = fixtures() else { return };
-    // (model, sites per kind, blocks)
-    type Expected<'a> = (&'a str, &'a [(&'a str, usize)], usize);
-    let expected: [Expected; 3] = [
-        (
-            "latte-tiny",
-            &[("cross", 4), ("spatial", 4), ("temporal", 4)],
-            8,
-        ),
-        ("dit-tiny", &[("spatial", 3)], 3),
-        ("wan-tiny", &[("cross", 3), ("full", 3)], 3),
-    ];
-    for (m, want, blocks) in expected {
-        for file in GRAPH_FILES {
-            let path = dir.join(m).join(file);
-            let stdout = ditc_ok(&["inspect", path.to_str().unwrap(), "--json"]);
-            let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
-            let got = kinds(&report);
-            let want: std::collections::BTreeMap<String, usize> =
-                want.iter().map(|(k, n)| (k.to_string(), *n)).collect();
-            assert_eq!(got, want, "{m}/{file}");
-            assert_eq!(
-                report["blocks"].as_array().unwrap().len(),
-                blocks,
-                "{m}/{file} blocks"
-            );
-            for site in report["attention"].as_array().unwrap() {
-                assert_eq!(site["traced"], true, "{m}/{file}: {site}");
-                assert_eq!(site["heads"], 4, "{m}/{file}: 4 heads x 16");
-                assert_eq!(site["head_dim"], 16);
-            }
-        }
+/// `ditc inspect --json` on `path`: sites per kind (all traced, 4 heads x 16) and the number of blocks.
+fn assert_inspect_finds(path: &Path, want: &[(&str, usize)], blocks: usize) -> serde_json::Value {
+    let what = path.display();
+    let stdout = ditc_ok(&["inspect", path.to_str().unwrap(), "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    let want: std::collections::BTreeMap<String, usize> =
+        want.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+    assert_eq!(kinds(&report), want, "{what}");
+    assert_eq!(
+        report["blocks"].as_array().unwrap().len(),
+        blocks,
+        "{what} blocks"
+    );
+    for site in report["attention"].as_array().unwrap() {
+        assert_eq!(site["traced"], true, "{what}: {site}");
+        assert_eq!(site["heads"], 4, "{what}: 4 heads x 16");
+        assert_eq!(site["head_dim"], 16);
     }
+    report
+}
+
+const LATTE_SITES: [(&str, usize); 3] = [("cross", 4), ("spatial", 4), ("temporal", 4)];
+
+/// `ditc inspect --json` finds every attention site of the demo model with the right kind and geometry.
+#[test]
+fn inspect_classifies_the_demo_model() {
+    let report = assert_inspect_finds(&demo().join("model.onnx"), &LATTE_SITES, 8);
     // Geometry of Latte's sites: 8 frames of 8x8 patches, 4 caption tokens.
-    let path = dir.join("latte-tiny/model.onnx");
-    let report: serde_json::Value =
-        serde_json::from_slice(&ditc(&["inspect", path.to_str().unwrap(), "--json"]).stdout)
-            .unwrap();
     for site in report["attention"].as_array().unwrap() {
         let (q, k, batch) = (&site["query_len"], &site["key_len"], &site["batch"]);
         match site["kind"].as_str().unwrap() {
@@ -154,4 +169,20 @@ fn inspect_classifies_fixture_attention() {
         assert_eq!(site["flops"].as_u64().unwrap(), flops);
     }
     assert_eq!(report["parameters"]["count"], 521552);
+}
+
+/// The same for every other fixture graph, both exporters.
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn inspect_classifies_fixture_attention() {
+    let dir = fixtures();
+    for (m, file) in fixture_graphs_beyond_the_demo() {
+        let (want, blocks): (&[(&str, usize)], usize) = match m {
+            "latte-tiny" => (&LATTE_SITES, 8),
+            "dit-tiny" => (&[("spatial", 3)], 3),
+            "wan-tiny" => (&[("cross", 3), ("full", 3)], 3),
+            other => panic!("no expectation for {other}"),
+        };
+        assert_inspect_finds(&dir.join(m).join(file), want, blocks);
+    }
 }

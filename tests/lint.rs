@@ -98,9 +98,170 @@ fn unsupported_ops() {
     assert_flags(&m, "unsupported-op", "mmi");
 }
 
+/// x -> Q(sq, zq) -> DQ(sd, zd) -> y: each node has its own scale and zero point, so one bad constant
+/// is exactly one violation.
+fn qdq_with(sq: Tensor, zq: Tensor, sd: Tensor, zd: Tensor) -> Model {
+    let names = [&sq, &zq, &sd, &zd].map(|t| t.name.clone());
+    model(
+        vec![
+            Node::new("q", "QuantizeLinear", &["x", &names[0], &names[1]], &["xq"]),
+            Node::new(
+                "dq",
+                "DequantizeLinear",
+                &["xq", &names[2], &names[3]],
+                &["y"],
+            ),
+        ],
+        vec![sq, zq, sd, zd],
+        17,
+    )
+}
+
+/// The one violation `m` has; it must be of `rule`, on `node`, and its message must contain `text`.
+fn assert_only(m: &Model, rule: &str, node: &str, text: &str) {
+    let found = lint(m, Target::Trt10, None);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected only {rule} on '{node}': {found:?}"
+    );
+    let v = &found[0];
+    assert_eq!((v.rule, v.node.as_str()), (rule, node), "{v:?}");
+    assert!(
+        v.message.contains(text),
+        "expected '{text}' in: {}",
+        v.message
+    );
+}
+
+fn zero() -> Tensor {
+    i8s("zq", vec![], &[0])
+}
+
 #[test]
-fn zero_points_must_be_zero() {
-    assert_flags(&qdq(i8s("z", vec![], &[3])), "qdq-zero-point", "q");
+fn separate_good_scales_and_zero_points_conform() {
+    let m = qdq_with(
+        scalar("sq", 0.1),
+        zero(),
+        scalar("sd", 1e-30),
+        i8s("zd", vec![], &[0]),
+    );
+    assert_eq!(rules(&m), vec![]);
+}
+
+#[test]
+fn quantize_zero_points_must_be_zero() {
+    let m = qdq_with(
+        scalar("sq", 0.1),
+        i8s("zq", vec![], &[3]),
+        scalar("sd", 0.1),
+        i8s("zd", vec![], &[0]),
+    );
+    assert_only(&m, "qdq-zero-point", "q", "zero point 'zq' is 3:");
+}
+
+#[test]
+fn dequantize_zero_points_must_be_zero() {
+    let m = qdq_with(
+        scalar("sq", 0.1),
+        zero(),
+        scalar("sd", 0.1),
+        i8s("zd", vec![], &[-1]),
+    );
+    assert_only(&m, "qdq-zero-point", "dq", "zero point 'zd' is -1:");
+}
+
+#[test]
+fn per_channel_zero_points_name_the_first_nonzero_index() {
+    let w = weight_dequantize(
+        Tensor::from_f32("s", vec![3], &[0.1, 0.2, 0.3]),
+        i8s("z", vec![3], &[0, 0, 5]),
+    );
+    assert_only(
+        &w,
+        "qdq-zero-point",
+        "dqw",
+        "zero point 'z' is 5 at index 2 ([2])",
+    );
+}
+
+#[test]
+fn zero_scales_are_refused() {
+    let m = qdq_with(
+        scalar("sq", 0.0),
+        zero(),
+        scalar("sd", 0.1),
+        i8s("zd", vec![], &[0]),
+    );
+    assert_only(&m, "qdq-scale", "q", "scale 'sq' is 0:");
+}
+
+#[test]
+fn negative_scales_are_refused() {
+    let m = qdq_with(
+        scalar("sq", 0.1),
+        zero(),
+        scalar("sd", -0.5),
+        i8s("zd", vec![], &[0]),
+    );
+    assert_only(&m, "qdq-scale", "dq", "scale 'sd' is -0.5:");
+}
+
+#[test]
+fn nan_scales_are_refused() {
+    let m = qdq_with(
+        scalar("sq", f32::NAN),
+        zero(),
+        scalar("sd", 0.1),
+        i8s("zd", vec![], &[0]),
+    );
+    assert_only(&m, "qdq-scale", "q", "scale 'sq' is NaN:");
+}
+
+#[test]
+fn infinite_scales_are_refused() {
+    let m = qdq_with(
+        scalar("sq", 0.1),
+        zero(),
+        scalar("sd", f32::INFINITY),
+        i8s("zd", vec![], &[0]),
+    );
+    assert_only(&m, "qdq-scale", "dq", "scale 'sd' is +Inf:");
+}
+
+/// An INT8 weight w [3, 3] -> DequantizeLinear(s, z, axis 1) -> MatMul with x.
+fn weight_dequantize(s: Tensor, z: Tensor) -> Model {
+    model(
+        vec![
+            Node::new("dqw", "DequantizeLinear", &["w", "s", "z"], &["wd"])
+                .with_attr("axis", AttrValue::Int(1)),
+            Node::new("mm", "MatMul", &["x", "wd"], &["y"]),
+        ],
+        vec![s, z, i8s("w", vec![3, 3], &[1; 9])],
+        17,
+    )
+}
+
+#[test]
+fn per_channel_scales_name_the_bad_channel() {
+    let s = Tensor::from_f32("s", vec![3], &[0.1, 0.2, f32::NEG_INFINITY]);
+    let w = weight_dequantize(s, i8s("z", vec![3], &[0, 0, 0]));
+    assert_only(&w, "qdq-scale", "dqw", "scale 's' is -Inf at index 2 ([2])");
+}
+
+#[test]
+fn constant_node_scales_are_checked_too() {
+    let m = model(
+        vec![
+            Node::new("s", "Constant", &[], &["s"])
+                .with_attr("value", AttrValue::Tensor(scalar("s", 0.0))),
+            Node::new("q", "QuantizeLinear", &["x", "s", "zq"], &["xq"]),
+            Node::new("dq", "DequantizeLinear", &["xq", "sd", "zd"], &["y"]),
+        ],
+        vec![zero(), scalar("sd", 0.1), i8s("zd", vec![], &[0])],
+        17,
+    );
+    assert_only(&m, "qdq-scale", "q", "scale 's' is 0:");
 }
 
 #[test]
@@ -262,24 +423,60 @@ fn reduce_axes_must_be_initializers() {
     assert_flags(&m, "reduce-axes", "sum");
 }
 
-#[test]
-fn attention_without_past_or_softcap() {
-    let m = model(
-        vec![Node::new(
-            "attn",
-            "Attention",
-            &["x", "x", "x", "", "pk", "pv"],
-            &["y"],
-        )
-        .with_attr("softcap", AttrValue::Float(30.0))],
-        vec![],
+/// An opset-23 `Attention` node `attn` on `inputs`, among graph inputs `q`, `k`, `v`, `pk`, `pv` (4-D
+/// `[1, 2, 3, 4]`) and `q3` (3-D), with an optional softcap.
+fn attention_model(inputs: &[&str], softcap: Option<f32>) -> Model {
+    let dims = |rank: usize| vec![Dim::Value(2); rank];
+    let mut node = Node::new("attn", "Attention", inputs, &["y"]);
+    if let Some(c) = softcap {
+        node = node.with_attr("softcap", AttrValue::Float(c));
+    }
+    let mut graph_inputs: Vec<ValueInfo> = ["q", "k", "v", "pk", "pv"]
+        .iter()
+        .map(|n| ValueInfo::tensor(n, DataType::F32, dims(4)))
+        .collect();
+    graph_inputs.push(ValueInfo::tensor("q3", DataType::F32, dims(3)));
+    Model::new(
+        Graph {
+            inputs: graph_inputs,
+            outputs: vec![ValueInfo::tensor("y", DataType::F32, vec![])],
+            nodes: vec![node],
+            ..Graph::default()
+        },
         23,
-    );
-    let found = rules(&m);
-    assert!(
-        found.iter().filter(|(r, _)| *r == "attention").count() >= 3,
-        "past KV, softcap, rank: {found:?}"
-    );
+    )
+}
+
+/// `m` has exactly one violation: `rule` on `node`, its message giving the reason `why`.
+fn assert_single_violation(m: &Model, rule: &str, node: &str, why: &str) {
+    let found = lint(m, Target::Trt10, None);
+    assert_eq!(found.len(), 1, "expected one violation, got {found:?}");
+    let v = &found[0];
+    assert_eq!((v.rule, v.node.as_str()), (rule, node), "{v:?}");
+    assert!(v.message.contains(why), "expected '{why}' in: {v:?}");
+}
+
+#[test]
+fn attention_on_4d_inputs_without_past_or_softcap_conforms() {
+    assert_eq!(rules(&attention_model(&["q", "k", "v"], None)), vec![]);
+}
+
+#[test]
+fn attention_with_past_key_value_is_flagged() {
+    let m = attention_model(&["q", "k", "v", "", "pk", "pv"], None);
+    assert_single_violation(&m, "attention", "attn", "past key/value is not supported");
+}
+
+#[test]
+fn attention_with_softcap_is_flagged() {
+    let m = attention_model(&["q", "k", "v"], Some(30.0));
+    assert_single_violation(&m, "attention", "attn", "softcap is not supported");
+}
+
+#[test]
+fn attention_on_3d_inputs_is_flagged() {
+    let m = attention_model(&["q3", "k", "v"], None);
+    assert_single_violation(&m, "attention", "attn", "input 'q3' must be 4-D");
 }
 
 #[test]

@@ -37,12 +37,13 @@ fn values(name: &str, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A checkpoint folder with `shapes` filled by [`values`], except the overrides (name -> constant).
+/// A checkpoint folder with `shapes` filled by [`values`], those named in `scale` multiplied by its
+/// factor.
 fn write_checkpoint(
     dir: &Path,
     config: &serde_json::Value,
     shapes: &Shapes,
-    constant: &BTreeMap<&str, f32>,
+    scale: &BTreeMap<&str, f32>,
 ) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -50,10 +51,8 @@ fn write_checkpoint(
         .iter()
         .map(|(name, dims)| {
             let n = dims.iter().product::<i64>() as usize;
-            let v = match constant.get(name.as_str()) {
-                Some(&c) => vec![c; n],
-                None => values(name, n),
-            };
+            let factor = scale.get(name.as_str()).copied().unwrap_or(1.0);
+            let v: Vec<f32> = values(name, n).iter().map(|v| v * factor).collect();
             let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
             (
                 name.clone(),
@@ -147,6 +146,111 @@ fn modulate(x: &[f64], scale: &[f64], shift: &[f64]) -> Vec<f64> {
         .zip(scale)
         .zip(shift)
         .map(|((v, s), t)| v * (1.0 + s) + t)
+        .collect()
+}
+
+/// Softmax attention per head: `q` [Sq][heads * d] against `k`, `v` [Sk][heads * d], scores scaled by
+/// 1/sqrt(d). Fails if the attention is nearly uniform: inputs that make it so (zero queries, one key)
+/// could not tell softmax attention from a plain mean of the values.
+fn softmax_attention(
+    q: &[Vec<f64>],
+    k: &[Vec<f64>],
+    v: &[Vec<f64>],
+    heads: usize,
+) -> Vec<Vec<f64>> {
+    let d = q[0].len() / heads;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut peak = 0f64;
+    let out = q
+        .iter()
+        .map(|qi| {
+            let mut out = vec![0.0; qi.len()];
+            for h in 0..heads {
+                let r = h * d..(h + 1) * d;
+                let scores: Vec<f64> = k
+                    .iter()
+                    .map(|kj| scale * dot(&qi[r.clone()], &kj[r.clone()]))
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (ej, vj) in e.iter().zip(v) {
+                    peak = peak.max(ej / z);
+                    for c in r.clone() {
+                        out[c] += ej / z * vj[c];
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    eprintln!(
+        "attention over {} keys: largest weight {peak:.3} (uniform {:.3})",
+        k.len(),
+        1.0 / k.len() as f64
+    );
+    assert!(
+        peak > 2.0 / k.len() as f64,
+        "attention over {} keys is nearly uniform (largest weight {peak})",
+        k.len()
+    );
+    out
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// diffusers' `Attention` at `path` (weights from `w`): to_q on `x`, to_k and to_v on `context`, for
+/// CogVideoX's `qk_norm` a LayerNorm (eps 1e-6, `norm_q` / `norm_k` weights) of each head of q and k,
+/// softmax attention, to_out.0.
+fn attention_module(
+    w: &dyn Fn(&str) -> Vec<f64>,
+    path: &str,
+    (x, context): (&[Vec<f64>], &[Vec<f64>]),
+    heads: usize,
+    qk_norm: bool,
+) -> Vec<Vec<f64>> {
+    let linear = |m: &str, rows: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        let (wt, b) = (
+            w(&format!("{path}.{m}.weight")),
+            w(&format!("{path}.{m}.bias")),
+        );
+        rows.iter().map(|r| affine(&wt, &b, r)).collect()
+    };
+    let head_norm = |n: &str, rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+        if !qk_norm {
+            return rows;
+        }
+        let (g, b) = (
+            w(&format!("{path}.{n}.weight")),
+            w(&format!("{path}.{n}.bias")),
+        );
+        rows.iter()
+            .map(|r| {
+                r.chunks(g.len())
+                    .flat_map(|h| layer_norm(h, 1e-6, Some((&g, &b))))
+                    .collect()
+            })
+            .collect()
+    };
+    let q = head_norm("norm_q", linear("to_q", x));
+    let k = head_norm("norm_k", linear("to_k", context));
+    let v = linear("to_v", context);
+    linear("to_out.0", &softmax_attention(&q, &k, &v, heads))
+}
+
+/// `x + gate * y`, row by row.
+fn gated_add(x: &[Vec<f64>], gate: &[f64], y: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    x.iter()
+        .zip(y)
+        .map(|(xr, yr)| {
+            xr.iter()
+                .zip(gate)
+                .zip(yr)
+                .map(|((a, g), b)| a + g * b)
+                .collect()
+        })
         .collect()
 }
 
@@ -299,79 +403,75 @@ fn pixart_tiny_parameters_shapes_and_kinds() {
     assert_eq!(report["blocks"].as_array().unwrap().len(), 2);
 }
 
-/// Block 0 in closed form. With the adaLN projection zeroed the modulation is the block's own table;
-/// with to_q zeroed, self-attention is uniform (the mean of the values); with one caption token,
-/// cross-attention's softmax is 1, so it is to_out(to_v(context)) for every patch.
+/// Block 0 in closed form on general inputs (random weights, nothing zeroed): the modulation from the
+/// graph's timestep embedding through `adaln_single.linear` plus the block's table, softmax
+/// self-attention over the 16 patches, cross-attention to 5 caption tokens, the feed-forward.
 #[test]
 fn pixart_block_matches_closed_form() {
     let tmp = tempfile::tempdir().unwrap();
-    let zero: BTreeMap<&str, f32> = [
-        ("adaln_single.linear.weight", 0.0),
-        ("adaln_single.linear.bias", 0.0),
-        ("transformer_blocks.0.attn1.to_q.weight", 0.0),
-        ("transformer_blocks.0.attn1.to_q.bias", 0.0),
-    ]
-    .into();
-    write_checkpoint(tmp.path(), &pixart_config(), &pixart_shapes(2), &zero);
+    write_checkpoint(
+        tmp.path(),
+        &pixart_config(),
+        &pixart_shapes(2),
+        &BTreeMap::new(),
+    );
     let ckpt = Checkpoint::open(tmp.path()).unwrap();
+    let text = 5;
     let model = build_model(
         &ckpt,
         &BuildOptions {
-            text_len: Some(1),
+            text_len: Some(text as i64),
             ..Default::default()
         },
     )
     .unwrap();
-    let (x_in, ctx_in, x_out) = (
+    let probes = [
         "pos_embed/add",
         "caption_projection.linear_2/unflatten",
+        "adaln_single.emb.timestep_embedder.linear_2",
         "transformer_blocks.0.ff/residual",
+    ];
+    let got = run_probed(&model, &pixart_inputs(text), &probes);
+    let d = D as usize;
+    let x = rows(&got[probes[0]], d);
+    let ctx = rows(&got[probes[1]], d);
+    assert_eq!((x.len(), ctx.len()), (16, text));
+    let emb: Vec<f64> = got[probes[2]].iter().map(|&v| silu(v as f64)).collect();
+    let t6 = affine(
+        &weight(&ckpt, "adaln_single.linear.weight"),
+        &weight(&ckpt, "adaln_single.linear.bias"),
+        &emb,
     );
-    let got = run_probed(&model, &pixart_inputs(1), &[x_in, ctx_in, x_out]);
-    let x = rows(&got[x_in], D as usize);
-    let ctx = rows(&got[ctx_in], D as usize).remove(0);
     let w = |n: &str| weight(&ckpt, &format!("transformer_blocks.0.{n}"));
     let table = w("scale_shift_table");
-    let m: Vec<&[f64]> = table.chunks(D as usize).collect(); // shift, scale, gate (msa), shift, scale, gate (mlp)
-    let values: Vec<Vec<f64>> = x
+    // shift, scale, gate (msa), shift, scale, gate (mlp): the table's rows plus the timestep's.
+    let m: Vec<Vec<f64>> = table
+        .chunks(d)
+        .zip(t6.chunks(d))
+        .map(|(a, b)| a.iter().zip(b).map(|(a, b)| a + b).collect())
+        .collect();
+    let n1: Vec<Vec<f64>> = x
+        .iter()
+        .map(|t| modulate(&layer_norm(t, 1e-6, None), &m[1], &m[0]))
+        .collect();
+    let attn1 = attention_module(&w, "attn1", (&n1, &n1), 2, false);
+    let h = gated_add(&x, &m[2], &attn1);
+    // adaLN-single: cross-attention reads the un-normalised stream.
+    let attn2 = attention_module(&w, "attn2", (&h, &ctx), 2, false);
+    let h = gated_add(&h, &vec![1.0; d], &attn2);
+    let ff: Vec<Vec<f64>> = h
         .iter()
         .map(|t| {
-            affine(
-                &w("attn1.to_v.weight"),
-                &w("attn1.to_v.bias"),
-                &modulate(&layer_norm(t, 1e-6, None), m[1], m[0]),
-            )
-        })
-        .collect();
-    let mean: Vec<f64> = (0..D as usize)
-        .map(|k| values.iter().map(|v| v[k]).sum::<f64>() / values.len() as f64)
-        .collect();
-    let attn1 = affine(
-        &w("attn1.to_out.0.weight"),
-        &w("attn1.to_out.0.bias"),
-        &mean,
-    );
-    let cross = affine(
-        &w("attn2.to_out.0.weight"),
-        &w("attn2.to_out.0.bias"),
-        &affine(&w("attn2.to_v.weight"), &w("attn2.to_v.bias"), &ctx),
-    );
-    let want: Vec<Vec<f64>> = x
-        .iter()
-        .map(|t| {
-            let h: Vec<f64> = (0..D as usize)
-                .map(|k| t[k] + m[2][k] * attn1[k] + cross[k])
-                .collect();
-            let hn = modulate(&layer_norm(&h, 1e-6, None), m[4], m[3]);
+            let hn = modulate(&layer_norm(t, 1e-6, None), &m[4], &m[3]);
             let up: Vec<f64> = affine(&w("ff.net.0.proj.weight"), &w("ff.net.0.proj.bias"), &hn)
                 .into_iter()
                 .map(gelu_tanh)
                 .collect();
-            let ff = affine(&w("ff.net.2.weight"), &w("ff.net.2.bias"), &up);
-            (0..D as usize).map(|k| h[k] + m[5][k] * ff[k]).collect()
+            affine(&w("ff.net.2.weight"), &w("ff.net.2.bias"), &up)
         })
         .collect();
-    assert_close(&got[x_out], &want, "PixArt block 0");
+    let want = gated_add(&h, &m[5], &ff);
+    assert_close(&got[probes[3]], &want, "PixArt block 0");
 }
 
 // --- CogVideoX -------------------------------------------------------------------------------------
@@ -481,18 +581,25 @@ fn cogvideox_tiny_parameters_shapes_and_kinds() {
     assert_eq!(report["inputs"][0]["name"], "hidden_states");
 }
 
-/// Block 0 in closed form: to_q and norm_q's bias zeroed make q = 0, so joint attention is the mean
-/// of the values over all text and video tokens; everything else is per-token arithmetic.
+/// Block 0 in closed form on general inputs (random weights, nothing zeroed): the adaLN modulations
+/// from the graph's timestep embedding, softmax joint attention over 3 text + 36 video tokens with
+/// per-head LayerNorm on q and k, the feed-forward; everything in f64 here. The q/k norms' gains are
+/// scaled up (x4, into [-2, 2)): with gains in [-0.5, 0.5) the scores of unit-norm heads are so small
+/// that the attention is nearly uniform.
 #[test]
 fn cogvideox_block_matches_closed_form() {
     let tmp = tempfile::tempdir().unwrap();
-    let zero: BTreeMap<&str, f32> = [
-        ("transformer_blocks.0.attn1.to_q.weight", 0.0),
-        ("transformer_blocks.0.attn1.to_q.bias", 0.0),
-        ("transformer_blocks.0.attn1.norm_q.bias", 0.0),
+    let sharper: BTreeMap<&str, f32> = [
+        ("transformer_blocks.0.attn1.norm_q.weight", 4.0),
+        ("transformer_blocks.0.attn1.norm_k.weight", 4.0),
     ]
     .into();
-    write_checkpoint(tmp.path(), &cogvideox_config(), &cogvideox_shapes(2), &zero);
+    write_checkpoint(
+        tmp.path(),
+        &cogvideox_config(),
+        &cogvideox_shapes(2),
+        &sharper,
+    );
     let ckpt = Checkpoint::open(tmp.path()).unwrap();
     let model = build_model(&ckpt, &BuildOptions::default()).unwrap();
     let probes = [
@@ -506,6 +613,7 @@ fn cogvideox_block_matches_closed_form() {
     let c = C as usize;
     let video = rows(&got[probes[0]], c);
     let text = rows(&got[probes[1]], c);
+    assert_eq!((text.len(), video.len()), (3, 36));
     let temb: Vec<f64> = got[probes[2]].iter().map(|&v| v as f64).collect();
     let w = |n: &str| weight(&ckpt, &format!("transformer_blocks.0.{n}"));
     let mods = |n: &str| -> Vec<Vec<f64>> {
@@ -516,51 +624,38 @@ fn cogvideox_block_matches_closed_form() {
         );
         m.chunks(c).map(<[f64]>::to_vec).collect()
     };
-    let norm = |n: &str, x: &[f64], scale: &[f64], shift: &[f64]| {
+    // norm1 (video: shift, scale, gate = m[0..3]; text: m[3..6]) on the joint [text, video] sequence.
+    let joint = |n: &str, m: &[Vec<f64>], text: &[Vec<f64>], video: &[Vec<f64>]| {
         let (g, b) = (w(&format!("{n}.norm.weight")), w(&format!("{n}.norm.bias")));
-        modulate(&layer_norm(x, 1e-5, Some((&g, &b))), scale, shift)
+        let norm = |x: &[f64], scale: &[f64], shift: &[f64]| {
+            modulate(&layer_norm(x, 1e-5, Some((&g, &b))), scale, shift)
+        };
+        text.iter()
+            .map(|t| norm(t, &m[4], &m[3]))
+            .chain(video.iter().map(|v| norm(v, &m[1], &m[0])))
+            .collect::<Vec<_>>()
     };
-    // norm1 + joint attention (uniform: q = 0).
     let m = mods("norm1");
-    let joint: Vec<Vec<f64>> = text
-        .iter()
-        .map(|t| norm("norm1", t, &m[4], &m[3]))
-        .chain(video.iter().map(|v| norm("norm1", v, &m[1], &m[0])))
-        .collect();
-    let vals: Vec<Vec<f64>> = joint
-        .iter()
-        .map(|j| affine(&w("attn1.to_v.weight"), &w("attn1.to_v.bias"), j))
-        .collect();
-    let mean: Vec<f64> = (0..c)
-        .map(|k| vals.iter().map(|v| v[k]).sum::<f64>() / vals.len() as f64)
-        .collect();
-    let attn = affine(
-        &w("attn1.to_out.0.weight"),
-        &w("attn1.to_out.0.bias"),
-        &mean,
-    );
-    let add = |x: &[f64], gate: &[f64], y: &[f64]| -> Vec<f64> {
-        (0..c).map(|k| x[k] + gate[k] * y[k]).collect()
-    };
-    let video: Vec<Vec<f64>> = video.iter().map(|v| add(v, &m[2], &attn)).collect();
-    let text: Vec<Vec<f64>> = text.iter().map(|t| add(t, &m[5], &attn)).collect();
+    let x = joint("norm1", &m, &text, &video);
+    let attn = attention_module(&w, "attn1", (&x, &x), 2, true);
+    let (attn_text, attn_video) = attn.split_at(text.len());
+    let video = gated_add(&video, &m[2], attn_video);
+    let text = gated_add(&text, &m[5], attn_text);
     // norm2 + feed-forward per token.
     let m = mods("norm2");
-    let ff = |x: &[f64]| {
-        let up: Vec<f64> = affine(&w("ff.net.0.proj.weight"), &w("ff.net.0.proj.bias"), x)
-            .into_iter()
-            .map(gelu_tanh)
-            .collect();
-        affine(&w("ff.net.2.weight"), &w("ff.net.2.bias"), &up)
-    };
-    let want_video: Vec<Vec<f64>> = video
+    let ff: Vec<Vec<f64>> = joint("norm2", &m, &text, &video)
         .iter()
-        .map(|v| add(v, &m[2], &ff(&norm("norm2", v, &m[1], &m[0]))))
+        .map(|x| {
+            let up: Vec<f64> = affine(&w("ff.net.0.proj.weight"), &w("ff.net.0.proj.bias"), x)
+                .into_iter()
+                .map(gelu_tanh)
+                .collect();
+            affine(&w("ff.net.2.weight"), &w("ff.net.2.bias"), &up)
+        })
         .collect();
-    let want_text: Vec<Vec<f64>> = text
-        .iter()
-        .map(|t| add(t, &m[5], &ff(&norm("norm2", t, &m[4], &m[3]))))
-        .collect();
+    let (ff_text, ff_video) = ff.split_at(text.len());
+    let want_video = gated_add(&video, &m[2], ff_video);
+    let want_text = gated_add(&text, &m[5], ff_text);
     assert_close(&got[probes[3]], &want_video, "CogVideoX block 0 (video)");
     assert_close(&got[probes[4]], &want_text, "CogVideoX block 0 (text)");
 }
@@ -571,10 +666,9 @@ fn cogvideox_block_matches_closed_form() {
 /// what the builders consume: no missing, misshapen or unexpected tensor. Weights are slices of a sparse
 /// file (never touched), so 14B parameters cost no memory.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn real_model_layouts_are_accepted() {
-    let Some(dir) = common::fixtures() else {
-        return;
-    };
+    let dir = common::fixtures();
     for (file, opts) in [
         (
             "latte-1.json",

@@ -3,69 +3,87 @@
 
 mod common;
 
-use common::{case, ditc_ok, fixtures, named};
+use std::path::{Path, PathBuf};
+
+use common::{case, demo, ditc_ok, fixtures, named};
 use ditc::checkpoint::Checkpoint;
 use ditc::metrics::compare;
 use ditc::models::{build_model, BuildOptions, TimestepDtype};
 use ditc::runtime::TractRunner;
 use ditc::tensors::read_safetensors;
 
-/// (fixture, shape options matching its io.safetensors)
-fn fixture_shapes() -> [(&'static str, BuildOptions); 3] {
-    [
-        (
-            "latte-tiny",
-            BuildOptions {
-                text_len: Some(4),
-                ..Default::default()
-            },
-        ),
-        ("dit-tiny", BuildOptions::default()),
-        (
-            "wan-tiny",
-            BuildOptions {
-                frames: Some(5),
-                height: Some(16),
-                width: Some(16),
-                text_len: Some(8),
-                ..Default::default()
-            },
-        ),
-    ]
+/// The fixtures other than latte-tiny, whose copy is the demo model (`examples/latte-tiny`).
+const BEYOND_THE_DEMO: [&str; 2] = ["dit-tiny", "wan-tiny"];
+
+/// The folder of fixture `m`: the demo copy for latte-tiny (no need for `../shared/fixtures`).
+fn model_dir(m: &str) -> PathBuf {
+    match m {
+        "latte-tiny" => demo(),
+        _ => fixtures().join(m),
+    }
 }
 
-/// The built graph reproduces PyTorch's outputs on all five cases to relative error 1e-4, with the
-/// family's default timestep type (int64 for Latte and DiT, float32 for Wan) and with the other one.
+/// Shape options matching fixture `m`'s io.safetensors.
+fn fixture_shapes(m: &str) -> BuildOptions {
+    match m {
+        "latte-tiny" => BuildOptions {
+            text_len: Some(4),
+            ..Default::default()
+        },
+        "wan-tiny" => BuildOptions {
+            frames: Some(5),
+            height: Some(16),
+            width: Some(16),
+            text_len: Some(8),
+            ..Default::default()
+        },
+        _ => BuildOptions::default(),
+    }
+}
+
+/// The graph built from fixture `m`'s checkpoint reproduces PyTorch's outputs on all five cases to
+/// relative error 1e-4, with the family's default timestep type (int64 for Latte and DiT, float32 for
+/// Wan) and with the other one.
+fn assert_built_graph_matches_pytorch(m: &str) {
+    let dir = model_dir(m);
+    let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let default = if m == "wan-tiny" {
+        TimestepDtype::Float32
+    } else {
+        TimestepDtype::Int64
+    };
+    let other = match default {
+        TimestepDtype::Int64 => TimestepDtype::Float32,
+        TimestepDtype::Float32 => TimestepDtype::Int64,
+    };
+    for (dtype, given) in [(default, None), (other, Some(other))] {
+        let opts = BuildOptions {
+            timestep_dtype: given,
+            ..fixture_shapes(m)
+        };
+        let model = build_model(&ckpt, &opts).unwrap();
+        let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
+        assert_eq!(
+            timestep.unwrap().dtype(),
+            Some(dtype.into()),
+            "{m} {given:?}"
+        );
+        let label = format!("{m} built from ckpt, timestep {dtype:?}");
+        common::assert_matches_reference(&model, &io, &label);
+    }
+}
+
 #[test]
+fn built_latte_graph_matches_pytorch_reference_outputs() {
+    assert_built_graph_matches_pytorch("latte-tiny");
+}
+
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn built_graphs_match_pytorch_reference_outputs() {
-    let Some(dir) = fixtures() else { return };
-    for (m, opts) in fixture_shapes() {
-        let ckpt = Checkpoint::open(&dir.join(m).join("ckpt")).unwrap();
-        let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
-        let default = if m == "wan-tiny" {
-            TimestepDtype::Float32
-        } else {
-            TimestepDtype::Int64
-        };
-        let other = match default {
-            TimestepDtype::Int64 => TimestepDtype::Float32,
-            TimestepDtype::Float32 => TimestepDtype::Int64,
-        };
-        for (dtype, given) in [(default, None), (other, Some(other))] {
-            let opts = BuildOptions {
-                timestep_dtype: given,
-                ..opts.clone()
-            };
-            let model = build_model(&ckpt, &opts).unwrap();
-            let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
-            assert_eq!(
-                timestep.unwrap().dtype(),
-                Some(dtype.into()),
-                "{m} {given:?}"
-            );
-            let label = format!("{m} built from ckpt, timestep {dtype:?}");
-            common::assert_matches_reference(&model, &io, &label);
-        }
+    for m in BEYOND_THE_DEMO {
+        assert_built_graph_matches_pytorch(m);
     }
 }
 
@@ -109,85 +127,106 @@ fn sites(report: &serde_json::Value) -> Vec<String> {
 }
 
 /// `ditc inspect DIR` finds the same attention sites, kinds and blocks as in torch's ONNX export.
+fn assert_attention_map_of_the_onnx_export(m: &str) {
+    let dir = model_dir(m);
+    let ckpt = dir.join("ckpt");
+    let mut args = vec![ckpt.to_str().unwrap()];
+    args.extend(shape_flags(m));
+    let built = inspect_json(&args);
+    let exported = inspect_json(&[dir.join("model.onnx").to_str().unwrap()]);
+    assert_eq!(sites(&built), sites(&exported), "{m}");
+    assert!(!sites(&built).is_empty());
+    let blocks = |r: &serde_json::Value| r["blocks"].as_array().unwrap().len();
+    assert_eq!(blocks(&built), blocks(&exported), "{m} blocks");
+    // Sites are named by module path.
+    let anchor = built["attention"][0]["anchor"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(anchor.contains(".attn1"), "{m}: {anchor}");
+}
+
 #[test]
+fn built_latte_graph_has_the_attention_map_of_the_onnx_export() {
+    assert_attention_map_of_the_onnx_export("latte-tiny");
+}
+
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn built_graphs_have_the_attention_map_of_the_onnx_export() {
-    let Some(dir) = fixtures() else { return };
-    for m in ["latte-tiny", "dit-tiny", "wan-tiny"] {
-        let ckpt = dir.join(m).join("ckpt");
-        let mut args = vec![ckpt.to_str().unwrap()];
-        args.extend(shape_flags(m));
-        let built = inspect_json(&args);
-        let exported = inspect_json(&[dir.join(m).join("model.onnx").to_str().unwrap()]);
-        assert_eq!(sites(&built), sites(&exported), "{m}");
-        assert!(!sites(&built).is_empty());
-        let blocks = |r: &serde_json::Value| r["blocks"].as_array().unwrap().len();
-        assert_eq!(blocks(&built), blocks(&exported), "{m} blocks");
-        // Sites are named by module path.
-        let anchor = built["attention"][0]["anchor"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        assert!(anchor.contains(".attn1"), "{m}: {anchor}");
+    for m in BEYOND_THE_DEMO {
+        assert_attention_map_of_the_onnx_export(m);
     }
 }
 
 /// `ditc convert DIR` writes a bundle that a second graph (torch's export) agrees with under `verify`,
 /// and whose parameters are exactly the checkpoint's tensors.
+fn assert_converted_checkpoint_agrees_with_the_exported_graph(m: &str, tmp: &Path) {
+    let dir = model_dir(m);
+    let out = tmp.join(m);
+    let ckpt = dir.join("ckpt");
+    let mut args = vec![
+        "convert",
+        ckpt.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ];
+    args.extend(shape_flags(m));
+    if m == "wan-tiny" {
+        // The exported graph's timestep is int64, and verify feeds both graphs the same tensors.
+        args.extend(["--timestep-dtype", "int64"]);
+    }
+    ditc_ok(&args);
+    let io = dir.join("io.safetensors");
+    let rows: serde_json::Value = serde_json::from_slice(&ditc_ok(&[
+        "verify",
+        out.join("model.onnx").to_str().unwrap(),
+        dir.join("model.onnx").to_str().unwrap(),
+        "--inputs",
+        io.to_str().unwrap(),
+        "--prefix",
+        "3.",
+        "--tolerance",
+        "1e-4",
+        "--json",
+    ]))
+    .unwrap();
+    assert!(rows[0]["max_rel"].as_f64().unwrap() <= 1e-4, "{m}: {rows}");
+    // The manifest names the checkpoint and the shapes it was built with, and passes the schema.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        ditc::manifest::validate_schema(&manifest),
+        Vec::<String>::new(),
+        "{m}"
+    );
+    assert_eq!(manifest["source"]["weights"].as_array().unwrap().len(), 1);
+    assert!(manifest["source"]["build"].is_object());
+    // Every checkpoint tensor is in the output under its own name, bytes unchanged.
+    let model = ditc::onnx::read_model(&out.join("model.onnx")).unwrap();
+    let source = Checkpoint::open(&ckpt).unwrap();
+    for t in &source.tensors {
+        let got = model
+            .graph
+            .initializer(&t.name)
+            .unwrap_or_else(|| panic!("{m}: no {}", t.name));
+        assert_eq!(got.raw(), t.raw(), "{m}: {}", t.name);
+    }
+}
+
 #[test]
-fn convert_checkpoint_folder_agrees_with_the_exported_graph() {
-    let Some(dir) = fixtures() else { return };
+fn convert_latte_checkpoint_folder_agrees_with_the_exported_graph() {
     let tmp = tempfile::tempdir().unwrap();
-    for m in ["latte-tiny", "dit-tiny", "wan-tiny"] {
-        let out = tmp.path().join(m);
-        let ckpt = dir.join(m).join("ckpt");
-        let mut args = vec![
-            "convert",
-            ckpt.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--no-progress",
-        ];
-        args.extend(shape_flags(m));
-        if m == "wan-tiny" {
-            // The exported graph's timestep is int64, and verify feeds both graphs the same tensors.
-            args.extend(["--timestep-dtype", "int64"]);
-        }
-        ditc_ok(&args);
-        let io = dir.join(m).join("io.safetensors");
-        let rows: serde_json::Value = serde_json::from_slice(&ditc_ok(&[
-            "verify",
-            out.join("model.onnx").to_str().unwrap(),
-            dir.join(m).join("model.onnx").to_str().unwrap(),
-            "--inputs",
-            io.to_str().unwrap(),
-            "--prefix",
-            "3.",
-            "--tolerance",
-            "1e-4",
-            "--json",
-        ]))
-        .unwrap();
-        assert!(rows[0]["max_rel"].as_f64().unwrap() <= 1e-4, "{m}: {rows}");
-        // The manifest names the checkpoint and the shapes it was built with, and passes the schema.
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-        assert_eq!(
-            ditc::manifest::validate_schema(&manifest),
-            Vec::<String>::new(),
-            "{m}"
-        );
-        assert_eq!(manifest["source"]["weights"].as_array().unwrap().len(), 1);
-        assert!(manifest["source"]["build"].is_object());
-        // Every checkpoint tensor is in the output under its own name, bytes unchanged.
-        let model = ditc::onnx::read_model(&out.join("model.onnx")).unwrap();
-        let source = Checkpoint::open(&ckpt).unwrap();
-        for t in &source.tensors {
-            let got = model
-                .graph
-                .initializer(&t.name)
-                .unwrap_or_else(|| panic!("{m}: no {}", t.name));
-            assert_eq!(got.raw(), t.raw(), "{m}: {}", t.name);
-        }
+    assert_converted_checkpoint_agrees_with_the_exported_graph("latte-tiny", tmp.path());
+}
+
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn convert_checkpoint_folder_agrees_with_the_exported_graph() {
+    let tmp = tempfile::tempdir().unwrap();
+    for m in BEYOND_THE_DEMO {
+        assert_converted_checkpoint_agrees_with_the_exported_graph(m, tmp.path());
     }
 }
 
@@ -209,15 +248,12 @@ fn write_safetensors(path: &std::path::Path, tensors: &[&ditc::ir::Tensor]) {
     std::fs::write(path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
 }
 
-/// A copy of the latte-tiny checkpoint split into three shards with an index.
-fn sharded_latte(dir: &std::path::Path, into: &std::path::Path) {
-    let ckpt = Checkpoint::open(&dir.join("latte-tiny/ckpt")).unwrap();
+/// A copy of the latte-tiny checkpoint (the demo's) split into three shards with an index.
+fn sharded_latte(into: &std::path::Path) {
+    let src = demo().join("ckpt");
+    let ckpt = Checkpoint::open(&src).unwrap();
     std::fs::create_dir_all(into).unwrap();
-    std::fs::copy(
-        dir.join("latte-tiny/ckpt/config.json"),
-        into.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(src.join("config.json"), into.join("config.json")).unwrap();
     let mut weight_map = serde_json::Map::new();
     // Reverse order across shards, so shard order differs from name order.
     for (i, chunk) in ckpt.tensors.rchunks(60).enumerate() {
@@ -235,12 +271,11 @@ fn sharded_latte(dir: &std::path::Path, into: &std::path::Path) {
 /// and so do two runs.
 #[test]
 fn sharded_single_and_repeated_conversions_are_byte_identical() {
-    let Some(dir) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let sharded = tmp.path().join("sharded");
-    sharded_latte(&dir, &sharded);
+    sharded_latte(&sharded);
     assert_eq!(Checkpoint::open(&sharded).unwrap().files.len(), 3);
-    let single = dir.join("latte-tiny/ckpt");
+    let single = demo().join("ckpt");
     let mut outs = Vec::new();
     for (i, src) in [&single, &single, &sharded].iter().enumerate() {
         let out = tmp.path().join(format!("out{i}"));
@@ -277,9 +312,8 @@ fn assert_refused(args: &[&str], out: &std::path::Path, expect: &[&str]) {
 /// with one error listing them all.
 #[test]
 fn checkpoints_that_do_not_match_their_config_are_refused() {
-    let Some(dir) = fixtures() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let src = dir.join("latte-tiny/ckpt");
+    let src = demo().join("ckpt");
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
     let ckpt = Checkpoint::open(&src).unwrap();
@@ -436,44 +470,56 @@ fn stack(a: &ditc::ir::Tensor, b: &ditc::ir::Tensor) -> ditc::ir::Tensor {
     ditc::ir::Tensor::from_raw(&a.name, a.dtype, dims, raw.into()).unwrap()
 }
 
-/// `--dynamic-batch` leaves the batch axis symbolic; a batch of two cases gives each case's PyTorch
-/// output.
+/// `--dynamic-batch` leaves the batch axis symbolic; a batch of two cases of fixture `m` gives each
+/// case's PyTorch output.
+fn assert_dynamic_batch_graph_runs_any_batch(m: &str) {
+    let dir = model_dir(m);
+    let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
+    let opts = BuildOptions {
+        dynamic_batch: true,
+        ..fixture_shapes(m)
+    };
+    let model = build_model(&ckpt, &opts).unwrap();
+    let batch = &model.graph.inputs[0].shape().unwrap()[0];
+    assert_eq!(batch.to_string(), "batch", "{m}");
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    let (a, b) = (case(&io, 1), case(&io, 4));
+    let inputs: Vec<ditc::ir::Tensor> = model
+        .graph
+        .inputs
+        .iter()
+        .map(|i| stack(named(&a, &i.name), named(&b, &i.name)))
+        .collect();
+    let inputs = common::in_input_dtypes(&model, &inputs);
+    let out = TractRunner::new(&model, &inputs)
+        .unwrap()
+        .run(&inputs)
+        .unwrap();
+    let got = named(&out, "sample").to_f32_vec().unwrap();
+    let mut want = named(&a, "sample").to_f32_vec().unwrap();
+    want.extend(named(&b, "sample").to_f32_vec().unwrap());
+    let f = compare(&got, &want);
+    eprintln!("{m} dynamic batch of 2: max_rel {:.2e}", f.max_rel);
+    assert!(f.max_rel <= 1e-4, "{m}: {}", f.max_rel);
+}
+
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn dynamic_batch_graphs_run_any_batch() {
-    let Some(dir) = fixtures() else { return };
-    for (m, opts) in fixture_shapes() {
-        let ckpt = Checkpoint::open(&dir.join(m).join("ckpt")).unwrap();
-        let opts = BuildOptions {
-            dynamic_batch: true,
-            ..opts
-        };
-        let model = build_model(&ckpt, &opts).unwrap();
-        let batch = &model.graph.inputs[0].shape().unwrap()[0];
-        assert_eq!(batch.to_string(), "batch", "{m}");
-        let io = read_safetensors(&dir.join(m).join("io.safetensors")).unwrap();
-        let (a, b) = (case(&io, 1), case(&io, 4));
-        let inputs: Vec<ditc::ir::Tensor> = model
-            .graph
-            .inputs
-            .iter()
-            .map(|i| stack(named(&a, &i.name), named(&b, &i.name)))
-            .collect();
-        let inputs = common::in_input_dtypes(&model, &inputs);
-        let out = TractRunner::new(&model, &inputs)
-            .unwrap()
-            .run(&inputs)
-            .unwrap();
-        let got = named(&out, "sample").to_f32_vec().unwrap();
-        let mut want = named(&a, "sample").to_f32_vec().unwrap();
-        want.extend(named(&b, "sample").to_f32_vec().unwrap());
-        let f = compare(&got, &want);
-        eprintln!("{m} dynamic batch of 2: max_rel {:.2e}", f.max_rel);
-        assert!(f.max_rel <= 1e-4, "{m}: {}", f.max_rel);
+    for m in BEYOND_THE_DEMO {
+        assert_dynamic_batch_graph_runs_any_batch(m);
     }
+}
+
+/// The same for latte-tiny; its bundle's trtexec command profiles the batch range, and static
+/// broadcast refuses a dynamic batch.
+#[test]
+fn dynamic_batch_latte_graph_runs_any_batch_and_profiles_it() {
+    assert_dynamic_batch_graph_runs_any_batch("latte-tiny");
     // The manifest's trtexec command builds a profile for batches 1..=4.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("dyn");
-    let ckpt = dir.join("latte-tiny/ckpt");
+    let ckpt = demo().join("ckpt");
     ditc_ok(&[
         "convert",
         ckpt.to_str().unwrap(),
@@ -527,8 +573,9 @@ fn dynamic_batch_graphs_run_any_batch() {
 /// channels and 1024 x 1024 patches is 4 TiB of holes, taking no disk) is refused before anything is
 /// written, with the sizes in the message.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn conversion_that_cannot_fit_on_disk_is_refused_before_writing() {
-    let Some(dir) = fixtures() else { return };
+    let dir = fixtures();
     let tmp = tempfile::tempdir().unwrap();
     let src = Checkpoint::open(&dir.join("dit-tiny/ckpt")).unwrap();
     let mut config = src.config.clone();
@@ -596,14 +643,39 @@ fn conversion_that_cannot_fit_on_disk_is_refused_before_writing() {
     );
 }
 
-/// Hostile numbers in config.json or the shape options end in a clear error: no panic, no overflow, no
-/// huge allocation (each case returns at once).
-#[test]
-fn hostile_configs_and_shapes_are_refused() {
-    let Some(dir) = fixtures() else { return };
+/// A hostile config case: (fixture, case name, config keys to overwrite, shape flags, expected error).
+type HostileConfig<'a> = (&'a str, &'a str, serde_json::Value, &'a [&'a str], &'a str);
+
+/// Each case's patched copy of its fixture's checkpoint ends in a clear error: no panic, no overflow,
+/// no huge allocation (each case returns at once), nothing written.
+fn assert_hostile_configs_refused(cases: Vec<HostileConfig>) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let cases: [(&str, &str, serde_json::Value, &[&str], &str); 9] = [
+    for (model, name, patch, flags, expect) in cases {
+        let src = model_dir(model).join("ckpt");
+        let d = tmp.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+        for (k, v) in patch.as_object().unwrap() {
+            config[k] = v.clone();
+        }
+        std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+        std::fs::copy(
+            src.join(ditc::checkpoint::WEIGHTS),
+            d.join(ditc::checkpoint::WEIGHTS),
+        )
+        .unwrap();
+        let mut args = vec!["convert", d.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        assert_refused(&args, &out, &[expect]);
+    }
+}
+
+/// Hostile numbers in latte-tiny's config.json are refused.
+#[test]
+fn hostile_latte_configs_are_refused() {
+    assert_hostile_configs_refused(vec![
         (
             "latte-tiny",
             "layers",
@@ -633,18 +705,26 @@ fn hostile_configs_and_shapes_are_refused() {
             "above the supported inner dim",
         ),
         (
-            "dit-tiny",
-            "odd dim",
-            serde_json::json!({"num_attention_heads": 3, "attention_head_dim": 5}),
-            &[],
-            "is not a multiple of 4",
-        ),
-        (
             "latte-tiny",
             "type",
             serde_json::json!({"num_layers": "four"}),
             &[],
             "wrong type",
+        ),
+    ]);
+}
+
+/// Hostile numbers in DiT's and Wan's config.json or the shape options are refused.
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn hostile_configs_and_shapes_are_refused() {
+    assert_hostile_configs_refused(vec![
+        (
+            "dit-tiny",
+            "odd dim",
+            serde_json::json!({"num_attention_heads": 3, "attention_head_dim": 5}),
+            &[],
+            "is not a multiple of 4",
         ),
         (
             "wan-tiny",
@@ -669,26 +749,7 @@ fn hostile_configs_and_shapes_are_refused() {
             &[],
             "elements (limit",
         ),
-    ];
-    for (model, name, patch, flags, expect) in cases {
-        let src = dir.join(model).join("ckpt");
-        let d = tmp.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        let mut config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
-        for (k, v) in patch.as_object().unwrap() {
-            config[k] = v.clone();
-        }
-        std::fs::write(d.join("config.json"), config.to_string()).unwrap();
-        std::fs::copy(
-            src.join(ditc::checkpoint::WEIGHTS),
-            d.join(ditc::checkpoint::WEIGHTS),
-        )
-        .unwrap();
-        let mut args = vec!["convert", d.to_str().unwrap(), "-o", out.to_str().unwrap()];
-        args.extend_from_slice(flags);
-        assert_refused(&args, &out, &[expect]);
-    }
+    ]);
 }
 
 /// A BF16 copy of the latte-tiny checkpoint: weights stay BF16 in the graph (cast to f32 inside), the
@@ -696,9 +757,9 @@ fn hostile_configs_and_shapes_are_refused() {
 /// BF16 values (the BF16 copies of quantized weights leave the bundle).
 #[test]
 fn bf16_checkpoints_keep_their_dtype_and_quantize() {
-    let Some(dir) = fixtures() else { return };
+    let dir = demo();
     let tmp = tempfile::tempdir().unwrap();
-    let src = Checkpoint::open(&dir.join("latte-tiny/ckpt")).unwrap();
+    let src = Checkpoint::open(&dir.join("ckpt")).unwrap();
     let bf16: Vec<ditc::ir::Tensor> = src
         .tensors
         .iter()
@@ -720,11 +781,7 @@ fn bf16_checkpoints_keep_their_dtype_and_quantize() {
         .collect();
     let ckpt = tmp.path().join("bf16");
     std::fs::create_dir_all(&ckpt).unwrap();
-    std::fs::copy(
-        dir.join("latte-tiny/ckpt/config.json"),
-        ckpt.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(dir.join("ckpt/config.json"), ckpt.join("config.json")).unwrap();
     write_safetensors(
         &ckpt.join(ditc::checkpoint::WEIGHTS),
         &bf16.iter().collect::<Vec<_>>(),
@@ -744,7 +801,7 @@ fn bf16_checkpoints_keep_their_dtype_and_quantize() {
             .count()
             == src.tensors.len()
     );
-    let io = read_safetensors(&dir.join("latte-tiny/io.safetensors")).unwrap();
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
     let inputs = case(&io, 2);
     let out = TractRunner::new(&model, &inputs)
         .unwrap()
@@ -762,8 +819,7 @@ fn bf16_checkpoints_keep_their_dtype_and_quantize() {
 
     // W8A8 from the BF16 values.
     let stats = tmp.path().join("stats.json");
-    let sampling = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/latte-tiny/sampling.safetensors");
+    let sampling = dir.join("sampling.safetensors");
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/w8a8.toml");
     let c = ckpt.to_str().unwrap();
     let r = recipe.to_str().unwrap();
@@ -837,10 +893,9 @@ fn wan_small_shapes() -> BuildOptions {
 /// The Wan graph built from wan-small's checkpoint has a float32 timestep by default and reproduces
 /// PyTorch on all five cases (timesteps 999.0, 937.5, 712.25, 404.8125, 23.875) to 1e-4 relative.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn wan_small_float_timesteps_match_pytorch() {
-    let Some(dir) = common::fixture("wan-small") else {
-        return;
-    };
+    let dir = common::fixture("wan-small");
     let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
     let model = build_model(&ckpt, &wan_small_shapes()).unwrap();
     let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
@@ -874,10 +929,9 @@ fn schedule_error(got: &[f64], want: &serde_json::Value) -> (f64, usize) {
 /// sampling.json, FlowMatchEulerDiscreteScheduler(1000, shift 3)): within 1e-6 relative, and in fact
 /// bit-identical; the double shift ends at timestep 8.93.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn flow_schedule_matches_diffusers() {
-    let Some(dir) = common::fixture("wan-small") else {
-        return;
-    };
+    let dir = common::fixture("wan-small");
     let sampling: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
     let config: ditc::schedule::SamplerConfig =
@@ -902,10 +956,9 @@ fn flow_schedule_matches_diffusers() {
 /// `ditc convert` of wan-small with the flow recipe: the manifest declares the float32 timestep input,
 /// finds it as the timestep (`io`), lists diffusers' exact timesteps, and passes the schema.
 #[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
-    let Some(dir) = common::fixture("wan-small") else {
-        return;
-    };
+    let dir = common::fixture("wan-small");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("wan-small");
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab-flow.toml");
@@ -928,10 +981,8 @@ fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
     ]);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    let schema: serde_json::Value =
-        serde_json::from_str(include_str!("../schemas/manifest.schema.json")).unwrap();
     assert_eq!(
-        common::schema::validate(&schema, &manifest),
+        ditc::manifest::validate_schema(&manifest),
         Vec::<String>::new()
     );
     let input = |name: &str| {
@@ -949,7 +1000,7 @@ fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
         serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
     assert_eq!(manifest["sampler"]["timesteps"], sampling["timesteps"]);
     // An ONNX file has its own input types; an unknown type is not guessed.
-    let onnx = common::fixtures().unwrap().join("wan-tiny/model.onnx");
+    let onnx = common::fixtures().join("wan-tiny/model.onnx");
     let bad = tmp.path().join("bad");
     for (dtype, expect) in [
         (

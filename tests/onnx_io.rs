@@ -114,6 +114,7 @@ fn round_trip(threshold: u64) -> (Model, Vec<std::path::PathBuf>, tempfile::Temp
         &WriteOptions {
             external_threshold: threshold,
             progress: false,
+            finite: None,
         },
     )
     .unwrap();

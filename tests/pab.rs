@@ -1,11 +1,13 @@
-//! Static attention broadcast end to end on the trained latte-tiny: the runtime's DDIM trajectories
-//! against diffusers' (full and with diffusers' PyramidAttentionBroadcast), decision by decision.
+//! Static attention broadcast end to end on the trained latte-tiny (the demo copy in `examples/`): the
+//! runtime's DDIM trajectories against diffusers' (full and with diffusers' PyramidAttentionBroadcast),
+//! decision by decision; and MLP broadcast, which diffusers lacks, on a one-block graph against the
+//! same sampling loop computed by hand.
 
 mod common;
 
 use std::path::Path;
 
-use common::{ditc_ok, fixtures};
+use common::{demo, ditc_ok};
 use ditc::cli::run::{sample_bundle, Args};
 use ditc::metrics::compare;
 use ditc::tensors::read_safetensors;
@@ -25,8 +27,9 @@ fn bare_recipe(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn convert(dir: &Path, out: &Path, sets: &[String]) {
-    let model = dir.join("latte-tiny/model.onnx");
+/// Convert the demo model (latte-tiny) with the bare recipe and `--set` overrides.
+fn convert(out: &Path, sets: &[String]) {
+    let model = demo().join("model.onnx");
     let recipe = bare_recipe(out.parent().unwrap());
     let mut args = vec![
         "convert",
@@ -78,11 +81,10 @@ fn module_name(anchor: &str) -> String {
 
 #[test]
 fn ddim_trajectories_match_diffusers_full_and_pab() {
-    let Some(dir) = fixtures() else { return };
+    let dir = demo();
     let sampling: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("latte-tiny/sampling.json")).unwrap())
-            .unwrap();
-    let inputs = dir.join("latte-tiny/sampling.safetensors");
+        serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
+    let inputs = dir.join("sampling.safetensors");
     let reference = read_safetensors(&inputs).unwrap();
     let final_of = |case: usize, config: &str| {
         reference
@@ -100,7 +102,7 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
         .iter()
         .map(|k| format!("broadcast-static.{k}={{ period = 1, window = [100, 800] }}"))
         .collect();
-    convert(&dir, &full, &ones);
+    convert(&full, &ones);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(full.join("manifest.json")).unwrap()).unwrap();
     let timesteps: Vec<f64> = manifest["sampler"]["timesteps"]
@@ -142,7 +144,7 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
                 )
             })
             .collect();
-        convert(&dir, &out, &sets);
+        convert(&out, &sets);
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
         let anchors: Vec<String> = manifest["dit_map"]["attention"]
@@ -185,20 +187,19 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
 /// rule itself, written out over the recorded timesteps, plus the full trajectory for the forced run.
 #[test]
 fn mlp_broadcast_reuses_after_key_timesteps() {
-    let Some(dir) = fixtures() else { return };
+    let dir = demo();
     let sampling: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.join("latte-tiny/sampling.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
     let timesteps: Vec<i64> = sampling["timesteps"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t| t.as_i64().unwrap())
         .collect();
-    let inputs = dir.join("latte-tiny/sampling.safetensors");
+    let inputs = dir.join("sampling.safetensors");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("mlp");
-    convert(&dir, &out, &["broadcast-static.mlp={ timesteps = [720, 640, 560, 480, 400], blocks = [0, 1], reuse = 2 }".to_string()]);
+    convert(&out, &["broadcast-static.mlp={ timesteps = [720, 640, 560, 480, 400], blocks = [0, 1], reuse = 2 }".to_string()]);
     let mut expected = vec![true; 50];
     for key in [720, 640, 560, 480, 400] {
         let j = timesteps.iter().position(|&t| t == key).unwrap();
@@ -239,4 +240,376 @@ fn mlp_broadcast_reuses_after_key_timesteps() {
         (fidelity.rel_l2 - moved).abs() < 1e-5,
         "--compare-full runs the full computation"
     );
+}
+
+// --- MLP broadcast against a sampling loop computed by hand ------------------------------------------
+
+/// A one-block DiT small enough to compute by hand: latent [1, C, 2, 2] -> 4 tokens of C channels,
+/// plus sin(t * freqs); softmax self-attention (2 heads) with residual; FFN (tanh) with residual;
+/// back to [1, C, 2, 2]. Weights are f32 (as in the graph), used in f64 by the hand loop.
+struct TinyDit {
+    freqs: Vec<f32>,
+    wq: Vec<f32>,
+    wk: Vec<f32>,
+    wv: Vec<f32>,
+    wo: Vec<f32>,
+    bo: Vec<f32>,
+    w1: Vec<f32>,
+    b1: Vec<f32>,
+    w2: Vec<f32>,
+    b2: Vec<f32>,
+}
+
+const C: usize = 8;
+const TOKENS: usize = 4;
+const HEADS: usize = 2;
+const HIDDEN: usize = 2 * C;
+
+/// Deterministic values in [-scale/2, scale/2) (xorshift).
+fn pseudo_random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            scale * ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+        })
+        .collect()
+}
+
+impl TinyDit {
+    fn new() -> TinyDit {
+        let w = |seed, n| pseudo_random(seed, n, 1.0);
+        TinyDit {
+            freqs: (0..C).map(|c| 0.001 * (c + 1) as f32).collect(),
+            wq: w(1, C * C),
+            wk: w(2, C * C),
+            wv: w(3, C * C),
+            wo: w(4, C * C),
+            bo: w(5, C),
+            w1: w(6, C * HIDDEN),
+            b1: w(7, HIDDEN),
+            w2: w(8, HIDDEN * C),
+            b2: w(9, C),
+        }
+    }
+
+    /// The graph: inputs `latent` [1, C, 2, 2] and `t` [1] (f32), output `sample`.
+    fn graph(&self) -> ditc::ir::Model {
+        use ditc::ir::{AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+        let dims = |v: &[i64]| v.iter().map(|&d| Dim::Value(d)).collect();
+        let c = C as i64;
+        let mut g = Graph {
+            name: "tiny-dit".into(),
+            inputs: vec![
+                ValueInfo::tensor("latent", DataType::F32, dims(&[1, c, 2, 2])),
+                ValueInfo::tensor("t", DataType::F32, dims(&[1])),
+            ],
+            outputs: vec![ValueInfo::tensor(
+                "sample",
+                DataType::F32,
+                dims(&[1, c, 2, 2]),
+            )],
+            ..Graph::default()
+        };
+        let mut init = |name: &str, d: Vec<i64>, v: &[f32]| {
+            g.initializers.push(Tensor::from_f32(name, d, v));
+        };
+        init("freqs", vec![c], &self.freqs);
+        for (name, v) in [
+            ("wq", &self.wq),
+            ("wk", &self.wk),
+            ("wv", &self.wv),
+            ("wo", &self.wo),
+        ] {
+            init(name, vec![c, c], v);
+        }
+        init("bo", vec![c], &self.bo);
+        init("w1", vec![c, HIDDEN as i64], &self.w1);
+        init("b1", vec![HIDDEN as i64], &self.b1);
+        init("w2", vec![HIDDEN as i64, c], &self.w2);
+        init("b2", vec![c], &self.b2);
+        init("scale", vec![], &[0.5]); // 1 / sqrt(head dim 4)
+        let d = (C / HEADS) as i64;
+        for (name, shape) in [
+            ("tokens_shape", vec![1, 4, c]),
+            ("heads_shape", vec![1, 4, HEADS as i64, d]),
+            ("grid_shape", vec![1, 2, 2, c]),
+        ] {
+            let n = shape.len() as i64;
+            g.initializers.push(Tensor::from_i64(name, vec![n], &shape));
+        }
+        let perm = |p: &[i64]| ("perm", AttrValue::Ints(p.to_vec()));
+        // (op, inputs, attribute); node i's output is `n{i}`, the last one's `sample`.
+        type Spec<'a> = (&'a str, &'a [&'a str], Option<(&'a str, AttrValue)>);
+        let nodes: Vec<Spec> = vec![
+            ("Transpose", &["latent"], Some(perm(&[0, 2, 3, 1]))),
+            ("Reshape", &["n0", "tokens_shape"], None),
+            ("Mul", &["t", "freqs"], None),
+            ("Sin", &["n2"], None),
+            ("Add", &["n1", "n3"], None), // n4: h0
+            ("MatMul", &["n4", "wq"], None),
+            ("MatMul", &["n4", "wk"], None),
+            ("MatMul", &["n4", "wv"], None),
+            ("Reshape", &["n5", "heads_shape"], None),
+            ("Transpose", &["n8"], Some(perm(&[0, 2, 1, 3]))), // n9: q
+            ("Reshape", &["n6", "heads_shape"], None),
+            ("Transpose", &["n10"], Some(perm(&[0, 2, 3, 1]))), // n11: k^T
+            ("Reshape", &["n7", "heads_shape"], None),
+            ("Transpose", &["n12"], Some(perm(&[0, 2, 1, 3]))), // n13: v
+            ("MatMul", &["n9", "n11"], None),
+            ("Mul", &["n14", "scale"], None),
+            ("Softmax", &["n15"], Some(("axis", AttrValue::Int(-1)))),
+            ("MatMul", &["n16", "n13"], None),
+            ("Transpose", &["n17"], Some(perm(&[0, 2, 1, 3]))),
+            ("Reshape", &["n18", "tokens_shape"], None),
+            ("MatMul", &["n19", "wo"], None),
+            ("Add", &["n20", "bo"], None),
+            ("Add", &["n4", "n21"], None), // n22: h1
+            ("MatMul", &["n22", "w1"], None),
+            ("Add", &["n23", "b1"], None),
+            ("Tanh", &["n24"], None),
+            ("MatMul", &["n25", "w2"], None),
+            ("Add", &["n26", "b2"], None), // n27: the FFN's output, cached by the MLP broadcast
+            ("Add", &["n22", "n27"], None),
+            ("Reshape", &["n28", "grid_shape"], None),
+            ("Transpose", &["n29"], Some(perm(&[0, 3, 1, 2]))),
+        ];
+        let last = nodes.len() - 1;
+        for (i, (op, inputs, attr)) in nodes.into_iter().enumerate() {
+            let out = if i == last {
+                "sample".to_string()
+            } else {
+                format!("n{i}")
+            };
+            let mut node = Node::new(&format!("node{i}"), op, inputs, &[&out]);
+            if let Some((k, v)) = attr {
+                node = node.with_attr(k, v);
+            }
+            g.nodes.push(node);
+        }
+        Model::new(g, 17)
+    }
+}
+
+/// `x` [rows][k] times the row-major [k, n] matrix `w`, plus `bias` (or none).
+fn matmul(x: &[Vec<f64>], w: &[f32], bias: Option<&[f32]>) -> Vec<Vec<f64>> {
+    let n = w.len() / x[0].len();
+    x.iter()
+        .map(|r| {
+            (0..n)
+                .map(|j| {
+                    let b = bias.map_or(0.0, |b| b[j] as f64);
+                    b + r
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v * w[i * n + j] as f64)
+                        .sum::<f64>()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn add_rows(a: &[Vec<f64>], b: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p + q).collect())
+        .collect()
+}
+
+impl TinyDit {
+    /// The residual stream after self-attention (h1) for `latent` at timestep `t`: the FFN's input.
+    fn attention_half(&self, latent: &[f64], t: f64) -> Vec<Vec<f64>> {
+        // Token s (row-major over the 2 x 2 grid), channel c is latent[c * 4 + s].
+        let h0: Vec<Vec<f64>> = (0..TOKENS)
+            .map(|s| {
+                (0..C)
+                    .map(|c| latent[c * TOKENS + s] + (t * self.freqs[c] as f64).sin())
+                    .collect()
+            })
+            .collect();
+        let (q, k, v) = (
+            matmul(&h0, &self.wq, None),
+            matmul(&h0, &self.wk, None),
+            matmul(&h0, &self.wv, None),
+        );
+        let d = C / HEADS;
+        let mut o = vec![vec![0.0; C]; TOKENS];
+        for h in 0..HEADS {
+            let r = h * d..(h + 1) * d;
+            for (s, os) in o.iter_mut().enumerate() {
+                let scores: Vec<f64> = k
+                    .iter()
+                    .map(|kj| {
+                        let dot: f64 = r.clone().map(|c| q[s][c] * kj[c]).sum();
+                        dot / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (ej, vj) in e.iter().zip(&v) {
+                    for c in r.clone() {
+                        os[c] += ej / z * vj[c];
+                    }
+                }
+            }
+        }
+        add_rows(&h0, &matmul(&o, &self.wo, Some(&self.bo)))
+    }
+
+    /// The FFN's output (what the MLP broadcast caches).
+    fn ffn(&self, h1: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let u: Vec<Vec<f64>> = matmul(h1, &self.w1, Some(&self.b1))
+            .into_iter()
+            .map(|r| r.into_iter().map(f64::tanh).collect())
+            .collect();
+        matmul(&u, &self.w2, Some(&self.b2))
+    }
+
+    /// Flow-matching Euler over `timesteps` (sigma = t / 1000, then 0) from `noise`; at step i the FFN
+    /// output is computed and cached when `computes(i)`, else the cached one is used.
+    fn sample_by_hand(
+        &self,
+        noise: &[f32],
+        timesteps: &[f64],
+        computes: impl Fn(usize) -> bool,
+    ) -> Vec<f64> {
+        let mut x: Vec<f64> = noise.iter().map(|&v| v as f64).collect();
+        let mut cache = vec![vec![0.0; C]; TOKENS];
+        for (i, &t) in timesteps.iter().enumerate() {
+            let h1 = self.attention_half(&x, t as f32 as f64);
+            if computes(i) {
+                cache = self.ffn(&h1);
+            }
+            let h2 = add_rows(&h1, &cache);
+            let sigma = |j: usize| timesteps.get(j).map_or(0.0, |t| t / 1000.0);
+            let dt = sigma(i + 1) - sigma(i);
+            for c in 0..C {
+                for (s, row) in h2.iter().enumerate() {
+                    x[c * TOKENS + s] += dt * row[c];
+                }
+            }
+        }
+        x
+    }
+}
+
+fn rel_l2(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+/// MLP broadcast end to end on a graph whose every value is known: `ditc convert` bakes VideoSys's
+/// rule (`mlp = { timesteps, blocks, reuse }`) into the graph, `ditc run`'s sampling loop carries the
+/// cached FFN output between steps, and the final latent equals the same loop computed by hand in f64,
+/// which reuses the FFN output exactly on the steps the rule names. The wrong rules (no reuse, reuse
+/// shifted by one step, a cache never refreshed after step 0) land far from it.
+#[test]
+fn mlp_broadcast_matches_a_loop_computed_by_hand() {
+    let dit = TinyDit::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let model_path = tmp.path().join("tiny.onnx");
+    std::fs::write(
+        &model_path,
+        ditc::onnx::model_to_bytes_inline(&dit.graph()).unwrap(),
+    )
+    .unwrap();
+    let recipe = tmp.path().join("mlp.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"mlp\"\nversion = 1\n[sampler]\nkind = \"flow_euler\"\nsteps = 10\nshift = 1.0\n\
+         [[passes]]\nname = \"broadcast-static\"\n[passes.options]\n\
+         mlp = { timesteps = [889, 700, 556], blocks = [0], reuse = 2 }\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("bundle");
+    ditc_ok(&[
+        "convert",
+        model_path.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    // Flow matching without shift: sigmas linspace(1, 1/1000, 10), timesteps 1000, 889, ..., 112, 1.
+    let timesteps: Vec<f64> = manifest["sampler"]["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = (0..10).map(|i| 1000.0 - 111.0 * i as f64).collect();
+    assert!(
+        timesteps
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| (a - b).abs() < 1e-9)
+            && timesteps.len() == 10,
+        "{timesteps:?}"
+    );
+    assert_eq!(manifest["schedule"]["blocks"], serde_json::json!([0]));
+    assert_eq!(manifest["state"].as_array().unwrap().len(), 1);
+
+    // VideoSys's rule: the MLP computes at a key timestep and reuses its output for the next `reuse`
+    // steps. 889 is step 1 and 556 step 4; 700 is never visited.
+    let reused = [2, 3, 5, 6];
+    let rule = |i: usize| !reused.contains(&i);
+
+    let noise = pseudo_random(42, C * TOKENS, 2.0);
+    let inputs = tmp.path().join("noise.safetensors");
+    ditc::tensors::write_safetensors(
+        &inputs,
+        &[ditc::ir::Tensor::from_f32(
+            "noise",
+            vec![1, C as i64, 2, 2],
+            &noise,
+        )],
+    )
+    .unwrap();
+    let args = Args {
+        model: out.join("manifest.json"),
+        inputs,
+        prefix: None,
+        output: out.join("unused.safetensors"),
+        compare_full: false,
+        json: true,
+        no_progress: true,
+        no_verify: false,
+        shapes: Default::default(),
+    };
+    let (latent, report) = sample_bundle(&args).unwrap();
+    let decisions: Vec<bool> = (0..10).map(rule).collect();
+    assert_eq!(report.scheduled.mlp_decisions[&0], decisions);
+    let got: Vec<f64> = latent
+        .to_f32_vec()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+
+    let by_hand = dit.sample_by_hand(&noise, &timesteps, rule);
+    let err = rel_l2(&got, &by_hand);
+    eprintln!("MLP broadcast: bundle vs the loop by hand, rel L2 {err:.2e}");
+    assert!(err < 1e-5, "rel L2 {err}");
+    type Rule = Box<dyn Fn(usize) -> bool>;
+    let wrong: [(&str, Rule); 3] = [
+        ("no reuse", Box::new(|_| true)),
+        (
+            "reuse shifted by one step",
+            Box::new(|i| ![1, 2, 4, 5].contains(&i)),
+        ),
+        ("cache never refreshed", Box::new(|i| i == 0)),
+    ];
+    for (what, computes) in wrong {
+        let moved = rel_l2(&dit.sample_by_hand(&noise, &timesteps, computes), &by_hand);
+        eprintln!("{what}: rel L2 {moved:.2e} from the rule's result");
+        assert!(moved > 1e-3, "{what} is indistinguishable ({moved})");
+    }
 }

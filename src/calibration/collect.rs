@@ -125,7 +125,10 @@ impl RangeRecorder {
                     .nodes
                     .iter()
                     .find(|n| n.outputs.contains(a))
-                    .map_or_else(|| format!("graph input '{a}'"), |n| format!("node '{}'", n.name));
+                    .map_or_else(
+                        || format!("graph input '{a}'"),
+                        |n| format!("node '{}'", n.name),
+                    );
                 (a.clone(), node)
             })
             .collect();
@@ -187,7 +190,10 @@ impl RangeRecorder {
                 }
             }
             if matches!(self.method, RangeMethod::Percentile(_)) {
-                let h = self.histograms.get_mut(&t.name).expect("one per activation");
+                let h = self
+                    .histograms
+                    .get_mut(&t.name)
+                    .expect("one per activation");
                 v.iter().for_each(|x| h.add(x.abs()));
             }
         }
@@ -217,13 +223,7 @@ impl RangeRecorder {
                 AMAX_FLOOR
             };
             let channel_amax = self.channel_amax.remove(&name);
-            tensors.insert(
-                name,
-                TensorStats {
-                    amax,
-                    channel_amax,
-                },
-            );
+            tensors.insert(name, TensorStats { amax, channel_amax });
         }
         Ok(CalibrationStats {
             format: FORMAT.into(),

@@ -3,10 +3,11 @@
 //!
 //! Every file is memory-mapped; tensors are zero-copy slices that stay on disk until touched. Reading
 //! checks what a hostile or broken checkpoint could get wrong, naming the file and tensor: header sizes
-//! and offsets (the safetensors parser refuses a header beyond the file or above 100 MB, overlapping or
-//! out-of-bounds offsets, and a length that disagrees with dtype x shape), unsupported dtypes, missing
+//! and offsets (a header beyond the file; per tensor an unknown dtype, offsets beyond the data, a length
+//! that disagrees with dtype x shape, overlaps; then the safetensors parser refuses headers above 100 MB
+//! and gaps), unsupported dtypes, missing
 //! shards, an index naming a tensor twice, tensors in a shard that the index does not list, and tensors
-//! the index lists but the shard lacks. The graph builders ([`crate::build`]) turn a checkpoint into a graph.
+//! the index lists but the shard lacks. The graph builders ([`crate::models`]) turn a checkpoint into a graph.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -82,6 +83,9 @@ fn read_single(dir: &Path) -> Result<(Vec<PathBuf>, Vec<Tensor>)> {
 pub fn read_shard(path: &Path) -> Result<Vec<Tensor>> {
     let file = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
     let bytes = map_file(&file)?;
+    check_header(&bytes).map_err(|e| {
+        anyhow::anyhow!("'{}' is not a valid safetensors file: {e}", path.display())
+    })?;
     let parsed = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow::anyhow!("'{}' is not a valid safetensors file: {e}", path.display())
     })?;
@@ -100,6 +104,79 @@ pub fn read_shard(path: &Path) -> Result<Vec<Tensor>> {
         out.push(t);
     }
     Ok(out)
+}
+
+/// One tensor's entry in a safetensors header.
+#[derive(Deserialize)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// What the safetensors parser refuses without saying which tensor or by how much: a header size
+/// beyond the file, and per tensor an unknown dtype, offsets reversed or beyond the data section, a
+/// length that is not dtype x shape, and overlapping byte ranges. Malformed JSON and layouts that are
+/// only unusual (gaps) are left to the parser.
+fn check_header(bytes: &[u8]) -> Result<()> {
+    let Some(size) = bytes.get(..8) else {
+        bail!(
+            "{} bytes, too short for the 8-byte header size",
+            bytes.len()
+        );
+    };
+    let header_len = u64::from_le_bytes(size.try_into().expect("8 bytes"));
+    let after_size = bytes.len() as u64 - 8;
+    if header_len > after_size {
+        bail!(
+            "the header size {header_len} bytes runs beyond the end of the file ({} bytes)",
+            bytes.len()
+        );
+    }
+    let header = &bytes[8..8 + header_len as usize];
+    let Ok(entries) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
+        return Ok(());
+    };
+    let data_len = after_size - header_len;
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
+    for (name, value) in entries.iter().filter(|(n, _)| *n != "__metadata__") {
+        let Ok(e) = HeaderEntry::deserialize(value) else {
+            bail!("tensor '{name}': header entry {value} is not {{dtype, shape, data_offsets}}");
+        };
+        let dtype: safetensors::Dtype =
+            serde_json::from_value(serde_json::Value::String(e.dtype.clone()))
+                .map_err(|_| anyhow::anyhow!("tensor '{name}' has unknown dtype '{}'", e.dtype))?;
+        let [start, end] = e.data_offsets;
+        if start > end {
+            bail!("tensor '{name}': data_offsets [{start}, {end}] are reversed");
+        }
+        if end > data_len {
+            bail!("tensor '{name}': data_offsets [{start}, {end}] run beyond the end of the data ({data_len} bytes)");
+        }
+        let needed = e
+            .shape
+            .iter()
+            .try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d))
+            .map(|bits| bits.div_ceil(8));
+        if needed != Some(end - start) {
+            let needs = needed.map_or("more than 2^64".to_string(), |n| n.to_string());
+            bail!(
+                "tensor '{name}': data_offsets [{start}, {end}] hold {} bytes, but {} {:?} needs {needs}",
+                end - start,
+                e.dtype,
+                e.shape
+            );
+        }
+        spans.push((start, end, name));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        let ((s0, e0, a), (s1, e1, b)) = (pair[0], pair[1]);
+        if s1 < e0 {
+            bail!("tensor '{b}' (bytes {s1}..{e1}) overlaps tensor '{a}' (bytes {s0}..{e0})");
+        }
+    }
+    Ok(())
 }
 
 fn read_sharded(dir: &Path) -> Result<(Vec<PathBuf>, Vec<Tensor>)> {

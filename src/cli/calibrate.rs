@@ -102,6 +102,7 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|c| select_case(&all, c).with_context(|| format!("case {c}")))
         .collect::<Result<Vec<_>>>()?;
     let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    crate::finite::check_model(&args.model, &model, !args.no_progress)?;
     let map = analyse(&model);
     let io = detect_io(&model)?;
     let (targets, _) = select_targets(&model, &map, &options);

@@ -68,7 +68,11 @@ pub struct Args {
 
 /// W8A8's format follows the GPU when the recipe names none; FP8 on a GPU without FP8 is refused.
 fn apply_target_defaults(recipe: &mut Recipe, target: crate::target::DeployTarget) -> Result<()> {
-    for pass in recipe.passes.iter_mut().filter(|p| p.name == "quantize-w8a8") {
+    for pass in recipe
+        .passes
+        .iter_mut()
+        .filter(|p| p.name == "quantize-w8a8")
+    {
         let format = pass
             .options
             .entry("format")
@@ -147,6 +151,8 @@ pub fn run(args: &Args) -> Result<()> {
         Ok(())
     })?;
     let cost = cost(&original, &model, &cx)?;
+    let finite =
+        crate::finite::check_before_write(&args.model, &original, &model, args.external_threshold)?;
     let mut violations = crate::lint::lint(&model, args.target.tensorrt, None);
     violations.extend(crate::lint::lint_gpu(&model, args.target.gpu));
     if !violations.is_empty() {
@@ -163,6 +169,7 @@ pub fn run(args: &Args) -> Result<()> {
     let options = WriteOptions {
         external_threshold: args.external_threshold,
         progress: !args.no_progress,
+        finite: Some(finite),
     };
     let files = write_model(&model, &mut staging, "model.onnx", &options)?;
     let manifest = Manifest {

@@ -1,4 +1,5 @@
-//! `ditc inspect MODEL [--json]`: what a model is, and where its attention is.
+//! `ditc inspect MODEL [--json] [--check]`: what a model is, and where its attention is. It reads only
+//! the graph, unless `--check` asks it to read every weight too and refuse non-finite ones.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -18,6 +19,10 @@ pub struct Args {
     /// Print the report as JSON (shape documented in the README).
     #[arg(long)]
     pub json: bool,
+    /// Also read every weight and refuse the model if one holds a NaN or an infinity (naming the
+    /// tensor, its file and the first bad index). Without it only the graph is read.
+    #[arg(long)]
+    pub check: bool,
     #[command(flatten)]
     pub shapes: crate::models::BuildOptions,
 }
@@ -117,6 +122,9 @@ pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
 
 pub fn run(args: &Args) -> Result<()> {
     let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    if args.check {
+        check_weights(args, &model)?;
+    }
     let map = analyse(&model);
     let report = report(&args.model.display().to_string(), &model, map);
     if args.json {
@@ -124,6 +132,19 @@ pub fn run(args: &Args) -> Result<()> {
     } else {
         print_text(&report);
     }
+    Ok(())
+}
+
+/// Scan every float weight (see [`crate::finite`]) and say on stderr what was checked.
+fn check_weights(args: &Args, model: &Model) -> Result<()> {
+    let start = std::time::Instant::now();
+    let checked = crate::finite::check_model(&args.model, model, true)?;
+    eprintln!(
+        "checked {} float tensors ({}) in {:.2}s: all finite",
+        checked.tensors,
+        human_bytes(checked.bytes),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

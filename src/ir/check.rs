@@ -102,8 +102,8 @@ pub fn topological_order(graph: &Graph) -> Result<Vec<usize>> {
                         stack.push((d, 0));
                     }
                     1 => bail!(
-                        "the graph has a cycle through node {}",
-                        graph.nodes[d].label()
+                        "the graph has a cycle: {}",
+                        describe_cycle(graph, &stack, d)
                     ),
                     _ => {}
                 }
@@ -114,6 +114,30 @@ pub fn topological_order(graph: &Graph) -> Result<Vec<usize>> {
         }
     }
     Ok(order)
+}
+
+/// The cycle found when a node on the depth-first path `stack` (root first; each node depends on the
+/// next) depends on `back`, which is on the path: in data-flow order `back` feeds the path's last node,
+/// which feeds the one before it, and so on back to `back`. Long cycles are cut in the middle.
+fn describe_cycle(graph: &Graph, stack: &[(usize, usize)], back: usize) -> String {
+    let from = stack
+        .iter()
+        .position(|&(n, _)| n == back)
+        .expect("a node in progress is on the path");
+    let mut cycle = vec![back];
+    cycle.extend(stack[from + 1..].iter().rev().map(|&(n, _)| n));
+    cycle.push(back);
+    let labels: Vec<String> = cycle.iter().map(|&n| graph.nodes[n].label()).collect();
+    const SHOWN: usize = 8;
+    if labels.len() <= 2 * SHOWN {
+        return labels.join(" -> ");
+    }
+    format!(
+        "{} -> ... ({} more) -> {}",
+        labels[..SHOWN].join(" -> "),
+        labels.len() - 2 * SHOWN,
+        labels[labels.len() - SHOWN..].join(" -> ")
+    )
 }
 
 /// Values a node reads, including the outer-scope values its subgraphs read.
@@ -190,10 +214,22 @@ mod tests {
             Node::new("b", "Relu", &["t"], &["u"]),
             Node::new("c", "Relu", &["t"], &["y"]),
         ]);
-        assert!(check_graph(&cyclic)
-            .unwrap_err()
-            .to_string()
-            .contains("cycle"));
+        assert_eq!(
+            check_graph(&cyclic).unwrap_err().to_string(),
+            "the graph has a cycle: 'a' (Add) -> 'b' (Relu) -> 'a' (Add)"
+        );
+        // a feeds b feeds c feeds a, with c first in the file: named in data-flow order from where the
+        // search found it.
+        let three = graph(vec![
+            Node::new("c", "Relu", &["t2"], &["t3"]),
+            Node::new("a", "Add", &["x", "t3"], &["t1"]),
+            Node::new("b", "Relu", &["t1"], &["t2"]),
+            Node::new("d", "Relu", &["t1"], &["y"]),
+        ]);
+        assert_eq!(
+            check_graph(&three).unwrap_err().to_string(),
+            "the graph has a cycle: 'c' (Relu) -> 'a' (Add) -> 'b' (Relu) -> 'c' (Relu)"
+        );
         let dup = graph(vec![
             Node::new("a", "Relu", &["x"], &["y"]),
             Node::new("b", "Relu", &["x"], &["y"]),

@@ -3,6 +3,8 @@
 //! Each rule is a function over the graph that reports violations with the node they concern. Rules:
 //! `opset` (TensorRT's ONNX parser takes opsets 9-24), `unsupported-op` (DynamicQuantizeLinear,
 //! MatMulInteger, QLinearMatMul, ConvInteger, QLinearConv), `qdq-zero-point` (symmetric: zero points 0),
+//! `qdq-scale` (constant scales, per tensor or per channel, are positive and finite: a zero, negative,
+//! NaN or infinite scale names its index and value),
 //! `qdq-type` (INT8 or FP8 E4M3 only), `qdq-static-scale` (scales are constants), `qdq-per-channel`
 //! (per-channel scales only on constant weights; activations per tensor), `qdq-block` (no block
 //! quantization), `qdq-pair` (every QuantizeLinear feeds DequantizeLinear), `if-branches` (0-D bool
@@ -108,6 +110,14 @@ fn lint_graph<'a>(
     scope
         .tensors
         .extend(graph.initializers.iter().map(|t| (t.name.as_str(), t)));
+    // Constant nodes' values too (exporters emit Q/DQ scales and zero points either way).
+    scope.tensors.extend(
+        graph
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "Constant")
+            .filter_map(|n| Some((n.outputs.first()?.as_str(), n.attr_tensor("value")?))),
+    );
     let constants: HashSet<&str> = scope
         .tensors
         .keys()
@@ -298,14 +308,32 @@ fn lint_qdq(
         out.push(v("qdq-type", name, format!("quantized type {quant_type}: TensorRT takes INT8 or FP8 E4M3 (give an int8 zero point)")));
     }
     if let Some(z) = zp {
-        let zero = z.raw().is_some_and(|b| b.iter().all(|&x| x == 0));
-        if !zero {
+        if let Some((at, value)) = first_nonzero(z) {
             out.push(v(
                 "qdq-zero-point",
                 name,
                 format!(
-                    "zero point '{}' must be all zeros (symmetric quantization)",
-                    z.name
+                    "zero point '{}' is {value}{}: zero points must be all zeros (symmetric quantization)",
+                    z.name,
+                    at_index(z, at)
+                ),
+            ));
+        }
+    }
+    if let Some(s) = scope.tensors.get(scale) {
+        let values = s.to_f32_vec().unwrap_or_default();
+        if let Some((at, x)) = values
+            .iter()
+            .enumerate()
+            .find(|(_, x)| !(x.is_finite() && **x > 0.0))
+        {
+            out.push(v(
+                "qdq-scale",
+                name,
+                format!(
+                    "scale '{scale}' is {}{}: scales must be positive and finite (a zero, NaN or infinite scale turns the values into zeros or garbage)",
+                    float_text(*x),
+                    at_index(s, at)
                 ),
             ));
         }
@@ -325,6 +353,40 @@ fn lint_qdq(
                 format!("per-channel scale on activation '{data}': activations must be per tensor"),
             ));
         }
+    }
+}
+
+/// The first element of a zero point that is not zero, and its value (integers by value; other
+/// types, e.g. FP8, by byte).
+fn first_nonzero(z: &Tensor) -> Option<(usize, String)> {
+    if let Some(values) = z.to_i64_vec() {
+        let at = values.iter().position(|&x| x != 0)?;
+        return Some((at, values[at].to_string()));
+    }
+    let Some(raw) = z.raw() else {
+        return Some((0, "not numeric".into()));
+    };
+    let at = raw.iter().position(|&b| b != 0)?;
+    Some((at, format!("byte {:#04x}", raw[at])))
+}
+
+/// ` at index 3 ([0, 3])` for element `at` of a tensor with more than one element; nothing for a scalar.
+fn at_index(t: &Tensor, at: usize) -> String {
+    if t.dims.is_empty() {
+        return String::new();
+    }
+    format!(
+        " at index {at} ({:?})",
+        crate::finite::unravel(at as u64, &t.dims)
+    )
+}
+
+fn float_text(x: f32) -> String {
+    match x {
+        x if x.is_nan() => "NaN".into(),
+        f32::INFINITY => "+Inf".into(),
+        f32::NEG_INFINITY => "-Inf".into(),
+        x => format!("{x}"),
     }
 }
 

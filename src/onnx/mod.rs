@@ -7,5 +7,6 @@ mod write;
 
 pub use read::{model_from_bytes, read_model, tensor_from_proto, IR_VERSIONS, MAX_OPSET};
 pub use write::{
-    model_to_bytes_inline, model_to_proto, write_model, WriteOptions, WrittenFile, PROTOBUF_LIMIT,
+    is_streamed, model_to_bytes_inline, model_to_proto, write_model, WriteOptions, WrittenFile,
+    PROTOBUF_LIMIT,
 };

@@ -243,8 +243,17 @@ pub fn tensor_from_proto(t: proto::TensorProto, external: &mut ExternalData) -> 
     if t.segment.is_some() {
         bail!("tensor '{name}' is a segment of a larger tensor, which is not supported");
     }
+    if let Some(d) = t.dims.iter().find(|&&d| d < 0) {
+        bail!(
+            "tensor '{name}' has a negative dimension {d} (dims {:?})",
+            t.dims
+        );
+    }
     let Some(numel) = checked_numel(&t.dims) else {
-        bail!("tensor '{name}' has invalid dims {:?}", t.dims);
+        bail!(
+            "tensor '{name}': dims {:?} hold more than 2^64 elements",
+            t.dims
+        );
     };
     let data = if t.data_location == proto::DATA_LOCATION_EXTERNAL {
         let r = ExternalRef::parse(&name, &t.external_data)?;

@@ -7,12 +7,14 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use prost::Message;
 
 use super::external::release_pages;
 use super::proto;
+use crate::finite::{ChunkScan, StreamCheck};
 use crate::ir::{
     AttrValue, Attribute, Dim, Graph, Model, Node, Tensor, TensorData, ValueInfo, ValueType,
 };
@@ -26,43 +28,66 @@ const HASH_LAG: usize = 8;
 /// Stream `tensors` into `file`, 64-byte aligned, recording each one's `(offset, length)`; returns the
 /// file's size and SHA-256. Chunks are written straight from the (memory-mapped) source, while a
 /// second thread hashes the same chunks and then releases their pages, so hashing overlaps I/O and
-/// resident memory stays at a few chunks whatever the model weighs.
+/// resident memory stays at a few chunks whatever the model weighs. The tensors `finite` names are
+/// scanned for NaN/Inf on that thread too, beside the hash (see [`crate::finite`]); on a bad value the
+/// writer stops and the refusal is returned (the caller's staging then removes the partial file).
 fn stream_weights(
     tensors: &[&Tensor],
     file: std::fs::File,
     data_name: &str,
     bar: &indicatif::ProgressBar,
     locations: &mut HashMap<String, (u64, u64)>,
+    finite: Option<&StreamCheck>,
 ) -> Result<(u64, String)> {
     use sha2::Digest;
-    let (send, recv) = std::sync::mpsc::sync_channel::<bytes::Bytes>(HASH_LAG);
+    let (send, recv) = std::sync::mpsc::sync_channel::<Chunk>(HASH_LAG);
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| {
+        let stop = &stop;
         let hasher = scope.spawn(move || {
             let mut h = sha2::Sha256::new();
-            for chunk in recv {
-                h.update(&chunk);
+            let mut bad = None;
+            for (chunk, scan) in recv {
+                if bad.is_none() {
+                    let found = match scan {
+                        Some((i, scan)) => {
+                            let (_, found) = rayon::join(|| h.update(&chunk), || scan.run(&chunk));
+                            found.map(|f| (i, f))
+                        }
+                        None => {
+                            h.update(&chunk);
+                            None
+                        }
+                    };
+                    if found.is_some() {
+                        stop.store(true, Ordering::Relaxed);
+                        bad = found;
+                    }
+                }
                 release_pages(&chunk);
             }
-            crate::output::hex(&h.finalize())
+            (crate::output::hex(&h.finalize()), bad)
         });
         let mut sink = Sink {
             file,
             position: 0,
             hasher: send,
+            stop,
             data_name,
         };
         let result = (|| -> Result<()> {
-            for t in tensors {
+            for (i, t) in tensors.iter().enumerate() {
                 let pad = (ALIGNMENT - sink.position % ALIGNMENT) % ALIGNMENT;
                 if pad > 0 {
-                    sink.write(bytes::Bytes::from(vec![0u8; pad as usize]), "padding")?;
+                    sink.write(bytes::Bytes::from(vec![0u8; pad as usize]), None, "padding")?;
                 }
                 let offset = sink.position;
                 let raw = t.raw().expect("filtered to raw tensors");
                 for start in (0..raw.len()).step_by(CHUNK) {
                     let chunk = raw.slice(start..(start + CHUNK).min(raw.len()));
                     let len = chunk.len() as u64;
-                    sink.write(chunk, &t.name)?;
+                    let scan = finite.and_then(|f| f.chunk(t, start)).map(|s| (i, s));
+                    sink.write(chunk, scan, &t.name)?;
                     bar.inc(len);
                 }
                 locations.insert(t.name.clone(), (offset, raw.len() as u64));
@@ -71,27 +96,46 @@ fn stream_weights(
         })();
         let position = sink.position;
         drop(sink); // closes the channel, so the hasher finishes
-        let sha256 = hasher.join().expect("the hashing thread does not panic");
+        let (sha256, bad) = hasher.join().expect("the hashing thread does not panic");
+        if let (Some((i, (element, kind))), Some(finite)) = (bad, finite) {
+            return Err(finite.refusal(tensors[i], element, kind));
+        }
         result.map(|()| (position, sha256))
     })
 }
+
+/// A chunk of the data file, and where to scan it for non-finite values (tensor index and scan).
+type Chunk = (bytes::Bytes, Option<(usize, ChunkScan)>);
 
 /// The external data file being written, and the channel to the thread hashing it.
 struct Sink<'a> {
     file: std::fs::File,
     position: u64,
-    hasher: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    hasher: std::sync::mpsc::SyncSender<Chunk>,
+    /// Set by the hashing thread when it found a non-finite weight.
+    stop: &'a AtomicBool,
     data_name: &'a str,
 }
 
 impl Sink<'_> {
-    fn write(&mut self, chunk: bytes::Bytes, what: &str) -> Result<()> {
+    fn write(
+        &mut self,
+        chunk: bytes::Bytes,
+        scan: Option<(usize, ChunkScan)>,
+        what: &str,
+    ) -> Result<()> {
+        if self.stop.load(Ordering::Relaxed) {
+            bail!(
+                "stopped writing {}: a non-finite weight was found",
+                self.data_name
+            );
+        }
         self.file
             .write_all(&chunk)
             .with_context(|| format!("writing '{what}' to {}", self.data_name))?;
         self.position += chunk.len() as u64;
         // A send fails only if the hasher panicked, which join() reports.
-        let _ = self.hasher.send(chunk);
+        let _ = self.hasher.send((chunk, scan));
         Ok(())
     }
 }
@@ -106,6 +150,8 @@ pub struct WriteOptions {
     pub external_threshold: u64,
     /// Show a progress bar while streaming weights.
     pub progress: bool,
+    /// Scan these streamed weights for NaN/Inf and refuse them (`convert`; see [`crate::finite`]).
+    pub finite: Option<StreamCheck>,
 }
 
 impl Default for WriteOptions {
@@ -113,6 +159,7 @@ impl Default for WriteOptions {
         WriteOptions {
             external_threshold: 1024,
             progress: true,
+            finite: None,
         }
     }
 }
@@ -139,16 +186,21 @@ pub fn write_model(
 
     let large: Vec<&Tensor> = all_initializers(&model.graph)
         .into_iter()
-        .filter(|t| {
-            matches!(t.data, TensorData::Raw(_)) && t.byte_len() >= options.external_threshold
-        })
+        .filter(|t| is_streamed(t, options.external_threshold))
         .collect();
     let total: u64 = large.iter().map(|t| t.byte_len()).sum();
     staging.ensure_free_space(total)?;
     if !large.is_empty() {
         let file = staging.create(&data_name)?;
         let bar = crate::progress::bytes_bar(total, "writing weights", options.progress);
-        let (bytes, sha256) = stream_weights(&large, file, &data_name, &bar, &mut locations)?;
+        let (bytes, sha256) = stream_weights(
+            &large,
+            file,
+            &data_name,
+            &bar,
+            &mut locations,
+            options.finite.as_ref(),
+        )?;
         bar.finish_and_clear();
         written.push(WrittenFile {
             path: data_name.clone(),
@@ -180,6 +232,12 @@ pub fn write_model(
         },
     );
     Ok(written)
+}
+
+/// True when [`write_model`] streams `t` into the external data file (raw data of at least
+/// `external_threshold` bytes) rather than writing it inline in the graph.
+pub fn is_streamed(t: &Tensor, external_threshold: u64) -> bool {
+    matches!(t.data, TensorData::Raw(_)) && t.byte_len() >= external_threshold
 }
 
 /// Serialize with every tensor inline (for handing a model to an in-process runtime).

@@ -91,7 +91,9 @@ fn smoothable_groups(model: &Model, targets: &[Target]) -> BTreeMap<String, Vec<
         }
     }
     // Convolutions (and activations shared with them) are not smoothed.
-    groups.retain(|a, members| targets.iter().filter(|t| &t.activation == a).count() == members.len());
+    groups.retain(|a, members| {
+        targets.iter().filter(|t| &t.activation == a).count() == members.len()
+    });
     groups
 }
 
@@ -191,8 +193,14 @@ mod tests {
         // The outlier channel (amax 100) must be divided by more than the ordinary one (amax 1).
         let (outlier, ordinary) = (channel_scale(100.0, 0.5, 0.5), channel_scale(1.0, 0.5, 0.5));
         assert!(outlier > ordinary * 9.0, "{outlier} vs {ordinary}");
-        assert!((channel_scale(4.0, 1.0, 0.5) - 2.0).abs() < 1e-6, "4^0.5 / 1^0.5");
-        assert!((channel_scale(1.0, 4.0, 0.5) - 0.5).abs() < 1e-6, "1^0.5 / 4^0.5");
+        assert!(
+            (channel_scale(4.0, 1.0, 0.5) - 2.0).abs() < 1e-6,
+            "4^0.5 / 1^0.5"
+        );
+        assert!(
+            (channel_scale(1.0, 4.0, 0.5) - 0.5).abs() < 1e-6,
+            "1^0.5 / 4^0.5"
+        );
         assert_eq!(channel_scale(0.0, 1.0, 0.5), 1.0);
     }
 }

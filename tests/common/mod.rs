@@ -6,39 +6,46 @@ use std::process::{Command, Output};
 
 use ditc::ir::Tensor;
 
-/// `../shared/fixtures` beside the repository, or `None` (with a visible message) when absent.
-pub fn fixtures() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        // Written to the stderr handle directly: the test harness captures eprintln! of passing tests.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: ../shared/fixtures is not present; this fixture test did not run"
-        );
-        None
-    }
+/// The shared PyTorch fixtures (`../shared/fixtures`, or `$DITC_FIXTURES` at build time), where the
+/// build script (`build.rs`) found them. Every test that calls this carries
+/// `#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]`, so without the folder it is
+/// reported as ignored; run anyway (`--ignored`), it fails here instead of passing without checking.
+pub fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(env!("DITC_FIXTURES_DIR"));
+    assert!(
+        dir.is_dir(),
+        "this test needs the fixtures folder {}, which is absent (if it was removed after the build: `touch build.rs`)",
+        dir.display()
+    );
+    dir
 }
 
-/// `../shared/fixtures/<name>`, or `None` (with a visible message) when it is absent.
-pub fn fixture(name: &str) -> Option<PathBuf> {
-    let dir = fixtures()?.join(name);
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: ../shared/fixtures/{name} is not present; this fixture test did not run"
-        );
-        None
-    }
+/// The demo model in the repository, `examples/latte-tiny`: a copy of the latte-tiny fixture
+/// (model.onnx, io.safetensors, ckpt/, sampling.json, sampling.safetensors), so tests of latte-tiny
+/// run without `../shared/fixtures`.
+pub fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/latte-tiny")
+}
+
+/// `../shared/fixtures/<name>` (see [`fixtures`]: the calling test carries the `ditc_fixtures` ignore).
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = fixtures().join(name);
+    assert!(dir.is_dir(), "the fixture {} is absent", dir.display());
+    dir
 }
 
 pub const MODELS: [&str; 3] = ["latte-tiny", "dit-tiny", "wan-tiny"];
 pub const GRAPH_FILES: [&str; 2] = ["model.onnx", "model.dynamo.onnx"];
+
+/// Every fixture graph `(model, file)` except latte-tiny's `model.onnx`, which the demo model is a copy
+/// of (tests run that one from [`demo`]).
+pub fn fixture_graphs_beyond_the_demo() -> Vec<(&'static str, &'static str)> {
+    MODELS
+        .iter()
+        .flat_map(|&m| GRAPH_FILES.iter().map(move |&f| (m, f)))
+        .filter(|&g| g != ("latte-tiny", "model.onnx"))
+        .collect()
+}
 
 pub fn ditc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ditc"))
