@@ -61,11 +61,7 @@ fn main() {
         .collect();
     let tensors = ditc::tensors::read_safetensors(&fixture.join("sampling.safetensors")).unwrap();
     let pick = |name: &str, as_name: &str| -> Tensor {
-        let mut t = tensors
-            .iter()
-            .find(|t| t.name == name)
-            .unwrap()
-            .clone();
+        let mut t = tensors.iter().find(|t| t.name == name).unwrap().clone();
         t.name = as_name.to_string();
         t
     };
@@ -93,7 +89,10 @@ fn main() {
     println!("median sampling time over {reps} interleaved runs (wan-small, 50 steps, no CFG, plans excluded):");
     println!("  plain graph        {plain:.3}s");
     let ratio = median[1] / plain;
-    println!("  threshold 0        {:.3}s  ratio {ratio:.3} (target <= 1.10)", median[1]);
+    println!(
+        "  threshold 0        {:.3}s  ratio {ratio:.3} (target <= 1.10)",
+        median[1]
+    );
     if ratio > 1.10 {
         missed.push(format!("threshold 0 ratio {ratio:.3} > 1.10"));
     }
@@ -110,7 +109,11 @@ fn main() {
             measured / ideal
         );
         if measured / ideal < 0.85 {
-            missed.push(format!("{} at {:.3} of its FLOP ideal", configs[slot].0, measured / ideal));
+            missed.push(format!(
+                "{} at {:.3} of its FLOP ideal",
+                configs[slot].0,
+                measured / ideal
+            ));
         }
     }
     let (split, direct) = split_against_if_graph(&bundles[3], &noise, &extra);

@@ -42,7 +42,15 @@ fn recipe() -> PathBuf {
 }
 
 fn convert_args<'a>(model: &'a str, out: &'a str, recipe: &'a str) -> Vec<&'a str> {
-    let mut args = vec!["convert", model, "--recipe", recipe, "-o", out, "--no-progress"];
+    let mut args = vec![
+        "convert",
+        model,
+        "--recipe",
+        recipe,
+        "-o",
+        out,
+        "--no-progress",
+    ];
     args.extend(SHAPE_ARGS);
     args
 }
@@ -99,7 +107,9 @@ impl Rules {
             s.push(format!("broadcast-adaptive.max_cached_steps={m}"));
         }
         if let Some(m) = self.max_continuous {
-            s.push(format!("broadcast-adaptive.max_continuous_cached_steps={m}"));
+            s.push(format!(
+                "broadcast-adaptive.max_continuous_cached_steps={m}"
+            ));
         }
         s
     }
@@ -235,7 +245,13 @@ struct HandRun {
 }
 
 /// Sample `rules.steps` flow-matching steps from `noise`, deciding each call by `rules`.
-fn hand_loop(bundle: &Bundle, plain: &Model, rules: &Rules, noise: &Tensor, text: &Tensor) -> HandRun {
+fn hand_loop(
+    bundle: &Bundle,
+    plain: &Model,
+    rules: &Rules,
+    noise: &Tensor,
+    text: &Tensor,
+) -> HandRun {
     let blocks = bundle.manifest.dit_map["blocks"].as_array().unwrap().len();
     let timestep = |i: usize| {
         ditc::runtime::sampling::timestep_tensor(plain, "timestep", bundle.sampler.timesteps[i])
@@ -266,7 +282,11 @@ fn hand_loop(bundle: &Bundle, plain: &Model, rules: &Rules, noise: &Tensor, text
         let metric = if reference.is_empty() {
             f64::NAN
         } else {
-            let change: f64 = r.iter().zip(&reference).map(|(a, b)| (a - b).abs() as f64).sum();
+            let change: f64 = r
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .sum();
             let size: f64 = reference.iter().map(|a| a.abs() as f64).sum();
             change / size
         };
@@ -325,7 +345,8 @@ fn check_against_hand_loop(label: &str, rules: &Rules) -> HandRun {
     let bundle = Bundle::open(&manifest).unwrap();
     let plain = build_model(&Checkpoint::open(&dir.join("ckpt")).unwrap(), &shapes()).unwrap();
     let (noise, text) = case_inputs(&dir);
-    let (latent, report) = sample(&bundle, &noise, &[text.clone()], false, false).unwrap();
+    let (latent, report) =
+        sample(&bundle, &noise, std::slice::from_ref(&text), false, false).unwrap();
     let hand = hand_loop(&bundle, &plain, rules, &noise, &text);
 
     let decisions: Vec<bool> = report.trace.iter().map(|c| c.computed).collect();
@@ -346,7 +367,11 @@ fn check_against_hand_loop(label: &str, rules: &Rules) -> HandRun {
         f.rel_l2
     );
     assert!(worst <= 5e-5, "{label}: metric differs by {worst}");
-    assert!(f.rel_l2 <= 1e-5, "{label}: final latent rel-L2 {}", f.rel_l2);
+    assert!(
+        f.rel_l2 <= 1e-5,
+        "{label}: final latent rel-L2 {}",
+        f.rel_l2
+    );
     assert_eq!(
         report.model_flops < report.model_flops_full,
         computed < decisions.len(),
@@ -447,7 +472,10 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
     let computed: Vec<bool> = trace.iter().map(|c| c.computed).collect();
     assert_eq!(computed, [true, false, false, false]);
     assert!(trace[0].metric.is_none() && trace[1..].iter().all(|c| c.metric.is_some()));
-    assert!(trace.iter().enumerate().all(|(i, c)| c.step == i && c.branch == "cond"));
+    assert!(trace
+        .iter()
+        .enumerate()
+        .all(|(i, c)| c.step == i && c.branch == "cond"));
     let graph_file = tmp.path().join("b/model.onnx");
     let stdout = ditc_ok(&["lint", graph_file.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&stdout).contains("conforms"));
@@ -459,12 +487,25 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
         (condition.dtype, condition.shape.as_deref()),
         (Some(DataType::Bool), Some(&[][..]))
     );
-    let ifs: Vec<_> = model.graph.nodes.iter().filter(|n| n.op_type == "If").collect();
+    let ifs: Vec<_> = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "If")
+        .collect();
     assert_eq!(ifs.len(), 1);
     assert_eq!(ifs[0].inputs, ["ditc.decision"]);
-    assert_eq!(ditc::lint::lint(&model, ditc::lint::Target::Trt10, None), []);
+    assert_eq!(
+        ditc::lint::lint(&model, ditc::lint::Target::Trt10, None),
+        []
+    );
     // The If rules see this graph: a float condition, and an else-branch short of an output.
-    let if_index = model.graph.nodes.iter().position(|n| n.op_type == "If").unwrap();
+    let if_index = model
+        .graph
+        .nodes
+        .iter()
+        .position(|n| n.op_type == "If")
+        .unwrap();
     let mut float_condition = model.clone();
     float_condition.graph.nodes[if_index].inputs[0] = "ditc.metric".into();
     let mut short_else = model.clone();
@@ -475,10 +516,15 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
             }
         }
     }
-    for (broken, expect) in [(float_condition, "0-D bool"), (short_else, "else_branch has 2 outputs, the If 3")] {
+    for (broken, expect) in [
+        (float_condition, "0-D bool"),
+        (short_else, "else_branch has 2 outputs, the If 3"),
+    ] {
         let found = ditc::lint::lint(&broken, ditc::lint::Target::Trt10, None);
         assert!(
-            found.iter().any(|v| v.rule == "if-branches" && v.message.contains(expect)),
+            found
+                .iter()
+                .any(|v| v.rule == "if-branches" && v.message.contains(expect)),
             "{expect}: {found:?}"
         );
     }
@@ -489,7 +535,10 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
         Vec::<String>::new()
     );
     assert_eq!(manifest["schedule"]["policy"], "first-block-cache");
-    assert_eq!(manifest["schedule"]["adaptive"]["cached_blocks"], serde_json::json!([1, 2, 3, 4, 5]));
+    assert_eq!(
+        manifest["schedule"]["adaptive"]["cached_blocks"],
+        serde_json::json!([1, 2, 3, 4, 5])
+    );
     let states: Vec<&str> = manifest["state"]
         .as_array()
         .unwrap()
@@ -498,7 +547,10 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
         .collect();
     assert_eq!(
         states,
-        ["ditc.state.fbc.head_residual", "ditc.state.fbc.tail_residual"]
+        [
+            "ditc.state.fbc.head_residual",
+            "ditc.state.fbc.tail_residual"
+        ]
     );
 
     let bundle = Bundle::open(&manifest_path).unwrap();
@@ -510,8 +562,12 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
     let step_inputs = |i: usize| {
         let mut v = common_inputs.clone();
         v.push(
-            ditc::runtime::sampling::timestep_tensor(&bundle.model, "timestep", bundle.sampler.timesteps[i])
-                .unwrap(),
+            ditc::runtime::sampling::timestep_tensor(
+                &bundle.model,
+                "timestep",
+                bundle.sampler.timesteps[i],
+            )
+            .unwrap(),
         );
         v.push(Tensor::from_i64("ditc.step", vec![], &[i as i64]));
         v
@@ -521,17 +577,32 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
     assert!(matches!(plan, Plan::Split(_)));
     let tract_if = TractRunner::new(&bundle.model, &example).unwrap();
     for i in 0..3 {
-        let split = ditc::runtime::conditional::call(&plan, &step_inputs(i), &mut split_state, &bundle.manifest.state).unwrap();
-        let direct = tract_if.run(&[&step_inputs(i)[..], if_state.tensors()].concat()).unwrap();
+        let split = ditc::runtime::conditional::call(
+            &plan,
+            &step_inputs(i),
+            &mut split_state,
+            &bundle.manifest.state,
+        )
+        .unwrap();
+        let direct = tract_if
+            .run(&[&step_inputs(i)[..], if_state.tensors()].concat())
+            .unwrap();
         if_state.update(&bundle.manifest.state, &direct);
-        let decision = common::named(&split.outputs, "ditc.decision").raw().unwrap()[0] != 0;
+        let decision = common::named(&split.outputs, "ditc.decision")
+            .raw()
+            .unwrap()[0]
+            != 0;
         assert_eq!(decision, i == 0, "call {i}");
         for d in &direct {
             let s = common::named(&split.outputs, &d.name);
             assert_eq!((s.dtype, &s.dims), (d.dtype, &d.dims), "{}", d.name);
             if d.dtype == DataType::F32 && s.raw() != d.raw() {
                 let f = compare(&s.to_f32_vec().unwrap(), &d.to_f32_vec().unwrap());
-                assert!(f.max_rel <= 1e-6 || f.max_abs == 0.0, "call {i} '{}': {f:?}", d.name);
+                assert!(
+                    f.max_rel <= 1e-6 || f.max_abs == 0.0,
+                    "call {i} '{}': {f:?}",
+                    d.name
+                );
             } else {
                 assert_eq!(s.raw(), d.raw(), "call {i} '{}'", d.name);
             }
@@ -552,16 +623,37 @@ fn bad_options_and_models_are_refused() {
         recipe.to_str().unwrap(),
     );
     let cases: [(&[&str], &[&str]); 7] = [
-        (&["broadcast-adaptive.threshold=nan"], &["threshold must be a finite number >= 0", "NaN"]),
-        (&["broadcast-adaptive.threshold=-0.1"], &["threshold must be a finite number >= 0", "-0.1"]),
-        (&["broadcast-adaptive.compute_first=0"], &["compute_first must be at least 1"]),
         (
-            &["broadcast-adaptive.compute_first=4", "broadcast-adaptive.compute_last=2"],
+            &["broadcast-adaptive.threshold=nan"],
+            &["threshold must be a finite number >= 0", "NaN"],
+        ),
+        (
+            &["broadcast-adaptive.threshold=-0.1"],
+            &["threshold must be a finite number >= 0", "-0.1"],
+        ),
+        (
+            &["broadcast-adaptive.compute_first=0"],
+            &["compute_first must be at least 1"],
+        ),
+        (
+            &[
+                "broadcast-adaptive.compute_first=4",
+                "broadcast-adaptive.compute_last=2",
+            ],
             &["compute_first (4) + compute_last (2) must be below the model's 6 blocks"],
         ),
-        (&["broadcast-adaptive.policy=\"tea-cache\""], &["unknown policy", "tea-cache"]),
-        (&["broadcast-adaptive.treshold=0.1"], &["unknown field", "treshold"]),
-        (&["broadcast-adaptive.max_cached_steps=-2"], &["invalid first-block-cache options"]),
+        (
+            &["broadcast-adaptive.policy=\"tea-cache\""],
+            &["unknown policy", "tea-cache"],
+        ),
+        (
+            &["broadcast-adaptive.treshold=0.1"],
+            &["unknown field", "treshold"],
+        ),
+        (
+            &["broadcast-adaptive.max_cached_steps=-2"],
+            &["invalid first-block-cache options"],
+        ),
     ];
     for (sets, expect) in cases {
         let mut args = base.clone();
@@ -583,8 +675,16 @@ fn bad_options_and_models_are_refused() {
     // A graph without transformer blocks.
     let plain = {
         let graph = ditc::ir::Graph {
-            inputs: vec![ValueInfo::tensor("x", DataType::F32, vec![Dim::Value(1), Dim::Value(4)])],
-            outputs: vec![ValueInfo::tensor("y", DataType::F32, vec![Dim::Value(1), Dim::Value(4)])],
+            inputs: vec![ValueInfo::tensor(
+                "x",
+                DataType::F32,
+                vec![Dim::Value(1), Dim::Value(4)],
+            )],
+            outputs: vec![ValueInfo::tensor(
+                "y",
+                DataType::F32,
+                vec![Dim::Value(1), Dim::Value(4)],
+            )],
             nodes: vec![ditc::ir::Node::new("relu", "Relu", &["x"], &["y"])],
             ..Default::default()
         };

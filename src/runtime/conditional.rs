@@ -15,10 +15,7 @@ use crate::schedule::specialize::model_flops;
 use crate::schedule::split::{first_if, split_at};
 
 pub enum Plan {
-    Plain {
-        runner: TractRunner,
-        flops: u64,
-    },
+    Plain { runner: TractRunner, flops: u64 },
     Split(Box<SplitPlan>),
 }
 

@@ -302,7 +302,12 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
         .as_ref()
         .map(|s| {
             let adaptive = s.adaptive.iter().flat_map(|a| a.sites.iter());
-            s.sites.values().flatten().chain(adaptive).copied().collect()
+            s.sites
+                .values()
+                .flatten()
+                .chain(adaptive)
+                .copied()
+                .collect()
         })
         .unwrap_or_default();
     let mut out = BTreeMap::new();
@@ -360,7 +365,12 @@ fn record(
             calls.skipped += n;
         }
     }
-    if let Some(schedule) = bundle.manifest.schedule.as_ref().filter(|s| s.adaptive.is_none()) {
+    if let Some(schedule) = bundle
+        .manifest
+        .schedule
+        .as_ref()
+        .filter(|s| s.adaptive.is_none())
+    {
         for &block in &schedule.blocks {
             let computed = pattern.get(&Group::Mlp).copied().unwrap_or(true);
             report

@@ -342,7 +342,8 @@ impl Emitter {
                 .push(Tensor::from_i64(&axes_name, vec![rank as i64], &axes));
             Node::new(&out, "ReduceMean", &[input, &axes_name], &[&out])
         } else {
-            Node::new(&out, "ReduceMean", &[input], &[&out]).with_attr("axes", AttrValue::Ints(axes))
+            Node::new(&out, "ReduceMean", &[input], &[&out])
+                .with_attr("axes", AttrValue::Ints(axes))
         };
         self.nodes
             .push(node.with_attr("keepdims", AttrValue::Int(0)));
@@ -426,7 +427,9 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
     let region = crate::passes::exclusive_region(graph, middle_out)
         .with_context(|| format!("cannot isolate the nodes computing '{middle_out}'"))?;
     check_region(graph, &region, &cx.dit_map, first..cached_end)?;
-    let if_node = cached_blocks_if(graph, &region, middle_out, head_out, &residual, dtype, &dims);
+    let if_node = cached_blocks_if(
+        graph, &region, middle_out, head_out, &residual, dtype, &dims,
+    );
     let in_region: HashSet<usize> = region.iter().copied().collect();
     let kept: Vec<Node> = std::mem::take(&mut graph.nodes)
         .into_iter()
@@ -656,7 +659,12 @@ fn cached_blocks_if(
     }
     let tail_new = "ditc.fbc.tail_residual.computed";
     let reference_new = "ditc.fbc.head_residual.computed";
-    moved.push(Node::new(tail_new, "Sub", &[&computed, head_out], &[tail_new]));
+    moved.push(Node::new(
+        tail_new,
+        "Sub",
+        &[&computed, head_out],
+        &[tail_new],
+    ));
     moved.push(Node::new(
         reference_new,
         "Identity",

@@ -261,7 +261,8 @@ mod tests {
         let m = model();
         let split = split_at(&m, first_if(&m).unwrap()).unwrap();
         assert_eq!(split.condition, "c");
-        let names = |g: &Graph| -> Vec<String> { g.nodes.iter().map(|n| n.op_type.clone()).collect() };
+        let names =
+            |g: &Graph| -> Vec<String> { g.nodes.iter().map(|n| n.op_type.clone()).collect() };
         assert_eq!(
             names(&split.prefix.graph),
             ["ReduceSum", "Sub", "Greater", "Neg"]
@@ -275,7 +276,10 @@ mod tests {
             .collect();
         assert_eq!(outputs, ["c", "z"]);
         assert_eq!(names(&split.parts[1].graph), ["Add", "Identity", "Add"]);
-        assert_eq!(names(&split.parts[0].graph), ["Identity", "Identity", "Add"]);
+        assert_eq!(
+            names(&split.parts[0].graph),
+            ["Identity", "Identity", "Add"]
+        );
         for part in &split.parts {
             assert_eq!(part.graph.outputs.len(), 1);
             assert_eq!(part.graph.outputs[0].name, "y");
