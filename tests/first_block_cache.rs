@@ -704,3 +704,168 @@ fn bad_options_and_models_are_refused() {
     assert!(e.to_string().contains("no transformer blocks"), "{e}");
     assert_eq!(model, plain, "a refused model is left as it was");
 }
+
+/// diffusers' FirstBlockCache runs of wan-small with classifier-free guidance (`sampling.json`:
+/// `fbc_0.05`, `fbc_0.2`; 3 cases; per step a `cond` then an `uncond` call, each with its own cache
+/// state, then `u + 5 (c - u)`), driven here call by call through the runtime's split plan with one
+/// state set per branch: every per-step, per-branch decision equals diffusers', except where diffusers'
+/// metric lies within 1e-4 relative of the threshold (after such a flip, every later decision must obey
+/// `metric > threshold` and the latent must stay finite); otherwise the final latent matches diffusers'
+/// cached final latent to relative L2 1e-3. Also reports how far ditc's metric is from diffusers'.
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn cfg_decisions_and_latents_match_diffusers() {
+    let dir = fixture("wan-small");
+    let sampling: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
+    let tensors = ditc::tensors::read_safetensors(&dir.join("sampling.safetensors")).unwrap();
+    let scale = sampling["guidance_scale"].as_f64().unwrap() as f32;
+    let tmp = tempfile::tempdir().unwrap();
+    for config in ["fbc_0.05", "fbc_0.2"] {
+        let threshold = sampling["configs"][config]["threshold"].as_f64().unwrap();
+        let manifest = convert(
+            &dir,
+            &tmp.path().join(config),
+            &[format!("broadcast-adaptive.threshold={threshold:?}")],
+        );
+        let bundle = Bundle::open(&manifest).unwrap();
+        let cases = sampling["decisions"][config].as_object().unwrap().len();
+        for case in 0..cases {
+            let label = format!("{config} case {case}");
+            let tensor = |name: &str, as_name: &str| {
+                let mut t = common::named(&tensors, &format!("{case}.{name}")).clone();
+                t.name = as_name.into();
+                t
+            };
+            let noise = tensor("noise", "hidden_states");
+            let texts = [
+                tensor("encoder_hidden_states", "encoder_hidden_states"),
+                tensor("negative_encoder_hidden_states", "encoder_hidden_states"),
+            ];
+            let run = guided_run(&bundle, &noise, &texts, scale);
+            let want = common::named(&tensors, &format!("{case}.{config}.final"))
+                .to_f32_vec()
+                .unwrap();
+            let mut flipped = false;
+            let mut worst_metric = 0.0f64;
+            for (b, branch) in ["cond", "uncond"].iter().enumerate() {
+                let decisions = &sampling["decisions"][config][case.to_string()][branch];
+                let metrics = &sampling["fbc_metrics"][config][case.to_string()][branch];
+                let want_decisions: Vec<bool> = decisions
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_bool().unwrap())
+                    .collect();
+                let want_metrics: Vec<f64> = metrics
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m.as_f64().unwrap())
+                    .collect();
+                let (got, got_metrics) = (&run.decisions[b], &run.metrics[b]);
+                let first_flip = (0..got.len()).find(|&k| got[k] != want_decisions[k]);
+                let compared = first_flip.unwrap_or(got.len());
+                for k in 1..compared {
+                    let want = want_metrics[k - 1];
+                    worst_metric = worst_metric.max((got_metrics[k] as f64 - want).abs() / want);
+                }
+                let Some(k) = first_flip else { continue };
+                assert!(k > 0, "{label} {branch}: the first call must compute");
+                let recorded = want_metrics[k - 1];
+                assert!(
+                    (recorded - threshold).abs() <= 1e-4 * threshold,
+                    "{label} {branch}: step {k} decided {} where diffusers decided {} (its metric {recorded}, ditc's {})",
+                    got[k],
+                    want_decisions[k],
+                    got_metrics[k]
+                );
+                for j in k + 1..got.len() {
+                    assert_eq!(
+                        got[j],
+                        got_metrics[j] as f64 > threshold,
+                        "{label} {branch}: step {j} does not obey the rule after the flip at {k}"
+                    );
+                }
+                flipped = true;
+            }
+            let f = compare(&run.latent, &want);
+            eprintln!(
+                "{label}: computed {}+{} of 100 calls; metric max relative difference from diffusers {worst_metric:.2e}; final latent rel-L2 {:.2e}{}",
+                run.decisions[0].iter().filter(|&&c| c).count(),
+                run.decisions[1].iter().filter(|&&c| c).count(),
+                f.rel_l2,
+                if flipped { " (a near-threshold flip: finiteness only)" } else { "" }
+            );
+            if flipped {
+                assert!(run.latent.iter().all(|v| v.is_finite()), "{label}");
+            } else {
+                assert!(f.rel_l2 <= 1e-3, "{label}: rel-L2 {}", f.rel_l2);
+            }
+            assert!(
+                worst_metric <= 1e-4,
+                "{label}: metric differs by {worst_metric}"
+            );
+        }
+    }
+}
+
+/// Per branch (cond, uncond): each call's decision and metric; the final latent.
+struct GuidedRun {
+    decisions: [Vec<bool>; 2],
+    metrics: [Vec<f32>; 2],
+    latent: Vec<f32>,
+}
+
+/// Classifier-free guidance call by call, as WanPipeline does: cond then uncond, one state set each,
+/// `u + g (c - u)` in f32 (torch's order of operations).
+fn guided_run(bundle: &Bundle, noise: &Tensor, texts: &[Tensor; 2], scale: f32) -> GuidedRun {
+    let bindings = &bundle.manifest.state;
+    let inputs = |x: &[f32], i: usize, text: &Tensor| {
+        vec![
+            Tensor::from_f32("hidden_states", noise.dims.clone(), x),
+            ditc::runtime::sampling::timestep_tensor(
+                &bundle.model,
+                "timestep",
+                bundle.sampler.timesteps[i],
+            )
+            .unwrap(),
+            Tensor::from_i64("ditc.step", vec![], &[i as i64]),
+            text.clone(),
+        ]
+    };
+    let mut x = noise.to_f32_vec().unwrap();
+    let zeros = StateSet::zeros(&bundle.model, bindings).unwrap();
+    let mut states = [zeros.clone(), zeros];
+    let example = [&inputs(&x, 0, &texts[0])[..], states[0].tensors()].concat();
+    let plan = Plan::new(&bundle.model, &example).unwrap();
+    let mut run = GuidedRun {
+        decisions: Default::default(),
+        metrics: Default::default(),
+        latent: Vec::new(),
+    };
+    for i in 0..bundle.sampler.steps() {
+        let mut predictions: Vec<Vec<f32>> = Vec::with_capacity(2);
+        for b in 0..2 {
+            let out = ditc::runtime::conditional::call(
+                &plan,
+                &inputs(&x, i, &texts[b]),
+                &mut states[b],
+                bindings,
+            )
+            .unwrap()
+            .outputs;
+            run.decisions[b].push(common::named(&out, "ditc.decision").raw().unwrap()[0] != 0);
+            run.metrics[b].push(values(&out, "ditc.metric")[0]);
+            predictions.push(values(&out, "sample"));
+        }
+        let guided: Vec<f32> = predictions[1]
+            .iter()
+            .zip(&predictions[0])
+            .map(|(&u, &c)| u + scale * (c - u))
+            .collect();
+        bundle.sampler.step(i, &mut x, &guided);
+    }
+    run.latent = x;
+    run
+}
