@@ -316,6 +316,12 @@ fn print_summary(args: &Args, m: &Manifest) {
         sizes.join(", ")
     );
     if let Some(s) = &m.schedule {
+        if let Some(a) = &s.adaptive {
+            eprintln!(
+                "  {}: blocks {:?} cached, decided at every call inside the graph (outputs '{}', '{}'); the FLOPs below count every call computing",
+                s.policy, a.cached_blocks, a.decision, a.metric
+            );
+        }
         for (kind, c) in &s.calls {
             eprintln!(
                 "  {:<9} computes {:>4} of {:>4} calls",
