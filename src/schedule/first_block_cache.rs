@@ -375,10 +375,12 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
         bail!("no transformer blocks were found in the graph (runs of attention sites closed by a feed-forward network), so there is nothing to cache");
     }
     options.check_blocks(blocks)?;
-    sort_topologically(&mut model.graph)?;
-    let stream = residual_stream(&model.graph, &cx.dit_map)?;
+    // Rewrite a copy (initializers share their bytes): a refusal leaves the model as it was.
+    let mut rewritten = model.graph.clone();
+    sort_topologically(&mut rewritten)?;
+    let stream = residual_stream(&rewritten, &cx.dit_map)?;
     let opset = model.default_opset();
-    let types = infer_types(&model.graph, opset);
+    let types = infer_types(&rewritten, opset);
     let (first, cached_end) = (options.compute_first, blocks - options.compute_last);
     let (head_in, head_out, middle_out) = (&stream[0], &stream[first], &stream[cached_end]);
     let info = types.get(head_out).cloned().unwrap_or_default();
@@ -410,7 +412,7 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
         states.push((LAST_CACHED, scalar(DataType::I64)));
     }
 
-    let graph = &mut model.graph;
+    let graph = &mut rewritten;
     if !graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
         graph
             .inputs
@@ -453,6 +455,7 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
         .push(ValueInfo::tensor(DECISION, DataType::Bool, vec![]));
     sort_topologically(graph)?;
     crate::ir::check_graph(graph).context("the baked graph is invalid (a ditc bug)")?;
+    model.graph = rewritten;
 
     cx.step_input = Some(STEP_INPUT.to_string());
     for (v, (dtype, shape)) in &states {
