@@ -8,6 +8,7 @@ use std::path::Path;
 use common::{ditc_ok, fixtures};
 use ditc::cli::run::{sample_bundle, Args};
 use ditc::metrics::compare;
+use ditc::schedule::guidance::Branch;
 use ditc::tensors::read_safetensors;
 
 /// passes/pab.toml's sampler with a bare broadcast-static pass (no preset: the test sets every kind).
@@ -52,6 +53,7 @@ fn run(manifest: &Path, inputs: &Path, case: usize) -> (Vec<f32>, ditc::cli::run
         output: manifest.with_file_name("unused.safetensors"),
         compare_full: false,
         json: true,
+        trace: None,
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
@@ -152,7 +154,8 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
             .collect();
         for case in 0..3 {
             let (latent, report) = run(&out.join("manifest.json"), &inputs, case);
-            for (id, executed) in &report.scheduled.decisions {
+            let cond = &report.scheduled.branches[&Branch::Cond];
+            for (id, executed) in &cond.decisions {
                 let module = module_name(&anchors[*id]);
                 let expected: Vec<bool> = sampling["decisions"][config][&module]
                     .as_array()
@@ -165,7 +168,7 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
                     "{config} case {case}: decisions of {module}"
                 );
             }
-            assert_eq!(report.scheduled.decisions.len(), 12);
+            assert_eq!(cond.decisions.len(), 12);
             let reference = final_of(case, config);
             let f = compare(&latent, &reference);
             let moved = compare(&final_of(case, "full"), &reference).rel_l2;
@@ -211,14 +214,16 @@ fn mlp_broadcast_reuses_after_key_timesteps() {
         output: out.join("unused.safetensors"),
         compare_full: true,
         json: true,
+        trace: None,
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
     // Spatial and temporal blocks 0 and 1: four MLPs.
-    assert_eq!(report.scheduled.mlp_decisions.len(), 4);
-    for d in report.scheduled.mlp_decisions.values() {
+    let cond = &report.scheduled.branches[&Branch::Cond];
+    assert_eq!(cond.mlp_decisions.len(), 4);
+    for d in cond.mlp_decisions.values() {
         assert_eq!(d, &expected);
     }
     let full_ref = read_safetensors(&inputs)

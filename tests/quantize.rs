@@ -48,9 +48,11 @@ fn quantize(m: &mut Model, stats_json: &str, extra: &[(&str, toml::Value)]) -> P
     let mut cx = PassContext {
         dit_map: analyse(m),
         sampler: None,
+        guidance: None,
         schedule: None,
         state: vec![],
         step_input: None,
+        branch_input: None,
         precision: None,
     };
     run_pipeline(m, &[pass], &mut cx).unwrap();
@@ -216,7 +218,12 @@ fn latte_w8a8_over_a_sampling_trajectory() {
         W8a8Case {
             label: "int8 + SmoothQuant 0.5",
             recipe: "passes/w8a8.toml",
-            args: &["--target", "ampere", "--set", "quantize-w8a8.smooth_quant_alpha=0.5"],
+            args: &[
+                "--target",
+                "ampere",
+                "--set",
+                "quantize-w8a8.smooth_quant_alpha=0.5",
+            ],
             format: "w8a8-int8",
             min_psnr_db: 45.0,
             min_cosine: 0.995,
@@ -224,7 +231,12 @@ fn latte_w8a8_over_a_sampling_trajectory() {
         W8a8Case {
             label: "int8 + SmoothQuant 0.8",
             recipe: "passes/w8a8.toml",
-            args: &["--target", "ampere", "--set", "quantize-w8a8.smooth_quant_alpha=0.8"],
+            args: &[
+                "--target",
+                "ampere",
+                "--set",
+                "quantize-w8a8.smooth_quant_alpha=0.8",
+            ],
             format: "w8a8-int8",
             min_psnr_db: 40.0,
             min_cosine: 0.99,
@@ -239,7 +251,9 @@ fn latte_w8a8_over_a_sampling_trajectory() {
         },
     ];
     for case in &cases {
-        let out = tmp.path().join(case.label.replace([' ', '(', ')', '+', '.'], "_"));
+        let out = tmp
+            .path()
+            .join(case.label.replace([' ', '(', ')', '+', '.'], "_"));
         let o = out.to_str().unwrap();
         let recipe = root.join(case.recipe);
         let mut args = vec![
@@ -266,8 +280,16 @@ fn latte_w8a8_over_a_sampling_trajectory() {
         // one for Q and one for the output projection (4 sites -> 8), plus ONE for K/V of all four (they
         // read the same caption embedding); per FFN two (8 -> 16). 41 activation Q/DQ pairs.
         let smooth = case.label.contains("SmoothQuant");
-        let (q, dq) = (count_ops(&graph, "QuantizeLinear"), count_ops(&graph, "DequantizeLinear"));
-        assert_eq!((q, dq), (41, 41 + 64), "{}: QuantizeLinear, DequantizeLinear", case.label);
+        let (q, dq) = (
+            count_ops(&graph, "QuantizeLinear"),
+            count_ops(&graph, "DequantizeLinear"),
+        );
+        assert_eq!(
+            (q, dq),
+            (41, 41 + 64),
+            "{}: QuantizeLinear, DequantizeLinear",
+            case.label
+        );
         assert_eq!(
             count_ops(&graph, "Mul") - count_ops(&model, "Mul"),
             if smooth { 41 } else { 0 },
@@ -290,7 +312,10 @@ fn latte_w8a8_over_a_sampling_trajectory() {
         ]))
         .unwrap();
         let f = &report["fidelity"];
-        let (psnr, cosine) = (f["psnr_db"].as_f64().unwrap(), f["cosine"].as_f64().unwrap());
+        let (psnr, cosine) = (
+            f["psnr_db"].as_f64().unwrap(),
+            f["cosine"].as_f64().unwrap(),
+        );
         eprintln!(
             "{}: PSNR {psnr:.2} dB, cosine {cosine:.5}, rel L2 {:.4}",
             case.label, f["rel_l2"]
@@ -321,7 +346,9 @@ fn fp8_is_refused_for_ampere() {
     common::assert_refused(
         &[
             "convert",
-            root.join("examples/latte-tiny/model.onnx").to_str().unwrap(),
+            root.join("examples/latte-tiny/model.onnx")
+                .to_str()
+                .unwrap(),
             "--recipe",
             root.join("passes/w8a8.toml").to_str().unwrap(),
             "--calibration-stats",
@@ -333,7 +360,10 @@ fn fp8_is_refused_for_ampere() {
             "-o",
             out.to_str().unwrap(),
         ],
-        &["--target ampere has no FP8 tensor cores", "quantize-w8a8.format"],
+        &[
+            "--target ampere has no FP8 tensor cores",
+            "quantize-w8a8.format",
+        ],
     );
     assert!(!out.exists());
     let mut m = model();
@@ -472,7 +502,10 @@ fn smooth_quant_equals_hand_written_computation() {
             ((a as f64).powf(alpha) / (w as f64).powf(1.0 - alpha)).clamp(1e-4, 1e4) as f32
         })
         .collect();
-    assert!(s[0] > s[1], "the wider activation channel is divided by more");
+    assert!(
+        s[0] > s[1],
+        "the wider activation channel is divided by more"
+    );
     let ws: Vec<f32> = W.iter().enumerate().map(|(i, w)| w * s[i / 3]).collect();
     let mut sw = [0f32; 3];
     for (i, w) in ws.iter().enumerate() {
@@ -502,7 +535,9 @@ fn smooth_quant_equals_hand_written_computation() {
 
 /// Deterministic values in [-1, 1) (a 64-bit LCG), so the outlier tests need no random crate.
 fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
             state = state
@@ -572,8 +607,16 @@ fn smooth_quant_rewrite_is_a_float_identity() {
     let (retargeted, _) =
         ditc::passes::smooth_quant::apply(&mut m, &[target], &stats, 0.5).unwrap();
     // Wire the smoothed activation and weight into the layer, as quantize-w8a8 does, without Q/DQ.
-    let mm = m.graph.nodes.iter_mut().find(|n| n.name == "layer.mm").unwrap();
-    mm.inputs = vec![retargeted[0].activation.clone(), retargeted[0].weight.clone()];
+    let mm = m
+        .graph
+        .nodes
+        .iter_mut()
+        .find(|n| n.name == "layer.mm")
+        .unwrap();
+    mm.inputs = vec![
+        retargeted[0].activation.clone(),
+        retargeted[0].weight.clone(),
+    ];
     assert_ne!(retargeted[0].weight, "w", "a smoothed copy of the weight");
     let after = run_once(&m, &[input]).unwrap()[0].to_f32_vec().unwrap();
     let err = relative_l2(&after, &before);
@@ -587,18 +630,31 @@ fn smooth_quant_rewrite_is_a_float_identity() {
 fn smooth_quant_reduces_int8_error_on_an_outlier_channel() {
     let (float_model, x, stats) = outlier_layer(80.0);
     let input = Tensor::from_f32("x", vec![64, 16], &x);
-    let run = |m: &Model| run_once(m, std::slice::from_ref(&input)).unwrap()[0].to_f32_vec().unwrap();
+    let run = |m: &Model| {
+        run_once(m, std::slice::from_ref(&input)).unwrap()[0]
+            .to_f32_vec()
+            .unwrap()
+    };
     let reference = run(&float_model);
     let mut plain = float_model.clone();
     quantize(&mut plain, &stats, &[layer()]);
     let mut smoothed = float_model.clone();
-    quantize(&mut smoothed, &stats, &[layer(), ("smooth_quant_alpha", 0.5.into())]);
+    quantize(
+        &mut smoothed,
+        &stats,
+        &[layer(), ("smooth_quant_alpha", 0.5.into())],
+    );
     let (e_plain, e_smooth) = (
         relative_l2(&run(&plain), &reference),
         relative_l2(&run(&smoothed), &reference),
     );
-    eprintln!("outlier channel x80: W8A8 relative L2 {e_plain:.3e}, with SmoothQuant {e_smooth:.3e}");
-    assert!(e_plain > 1e-3, "the outlier must hurt plain W8A8 ({e_plain})");
+    eprintln!(
+        "outlier channel x80: W8A8 relative L2 {e_plain:.3e}, with SmoothQuant {e_smooth:.3e}"
+    );
+    assert!(
+        e_plain > 1e-3,
+        "the outlier must hurt plain W8A8 ({e_plain})"
+    );
     assert!(
         e_smooth < 0.5 * e_plain,
         "SmoothQuant {e_smooth} vs plain {e_plain}"
