@@ -2,7 +2,9 @@
 //!
 //! Each step feeds the latent, the sampler's timestep, the step index and the state inputs, reads the
 //! prediction and the state outputs, feeds the state back at the next step, and advances the latent
-//! with the sampler. Decisions are static, so instead of running the graph's `If`s (which tract
+//! with the sampler. With classifier-free guidance each step makes two calls, conditional then
+//! unconditional (two sequential batch-1 calls; see the README for why not one batch-2 call), each
+//! branch with its own copy of every state binding, and advances with `u + g * (c - u)`. Decisions are static, so instead of running the graph's `If`s (which tract
 //! re-plans on every call) it plans one specialised graph per distinct decision pattern and picks the
 //! one for each step (see [`crate::schedule::specialize`]).
 
@@ -17,7 +19,8 @@ use serde::Serialize;
 use super::TractRunner;
 use crate::integrity::Checks;
 use crate::ir::{DataType, Model, Tensor};
-use crate::manifest::{Manifest, ModelIo};
+use crate::manifest::{Manifest, ModelIo, Schedule};
+use crate::schedule::guidance::{branches, combine, Branch, Guidance, ZEROS};
 use crate::schedule::specialize::{
     model_flops, pattern_at, specialize, specialize_without, Pattern,
 };
@@ -110,6 +113,22 @@ pub struct KindCalls {
     pub skipped: usize,
 }
 
+/// What one guidance branch (the only one without guidance: `cond`) did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BranchReport {
+    /// Per group: values computed or reused over the run (per site, MLP or stack, per call).
+    pub calls: BTreeMap<Group, KindCalls>,
+    /// Model calls that computed something scheduled (`computed`) or reused every scheduled value
+    /// (`skipped`); calls of a bundle without a schedule all compute.
+    pub model_calls: KindCalls,
+    /// Per attention site id: computed (true) or reused at each step, as executed.
+    pub decisions: BTreeMap<usize, Vec<bool>>,
+    /// Per block whose MLP is scheduled: computed or reused at each step.
+    pub mlp_decisions: BTreeMap<usize, Vec<bool>>,
+    /// The whole block stack (MagCache): computed or reused at each step; empty when not scheduled.
+    pub stack_decisions: Vec<bool>,
+}
+
 /// What a sampling run did and cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -118,19 +137,46 @@ pub struct RunReport {
     /// Seconds spent preparing plans (once per distinct decision pattern).
     pub plan_seconds: f64,
     pub plans: usize,
+    /// Per group, summed over the branches.
     pub calls: BTreeMap<Group, KindCalls>,
-    /// Per attention site id: computed (true) or reused at each step, as executed.
-    pub decisions: BTreeMap<usize, Vec<bool>>,
-    /// Per block whose MLP is scheduled: computed or reused at each step.
-    pub mlp_decisions: BTreeMap<usize, Vec<bool>>,
+    /// Per guidance branch: `cond` (and `uncond` with classifier-free guidance).
+    pub branches: BTreeMap<Branch, BranchReport>,
+    /// FLOPs of every call (two per step with guidance), as run and with everything computing.
     pub model_flops: u64,
     pub model_flops_full: u64,
     pub attention_flops: u64,
     pub attention_flops_full: u64,
+    /// Per step and branch: the decision, the policy's metric and the timestep (`ditc run --trace`).
+    #[serde(skip)]
+    pub trace: Vec<TraceStep>,
 }
 
-/// Sample from `noise` with the other model inputs `extra` (e.g. `encoder_hidden_states`).
-/// `force_full` runs every site at every step (the unscheduled model).
+/// One step of `ditc run --trace`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceStep {
+    pub step: usize,
+    pub timestep: f64,
+    #[serde(flatten)]
+    pub branches: BTreeMap<Branch, TraceCall>,
+}
+
+/// One call of a traced step.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceCall {
+    /// Whether the call computed anything scheduled (for a MagCache stack: the stack; for PAB: any
+    /// site or MLP; true without a schedule).
+    pub computed: bool,
+    /// The policy's metric at this call (MagCache: the accumulated error), null where it has none.
+    pub metric: Option<f64>,
+    /// Per scheduled group: computed or reused (absent without a schedule).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<Group, bool>,
+}
+
+/// Sample from `noise` with the other model inputs `extra` (e.g. `encoder_hidden_states`, and the
+/// negative of classifier-free guidance). `force_full` runs every site at every step (the
+/// unscheduled model). With guidance, each step calls the model on the conditional inputs, then on
+/// the unconditional ones, each branch with its own state, and advances with `u + g * (c - u)`.
 pub fn sample(
     bundle: &Bundle,
     noise: &Tensor,
@@ -140,13 +186,19 @@ pub fn sample(
 ) -> Result<(Tensor, RunReport)> {
     let start = Instant::now();
     let steps = bundle.sampler.steps();
-    let tables = if force_full {
-        BTreeMap::new()
+    let guidance = bundle.manifest.guidance();
+    let branches = branches(guidance);
+    let schedule = if force_full {
+        None
     } else {
-        bundle.tables()
+        bundle.manifest.schedule.as_ref()
     };
     let all_compute: Pattern = bundle.tables().keys().map(|&k| (k, true)).collect();
-    let mut inputs = base_inputs(bundle, noise, extra)?;
+    let base = base_inputs(bundle, noise, extra)?;
+    let mut inputs: Vec<Vec<Tensor>> = branches
+        .iter()
+        .map(|&b| branch_inputs(&base, guidance, b, extra))
+        .collect::<Result<_>>()?;
     let mut plans: BTreeMap<Vec<bool>, (TractRunner, u64)> = BTreeMap::new();
     let mut plan_seconds = 0.0;
     let mut report = RunReport {
@@ -155,69 +207,72 @@ pub fn sample(
         plan_seconds: 0.0,
         plans: 0,
         calls: BTreeMap::new(),
-        decisions: BTreeMap::new(),
-        mlp_decisions: BTreeMap::new(),
+        branches: BTreeMap::new(),
         model_flops: 0,
         model_flops_full: 0,
         attention_flops: 0,
         attention_flops_full: 0,
+        trace: Vec::new(),
     };
     let site_cost = site_costs(&bundle.manifest);
     let full_flops = model_flops(&specialize(&bundle.model, &all_compute)?);
     let mut x = noise.to_f32_vec().context("noise must be a float tensor")?;
     let bar = crate::progress::steps_bar(steps as u64, "sampling", progress);
     for i in 0..steps {
-        let pattern = if tables.is_empty() {
-            all_compute.clone()
-        } else {
-            pattern_at(&tables, i)
-        };
-        let key: Vec<bool> = pattern.values().copied().collect();
-        set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
-        if !plans.contains_key(&key) {
-            let t = Instant::now();
-            // State outputs of values this step reuses equal their inputs: leave them out. A forced
-            // full run needs no state at all.
-            let unchanged: Vec<String> = bundle
-                .manifest
-                .state
-                .iter()
-                .filter(|b| force_full || !pattern.get(&b.group).copied().unwrap_or(true))
-                .map(|b| b.output.clone())
-                .collect();
-            let specialised = specialize_without(&bundle.model, &pattern, &unchanged)?;
-            let runner = TractRunner::new(&specialised, &inputs)?;
-            plans.insert(key.clone(), (runner, model_flops(&specialised)));
-            plan_seconds += t.elapsed().as_secs_f64();
-        }
-        let (runner, flops) = &plans[&key];
-        let outputs = runner.run(&inputs).with_context(|| format!("step {i}"))?;
-        let prediction = outputs
-            .iter()
-            .find(|t| t.name == bundle.io.prediction)
-            .context("no prediction output")?;
-        let pred = prediction_for(prediction, noise)?;
-        for binding in &bundle.manifest.state {
-            if let Some(t) = outputs.iter().find(|t| t.name == binding.output) {
-                let slot = inputs
-                    .iter_mut()
-                    .find(|s| s.name == binding.input)
-                    .expect("state inputs exist");
-                *slot = Tensor {
-                    name: binding.input.clone(),
-                    ..t.clone()
-                };
+        let timestep = bundle.sampler.timesteps[i];
+        let mut predictions = Vec::with_capacity(branches.len());
+        let mut traced = BTreeMap::new();
+        for (&branch, inputs) in branches.iter().zip(&mut inputs) {
+            let pattern = match schedule {
+                Some(s) => pattern_at(s.tables_for(branch), i),
+                None => all_compute.clone(),
+            };
+            let key: Vec<bool> = pattern.values().copied().collect();
+            set_step_inputs(bundle, inputs, &x, noise, i, branch)?;
+            if !plans.contains_key(&key) {
+                let t = Instant::now();
+                // State outputs of values this step reuses equal their inputs: leave them out. A
+                // forced full run needs no state at all.
+                let unchanged: Vec<String> = bundle
+                    .manifest
+                    .state
+                    .iter()
+                    .filter(|b| force_full || !pattern.get(&b.group).copied().unwrap_or(true))
+                    .map(|b| b.output.clone())
+                    .collect();
+                let specialised = specialize_without(&bundle.model, &pattern, &unchanged)?;
+                let runner = TractRunner::new(&specialised, inputs)?;
+                plans.insert(key.clone(), (runner, model_flops(&specialised)));
+                plan_seconds += t.elapsed().as_secs_f64();
             }
+            let (runner, flops) = &plans[&key];
+            let outputs = runner
+                .run(inputs)
+                .with_context(|| format!("step {i}, {branch} call"))?;
+            let prediction = outputs
+                .iter()
+                .find(|t| t.name == bundle.io.prediction)
+                .context("no prediction output")?;
+            predictions.push(prediction_for(prediction, noise)?);
+            feed_state_back(bundle, inputs, &outputs);
+            let call = Call {
+                pattern: &pattern,
+                flops: *flops,
+                full: full_flops,
+            };
+            record(&mut report, bundle, branch, &call, &site_cost);
+            traced.insert(branch, trace_call(schedule, branch, i, &pattern));
         }
-        bundle.sampler.step(i, &mut x, &pred);
-        record(
-            &mut report,
-            bundle,
-            &pattern,
-            &site_cost,
-            *flops,
-            full_flops,
-        );
+        let velocity = match (guidance, predictions.as_slice()) {
+            (Some(g), [cond, uncond]) => combine(g.scale, cond, uncond),
+            _ => predictions.swap_remove(0),
+        };
+        bundle.sampler.step(i, &mut x, &velocity);
+        report.trace.push(TraceStep {
+            step: i,
+            timestep,
+            branches: traced,
+        });
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -228,22 +283,117 @@ pub fn sample(
     Ok((out, report))
 }
 
+/// The inputs of `branch`: the common ones, with the guided input replaced by the negative for the
+/// unconditional branch (zeros of its shape and type, or the named tensor of the inputs file).
+fn branch_inputs(
+    base: &[Tensor],
+    guidance: Option<&Guidance>,
+    branch: Branch,
+    extra: &[Tensor],
+) -> Result<Vec<Tensor>> {
+    let (Some(g), Branch::Uncond) = (guidance, branch) else {
+        return Ok(base.to_vec());
+    };
+    let name = g
+        .input
+        .as_deref()
+        .context("the manifest's sampler.guidance names no input to replace")?;
+    let mut out = base.to_vec();
+    let slot = out
+        .iter_mut()
+        .find(|t| t.name == name)
+        .with_context(|| format!("sampler.guidance.input '{name}' is not an input of the graph"))?;
+    let negative = if g.negative == ZEROS {
+        Tensor::from_raw(
+            name,
+            slot.dtype,
+            slot.dims.clone(),
+            Bytes::from(vec![0u8; slot.byte_len() as usize]),
+        )?
+    } else {
+        let t = extra.iter().find(|t| t.name == g.negative).with_context(|| {
+            format!(
+                "the inputs file has no tensor '{}' (sampler.guidance.negative: the unconditional branch's '{name}')",
+                g.negative
+            )
+        })?;
+        if t.dims != slot.dims || t.dtype != slot.dtype {
+            bail!(
+                "the negative '{}' is {} {:?}, the conditional '{name}' is {} {:?}: they must match",
+                g.negative,
+                t.dtype,
+                t.dims,
+                slot.dtype,
+                slot.dims
+            );
+        }
+        Tensor {
+            name: name.to_string(),
+            ..t.clone()
+        }
+    };
+    *slot = negative;
+    Ok(out)
+}
+
+/// Feed the state outputs of a call back as that branch's state inputs of its next call.
+fn feed_state_back(bundle: &Bundle, inputs: &mut [Tensor], outputs: &[Tensor]) {
+    for binding in &bundle.manifest.state {
+        if let Some(t) = outputs.iter().find(|t| t.name == binding.output) {
+            let slot = inputs
+                .iter_mut()
+                .find(|s| s.name == binding.input)
+                .expect("state inputs exist");
+            *slot = Tensor {
+                name: binding.input.clone(),
+                ..t.clone()
+            };
+        }
+    }
+}
+
+/// The trace entry of one call: what it computed and the policy's metric.
+fn trace_call(schedule: Option<&Schedule>, branch: Branch, step: usize, p: &Pattern) -> TraceCall {
+    let stack = p.get(&Group::Stack).copied().unwrap_or(true);
+    let others: Vec<bool> = p
+        .iter()
+        .filter(|(g, _)| **g != Group::Stack)
+        .map(|(_, &c)| c)
+        .collect();
+    let metric = schedule
+        .and_then(|s| s.metrics.as_ref())
+        .and_then(|m| m.get(&branch))
+        .and_then(|m| m.get(step).copied().flatten());
+    TraceCall {
+        computed: stack && (others.is_empty() || others.contains(&true)),
+        metric,
+        groups: p.clone(),
+    }
+}
+
 /// An attention site as the report counts it.
 struct SiteCost {
     kind: Group,
     /// Score/value products plus projections, per call.
     flops: u64,
-    /// Whether the schedule drives this site (else it computes every step).
-    scheduled: bool,
+    /// The groups whose tables drive this site (its kind's, the stack's); empty: it always computes.
+    groups: Vec<Group>,
 }
 
 /// Every attention site of the manifest's DiT map, read once per run.
 fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
-    let scheduled: Vec<usize> = m
-        .schedule
-        .as_ref()
-        .map(|s| s.sites.values().flatten().copied().collect())
-        .unwrap_or_default();
+    let driven_by = |id: usize| -> Vec<Group> {
+        m.schedule
+            .as_ref()
+            .map(|s| {
+                s.sites
+                    .iter()
+                    .filter(|(_, ids)| ids.contains(&id))
+                    .map(|(g, _)| *g)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let mut out = BTreeMap::new();
     if let Some(sites) = m.dit_map.get("attention").and_then(|a| a.as_array()) {
         for s in sites {
@@ -257,7 +407,7 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
                     SiteCost {
                         kind,
                         flops,
-                        scheduled: scheduled.contains(&id),
+                        groups: driven_by(id),
                     },
                 );
             }
@@ -266,45 +416,64 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
     out
 }
 
+/// One model call as the report counts it.
+struct Call<'a> {
+    pattern: &'a Pattern,
+    /// FLOPs of the plan that ran, and of the call with everything computing.
+    flops: u64,
+    full: u64,
+}
+
 fn record(
     report: &mut RunReport,
     bundle: &Bundle,
-    pattern: &Pattern,
+    branch: Branch,
+    call: &Call,
     sites: &BTreeMap<usize, SiteCost>,
-    flops: u64,
-    full: u64,
 ) {
+    let computes = |g: Group| call.pattern.get(&g).copied().unwrap_or(true);
+    let stack = computes(Group::Stack);
+    let b = report.branches.entry(branch).or_default();
     for (&id, site) in sites {
-        let (kind, cost) = (site.kind, site.flops);
-        let computed = !site.scheduled || pattern.get(&kind).copied().unwrap_or(true);
-        report.decisions.entry(id).or_default().push(computed);
-        let calls = report.calls.entry(kind).or_default();
+        let computed = site.groups.iter().all(|&g| computes(g));
+        b.decisions.entry(id).or_default().push(computed);
+        count(&mut b.calls, site.kind, computed);
+        count(&mut report.calls, site.kind, computed);
         if computed {
-            calls.computed += 1;
-            report.attention_flops += cost;
-        } else {
-            calls.skipped += 1;
+            report.attention_flops += site.flops;
         }
-        report.attention_flops_full += cost;
+        report.attention_flops_full += site.flops;
     }
     if let Some(schedule) = &bundle.manifest.schedule {
         for &block in &schedule.blocks {
-            let computed = pattern.get(&Group::Mlp).copied().unwrap_or(true);
-            report
-                .mlp_decisions
-                .entry(block)
-                .or_default()
-                .push(computed);
-            let calls = report.calls.entry(Group::Mlp).or_default();
-            if computed {
-                calls.computed += 1;
-            } else {
-                calls.skipped += 1;
-            }
+            let computed = computes(Group::Mlp) && stack;
+            b.mlp_decisions.entry(block).or_default().push(computed);
+            count(&mut b.calls, Group::Mlp, computed);
+            count(&mut report.calls, Group::Mlp, computed);
+        }
+        if schedule.tables.contains_key(&Group::Stack) {
+            b.stack_decisions.push(stack);
+            count(&mut b.calls, Group::Stack, stack);
+            count(&mut report.calls, Group::Stack, stack);
         }
     }
-    report.model_flops += flops;
-    report.model_flops_full += full;
+    let any = call.pattern.is_empty() || call.pattern.values().any(|&c| c);
+    if any && stack {
+        b.model_calls.computed += 1;
+    } else {
+        b.model_calls.skipped += 1;
+    }
+    report.model_flops += call.flops;
+    report.model_flops_full += call.full;
+}
+
+fn count(calls: &mut BTreeMap<Group, KindCalls>, group: Group, computed: bool) {
+    let c = calls.entry(group).or_default();
+    if computed {
+        c.computed += 1;
+    } else {
+        c.skipped += 1;
+    }
 }
 
 /// The model inputs that do not change per step (extra inputs, zero states) plus placeholders.
@@ -315,6 +484,7 @@ fn base_inputs(bundle: &Bundle, noise: &Tensor, extra: &[Tensor]) -> Result<Vec<
         if *name == bundle.io.latent
             || *name == bundle.io.timestep
             || Some(name) == bundle.io.step.as_ref()
+            || Some(name) == bundle.io.branch.as_ref()
         {
             continue;
         }
@@ -383,6 +553,7 @@ fn set_step_inputs(
     x: &[f32],
     noise: &Tensor,
     step: usize,
+    branch: Branch,
 ) -> Result<()> {
     let latent = Tensor::from_f32(&bundle.io.latent, noise.dims.clone(), x);
     let timestep = timestep_tensor(
@@ -393,6 +564,9 @@ fn set_step_inputs(
     let mut fresh = vec![latent, timestep];
     if let Some(step_name) = &bundle.io.step {
         fresh.push(Tensor::from_i64(step_name, vec![], &[step as i64]));
+    }
+    if let Some(branch_name) = &bundle.io.branch {
+        fresh.push(Tensor::from_i64(branch_name, vec![], &[branch.index()]));
     }
     for t in fresh {
         match inputs.iter_mut().find(|s| s.name == t.name) {

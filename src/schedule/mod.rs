@@ -1,5 +1,6 @@
 //! Schedules: samplers (timesteps and updates) and the policies that decide, per step, what to compute.
 
+pub mod guidance;
 pub mod pab;
 pub mod sampler;
 pub mod specialize;
@@ -10,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::AttentionKind;
 
-/// What one decision table drives: the attention sites of one kind, or the MLPs of chosen blocks.
+/// What one decision table drives: the attention sites of one kind, the MLPs of chosen blocks, or the
+/// whole stack of transformer blocks (step caches such as MagCache).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Group {
@@ -19,6 +21,7 @@ pub enum Group {
     Full,
     Cross,
     Mlp,
+    Stack,
 }
 
 impl Group {
@@ -29,6 +32,7 @@ impl Group {
             Group::Full => "full",
             Group::Cross => "cross",
             Group::Mlp => "mlp",
+            Group::Stack => "stack",
         }
     }
 }
