@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::ir::{DataType, Dim, Model, ValueInfo};
 use crate::onnx::WrittenFile;
 use crate::output::sha256_file;
+use crate::schedule::guidance::{Branch, Guidance};
 use crate::schedule::Group;
 use crate::schedule::SamplerConfig;
 
@@ -88,6 +89,10 @@ pub struct ModelIo {
     pub prediction: String,
     /// The step-index input of a baked schedule (int64 scalar), if any.
     pub step: Option<String>,
+    /// The branch input (int64 scalar: 0 for the conditional call, 1 for the unconditional one) of a
+    /// graph whose decisions differ per guidance branch; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +100,9 @@ pub struct SamplerSection {
     pub config: SamplerConfig,
     /// The timestep fed at each step.
     pub timesteps: Vec<f64>,
+    /// Classifier-free guidance: two calls per step (cond, then uncond), each with its own state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<Guidance>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,8 +110,17 @@ pub struct Schedule {
     pub policy: String,
     /// The pass options the tables were made from.
     pub options: serde_json::Value,
-    /// Per kind: compute (true) or reuse (false) at each step.
+    /// Per group: compute (true) or reuse (false) at each step (for every branch, unless
+    /// `uncond_tables` gives the unconditional branch its own).
     pub tables: BTreeMap<Group, Vec<bool>>,
+    /// The unconditional branch's tables, when they differ from `tables`; the graph then takes
+    /// `io.branch` and picks its table by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncond_tables: Option<BTreeMap<Group, Vec<bool>>>,
+    /// Per branch, the policy's metric at each step as the decision saw it (null where it computes
+    /// none), for policies whose metric is known at conversion (MagCache's accumulated error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<BTreeMap<Branch, Vec<Option<f64>>>>,
     /// Per attention kind: the attention site ids the table drives.
     pub sites: BTreeMap<Group, Vec<usize>>,
     /// The blocks (DiT map indices) whose MLP the `mlp` table drives.
@@ -131,6 +148,16 @@ pub struct InGraphDecisions {
     pub tail_blocks: Vec<usize>,
     /// Attention sites inside the cached blocks.
     pub sites: Vec<usize>,
+}
+
+impl Schedule {
+    /// The decision tables `branch` runs with.
+    pub fn tables_for(&self, branch: Branch) -> &BTreeMap<Group, Vec<bool>> {
+        match (&self.uncond_tables, branch) {
+            (Some(uncond), Branch::Uncond) => uncond,
+            _ => &self.tables,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -189,6 +216,13 @@ pub struct Provenance {
 pub struct PassRecord {
     pub name: String,
     pub options: serde_json::Value,
+}
+
+impl Manifest {
+    /// Classifier-free guidance, when the bundle samples with it.
+    pub fn guidance(&self) -> Option<&Guidance> {
+        self.sampler.as_ref()?.guidance.as_ref()
+    }
 }
 
 pub fn binding(v: &ValueInfo) -> Binding {
@@ -313,6 +347,7 @@ pub fn detect_io(model: &Model) -> Result<ModelIo> {
         timestep: timestep.name.clone(),
         prediction: prediction.name.clone(),
         step: None,
+        branch: None,
     })
 }
 

@@ -7,6 +7,9 @@
 //! [sampler]            # optional; needed by schedule passes
 //! kind = "ddim"
 //! steps = 50
+//! [sampler.guidance]   # optional: classifier-free guidance, two calls per step
+//! scale = 5.0
+//! negative = "zeros"   # or the name of a tensor of the --inputs file
 //! [[passes]]
 //! name = "broadcast-static"
 //! preset = "../schedules/pab/latte.toml"   # options from a preset, relative to this file
@@ -22,6 +25,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::schedule::guidance::Guidance;
 use crate::schedule::SamplerConfig;
 
 #[derive(Debug, Clone)]
@@ -29,6 +33,8 @@ pub struct Recipe {
     pub path: Option<PathBuf>,
     pub name: String,
     pub sampler: Option<SamplerConfig>,
+    /// `[sampler.guidance]`: classifier-free guidance (validated).
+    pub guidance: Option<Guidance>,
     pub passes: Vec<PassSpec>,
     pub overrides: Vec<String>,
 }
@@ -103,14 +109,27 @@ impl Recipe {
         for o in overrides {
             apply_override(o, &mut sampler, &mut passes)?;
         }
+        let guidance = sampler
+            .as_mut()
+            .and_then(|t| t.remove("guidance"))
+            .map(|g| g.try_into::<Guidance>())
+            .transpose()
+            .context("invalid [sampler.guidance] (scale = 5.0, negative = \"zeros\" or an input name, optional input = the model input it replaces)")?;
+        if let Some(g) = &guidance {
+            g.validate()?;
+        }
         let sampler = sampler
             .map(|t| toml::Value::Table(t).try_into::<SamplerConfig>())
             .transpose()
             .context("invalid [sampler] (kind = \"ddim\" or \"flow_euler\", steps = N, ...)")?;
+        if guidance.is_some() && sampler.is_none() {
+            bail!("[sampler.guidance] needs a [sampler] (kind and steps)");
+        }
         Ok(Recipe {
             path: path.map(Path::to_path_buf),
             name: file.name.unwrap_or_else(|| "none".into()),
             sampler,
+            guidance,
             passes,
             overrides: overrides.to_vec(),
         })
@@ -227,5 +246,31 @@ mod tests {
             2
         );
         assert!(Recipe::load(&dir.path().join("r.toml"), &["sampler.bogus=1".into()]).is_err());
+    }
+
+    #[test]
+    fn guidance_is_read_from_the_sampler_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.toml");
+        std::fs::write(
+            &path,
+            "[sampler]\nkind = \"flow_euler\"\nsteps = 50\n[sampler.guidance]\nscale = 5.0\nnegative = \"negative_encoder_hidden_states\"\n",
+        )
+        .unwrap();
+        let r = Recipe::load(&path, &[]).unwrap();
+        let g = r.guidance.unwrap();
+        assert_eq!(g.scale, 5.0);
+        assert_eq!(g.negative, "negative_encoder_hidden_states");
+        assert_eq!(g.input, None);
+        assert_eq!(r.sampler.unwrap().steps(), 50);
+        let r = Recipe::load(&path, &["sampler.guidance.scale=1.0".into()]).unwrap();
+        assert_eq!(r.guidance.unwrap().scale, 1.0);
+        let err = |set: &str| format!("{:#}", Recipe::load(&path, &[set.into()]).unwrap_err());
+        assert!(err("sampler.guidance.scale=nan").contains("finite"));
+        assert!(err("sampler.guidance.weight=2").contains("unknown field"));
+        assert!(err("sampler.guidance.negative=\"\"").contains("empty"));
+        let plain =
+            Recipe::empty(&["sampler.guidance={ scale = 2.0, negative = \"zeros\" }".into()]);
+        assert!(format!("{:#}", plain.unwrap_err()).contains("kind"));
     }
 }

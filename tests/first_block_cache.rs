@@ -15,6 +15,7 @@ use ditc::ir::{Tensor, ValueInfo};
 use ditc::metrics::compare;
 use ditc::models::{build_model, BuildOptions};
 use ditc::runtime::{sample, Bundle, Plan, StateSet, TractRunner};
+use ditc::schedule::guidance::Branch;
 
 const SHAPE_ARGS: [&str; 8] = [
     "--frames",
@@ -41,6 +42,11 @@ fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/fbc-flow.toml")
 }
 
+/// The same with WanPipeline's classifier-free guidance (scale 5, the negative from the inputs file).
+fn cfg_recipe() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/fbc-wan-cfg.toml")
+}
+
 fn convert_args<'a>(model: &'a str, out: &'a str, recipe: &'a str) -> Vec<&'a str> {
     let mut args = vec![
         "convert",
@@ -57,7 +63,11 @@ fn convert_args<'a>(model: &'a str, out: &'a str, recipe: &'a str) -> Vec<&'a st
 
 /// `ditc convert` of wan-small's checkpoint with passes/fbc-flow.toml and `--set` overrides.
 fn convert(dir: &Path, out: &Path, sets: &[String]) -> PathBuf {
-    let (ckpt, recipe) = (dir.join("ckpt"), recipe());
+    convert_with(&recipe(), dir, out, sets)
+}
+
+fn convert_with(recipe: &Path, dir: &Path, out: &Path, sets: &[String]) -> PathBuf {
+    let ckpt = dir.join("ckpt");
     let mut args = convert_args(
         ckpt.to_str().unwrap(),
         out.to_str().unwrap(),
@@ -349,14 +359,19 @@ fn check_against_hand_loop(label: &str, rules: &Rules) -> HandRun {
         sample(&bundle, &noise, std::slice::from_ref(&text), false, false).unwrap();
     let hand = hand_loop(&bundle, &plain, rules, &noise, &text);
 
-    let decisions: Vec<bool> = report.trace.iter().map(|c| c.computed).collect();
+    let cond: Vec<&ditc::runtime::sampling::TraceCall> = report
+        .trace
+        .iter()
+        .map(|s| &s.branches[&Branch::Cond])
+        .collect();
+    let decisions: Vec<bool> = cond.iter().map(|c| c.computed).collect();
     let show = |d: &[bool]| -> String { d.iter().map(|&c| if c { 'C' } else { '-' }).collect() };
     eprintln!("{label}: ditc  {}", show(&decisions));
     eprintln!("{label}: hand  {}", show(&hand.decisions));
     assert_eq!(decisions, hand.decisions, "{label}: decisions per step");
     let mut worst = 0.0f64;
-    for (call, &want) in report.trace.iter().zip(&hand.metrics).skip(1) {
-        let got = call.metric.expect("a finite metric after the first call") as f64;
+    for (call, &want) in cond.iter().zip(&hand.metrics).skip(1) {
+        let got = call.metric.expect("a finite metric after the first call");
         worst = worst.max((got - want).abs() / want.abs());
     }
     let f = compare(&latent.to_f32_vec().unwrap(), &hand.latent);
@@ -467,15 +482,18 @@ fn bundle_is_valid_and_split_plan_equals_the_if_graph() {
         trace_path.to_str().unwrap(),
         "--no-progress",
     ]);
-    let trace: Vec<ditc::runtime::CallTrace> =
+    let trace: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&trace_path).unwrap()).unwrap();
-    let computed: Vec<bool> = trace.iter().map(|c| c.computed).collect();
-    assert_eq!(computed, [true, false, false, false]);
-    assert!(trace[0].metric.is_none() && trace[1..].iter().all(|c| c.metric.is_some()));
-    assert!(trace
+    let steps = trace["steps"].as_array().unwrap();
+    let computed: Vec<bool> = steps
         .iter()
-        .enumerate()
-        .all(|(i, c)| c.step == i && c.branch == "cond"));
+        .map(|s| s["cond"]["computed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(computed, [true, false, false, false]);
+    assert!(steps[0]["cond"]["metric"].is_null());
+    assert!(steps[1..].iter().all(|s| s["cond"]["metric"].is_f64()));
+    assert!(steps.iter().enumerate().all(|(i, s)| s["step"] == i));
+    assert!(steps[1]["cond"]["groups"]["blocks"] == false);
     let graph_file = tmp.path().join("b/model.onnx");
     let stdout = ditc_ok(&["lint", graph_file.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&stdout).contains("conforms"));
@@ -694,9 +712,11 @@ fn bad_options_and_models_are_refused() {
     let mut cx = ditc::passes::PassContext {
         dit_map: ditc::analysis::analyse(&model),
         sampler: None,
+        guidance: None,
         schedule: None,
         state: Vec::new(),
         step_input: None,
+        branch_input: None,
         precision: None,
     };
     let options = ditc::schedule::first_block_cache::FbcOptions::default();
@@ -707,11 +727,11 @@ fn bad_options_and_models_are_refused() {
 
 /// diffusers' FirstBlockCache runs of wan-small with classifier-free guidance (`sampling.json`:
 /// `fbc_0.05`, `fbc_0.2`; 3 cases; per step a `cond` then an `uncond` call, each with its own cache
-/// state, then `u + 5 (c - u)`), driven here call by call through the runtime's split plan with one
-/// state set per branch: every per-step, per-branch decision equals diffusers', except where diffusers'
-/// metric lies within 1e-4 relative of the threshold (after such a flip, every later decision must obey
-/// `metric > threshold` and the latent must stay finite); otherwise the final latent matches diffusers'
-/// cached final latent to relative L2 1e-3. Also reports how far ditc's metric is from diffusers'.
+/// state, then `u + 5 (c - u)`), sampled by the runtime (passes/fbc-wan-cfg.toml): every per-step,
+/// per-branch decision in its trace equals diffusers', except where diffusers' metric lies within 1e-4
+/// relative of the threshold (after such a flip, every later decision must obey `metric > threshold`
+/// and the latent must stay finite); otherwise the final latent matches diffusers' cached final latent
+/// to relative L2 1e-3. Also bounds how far ditc's metric is from diffusers' (1e-4 relative).
 #[test]
 #[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
 fn cfg_decisions_and_latents_match_diffusers() {
@@ -719,11 +739,11 @@ fn cfg_decisions_and_latents_match_diffusers() {
     let sampling: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("sampling.json")).unwrap()).unwrap();
     let tensors = ditc::tensors::read_safetensors(&dir.join("sampling.safetensors")).unwrap();
-    let scale = sampling["guidance_scale"].as_f64().unwrap() as f32;
     let tmp = tempfile::tempdir().unwrap();
     for config in ["fbc_0.05", "fbc_0.2"] {
         let threshold = sampling["configs"][config]["threshold"].as_f64().unwrap();
-        let manifest = convert(
+        let manifest = convert_with(
+            &cfg_recipe(),
             &dir,
             &tmp.path().join(config),
             &[format!("broadcast-adaptive.threshold={threshold:?}")],
@@ -732,73 +752,71 @@ fn cfg_decisions_and_latents_match_diffusers() {
         let cases = sampling["decisions"][config].as_object().unwrap().len();
         for case in 0..cases {
             let label = format!("{config} case {case}");
-            let tensor = |name: &str, as_name: &str| {
-                let mut t = common::named(&tensors, &format!("{case}.{name}")).clone();
-                t.name = as_name.into();
-                t
-            };
-            let noise = tensor("noise", "hidden_states");
-            let texts = [
-                tensor("encoder_hidden_states", "encoder_hidden_states"),
-                tensor("negative_encoder_hidden_states", "encoder_hidden_states"),
-            ];
-            let run = guided_run(&bundle, &noise, &texts, scale);
+            let inputs = common::case(&tensors, case);
+            let noise = common::named(&inputs, "noise").clone();
+            let (latent, report) = sample(&bundle, &noise, &inputs, false, false).unwrap();
+            let latent = latent.to_f32_vec().unwrap();
             let want = common::named(&tensors, &format!("{case}.{config}.final"))
                 .to_f32_vec()
                 .unwrap();
             let mut flipped = false;
             let mut worst_metric = 0.0f64;
-            for (b, branch) in ["cond", "uncond"].iter().enumerate() {
-                let decisions = &sampling["decisions"][config][case.to_string()][branch];
-                let metrics = &sampling["fbc_metrics"][config][case.to_string()][branch];
-                let want_decisions: Vec<bool> = decisions
-                    .as_array()
-                    .unwrap()
+            let mut computed = Vec::new();
+            for branch in [Branch::Cond, Branch::Uncond] {
+                let name = branch.as_str();
+                let recorded = |key: &str| -> Vec<serde_json::Value> {
+                    sampling[key][config][case.to_string()][name]
+                        .as_array()
+                        .unwrap()
+                        .clone()
+                };
+                let want_decisions: Vec<bool> = recorded("decisions")
                     .iter()
                     .map(|d| d.as_bool().unwrap())
                     .collect();
-                let want_metrics: Vec<f64> = metrics
-                    .as_array()
-                    .unwrap()
+                let want_metrics: Vec<f64> = recorded("fbc_metrics")
                     .iter()
                     .map(|m| m.as_f64().unwrap())
                     .collect();
-                let (got, got_metrics) = (&run.decisions[b], &run.metrics[b]);
+                let calls: Vec<&ditc::runtime::sampling::TraceCall> =
+                    report.trace.iter().map(|s| &s.branches[&branch]).collect();
+                let got: Vec<bool> = calls.iter().map(|c| c.computed).collect();
+                let metric = |k: usize| calls[k].metric.expect("a metric after the first call");
+                computed.push(got.iter().filter(|&&c| c).count());
                 let first_flip = (0..got.len()).find(|&k| got[k] != want_decisions[k]);
-                let compared = first_flip.unwrap_or(got.len());
-                for k in 1..compared {
+                for k in 1..first_flip.unwrap_or(got.len()) {
                     let want = want_metrics[k - 1];
-                    worst_metric = worst_metric.max((got_metrics[k] as f64 - want).abs() / want);
+                    worst_metric = worst_metric.max((metric(k) - want).abs() / want);
                 }
                 let Some(k) = first_flip else { continue };
-                assert!(k > 0, "{label} {branch}: the first call must compute");
-                let recorded = want_metrics[k - 1];
+                assert!(k > 0, "{label} {name}: the first call must compute");
+                let diffusers_metric = want_metrics[k - 1];
                 assert!(
-                    (recorded - threshold).abs() <= 1e-4 * threshold,
-                    "{label} {branch}: step {k} decided {} where diffusers decided {} (its metric {recorded}, ditc's {})",
+                    (diffusers_metric - threshold).abs() <= 1e-4 * threshold,
+                    "{label} {name}: step {k} decided {} where diffusers decided {} (its metric {diffusers_metric}, ditc's {})",
                     got[k],
                     want_decisions[k],
-                    got_metrics[k]
+                    metric(k)
                 );
                 for j in k + 1..got.len() {
                     assert_eq!(
                         got[j],
-                        got_metrics[j] as f64 > threshold,
-                        "{label} {branch}: step {j} does not obey the rule after the flip at {k}"
+                        metric(j) > threshold,
+                        "{label} {name}: step {j} does not obey the rule after the flip at {k}"
                     );
                 }
                 flipped = true;
             }
-            let f = compare(&run.latent, &want);
+            let f = compare(&latent, &want);
             eprintln!(
                 "{label}: computed {}+{} of 100 calls; metric max relative difference from diffusers {worst_metric:.2e}; final latent rel-L2 {:.2e}{}",
-                run.decisions[0].iter().filter(|&&c| c).count(),
-                run.decisions[1].iter().filter(|&&c| c).count(),
+                computed[0],
+                computed[1],
                 f.rel_l2,
                 if flipped { " (a near-threshold flip: finiteness only)" } else { "" }
             );
             if flipped {
-                assert!(run.latent.iter().all(|v| v.is_finite()), "{label}");
+                assert!(latent.iter().all(|v| v.is_finite()), "{label}");
             } else {
                 assert!(f.rel_l2 <= 1e-3, "{label}: rel-L2 {}", f.rel_l2);
             }
@@ -808,64 +826,4 @@ fn cfg_decisions_and_latents_match_diffusers() {
             );
         }
     }
-}
-
-/// Per branch (cond, uncond): each call's decision and metric; the final latent.
-struct GuidedRun {
-    decisions: [Vec<bool>; 2],
-    metrics: [Vec<f32>; 2],
-    latent: Vec<f32>,
-}
-
-/// Classifier-free guidance call by call, as WanPipeline does: cond then uncond, one state set each,
-/// `u + g (c - u)` in f32 (torch's order of operations).
-fn guided_run(bundle: &Bundle, noise: &Tensor, texts: &[Tensor; 2], scale: f32) -> GuidedRun {
-    let bindings = &bundle.manifest.state;
-    let inputs = |x: &[f32], i: usize, text: &Tensor| {
-        vec![
-            Tensor::from_f32("hidden_states", noise.dims.clone(), x),
-            ditc::runtime::sampling::timestep_tensor(
-                &bundle.model,
-                "timestep",
-                bundle.sampler.timesteps[i],
-            )
-            .unwrap(),
-            Tensor::from_i64("ditc.step", vec![], &[i as i64]),
-            text.clone(),
-        ]
-    };
-    let mut x = noise.to_f32_vec().unwrap();
-    let zeros = StateSet::zeros(&bundle.model, bindings).unwrap();
-    let mut states = [zeros.clone(), zeros];
-    let example = [&inputs(&x, 0, &texts[0])[..], states[0].tensors()].concat();
-    let plan = Plan::new(&bundle.model, &example).unwrap();
-    let mut run = GuidedRun {
-        decisions: Default::default(),
-        metrics: Default::default(),
-        latent: Vec::new(),
-    };
-    for i in 0..bundle.sampler.steps() {
-        let mut predictions: Vec<Vec<f32>> = Vec::with_capacity(2);
-        for b in 0..2 {
-            let out = ditc::runtime::conditional::call(
-                &plan,
-                &inputs(&x, i, &texts[b]),
-                &mut states[b],
-                bindings,
-            )
-            .unwrap()
-            .outputs;
-            run.decisions[b].push(common::named(&out, "ditc.decision").raw().unwrap()[0] != 0);
-            run.metrics[b].push(values(&out, "ditc.metric")[0]);
-            predictions.push(values(&out, "sample"));
-        }
-        let guided: Vec<f32> = predictions[1]
-            .iter()
-            .zip(&predictions[0])
-            .map(|(&u, &c)| u + scale * (c - u))
-            .collect();
-        bundle.sampler.step(i, &mut x, &guided);
-    }
-    run.latent = x;
-    run
 }

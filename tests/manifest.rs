@@ -250,13 +250,28 @@ fn flow_matching_manifest_matches_the_schema() {
     assert_eq!(m["io"]["timestep"], "timestep");
     let errors = validate_schema(&m);
     assert!(errors.is_empty(), "wan: {errors:#?}");
+    // The same with classifier-free guidance: calls counted over both branches.
+    let m = convert(
+        wan.to_str().unwrap(),
+        &[
+            "--recipe",
+            &repo("passes/pab-flow.toml"),
+            "--set",
+            "sampler.guidance={ scale = 5.0, negative = \"zeros\" }",
+        ],
+        &tmp.path().join("wan-cfg"),
+    );
+    assert_eq!(m["sampler"]["guidance"]["input"], "encoder_hidden_states");
+    assert_eq!(m["schedule"]["calls"]["full"]["total"], 3 * 50 * 2);
+    let errors = validate_schema(&m);
+    assert!(errors.is_empty(), "wan-cfg: {errors:#?}");
 }
 
 #[test]
 fn bad_options_fail_before_any_work() {
     let recipe = repo("passes/pab.toml");
     // The model does not exist: an option error must come first, so nothing was read.
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &[
                 "--set",
@@ -278,6 +293,17 @@ fn bad_options_fail_before_any_work() {
                 "broadcast-static.mlp={ timesteps = [720], blocks = [], reuse = 2 }",
             ],
             "at least one block",
+        ),
+        (
+            &[
+                "--set",
+                "sampler.guidance={ scale = nan, negative = \"zeros\" }",
+            ],
+            "finite",
+        ),
+        (
+            &["--set", "sampler.guidance={ scale = 5.0 }"],
+            "missing field `negative`",
         ),
     ];
     let tmp = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ use std::path::Path;
 use common::{demo, ditc_ok};
 use ditc::cli::run::{sample_bundle, Args};
 use ditc::metrics::compare;
+use ditc::schedule::guidance::Branch;
 use ditc::tensors::read_safetensors;
 
 /// passes/pab.toml's sampler with a bare broadcast-static pass (no preset: the test sets every kind).
@@ -55,9 +56,9 @@ fn run(manifest: &Path, inputs: &Path, case: usize) -> (Vec<f32>, ditc::cli::run
         output: manifest.with_file_name("unused.safetensors"),
         compare_full: false,
         json: true,
+        trace: None,
         no_progress: true,
         no_verify: false,
-        trace: None,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
@@ -155,7 +156,8 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
             .collect();
         for case in 0..3 {
             let (latent, report) = run(&out.join("manifest.json"), &inputs, case);
-            for (id, executed) in &report.scheduled.decisions {
+            let cond = &report.scheduled.branches[&Branch::Cond];
+            for (id, executed) in &cond.decisions {
                 let module = module_name(&anchors[*id]);
                 let expected: Vec<bool> = sampling["decisions"][config][&module]
                     .as_array()
@@ -168,7 +170,7 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
                     "{config} case {case}: decisions of {module}"
                 );
             }
-            assert_eq!(report.scheduled.decisions.len(), 12);
+            assert_eq!(cond.decisions.len(), 12);
             let reference = final_of(case, config);
             let f = compare(&latent, &reference);
             let moved = compare(&final_of(case, "full"), &reference).rel_l2;
@@ -213,15 +215,16 @@ fn mlp_broadcast_reuses_after_key_timesteps() {
         output: out.join("unused.safetensors"),
         compare_full: true,
         json: true,
+        trace: None,
         no_progress: true,
         no_verify: false,
-        trace: None,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
     // Spatial and temporal blocks 0 and 1: four MLPs.
-    assert_eq!(report.scheduled.mlp_decisions.len(), 4);
-    for d in report.scheduled.mlp_decisions.values() {
+    let cond = &report.scheduled.branches[&Branch::Cond];
+    assert_eq!(cond.mlp_decisions.len(), 4);
+    for d in cond.mlp_decisions.values() {
         assert_eq!(d, &expected);
     }
     let full_ref = read_safetensors(&inputs)
@@ -582,12 +585,14 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
         json: true,
         no_progress: true,
         no_verify: false,
-        trace: None,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
     let decisions: Vec<bool> = (0..10).map(rule).collect();
-    assert_eq!(report.scheduled.mlp_decisions[&0], decisions);
+    assert_eq!(
+        report.scheduled.branches[&Branch::Cond].mlp_decisions[&0],
+        decisions
+    );
     let got: Vec<f64> = latent
         .to_f32_vec()
         .unwrap()

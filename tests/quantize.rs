@@ -48,9 +48,11 @@ fn quantize(m: &mut Model, stats_json: &str, extra: &[(&str, toml::Value)]) -> P
     let mut cx = PassContext {
         dit_map: analyse(m),
         sampler: None,
+        guidance: None,
         schedule: None,
         state: vec![],
         step_input: None,
+        branch_input: None,
         precision: None,
     };
     run_pipeline(m, &[pass], &mut cx).unwrap();

@@ -18,6 +18,7 @@ use crate::onnx::{write_model, WriteOptions};
 use crate::output::Staging;
 use crate::passes::{self, PassContext};
 use crate::recipe::Recipe;
+use crate::schedule::guidance::Guidance;
 use crate::schedule::specialize::{model_flops, pattern_at, specialize};
 use crate::schedule::Group;
 
@@ -131,13 +132,19 @@ pub fn run(args: &Args) -> Result<()> {
         }
         Err(_) => None,
     };
+    let guidance = match (&recipe.guidance, &io) {
+        (Some(g), Some(io)) => Some(resolve_guidance(g, &model, io)?),
+        _ => None,
+    };
     let original = model.clone();
     let mut cx = PassContext {
         dit_map,
         sampler,
+        guidance,
         schedule: None,
         state: Vec::new(),
         step_input: None,
+        branch_input: None,
         precision: None,
     };
     let mut dumps: Vec<(String, Vec<u8>)> = Vec::new();
@@ -188,11 +195,13 @@ pub fn run(args: &Args) -> Result<()> {
         outputs: model.graph.outputs.iter().map(manifest::binding).collect(),
         io: io.map(|mut io| {
             io.step = cx.step_input.clone();
+            io.branch = cx.branch_input.clone();
             io
         }),
         sampler: cx.sampler.as_ref().map(|(c, s)| SamplerSection {
             config: c.clone(),
             timesteps: s.timesteps.clone(),
+            guidance: cx.guidance.clone(),
         }),
         schedule: cx.schedule.clone(),
         state: cx.state.clone(),
@@ -234,7 +243,24 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Planned FLOPs over the whole run: every distinct decision pattern specialised once.
+/// The recipe's guidance with the model input its negative replaces named (see
+/// [`Guidance::resolve_input`]).
+fn resolve_guidance(g: &Guidance, model: &Model, io: &manifest::ModelIo) -> Result<Guidance> {
+    let candidates: Vec<String> = model
+        .graph
+        .runtime_inputs()
+        .map(|i| i.name.clone())
+        .filter(|n| *n != io.latent && *n != io.timestep)
+        .collect();
+    let input = g.resolve_input(&candidates)?;
+    Ok(Guidance {
+        input: Some(input),
+        ..g.clone()
+    })
+}
+
+/// Planned FLOPs over the whole run (every call: two per step with guidance), every distinct
+/// decision pattern specialised once.
 fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
     let site_cost = |id: usize| {
         cx.dit_map
@@ -264,6 +290,8 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
         policy: String::new(),
         options: serde_json::Value::Null,
         tables: BTreeMap::new(),
+        uncond_tables: None,
+        metrics: None,
         sites: BTreeMap::new(),
         blocks: Vec::new(),
         calls: BTreeMap::new(),
@@ -272,34 +300,40 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
     let schedule = cx.schedule.as_ref().unwrap_or(&empty);
     let mut per_pattern: BTreeMap<Vec<(Group, bool)>, u64> = BTreeMap::new();
     let (mut model_scheduled, mut attention_scheduled) = (0u64, 0u64);
-    for i in 0..steps {
-        let pattern = pattern_at(&schedule.tables, i);
-        let key: Vec<(Group, bool)> = pattern.iter().map(|(k, v)| (*k, *v)).collect();
-        let flops = match per_pattern.get(&key) {
-            Some(f) => *f,
-            None => {
-                // Decisions the graph takes at run time are not known here: count every call as
-                // computing (the bound; `ditc run` measures what ran).
-                let specialised = specialize(baked, &pattern)?;
-                let f = model_flops(&crate::schedule::split::inline_ifs(&specialised, true)?);
-                per_pattern.insert(key, f);
-                f
-            }
-        };
-        model_scheduled += flops;
-        let skipped: u64 = schedule
-            .sites
-            .iter()
-            .filter(|(k, _)| !pattern[k])
-            .flat_map(|(_, ids)| ids.iter().map(|&id| site_cost(id)))
-            .sum();
-        attention_scheduled += all_sites - skipped;
+    let branches = cx.branches();
+    for &branch in branches {
+        for i in 0..steps {
+            let pattern = pattern_at(schedule.tables_for(branch), i);
+            let key: Vec<(Group, bool)> = pattern.iter().map(|(k, v)| (*k, *v)).collect();
+            let flops = match per_pattern.get(&key) {
+                Some(f) => *f,
+                None => {
+                    // Decisions the graph takes at run time are not known here: count every
+                    // call as computing (the bound; `ditc run` measures what ran).
+                    let specialised = specialize(baked, &pattern)?;
+                    let f = model_flops(&crate::schedule::split::inline_ifs(&specialised, true)?);
+                    per_pattern.insert(key, f);
+                    f
+                }
+            };
+            model_scheduled += flops;
+            // A site is skipped when any group driving it reuses (its kind's table, the stack's).
+            let skipped: std::collections::BTreeSet<usize> = schedule
+                .sites
+                .iter()
+                .filter(|(k, _)| !pattern[k])
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect();
+            let skipped: u64 = skipped.into_iter().map(site_cost).sum();
+            attention_scheduled += all_sites - skipped;
+        }
     }
+    let calls = (steps * branches.len()) as u64;
     Ok(Cost {
         steps,
-        attention_flops_full: all_sites * steps as u64,
+        attention_flops_full: all_sites * calls,
         attention_flops_scheduled: attention_scheduled,
-        model_flops_full: full * steps as u64,
+        model_flops_full: full * calls,
         model_flops_scheduled: model_scheduled,
     })
 }

@@ -40,6 +40,11 @@ pub struct Args {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Write per step and branch the timestep, the decision and the policy's metric to this JSON file:
+    /// `{"steps": [{"step": i, "timestep": t, "cond": {"computed": bool, "metric": x|null,
+    /// "groups": {...}}, "uncond": {...}}]}`.
+    #[arg(long, value_name = "FILE.json")]
+    pub trace: Option<PathBuf>,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -47,10 +52,6 @@ pub struct Args {
     /// the bundle: 28 GB for Wan2.1-14B). The manifest's schema and the files' sizes are always checked.
     #[arg(long)]
     pub no_verify: bool,
-    /// For a bundle whose schedule decides inside the graph (first-block-cache): write every call's
-    /// decision and metric to this JSON file (`[{step, branch, computed, metric}]`).
-    #[arg(long, value_name = "FILE")]
-    pub trace: Option<PathBuf>,
     #[command(flatten)]
     pub shapes: crate::models::BuildOptions,
 }
@@ -136,30 +137,58 @@ pub fn sample_bundle(args: &Args) -> Result<(crate::ir::Tensor, Report)> {
     ))
 }
 
+/// `ditc run --trace`: the scheduled run's decisions and metrics, step by step.
+#[derive(Serialize)]
+struct Trace<'a> {
+    steps: &'a [crate::runtime::sampling::TraceStep],
+}
+
 fn run_bundle(args: &Args) -> Result<()> {
     let (latent, report) = sample_bundle(args)?;
     write_safetensors(&args.output, &[latent])?;
     if let Some(path) = &args.trace {
-        let text = serde_json::to_string_pretty(&report.scheduled.trace)?;
-        std::fs::write(path, text)
-            .with_context(|| format!("cannot write the trace '{}'", path.display()))?;
+        let trace = Trace {
+            steps: &report.scheduled.trace,
+        };
+        crate::output::write_file_atomically(
+            path,
+            serde_json::to_string_pretty(&trace)?.as_bytes(),
+        )?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     let s = &report.scheduled;
+    let calls: usize = s
+        .branches
+        .values()
+        .map(|b| b.model_calls.computed + b.model_calls.skipped)
+        .sum();
     println!(
-        "sampled {} steps in {:.2}s ({} plans, {:.2}s planning) -> {}",
+        "sampled {} steps ({calls} model calls) in {:.2}s ({} plans, {:.2}s planning) -> {}",
         s.steps,
         s.wall_seconds,
         s.plans,
         s.plan_seconds,
         args.output.display()
     );
-    println!("{:<9} {:>9} {:>9}", "kind", "computed", "skipped");
-    for (kind, c) in &s.calls {
-        println!("{:<9} {:>9} {:>9}", kind.as_str(), c.computed, c.skipped);
+    println!(
+        "{:<7} {:<9} {:>9} {:>9}",
+        "branch", "group", "computed", "skipped"
+    );
+    for (branch, b) in &s.branches {
+        let model = std::iter::once(("calls", &b.model_calls));
+        let groups = b.calls.iter().map(|(g, c)| (g.as_str(), c));
+        for (group, c) in model.chain(groups) {
+            println!(
+                "{:<7} {:<9} {:>9} {:>9}",
+                branch.as_str(),
+                group,
+                c.computed,
+                c.skipped
+            );
+        }
     }
     let pct = |a: u64, b: u64| 100.0 * (1.0 - a as f64 / b.max(1) as f64);
     println!(

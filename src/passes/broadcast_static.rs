@@ -123,6 +123,8 @@ impl Pass for BroadcastStatic {
             add_decision_tables(&mut model.graph, &tables, steps, &members);
             cx.step_input = Some(STEP_INPUT.to_string());
         }
+        // Every branch runs the same tables (with its own state).
+        let branches = cx.branches().len();
         let calls = members
             .iter()
             .map(|(g, ids)| {
@@ -130,8 +132,8 @@ impl Pass for BroadcastStatic {
                 (
                     *g,
                     Calls {
-                        computed,
-                        total: steps * ids.len(),
+                        computed: computed * branches,
+                        total: steps * ids.len() * branches,
                     },
                 )
             })
@@ -146,6 +148,8 @@ impl Pass for BroadcastStatic {
                     members.contains_key(g) || (*g == Group::Mlp && !blocks.is_empty())
                 })
                 .collect(),
+            uncond_tables: None,
+            metrics: None,
             sites: members,
             blocks,
             calls,

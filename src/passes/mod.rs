@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use crate::analysis::DitMap;
 use crate::ir::{check_graph, sort_topologically, Model};
 use crate::manifest::{Schedule, StateBinding};
+use crate::schedule::guidance::{branches, Branch, Guidance};
 use crate::schedule::{Sampler, SamplerConfig};
 
 pub(crate) use broadcast_static::exclusive_region;
@@ -23,12 +24,23 @@ pub use broadcast_static::{condition_name, BroadcastStatic, STEP_INPUT};
 pub struct PassContext {
     pub dit_map: DitMap,
     pub sampler: Option<(SamplerConfig, Sampler)>,
+    /// Classifier-free guidance of the sampler: two calls per step, state per branch.
+    pub guidance: Option<Guidance>,
     pub schedule: Option<Schedule>,
     pub state: Vec<StateBinding>,
     /// The graph input carrying the step index, once a schedule is baked.
     pub step_input: Option<String>,
+    /// The graph input carrying the guidance branch, once decisions differ per branch.
+    pub branch_input: Option<String>,
     /// What quantization did, for the manifest.
     pub precision: Option<crate::manifest::Precision>,
+}
+
+impl PassContext {
+    /// The model calls per step: `cond`, and `uncond` with guidance.
+    pub fn branches(&self) -> &'static [Branch] {
+        branches(self.guidance.as_ref())
+    }
 }
 
 pub trait Pass {

@@ -6,4 +6,4 @@ mod tract;
 
 pub use self::tract::{run_once, TractRunner};
 pub use conditional::{Plan, StateSet};
-pub use sampling::{sample, Bundle, CallTrace, RunReport};
+pub use sampling::{sample, Bundle, RunReport};

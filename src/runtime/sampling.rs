@@ -2,23 +2,28 @@
 //!
 //! Each step feeds the latent, the sampler's timestep, the step index and the state inputs, reads the
 //! prediction and the state outputs, feeds the state back at the next step, and advances the latent
-//! with the sampler. Static decisions: instead of running the graph's `If`s (which tract re-plans on
-//! every call) it plans one specialised graph per distinct decision pattern and picks the one for each
-//! step (see [`crate::schedule::specialize`]). Decisions computed in the graph (adaptive caches): the
-//! graph is split at its `If` and only the taken outcome's plan runs ([`super::conditional`]); each
-//! call's decision and metric are traced.
+//! with the sampler. With classifier-free guidance each step makes two calls, conditional then
+//! unconditional (two sequential batch-1 calls; see the README for why not one batch-2 call), each
+//! branch with its own state set (a copy of every state binding), and advances with `u + g * (c - u)`.
+//! Static decisions: instead of running the graph's `If`s (which tract re-plans on every call) it plans
+//! one specialised graph per distinct decision pattern and picks the one for each step (see
+//! [`crate::schedule::specialize`]). Decisions computed in the graph (first-block-cache): the graph is
+//! split at its `If` and only the taken outcome's plan runs ([`super::conditional`]); each call's
+//! decision and metric are read from the graph's outputs and traced.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use serde::Serialize;
 
-use super::conditional::{call, Plan, StateSet};
+use super::conditional::{bool_scalar, call, Plan, StateSet};
 use crate::integrity::Checks;
 use crate::ir::{DataType, Model, Tensor};
-use crate::manifest::{InGraphDecisions, Manifest, ModelIo};
+use crate::manifest::{InGraphDecisions, Manifest, ModelIo, Schedule};
+use crate::schedule::guidance::{branches, combine, Branch, Guidance, ZEROS};
 use crate::schedule::specialize::{
     model_flops, pattern_at, specialize, specialize_without, Pattern,
 };
@@ -97,7 +102,7 @@ impl Bundle {
         }))
     }
 
-    /// Where an adaptive schedule's decisions come out of the graph, if it has one.
+    /// Where a schedule decided inside the graph puts its decisions, if the bundle has one.
     pub fn adaptive(&self) -> Option<&InGraphDecisions> {
         self.manifest.schedule.as_ref()?.adaptive.as_ref()
     }
@@ -117,6 +122,22 @@ pub struct KindCalls {
     pub skipped: usize,
 }
 
+/// What one guidance branch (the only one without guidance: `cond`) did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BranchReport {
+    /// Per group: values computed or reused over the run (per site, MLP or stack, per call).
+    pub calls: BTreeMap<Group, KindCalls>,
+    /// Model calls that computed something scheduled (`computed`) or reused every scheduled value
+    /// (`skipped`); calls of a bundle without a schedule all compute.
+    pub model_calls: KindCalls,
+    /// Per attention site id: computed (true) or reused at each step, as executed.
+    pub decisions: BTreeMap<usize, Vec<bool>>,
+    /// Per block whose MLP is scheduled: computed or reused at each step.
+    pub mlp_decisions: BTreeMap<usize, Vec<bool>>,
+    /// The whole block stack (MagCache): computed or reused at each step; empty when not scheduled.
+    pub stack_decisions: Vec<bool>,
+}
+
 /// What a sampling run did and cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -125,33 +146,46 @@ pub struct RunReport {
     /// Seconds spent preparing plans (once per distinct decision pattern).
     pub plan_seconds: f64,
     pub plans: usize,
+    /// Per group, summed over the branches.
     pub calls: BTreeMap<Group, KindCalls>,
-    /// Per attention site id: computed (true) or reused at each step, as executed.
-    pub decisions: BTreeMap<usize, Vec<bool>>,
-    /// Per block whose MLP is scheduled: computed or reused at each step.
-    pub mlp_decisions: BTreeMap<usize, Vec<bool>>,
+    /// Per guidance branch: `cond` (and `uncond` with classifier-free guidance).
+    pub branches: BTreeMap<Branch, BranchReport>,
+    /// FLOPs of every call (two per step with guidance), as run and with everything computing.
     pub model_flops: u64,
     pub model_flops_full: u64,
     pub attention_flops: u64,
     pub attention_flops_full: u64,
-    /// Adaptive schedules: every call's decision and metric, as the graph computed them.
-    pub trace: Vec<CallTrace>,
+    /// Per step and branch: the decision, the policy's metric and the timestep (`ditc run --trace`).
+    #[serde(skip)]
+    pub trace: Vec<TraceStep>,
 }
 
-/// One call of a graph that decides for itself.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct CallTrace {
+/// One step of `ditc run --trace`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceStep {
     pub step: usize,
-    /// `cond` (the only branch without classifier-free guidance).
-    pub branch: String,
-    /// Whether the cached blocks computed.
-    pub computed: bool,
-    /// The metric the decision compared with its threshold (null where not finite: a first call).
-    pub metric: Option<f32>,
+    pub timestep: f64,
+    #[serde(flatten)]
+    pub branches: BTreeMap<Branch, TraceCall>,
 }
 
-/// Sample from `noise` with the other model inputs `extra` (e.g. `encoder_hidden_states`).
-/// `force_full` runs every site at every step (the unscheduled model).
+/// One call of a traced step.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceCall {
+    /// Whether the call computed anything scheduled (for a MagCache stack: the stack; for PAB: any
+    /// site or MLP; true without a schedule).
+    pub computed: bool,
+    /// The policy's metric at this call (MagCache: the accumulated error), null where it has none.
+    pub metric: Option<f64>,
+    /// Per scheduled group: computed or reused (absent without a schedule).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<Group, bool>,
+}
+
+/// Sample from `noise` with the other model inputs `extra` (e.g. `encoder_hidden_states`, and the
+/// negative of classifier-free guidance). `force_full` runs every site at every step (the
+/// unscheduled model). With guidance, each step calls the model on the conditional inputs, then on
+/// the unconditional ones, each branch with its own state, and advances with `u + g * (c - u)`.
 pub fn sample(
     bundle: &Bundle,
     noise: &Tensor,
@@ -161,13 +195,22 @@ pub fn sample(
 ) -> Result<(Tensor, RunReport)> {
     let start = Instant::now();
     let steps = bundle.sampler.steps();
-    let tables = if force_full {
-        BTreeMap::new()
+    let guidance = bundle.manifest.guidance();
+    let branches = branches(guidance);
+    let schedule = if force_full {
+        None
     } else {
-        bundle.tables()
+        bundle.manifest.schedule.as_ref()
     };
     let all_compute: Pattern = bundle.tables().keys().map(|&k| (k, true)).collect();
-    let mut inputs = base_inputs(bundle, noise, extra)?;
+    let base = base_inputs(bundle, noise, extra)?;
+    let mut inputs: Vec<Vec<Tensor>> = branches
+        .iter()
+        .map(|&b| branch_inputs(&base, guidance, b, extra))
+        .collect::<Result<_>>()?;
+    let zeros = StateSet::zeros(&bundle.model, &bundle.manifest.state)?;
+    let mut states: Vec<StateSet> = vec![zeros; branches.len()];
+    let adaptive = bundle.adaptive().filter(|_| !force_full);
     let mut plans: BTreeMap<Vec<bool>, Plan> = BTreeMap::new();
     let mut plan_seconds = 0.0;
     let mut report = RunReport {
@@ -176,8 +219,7 @@ pub fn sample(
         plan_seconds: 0.0,
         plans: 0,
         calls: BTreeMap::new(),
-        decisions: BTreeMap::new(),
-        mlp_decisions: BTreeMap::new(),
+        branches: BTreeMap::new(),
         model_flops: 0,
         model_flops_full: 0,
         attention_flops: 0,
@@ -189,66 +231,77 @@ pub fn sample(
         &specialize(&bundle.model, &all_compute)?,
         true,
     )?);
-    let mut state = StateSet::zeros(&bundle.model, &bundle.manifest.state)?;
-    let adaptive = bundle.adaptive().filter(|_| !force_full);
     let mut x = noise.to_f32_vec().context("noise must be a float tensor")?;
     let bar = crate::progress::steps_bar(steps as u64, "sampling", progress);
     for i in 0..steps {
-        let pattern = if tables.is_empty() {
-            all_compute.clone()
-        } else {
-            pattern_at(&tables, i)
-        };
-        let key: Vec<bool> = pattern.values().copied().collect();
-        set_step_inputs(bundle, &mut inputs, &x, noise, i)?;
-        if !plans.contains_key(&key) {
-            let t = Instant::now();
-            // State outputs of values this step reuses equal their inputs: leave them out. A forced
-            // full run needs no state at all, nor the decisions of an adaptive schedule.
-            let mut unchanged: Vec<String> = bundle
-                .manifest
-                .state
-                .iter()
-                .filter(|b| force_full || !pattern.get(&b.group).copied().unwrap_or(true))
-                .map(|b| b.output.clone())
-                .collect();
-            let specialised = if force_full {
-                if let Some(a) = bundle.adaptive() {
-                    unchanged.extend([a.decision.clone(), a.metric.clone()]);
-                }
-                inline_ifs(
-                    &specialize_without(&bundle.model, &pattern, &unchanged)?,
-                    true,
-                )?
-            } else {
-                specialize_without(&bundle.model, &pattern, &unchanged)?
+        let timestep = bundle.sampler.timesteps[i];
+        let mut predictions = Vec::with_capacity(branches.len());
+        let mut traced = BTreeMap::new();
+        for ((&branch, inputs), state) in branches.iter().zip(&mut inputs).zip(&mut states) {
+            let pattern = match schedule {
+                Some(s) => pattern_at(s.tables_for(branch), i),
+                None => all_compute.clone(),
             };
-            let example = [&inputs[..], state.tensors()].concat();
-            plans.insert(key.clone(), Plan::new(&specialised, &example)?);
-            plan_seconds += t.elapsed().as_secs_f64();
+            let key: Vec<bool> = pattern.values().copied().collect();
+            set_step_inputs(bundle, inputs, &x, noise, i, branch)?;
+            if !plans.contains_key(&key) {
+                let t = Instant::now();
+                // State outputs of values this step reuses equal their inputs: leave them out. A
+                // forced full run needs no state at all, nor the decisions of a graph that decides.
+                let mut unchanged: Vec<String> = bundle
+                    .manifest
+                    .state
+                    .iter()
+                    .filter(|b| force_full || !pattern.get(&b.group).copied().unwrap_or(true))
+                    .map(|b| b.output.clone())
+                    .collect();
+                let specialised = match bundle.adaptive().filter(|_| force_full) {
+                    Some(a) => {
+                        unchanged.extend([a.decision.clone(), a.metric.clone()]);
+                        let s = specialize_without(&bundle.model, &pattern, &unchanged)?;
+                        inline_ifs(&s, true)?
+                    }
+                    None => specialize_without(&bundle.model, &pattern, &unchanged)?,
+                };
+                let example = [&inputs[..], state.tensors()].concat();
+                plans.insert(key.clone(), Plan::new(&specialised, &example)?);
+                plan_seconds += t.elapsed().as_secs_f64();
+            }
+            let result = call(&plans[&key], inputs, state, &bundle.manifest.state)
+                .with_context(|| format!("step {i}, {branch} call"))?;
+            let outputs = &result.outputs;
+            // A graph that decides: what it decided joins the pattern (group `blocks`).
+            let (mut pattern, mut metric) = (pattern, None);
+            if let Some(a) = adaptive {
+                let (computed, m) = read_decision(a, outputs)?;
+                pattern.insert(Group::Blocks, computed);
+                metric = m;
+            }
+            let prediction = outputs
+                .iter()
+                .find(|t| t.name == bundle.io.prediction)
+                .context("no prediction output")?;
+            predictions.push(prediction_for(prediction, noise)?);
+            let call = Call {
+                pattern: &pattern,
+                flops: result.flops,
+                full: full_flops,
+            };
+            record(&mut report, bundle, branch, &call, &site_cost);
+            let mut traced_call = trace_call(schedule, branch, i, &pattern);
+            traced_call.metric = traced_call.metric.or(metric);
+            traced.insert(branch, traced_call);
         }
-        let result = call(&plans[&key], &inputs, &mut state, &bundle.manifest.state)
-            .with_context(|| format!("step {i}"))?;
-        let (outputs, flops) = (&result.outputs, &result.flops);
-        let decision = match adaptive {
-            Some(a) => Some(trace_call(&mut report, a, outputs, i)?),
-            None => None,
+        let velocity = match (guidance, predictions.as_slice()) {
+            (Some(g), [cond, uncond]) => combine(g.scale, cond, uncond),
+            _ => predictions.swap_remove(0),
         };
-        let prediction = outputs
-            .iter()
-            .find(|t| t.name == bundle.io.prediction)
-            .context("no prediction output")?;
-        let pred = prediction_for(prediction, noise)?;
-        bundle.sampler.step(i, &mut x, &pred);
-        record(
-            &mut report,
-            bundle,
-            &pattern,
-            decision,
-            &site_cost,
-            *flops,
-            full_flops,
-        );
+        bundle.sampler.step(i, &mut x, &velocity);
+        report.trace.push(TraceStep {
+            step: i,
+            timestep,
+            branches: traced,
+        });
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -259,31 +312,93 @@ pub fn sample(
     Ok((out, report))
 }
 
-/// Record an adaptive call's decision and metric from its outputs; returns the decision.
-fn trace_call(
-    report: &mut RunReport,
-    adaptive: &InGraphDecisions,
-    outputs: &[Tensor],
-    step: usize,
-) -> Result<bool> {
+/// The inputs of `branch`: the common ones, with the guided input replaced by the negative for the
+/// unconditional branch (zeros of its shape and type, or the named tensor of the inputs file).
+fn branch_inputs(
+    base: &[Tensor],
+    guidance: Option<&Guidance>,
+    branch: Branch,
+    extra: &[Tensor],
+) -> Result<Vec<Tensor>> {
+    let (Some(g), Branch::Uncond) = (guidance, branch) else {
+        return Ok(base.to_vec());
+    };
+    let name = g
+        .input
+        .as_deref()
+        .context("the manifest's sampler.guidance names no input to replace")?;
+    let mut out = base.to_vec();
+    let slot = out
+        .iter_mut()
+        .find(|t| t.name == name)
+        .with_context(|| format!("sampler.guidance.input '{name}' is not an input of the graph"))?;
+    let negative = if g.negative == ZEROS {
+        Tensor::from_raw(
+            name,
+            slot.dtype,
+            slot.dims.clone(),
+            Bytes::from(vec![0u8; slot.byte_len() as usize]),
+        )?
+    } else {
+        let t = extra.iter().find(|t| t.name == g.negative).with_context(|| {
+            format!(
+                "the inputs file has no tensor '{}' (sampler.guidance.negative: the unconditional branch's '{name}')",
+                g.negative
+            )
+        })?;
+        if t.dims != slot.dims || t.dtype != slot.dtype {
+            bail!(
+                "the negative '{}' is {} {:?}, the conditional '{name}' is {} {:?}: they must match",
+                g.negative,
+                t.dtype,
+                t.dims,
+                slot.dtype,
+                slot.dims
+            );
+        }
+        Tensor {
+            name: name.to_string(),
+            ..t.clone()
+        }
+    };
+    *slot = negative;
+    Ok(out)
+}
+
+/// A deciding graph's decision (true: the cached blocks computed) and metric (absent where not finite:
+/// a branch's first call has no reference to compare with).
+fn read_decision(a: &InGraphDecisions, outputs: &[Tensor]) -> Result<(bool, Option<f64>)> {
     let output = |name: &str| {
         outputs
             .iter()
             .find(|t| t.name == name)
             .with_context(|| format!("the graph did not output '{name}'"))
     };
-    let computed = super::conditional::bool_scalar(output(&adaptive.decision)?)?;
-    let metric = output(&adaptive.metric)?
+    let computed = bool_scalar(output(&a.decision)?)?;
+    let metric = output(&a.metric)?
         .to_f32_vec()
         .and_then(|v| v.first().copied())
-        .with_context(|| format!("'{}' must be a float scalar", adaptive.metric))?;
-    report.trace.push(CallTrace {
-        step,
-        branch: "cond".into(),
-        computed,
-        metric: metric.is_finite().then_some(metric),
-    });
-    Ok(computed)
+        .with_context(|| format!("'{}' must be a float scalar", a.metric))?;
+    Ok((computed, metric.is_finite().then_some(metric as f64)))
+}
+
+/// The trace entry of one call: what it computed and the policy's metric.
+fn trace_call(schedule: Option<&Schedule>, branch: Branch, step: usize, p: &Pattern) -> TraceCall {
+    let stack = p.get(&Group::Stack).copied().unwrap_or(true);
+    let others: Vec<bool> = p
+        .iter()
+        .filter(|(g, _)| **g != Group::Stack)
+        .map(|(_, &c)| c)
+        .collect();
+    let metric = schedule
+        .and_then(|s| s.metrics.as_ref())
+        .and_then(|m| m.get(&branch))
+        .and_then(|m| m.get(step).copied().flatten());
+    TraceCall {
+        computed: stack && (others.is_empty() || others.contains(&true)),
+        metric,
+        groups: p.clone(),
+    }
 }
 
 /// An attention site as the report counts it.
@@ -291,25 +406,26 @@ struct SiteCost {
     kind: Group,
     /// Score/value products plus projections, per call.
     flops: u64,
-    /// Whether the schedule drives this site (else it computes every step).
-    scheduled: bool,
+    /// The groups whose tables drive this site (its kind's, the stack's); empty: it always computes.
+    groups: Vec<Group>,
 }
 
 /// Every attention site of the manifest's DiT map, read once per run.
 fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
-    let scheduled: Vec<usize> = m
-        .schedule
-        .as_ref()
-        .map(|s| {
-            let adaptive = s.adaptive.iter().flat_map(|a| a.sites.iter());
-            s.sites
-                .values()
-                .flatten()
-                .chain(adaptive)
-                .copied()
-                .collect()
-        })
-        .unwrap_or_default();
+    let driven_by = |id: usize| -> Vec<Group> {
+        m.schedule
+            .as_ref()
+            .map(|s| {
+                let in_cached_blocks = s.adaptive.iter().filter(|a| a.sites.contains(&id));
+                s.sites
+                    .iter()
+                    .filter(|(_, ids)| ids.contains(&id))
+                    .map(|(g, _)| *g)
+                    .chain(in_cached_blocks.map(|_| Group::Blocks))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let mut out = BTreeMap::new();
     if let Some(sites) = m.dit_map.get("attention").and_then(|a| a.as_array()) {
         for s in sites {
@@ -323,7 +439,7 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
                     SiteCost {
                         kind,
                         flops,
-                        scheduled: scheduled.contains(&id),
+                        groups: driven_by(id),
                     },
                 );
             }
@@ -332,37 +448,44 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
     out
 }
 
-/// Count a step's calls and FLOPs; `decision` is an adaptive schedule's (it drives its sites).
+/// One model call as the report counts it.
+struct Call<'a> {
+    pattern: &'a Pattern,
+    /// FLOPs of the plan that ran, and of the call with everything computing.
+    flops: u64,
+    full: u64,
+}
+
 fn record(
     report: &mut RunReport,
     bundle: &Bundle,
-    pattern: &Pattern,
-    decision: Option<bool>,
+    branch: Branch,
+    call: &Call,
     sites: &BTreeMap<usize, SiteCost>,
-    flops: u64,
-    full: u64,
 ) {
+    let computes = |g: Group| call.pattern.get(&g).copied().unwrap_or(true);
+    let stack = computes(Group::Stack);
+    let b = report.branches.entry(branch).or_default();
     for (&id, site) in sites {
-        let (kind, cost) = (site.kind, site.flops);
-        let decided = decision.unwrap_or_else(|| pattern.get(&kind).copied().unwrap_or(true));
-        let computed = !site.scheduled || decided;
-        report.decisions.entry(id).or_default().push(computed);
-        let calls = report.calls.entry(kind).or_default();
+        let computed = site.groups.iter().all(|&g| computes(g));
+        b.decisions.entry(id).or_default().push(computed);
+        count(&mut b.calls, site.kind, computed);
+        count(&mut report.calls, site.kind, computed);
         if computed {
-            calls.computed += 1;
-            report.attention_flops += cost;
-        } else {
-            calls.skipped += 1;
+            report.attention_flops += site.flops;
         }
-        report.attention_flops_full += cost;
+        report.attention_flops_full += site.flops;
     }
-    if let (Some(computed), Some(a)) = (decision, bundle.adaptive()) {
-        let calls = report.calls.entry(Group::Blocks).or_default();
-        let n = a.cached_blocks.len();
-        if computed {
-            calls.computed += n;
-        } else {
-            calls.skipped += n;
+    if let Some(a) = bundle
+        .manifest
+        .schedule
+        .as_ref()
+        .and_then(|s| s.adaptive.as_ref())
+    {
+        let computed = computes(Group::Blocks);
+        for _ in &a.cached_blocks {
+            count(&mut b.calls, Group::Blocks, computed);
+            count(&mut report.calls, Group::Blocks, computed);
         }
     }
     if let Some(schedule) = bundle
@@ -372,25 +495,37 @@ fn record(
         .filter(|s| s.adaptive.is_none())
     {
         for &block in &schedule.blocks {
-            let computed = pattern.get(&Group::Mlp).copied().unwrap_or(true);
-            report
-                .mlp_decisions
-                .entry(block)
-                .or_default()
-                .push(computed);
-            let calls = report.calls.entry(Group::Mlp).or_default();
-            if computed {
-                calls.computed += 1;
-            } else {
-                calls.skipped += 1;
-            }
+            let computed = computes(Group::Mlp) && stack;
+            b.mlp_decisions.entry(block).or_default().push(computed);
+            count(&mut b.calls, Group::Mlp, computed);
+            count(&mut report.calls, Group::Mlp, computed);
+        }
+        if schedule.tables.contains_key(&Group::Stack) {
+            b.stack_decisions.push(stack);
+            count(&mut b.calls, Group::Stack, stack);
+            count(&mut report.calls, Group::Stack, stack);
         }
     }
-    report.model_flops += flops;
-    report.model_flops_full += full;
+    let any = call.pattern.is_empty() || call.pattern.values().any(|&c| c);
+    if any && stack {
+        b.model_calls.computed += 1;
+    } else {
+        b.model_calls.skipped += 1;
+    }
+    report.model_flops += call.flops;
+    report.model_flops_full += call.full;
 }
 
-/// The model inputs that do not change per step (extra inputs, zero states) plus placeholders.
+fn count(calls: &mut BTreeMap<Group, KindCalls>, group: Group, computed: bool) {
+    let c = calls.entry(group).or_default();
+    if computed {
+        c.computed += 1;
+    } else {
+        c.skipped += 1;
+    }
+}
+
+/// The model inputs that do not change per step (extra inputs; not the state) plus placeholders.
 fn base_inputs(bundle: &Bundle, noise: &Tensor, extra: &[Tensor]) -> Result<Vec<Tensor>> {
     let mut inputs: Vec<Tensor> = Vec::new();
     for input in bundle.model.graph.runtime_inputs() {
@@ -398,10 +533,11 @@ fn base_inputs(bundle: &Bundle, noise: &Tensor, extra: &[Tensor]) -> Result<Vec<
         if *name == bundle.io.latent
             || *name == bundle.io.timestep
             || Some(name) == bundle.io.step.as_ref()
+            || Some(name) == bundle.io.branch.as_ref()
         {
             continue;
         }
-        // State inputs come from the branch's state set.
+        // State inputs come from each branch's state set.
         if bundle.manifest.state.iter().any(|b| &b.input == name) {
             continue;
         }
@@ -457,6 +593,7 @@ fn set_step_inputs(
     x: &[f32],
     noise: &Tensor,
     step: usize,
+    branch: Branch,
 ) -> Result<()> {
     let latent = Tensor::from_f32(&bundle.io.latent, noise.dims.clone(), x);
     let timestep = timestep_tensor(
@@ -467,6 +604,9 @@ fn set_step_inputs(
     let mut fresh = vec![latent, timestep];
     if let Some(step_name) = &bundle.io.step {
         fresh.push(Tensor::from_i64(step_name, vec![], &[step as i64]));
+    }
+    if let Some(branch_name) = &bundle.io.branch {
+        fresh.push(Tensor::from_i64(branch_name, vec![], &[branch.index()]));
     }
     for t in fresh {
         match inputs.iter_mut().find(|s| s.name == t.name) {

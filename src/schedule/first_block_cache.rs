@@ -479,6 +479,8 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
         policy: POLICY.into(),
         options: serde_json::to_value(options)?,
         tables: Default::default(),
+        uncond_tables: None,
+        metrics: None,
         sites: Default::default(),
         blocks: cached.clone(),
         calls: Default::default(),

@@ -1,6 +1,7 @@
 //! Schedules: samplers (timesteps and updates) and the policies that decide, per step, what to compute.
 
 pub mod first_block_cache;
+pub mod guidance;
 pub mod pab;
 pub mod sampler;
 pub mod specialize;
@@ -12,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::AttentionKind;
 
-/// What one decision table drives: the attention sites of one kind, or the MLPs of chosen blocks; or,
-/// for adaptive policies decided in the graph, whole transformer blocks (`blocks`).
+/// What one decision table drives: the attention sites of one kind, the MLPs of chosen blocks, or the
+/// whole stack of transformer blocks (step caches such as MagCache); or, for caches decided inside the
+/// graph, the cached transformer blocks (`blocks`: first-block-cache).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Group {
@@ -22,6 +24,7 @@ pub enum Group {
     Full,
     Cross,
     Mlp,
+    Stack,
     Blocks,
 }
 
@@ -33,6 +36,7 @@ impl Group {
             Group::Full => "full",
             Group::Cross => "cross",
             Group::Mlp => "mlp",
+            Group::Stack => "stack",
             Group::Blocks => "blocks",
         }
     }

@@ -151,3 +151,75 @@ pub fn assert_matches_reference(model: &ditc::ir::Model, io: &[Tensor], label: &
         );
     }
 }
+
+/// The repository path of `p`.
+pub fn repo_path(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// The shapes wan-small's sampling runs use: 8 frames of 16 x 16 latents, 4 caption tokens.
+pub const WAN_SMALL_SHAPES: [&str; 8] = [
+    "--frames",
+    "8",
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--text-len",
+    "4",
+];
+
+/// Convert the wan-small checkpoint with `recipe` and `--set` overrides into `out`; returns the
+/// manifest as JSON.
+pub fn convert_wan_small(
+    fixture: &Path,
+    recipe: &Path,
+    sets: &[&str],
+    out: &Path,
+) -> serde_json::Value {
+    let ckpt = fixture.join("ckpt");
+    let mut args = vec![
+        "convert",
+        ckpt.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ];
+    args.extend_from_slice(&WAN_SMALL_SHAPES);
+    for s in sets {
+        args.push("--set");
+        args.push(s);
+    }
+    ditc_ok(&args);
+    serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Sample a bundle as `ditc run` does, on the inputs named `PREFIX<name>` of `inputs`.
+pub fn run_bundle(
+    manifest: &Path,
+    inputs: &Path,
+    prefix: &str,
+    compare_full: bool,
+) -> (Vec<f32>, ditc::cli::run::Report) {
+    let args = ditc::cli::run::Args {
+        model: manifest.to_path_buf(),
+        inputs: inputs.to_path_buf(),
+        prefix: Some(prefix.to_string()),
+        output: manifest.with_file_name("unused.safetensors"),
+        compare_full,
+        json: true,
+        trace: None,
+        no_progress: true,
+        no_verify: false,
+        shapes: Default::default(),
+    };
+    let (latent, report) = ditc::cli::run::sample_bundle(&args).unwrap();
+    (latent.to_f32_vec().unwrap(), report)
+}
+
+/// The f32 tensor `name` of `tensors`.
+pub fn f32_named(tensors: &[Tensor], name: &str) -> Vec<f32> {
+    named(tensors, name).to_f32_vec().unwrap()
+}
