@@ -12,7 +12,7 @@
 //! - and, once, the `fbc 0.2` bundle run by tract as one graph, `If` included (tract re-plans the taken
 //!   branch on every call), against the split plan.
 //!
-//! It exits with status 1 when a target is missed.
+//! It prints PASS or FAIL for each bound and exits with status 1 when one is missed.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,6 +22,7 @@ use ditc::ir::Tensor;
 use ditc::runtime::conditional::call;
 use ditc::runtime::sampling::timestep_tensor;
 use ditc::runtime::{sample, Bundle, Plan, RunReport, StateSet, TractRunner};
+use ditc::schedule::guidance::Branch;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -89,8 +90,10 @@ fn main() {
     println!("median sampling time over {reps} interleaved runs (wan-small, 50 steps, no CFG, plans excluded):");
     println!("  plain graph        {plain:.3}s");
     let ratio = median[1] / plain;
+    let verdict = |pass: bool| if pass { "PASS" } else { "FAIL" };
     println!(
-        "  threshold 0        {:.3}s  ratio {ratio:.3} (target <= 1.10)",
+        "{} threshold 0        {:.3}s  ratio to plain {ratio:.3} (bound <= 1.10)",
+        verdict(ratio <= 1.10),
         median[1]
     );
     if ratio > 1.10 {
@@ -98,11 +101,13 @@ fn main() {
     }
     for slot in 2..bundles.len() {
         let r = reports[slot].as_ref().expect("ran");
-        let computed = r.trace.iter().filter(|c| c.computed).count();
+        let cond = |s: &ditc::runtime::sampling::TraceStep| s.branches[&Branch::Cond].computed;
+        let computed = r.trace.iter().filter(|s| cond(s)).count();
         let ideal = r.model_flops_full as f64 / r.model_flops as f64;
         let measured = plain / median[slot];
         println!(
-            "  {:<17}  {:.3}s  {computed}/{} calls computed; speedup {measured:.3}x; ideal from FLOPs {ideal:.3}x; measured/ideal {:.3} (target >= 0.85)",
+            "{} {:<17}  {:.3}s  {computed}/{} calls computed; speedup {measured:.3}x; ideal from FLOPs {ideal:.3}x; measured/ideal {:.3} (bound >= 0.85)",
+            verdict(measured / ideal >= 0.85),
             configs[slot].0,
             median[slot],
             r.trace.len(),
@@ -125,7 +130,10 @@ fn main() {
     );
     let _ = std::fs::remove_dir_all(&tmp);
     if !missed.is_empty() {
-        eprintln!("MISSED: {}", missed.join("; "));
+        println!(
+            "missed: {} (wall times: on a loaded machine they measure the load too)",
+            missed.join("; ")
+        );
         std::process::exit(1);
     }
 }

@@ -399,7 +399,7 @@ fn check_against_hand_loop(label: &str, rules: &Rules) -> HandRun {
 /// computed and skipped.
 #[test]
 #[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
-fn diffusers_rule_matches_the_hand_loop() {
+fn hand_loop_diffusers_rule() {
     for threshold in [0.05, 0.2] {
         let hand = check_against_hand_loop(
             &format!("threshold {threshold}"),
@@ -412,7 +412,7 @@ fn diffusers_rule_matches_the_hand_loop() {
 /// Threshold 0 never skips: every call computes and the result is the plain graph's trajectory.
 #[test]
 #[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
-fn threshold_zero_never_skips() {
+fn hand_loop_threshold_zero_never_skips() {
     let rules = Rules {
         steps: 12,
         ..Rules::diffusers(0.0)
@@ -425,7 +425,7 @@ fn threshold_zero_never_skips() {
 /// limit on cached calls in a row; every rule decides at least one call.
 #[test]
 #[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
-fn dbcache_options_match_the_hand_loop() {
+fn hand_loop_dbcache_options() {
     let rules = Rules {
         threshold: 0.3,
         first: 2,

@@ -63,6 +63,10 @@ fn assert_convert_then_verify_is_exact(src: &Path, io: &Path, out: &Path) {
     ]);
     let rows: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let max_rel = rows[0]["max_rel"].as_f64().unwrap();
+    eprintln!(
+        "{}: convert then verify, max_rel {max_rel:.2e}",
+        src.display()
+    );
     assert!(max_rel <= 1e-6, "{}: {max_rel}", src.display());
 }
 
@@ -134,6 +138,11 @@ fn assert_inspect_finds(path: &Path, want: &[(&str, usize)], blocks: usize) -> s
     let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let want: std::collections::BTreeMap<String, usize> =
         want.iter().map(|(k, n)| (k.to_string(), *n)).collect();
+    eprintln!(
+        "{what}: sites {:?} in {} blocks",
+        kinds(&report),
+        report["blocks"].as_array().unwrap().len()
+    );
     assert_eq!(kinds(&report), want, "{what}");
     assert_eq!(
         report["blocks"].as_array().unwrap().len(),

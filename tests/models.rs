@@ -136,6 +136,10 @@ fn assert_attention_map_of_the_onnx_export(m: &str) {
     let exported = inspect_json(&[dir.join("model.onnx").to_str().unwrap()]);
     assert_eq!(sites(&built), sites(&exported), "{m}");
     assert!(!sites(&built).is_empty());
+    eprintln!(
+        "{m}: built graph has the {} attention sites of torch's export",
+        sites(&built).len()
+    );
     let blocks = |r: &serde_json::Value| r["blocks"].as_array().unwrap().len();
     assert_eq!(blocks(&built), blocks(&exported), "{m} blocks");
     // Sites are named by module path.
@@ -192,7 +196,9 @@ fn assert_converted_checkpoint_agrees_with_the_exported_graph(m: &str, tmp: &Pat
         "--json",
     ]))
     .unwrap();
-    assert!(rows[0]["max_rel"].as_f64().unwrap() <= 1e-4, "{m}: {rows}");
+    let max_rel = rows[0]["max_rel"].as_f64().unwrap();
+    eprintln!("{m}: converted checkpoint vs the exported graph (verify), max_rel {max_rel:.2e}");
+    assert!(max_rel <= 1e-4, "{m}: {rows}");
     // The manifest names the checkpoint and the shapes it was built with, and passes the schema.
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
@@ -815,7 +821,8 @@ fn bf16_checkpoints_keep_their_dtype_and_quantize() {
         "latte-tiny with BF16 weights vs PyTorch f32: rel L2 {:.2e}, cosine {:.6}",
         f.rel_l2, f.cosine
     );
-    assert!(f.cosine > 0.999, "{f:?}");
+    // BF16 keeps 8 bits of mantissa (relative rounding <= 2^-9 per weight).
+    assert!(f.rel_l2 <= 3e-3 && f.cosine >= 0.99999, "{f:?}");
 
     // W8A8 from the BF16 values.
     let stats = tmp.path().join("stats.json");

@@ -1,7 +1,8 @@
 //! Static attention broadcast end to end on the trained latte-tiny (the demo copy in `examples/`): the
 //! runtime's DDIM trajectories against diffusers' (full and with diffusers' PyramidAttentionBroadcast),
 //! decision by decision; and MLP broadcast, which diffusers lacks, on a one-block graph against the
-//! same sampling loop computed by hand.
+//! same sampling loop computed by hand. README command 1 (the Latte PAB preset) runs as the README
+//! writes it, its fidelity and FLOPs saved checked against the README's Measured row.
 
 mod common;
 
@@ -180,8 +181,170 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
                 "{config} case {case}: rel L2 {}",
                 f.rel_l2
             );
+            // The bound means something only if PAB moves the latent much further than it.
+            assert!(
+                moved >= 1e-2,
+                "{config} case {case}: PAB moves the latent only {moved}"
+            );
         }
     }
+}
+
+/// README command 1 exactly as README.md writes it (its `cargo run -q --` invocations of ditc, with
+/// `out/` moved into `tmp`), the run given `--json`. Returns the run's report.
+fn run_readme_command_1(tmp: &Path) -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run -q -- convert examples/latte-tiny/model.onnx"))
+        .expect("README command 1 (convert of the demo model) is in README.md");
+    let mut stdout = Vec::new();
+    for (i, command) in line.split(" && ").enumerate() {
+        let args = command
+            .strip_prefix("cargo run -q -- ")
+            .unwrap_or_else(|| panic!("README command 1 part {i} is not a ditc run: {command}"));
+        let mut args: Vec<String> = args
+            .split_whitespace()
+            .map(|a| match a.strip_prefix("out/") {
+                Some(rest) => tmp.join(rest).to_str().unwrap().to_string(),
+                None => a.to_string(),
+            })
+            .collect();
+        if args[0] == "run" {
+            args.push("--json".into());
+        }
+        let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+            .args(&args)
+            .current_dir(root)
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "ditc {args:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        stdout = r.stdout;
+    }
+    serde_json::from_slice(&stdout).expect("the run's --json report")
+}
+
+/// Calls that compute under PAB's rule (diffusers' PyramidAttentionBroadcast): a site computes at
+/// step i unless lo < t_i < hi and i is not a multiple of the period.
+fn pab_computes(timesteps: &[i64], period: usize, (lo, hi): (i64, i64)) -> Vec<bool> {
+    timesteps
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| !(lo < t && t < hi) || i % period == 0)
+        .collect()
+}
+
+/// README command 1 (Latte's PAB preset, schedules/pab/latte.toml: spatial 2, temporal 3, cross 6 in
+/// (100, 800), MLP reused for 2 steps after 720, 640, 560, 480, 400) on case 0 of the demo model:
+/// fidelity against the full computation within the README row's bounds; calls per kind as PAB's rule
+/// gives over diffusers' recorded timesteps; FLOPs saved equal to the closed form from latte-tiny's
+/// config, and the percentages the README row states.
+#[test]
+fn readme_command_1_latte_pab_preset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = run_readme_command_1(tmp.path());
+    let f = &report["fidelity"];
+    let (psnr, cosine, rel_l2) = (
+        f["psnr_db"].as_f64().unwrap(),
+        f["cosine"].as_f64().unwrap(),
+        f["rel_l2"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "README command 1: PSNR {psnr:.2} dB, cosine {cosine:.5}, rel-L2 {rel_l2:.2e} vs full"
+    );
+    assert!(
+        psnr >= 50.0 && cosine >= 0.997 && rel_l2 <= 0.08,
+        "fidelity {f} (bounds PSNR >= 50, cosine >= 0.997, rel-L2 <= 0.08)"
+    );
+    assert!(rel_l2 > 1e-3, "PAB changed nothing: {f}");
+
+    let sampling: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(demo().join("sampling.json")).unwrap()).unwrap();
+    let timesteps: Vec<i64> = sampling["timesteps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
+    assert_eq!(timesteps.len(), 50);
+    let computed = |c: &[bool]| c.iter().filter(|&&b| b).count();
+    let window = (100, 800);
+    let sites_per_kind = 4;
+    let cross_computes = pab_computes(&timesteps, 6, window);
+    let mut mlp_computes = vec![true; 50];
+    for key in [720, 640, 560, 480, 400] {
+        let j = timesteps.iter().position(|&t| t == key).unwrap();
+        mlp_computes[j + 1..=j + 2].fill(false);
+    }
+    // (kind, calls that compute over 50 steps, sites or MLPs of that kind).
+    let expected = [
+        (
+            "spatial",
+            computed(&pab_computes(&timesteps, 2, window)),
+            sites_per_kind,
+        ),
+        (
+            "temporal",
+            computed(&pab_computes(&timesteps, 3, window)),
+            sites_per_kind,
+        ),
+        ("cross", computed(&cross_computes), sites_per_kind),
+        ("mlp", computed(&mlp_computes), 8), // spatial and temporal blocks 0-3
+    ];
+    let calls = &report["scheduled"]["calls"];
+    for (kind, per_site, sites) in expected {
+        let (c, s) = (
+            calls[kind]["computed"].as_u64().unwrap() as usize,
+            calls[kind]["skipped"].as_u64().unwrap() as usize,
+        );
+        eprintln!("{kind}: {c} of {} calls computed", c + s);
+        assert_eq!((c, c + s), (per_site * sites, 50 * sites), "{kind} calls");
+    }
+
+    // Closed-form FLOPs (2 per multiply-add) from examples/latte-tiny/ckpt/config.json: 8 frames of
+    // 8 x 8 patches, width 64 (4 heads x 16), 4 caption tokens projected 32 -> 64 -> 64, FFN 64 -> 256.
+    let (frames, patches, dim, text) = (8u64, 64u64, 64u64, 4u64);
+    let tokens = frames * patches;
+    let linear = |rows: u64, i: u64, o: u64| 2 * rows * i * o;
+    let qk_pv = |batch: u64, q: u64, k: u64| 2 * 2 * batch * q * k * dim;
+    let spatial = 4 * linear(tokens, dim, dim) + qk_pv(frames, patches, patches);
+    let temporal = 4 * linear(tokens, dim, dim) + qk_pv(patches, frames, frames);
+    // Q and out over the video tokens, K and V over the caption repeated per frame.
+    let cross = 2 * linear(tokens, dim, dim)
+        + 2 * linear(frames * text, dim, dim)
+        + qk_pv(frames, patches, text);
+    let mlp = linear(tokens, dim, 4 * dim) + linear(tokens, 4 * dim, dim);
+    // The caption projection serves only cross-attention: it is skipped on the steps all four skip.
+    let caption = linear(text, 32, dim) + linear(text, dim, dim);
+    let skipped = |kind: &str| calls[kind]["skipped"].as_u64().unwrap();
+    let attention_full = 50 * sites_per_kind as u64 * (spatial + temporal + cross);
+    let attention_saved =
+        skipped("spatial") * spatial + skipped("temporal") * temporal + skipped("cross") * cross;
+    let cross_skipped_steps = (50 - computed(&cross_computes)) as u64;
+    let model_saved = attention_saved + skipped("mlp") * mlp + cross_skipped_steps * caption;
+    let s = &report["scheduled"];
+    let field = |k: &str| s[k].as_u64().unwrap();
+    assert_eq!(field("attention_flops_full"), attention_full);
+    assert_eq!(
+        field("attention_flops_full") - field("attention_flops"),
+        attention_saved
+    );
+    assert_eq!(
+        field("model_flops_full") - field("model_flops"),
+        model_saved
+    );
+    let attention_pct = 100.0 * attention_saved as f64 / attention_full as f64;
+    let model_pct = 100.0 * model_saved as f64 / field("model_flops_full") as f64;
+    eprintln!("FLOPs saved: attention {attention_pct:.2}%, model {model_pct:.2}%");
+    assert!(
+        (attention_pct - 42.0).abs() <= 0.5 && (model_pct - 29.5).abs() <= 0.5,
+        "FLOPs saved: attention {attention_pct}% (README: 42.0), model {model_pct}% (README: 29.5)"
+    );
 }
 
 /// MLP broadcast (PAB's Latte config): at each key timestep the listed blocks' MLPs compute, then

@@ -160,6 +160,8 @@ struct W8a8Case {
     format: &'static str,
     min_psnr_db: f64,
     min_cosine: f64,
+    /// Where the README row states a relative L2 error.
+    max_rel_l2: Option<f64>,
 }
 
 /// Count the nodes of one op type in a graph file, If branches included.
@@ -213,6 +215,7 @@ fn latte_w8a8_over_a_sampling_trajectory() {
             format: "w8a8-int8",
             min_psnr_db: 50.0,
             min_cosine: 0.998,
+            max_rel_l2: Some(0.06),
         },
         W8a8Case {
             label: "fp8 (default target hopper)",
@@ -221,6 +224,7 @@ fn latte_w8a8_over_a_sampling_trajectory() {
             format: "w8a8-fp8-e4m3",
             min_psnr_db: 45.0,
             min_cosine: 0.994,
+            max_rel_l2: None,
         },
         W8a8Case {
             label: "int8 + SmoothQuant 0.5",
@@ -234,6 +238,7 @@ fn latte_w8a8_over_a_sampling_trajectory() {
             format: "w8a8-int8",
             min_psnr_db: 45.0,
             min_cosine: 0.995,
+            max_rel_l2: None,
         },
         W8a8Case {
             label: "int8 + SmoothQuant 0.8",
@@ -247,6 +252,7 @@ fn latte_w8a8_over_a_sampling_trajectory() {
             format: "w8a8-int8",
             min_psnr_db: 40.0,
             min_cosine: 0.99,
+            max_rel_l2: None,
         },
         W8a8Case {
             label: "int8 + PAB",
@@ -255,6 +261,7 @@ fn latte_w8a8_over_a_sampling_trajectory() {
             format: "w8a8-int8",
             min_psnr_db: 45.0,
             min_cosine: 0.995,
+            max_rel_l2: None,
         },
     ];
     for case in &cases {
@@ -334,6 +341,14 @@ fn latte_w8a8_over_a_sampling_trajectory() {
             case.min_psnr_db,
             case.min_cosine
         );
+        if let Some(max) = case.max_rel_l2 {
+            let rel_l2 = f["rel_l2"].as_f64().unwrap();
+            assert!(
+                rel_l2 <= max,
+                "{}: rel L2 {rel_l2} (bound {max})",
+                case.label
+            );
+        }
         let m: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
         assert_eq!(m["precision"]["format"], case.format, "{}", case.label);
@@ -503,8 +518,8 @@ fn sensitivity_budget_meets_the_fidelity_target() {
     .unwrap();
     let f = &report["fidelity"];
     eprintln!(
-        "budget kept {kept} layers in float; held-out case 0: PSNR {} dB, cosine {}",
-        f["psnr_db"], f["cosine"]
+        "budget kept {kept} layers in float ({}); held-out case 0: PSNR {} dB, cosine {}",
+        manifest["precision"]["excluded"], f["psnr_db"], f["cosine"]
     );
     assert!(
         f["psnr_db"].as_f64().unwrap() >= 30.0 && f["cosine"].as_f64().unwrap() >= 0.999,

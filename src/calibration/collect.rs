@@ -97,6 +97,9 @@ impl Trajectory<'_> {
     }
 }
 
+/// One model call kept for replay: its inputs and the float model's prediction.
+pub type ReplayPoint = (Vec<Tensor>, Vec<f32>);
+
 /// Running ranges of the probed activations.
 pub struct RangeRecorder {
     method: RangeMethod,
@@ -251,7 +254,7 @@ pub fn record_trajectories(
     recorder: &mut RangeRecorder,
     keep_every: Option<usize>,
     progress: bool,
-) -> Result<(Vec<Vec<f32>>, Vec<(Vec<Tensor>, Vec<f32>)>)> {
+) -> Result<(Vec<Vec<f32>>, Vec<ReplayPoint>)> {
     let probe = recorder.probe(model);
     let bar = crate::progress::steps_bar(
         (cases.len() * sampler.steps()) as u64,
@@ -391,6 +394,5 @@ mod tests {
             .unwrap();
         let stats = r.finish("test".into()).unwrap();
         assert_eq!(stats.amax("y"), Some(AMAX_FLOOR));
-        assert!(AMAX_FLOOR > 0.0);
     }
 }

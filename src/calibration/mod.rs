@@ -31,6 +31,7 @@ pub const FORMAT: &str = "ditc-calibration";
 /// calibrated step (or a hand-written `amax` of 0) is given this range, so its scale (1e-6/127 for
 /// INT8) is positive and zeros still quantize to exactly 0.
 pub const AMAX_FLOOR: f32 = 1e-6;
+const _: () = assert!(AMAX_FLOOR > 0.0, "a zero floor would allow zero scales");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,9 +9,9 @@
 
 use anyhow::{Context, Result};
 
-use super::collect::Trajectory;
+use super::collect::{ReplayPoint, Trajectory};
 use super::{BudgetPoint, CalibrationStats, LayerSensitivity};
-use crate::ir::{Model, Tensor};
+use crate::ir::Model;
 use crate::metrics::compare;
 use crate::passes::quantize_w8a8::{quantize_layers_with, Format, Target};
 use crate::runtime::TractRunner;
@@ -26,7 +26,7 @@ pub fn rank_layers(
     targets: &[Target],
     stats: &CalibrationStats,
     format: Format,
-    points: &[(Vec<Tensor>, Vec<f32>)],
+    points: &[ReplayPoint],
     prediction: &str,
     progress: bool,
 ) -> Result<Vec<LayerSensitivity>> {
