@@ -748,6 +748,7 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
         json: true,
         no_progress: true,
         no_verify: false,
+        trace: None,
         shapes: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
