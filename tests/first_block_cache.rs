@@ -798,9 +798,9 @@ fn cfg_decisions_and_latents_match_diffusers() {
                     want_decisions[k],
                     metric(k)
                 );
-                for j in k + 1..got.len() {
+                for (j, &decided) in got.iter().enumerate().skip(k + 1) {
                     assert_eq!(
-                        got[j],
+                        decided,
                         metric(j) > threshold,
                         "{label} {name}: step {j} does not obey the rule after the flip at {k}"
                     );
