@@ -227,6 +227,33 @@ fn calibration_reproduces_diffusers_ratios() {
     assert_eq!(bools(&m["schedule"]["tables"]["stack"]), expected);
 }
 
+/// README command 2's recipe (the preset's ratios, calibrated by ditc on the example's case) decides
+/// exactly as diffusers' `mag_0.06` run, in both branches.
+#[test]
+fn the_example_recipe_decides_as_diffusers_mag_0_06() {
+    let Some(dir) = fixture("wan-small") else {
+        return;
+    };
+    let sampling = sampling_json(&dir);
+    let tmp = tempfile::tempdir().unwrap();
+    let example = repo_path("examples/wan-small");
+    let m = convert_wan_small(
+        &example,
+        &repo_path("passes/wan-magcache.toml"),
+        &[],
+        &tmp.path().join("b"),
+    );
+    assert!(m["io"].get("branch").is_none());
+    for case in ["0", "1", "2"] {
+        let expected = bools(&sampling["decisions"]["mag_0.06"][case]["cond"]);
+        assert_eq!(
+            bools(&m["schedule"]["tables"]["stack"]),
+            expected,
+            "case {case}"
+        );
+    }
+}
+
 /// With `mag_ratios_uncond` the branches decide differently: the graph takes `ditc.branch` and picks
 /// its table row by it. Checked on the baked graph itself (its `If`, run by tract), at a step where
 /// the conditional branch skips and the unconditional one computes: the computing call equals the
