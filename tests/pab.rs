@@ -753,7 +753,10 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
     };
     let (latent, report) = sample_bundle(&args).unwrap();
     let decisions: Vec<bool> = (0..10).map(rule).collect();
-    assert_eq!(report.scheduled.branches[&Branch::Cond].mlp_decisions[&0], decisions);
+    assert_eq!(
+        report.scheduled.branches[&Branch::Cond].mlp_decisions[&0],
+        decisions
+    );
     let got: Vec<f64> = latent
         .to_f32_vec()
         .unwrap()

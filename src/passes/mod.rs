@@ -4,8 +4,10 @@
 //! before any work), and a `run` that rewrites the model and records what a runtime needs in the
 //! [`PassContext`] (schedule tables, state bindings).
 
+pub mod broadcast_adaptive;
 mod broadcast_static;
 pub mod quantize_w8a8;
+pub mod region;
 pub mod smooth_quant;
 
 use anyhow::{bail, Context, Result};
@@ -56,12 +58,19 @@ pub const REGISTRY: &[(&str, &str)] = &[
         "broadcast-static",
         "bake a static attention-broadcast schedule (PAB) into the graph: an If per scheduled attention site, driven by ditc.step",
     ),
+    (
+        "broadcast-adaptive",
+        "bake a step cache that skips transformer blocks (policy = \"mag-cache\": the whole block stack, a static table per step and branch) into the graph",
+    ),
 ];
 
 /// Build a pass from its recipe name and options.
 pub fn create(name: &str, options: &toml::Table) -> Result<Box<dyn Pass>> {
     match name {
         "broadcast-static" => Ok(Box::new(BroadcastStatic::from_options(options)?)),
+        "broadcast-adaptive" => Ok(Box::new(
+            broadcast_adaptive::BroadcastAdaptive::from_options(options)?,
+        )),
         "quantize-w8a8" => Ok(Box::new(quantize_w8a8::QuantizeW8A8::from_options(
             options,
         )?)),

@@ -80,9 +80,11 @@ fn inline_branch(
         .initializers
         .extend(branch.initializers.iter().cloned());
     nodes.extend(branch.nodes.iter().cloned());
-    for (inner, outer) in branch.outputs.iter().zip(&node.outputs) {
+    for (j, (inner, outer)) in branch.outputs.iter().zip(&node.outputs).enumerate() {
+        // One name per output: `.out`, `.out1`, `.out2`, ...
+        let suffix = if j == 0 { String::new() } else { j.to_string() };
         nodes.push(Node::new(
-            &format!("{}.{key}.out", node.name),
+            &format!("{}.{key}.out{suffix}", node.name),
             "Identity",
             &[&inner.name],
             &[outer],
