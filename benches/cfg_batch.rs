@@ -24,7 +24,13 @@ fn main() {
         .unwrap_or(15);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/wan-small");
     let inputs = ditc::tensors::read_safetensors(&root.join("inputs.safetensors")).unwrap();
-    let get = |n: &str| inputs.iter().find(|t| t.name == n).unwrap().clone();
+    let get = |n: &str| {
+        inputs
+            .iter()
+            .find(|t| t.name == format!("0.{n}"))
+            .unwrap()
+            .clone()
+    };
     let build = |batch: i64| {
         let opts = BuildOptions {
             batch: Some(batch),

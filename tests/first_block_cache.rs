@@ -688,7 +688,7 @@ fn bad_options_and_models_are_refused() {
         out.to_str().unwrap(),
         recipe.to_str().unwrap(),
     );
-    assert_refused(&args[..7], &["not chained by one residual stream"]);
+    assert_refused(&args[..7], &["do not form one residual stream"]);
     assert!(!out.exists());
     // A graph without transformer blocks.
     let plain = {

@@ -265,6 +265,39 @@ fn flow_matching_manifest_matches_the_schema() {
     assert_eq!(m["schedule"]["calls"]["full"]["total"], 3 * 50 * 2);
     let errors = validate_schema(&m);
     assert!(errors.is_empty(), "wan-cfg: {errors:#?}");
+    // MagCache with guidance on the exporter's graph: one table for both branches, then the
+    // unconditional branch with its own (the graph takes ditc.branch).
+    let mag_recipe = repo("passes/wan-magcache.toml");
+    let mag = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "--recipe",
+            mag_recipe.as_str(),
+            "--set",
+            "sampler.guidance.negative=\"zeros\"",
+        ];
+        args.extend_from_slice(extra);
+        convert(wan.to_str().unwrap(), &args, &tmp.path().join(out))
+    };
+    let m = mag(&[], "wan-mag");
+    assert_eq!(m["schedule"]["policy"], "mag-cache");
+    assert_eq!(m["state"][0]["group"], "stack");
+    assert_eq!(m["schedule"]["calls"]["stack"]["total"], 100);
+    let errors = validate_schema(&m);
+    assert!(errors.is_empty(), "wan-mag: {errors:#?}");
+    let m = mag(
+        &["--set", "broadcast-adaptive.mag_ratios_uncond=[2.0]"],
+        "wan-mag-branch",
+    );
+    assert_eq!(m["io"]["branch"], "ditc.branch");
+    assert_eq!(
+        m["schedule"]["uncond_tables"]["stack"]
+            .as_array()
+            .unwrap()
+            .len(),
+        50
+    );
+    let errors = validate_schema(&m);
+    assert!(errors.is_empty(), "wan-mag-branch: {errors:#?}");
 }
 
 #[test]

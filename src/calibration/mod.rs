@@ -14,9 +14,10 @@
 //! Keys are value names of the graph being converted (`ditc calibrate MODEL` uses the same ones).
 //!
 //! Submodules: [`collect`] measures the ranges along sampling trajectories, [`sensitivity`] ranks layers
-//! and measures the fidelity budget table.
+//! and measures the fidelity budget table, [`mag_ratios`] measures MagCache's magnitude ratios.
 
 pub mod collect;
+pub mod mag_ratios;
 pub mod sensitivity;
 
 use std::collections::BTreeMap;

@@ -1,4 +1,6 @@
 //! `ditc calibrate MODEL --recipe R --inputs IN --cases 1,2 -o stats.json`: activation ranges for W8A8.
+//! With `--mag-ratios`: MagCache's magnitude ratios per guidance branch instead
+//! ([`crate::calibration::mag_ratios`]), written as the ratios file `mag_ratios` can name.
 //!
 //! Parses the options and reports; the work is in [`crate::calibration::collect`] (ranges along the
 //! recipe's sampling trajectories) and [`crate::calibration::sensitivity`] (ranking, budget table).
@@ -12,12 +14,14 @@ use crate::analysis::analyse;
 use crate::calibration::collect::{
     record_trajectories, RangeMethod, RangeRecorder, StepFilter, Trajectory,
 };
+use crate::calibration::mag_ratios::{calibrate, Calibration};
 use crate::calibration::sensitivity::{budget_table, rank_layers, SENSITIVITY_EVERY};
 use crate::ir::Tensor;
 use crate::manifest::detect_io;
 use crate::output::write_file_atomically;
 use crate::passes::quantize_w8a8::{select_targets, Format, QuantizeOptions};
 use crate::recipe::Recipe;
+use crate::schedule::guidance::Guidance;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -60,6 +64,12 @@ pub struct Args {
     /// budget table quantize to when the recipe names none (INT8 on Ampere, FP8 from Ada on).
     #[arg(long, default_value = "hopper,trt10", value_name = "GPU[,TRT]")]
     pub target: crate::target::DeployTarget,
+    /// Measure MagCache's magnitude ratios instead of activation ranges: a full run of the recipe's
+    /// sampler (and guidance) per case, the ratio of the block stack's residual norms at each step,
+    /// per branch (averaged over the cases); writes the ratios file (`"format": "ditc-mag-ratios"`)
+    /// that `broadcast-adaptive.mag_ratios` can name, and prints the tables as TOML.
+    #[arg(long)]
+    pub mag_ratios: bool,
     /// Where to write the statistics (JSON).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -71,6 +81,9 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.mag_ratios {
+        return run_mag_ratios(args);
+    }
     let method = range_method(args)?;
     let filter = step_filter(args)?;
     let recipe = Recipe::load(&args.recipe, &args.set)?;
@@ -178,6 +191,75 @@ pub fn run(args: &Args) -> Result<()> {
         args.output.display(),
         stats.tensors.len(),
         stats.samples
+    );
+    Ok(())
+}
+
+/// `--mag-ratios`: MagCache calibration along the recipe's sampler and guidance.
+fn run_mag_ratios(args: &Args) -> Result<()> {
+    let recipe = Recipe::load(&args.recipe, &args.set)?;
+    let sampler = recipe
+        .sampler
+        .clone()
+        .context("the recipe has no [sampler]")?
+        .plan()?;
+    let all = crate::tensors::read_safetensors(&args.inputs)?;
+    let cases = args
+        .cases
+        .iter()
+        .map(|c| select_case(&all, c).with_context(|| format!("case {c}")))
+        .collect::<Result<Vec<_>>>()?;
+    let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    let io = detect_io(&model)?;
+    let guidance = match &recipe.guidance {
+        Some(g) => {
+            let candidates: Vec<String> = model
+                .graph
+                .runtime_inputs()
+                .map(|i| i.name.clone())
+                .filter(|n| *n != io.latent && *n != io.timestep)
+                .collect();
+            Some(Guidance {
+                input: Some(g.resolve_input(&candidates)?),
+                ..g.clone()
+            })
+        }
+        None => None,
+    };
+    let calibration = Calibration {
+        model: &model,
+        io: &io,
+        sampler: &sampler,
+        guidance: guidance.as_ref(),
+        source: format!(
+            "ditc calibrate --mag-ratios {} on cases {:?} of {}",
+            args.model.display(),
+            args.cases,
+            args.inputs.display()
+        ),
+    };
+    let ratios = calibrate(&calibration, &cases, !args.no_progress)?;
+    write_file_atomically(
+        &args.output,
+        serde_json::to_string_pretty(&ratios)?.as_bytes(),
+    )?;
+    let toml_list = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("mag_ratios = [{}]", toml_list(&ratios.cond));
+    if let Some(u) = &ratios.uncond {
+        println!("# the unconditional branch's own table (beyond diffusers, which drives both branches with mag_ratios):");
+        println!("# mag_ratios_uncond = [{}]", toml_list(u));
+    }
+    eprintln!(
+        "wrote {}: {} steps, {} branch(es), {} case(s)",
+        args.output.display(),
+        ratios.steps,
+        1 + ratios.uncond.is_some() as usize,
+        cases.len()
     );
     Ok(())
 }

@@ -1,29 +1,77 @@
-//! Pass `broadcast-adaptive`: a cache whose decisions the graph computes at run time, chosen by
-//! `policy`. Policies: `first-block-cache` ([`crate::schedule::first_block_cache`]).
+//! Pass `broadcast-adaptive`: step caches that skip transformer blocks, baked into one graph.
+//!
+//! Options: `policy` (one of [`POLICIES`]) and that policy's options. Each policy's rule lives in its
+//! own file under `src/schedule/`; this pass turns it into graph structure.
+//!
+//! `policy = "mag-cache"` ([`crate::schedule::mag_cache`]): the decision depends only on the step and
+//! the calibrated ratios, so it is baked as a static table like PAB. The cached value is the residual
+//! of the whole block stack on the hidden-states stream (`r = last block's output - first block's
+//! input`, see [`crate::analysis::stack`]). Every node that only serves the stack's output moves into
+//! the then-branch of an `If`, which returns the stack's output and `r`; the else-branch returns
+//! `first block's input + ditc.state.<r>` and the state unchanged. The condition is
+//! `Gather(ditc.table.stack, ditc.step)`; when the unconditional branch has its own table
+//! (`mag_ratios_uncond`), the table is `[2, steps]` and the condition
+//! `Gather(Gather(ditc.table.stack, ditc.branch), ditc.step)`, `ditc.branch` an int64 scalar input
+//! (0 cond, 1 uncond). A runtime may instead pick a graph specialised per (step, branch) from the
+//! manifest's `tables` / `uncond_tables`.
+//!
+//! `policy = "first-block-cache"` ([`crate::schedule::first_block_cache`]): the decision depends on
+//! the head blocks' residual, so the graph computes it at every call (an `If` on a computed condition);
+//! the rewrite lives with the policy.
+
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{bail, Context, Result};
 
-use super::{Pass, PassContext};
-use crate::ir::Model;
+use super::region::exclusive_region;
+use super::{condition_name, Pass, PassContext, STEP_INPUT};
+use crate::analysis::stack::{find_stack, Stack};
+use crate::ir::{
+    infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
+};
+use crate::manifest::{Calls, Schedule, StateBinding};
 use crate::schedule::first_block_cache::{self, FbcOptions};
+use crate::schedule::guidance::Branch;
+use crate::schedule::mag_cache::{decisions, Decisions, MagCacheOptions};
+use crate::schedule::Group;
 
-pub enum BroadcastAdaptive {
-    FirstBlockCache(FbcOptions),
+/// The graph input carrying the guidance branch when decisions differ per branch.
+pub const BRANCH_INPUT: &str = "ditc.branch";
+
+/// The policies `broadcast-adaptive` knows.
+pub const POLICIES: &[&str] = &["mag-cache", first_block_cache::POLICY];
+
+/// One adaptive caching policy, baked into the graph.
+pub trait AdaptivePolicy {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()>;
+}
+
+pub struct BroadcastAdaptive {
+    policy: Box<dyn AdaptivePolicy>,
 }
 
 impl BroadcastAdaptive {
-    /// `policy` picks the policy; the other keys are its options.
     pub fn from_options(options: &toml::Table) -> Result<Self> {
         let mut options = options.clone();
-        let policy = options
-            .remove("policy")
-            .context("broadcast-adaptive needs a `policy` (first-block-cache)")?;
-        match policy.as_str() {
-            Some(first_block_cache::POLICY) => Ok(BroadcastAdaptive::FirstBlockCache(
-                FbcOptions::from_table(&options)?,
-            )),
-            _ => bail!("broadcast-adaptive: unknown policy {policy} (known: first-block-cache)"),
-        }
+        let name = match options.remove("policy") {
+            Some(toml::Value::String(s)) => s,
+            Some(other) => bail!("broadcast-adaptive.policy must be a string, got {other}"),
+            None => bail!(
+                "broadcast-adaptive needs a policy (one of: {})",
+                POLICIES.join(", ")
+            ),
+        };
+        let policy: Box<dyn AdaptivePolicy> = match name.as_str() {
+            "mag-cache" => Box::new(MagCache(MagCacheOptions::from_table(&options)?)),
+            first_block_cache::POLICY => {
+                Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
+            }
+            other => bail!(
+                "broadcast-adaptive: unknown policy '{other}' (known: {})",
+                POLICIES.join(", ")
+            ),
+        };
+        Ok(BroadcastAdaptive { policy })
     }
 }
 
@@ -33,8 +81,256 @@ impl Pass for BroadcastAdaptive {
     }
 
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
-        match self {
-            BroadcastAdaptive::FirstBlockCache(o) => first_block_cache::bake(model, cx, o),
+        if cx.sampler.is_none() {
+            bail!("needs a sampler: add a [sampler] table to the recipe");
         }
+        if let Some(other) = &cx.schedule {
+            bail!(
+                "the graph already has a '{}' schedule from an earlier pass: a recipe bakes one schedule",
+                other.policy
+            );
+        }
+        if crate::analysis::has_symbolic_inputs(&model.graph) {
+            bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
+        }
+        self.policy.bake(model, cx)
+    }
+}
+
+/// FirstBlockCache / DBCache: decided inside the graph at every call.
+struct FirstBlockCache(FbcOptions);
+
+impl AdaptivePolicy for FirstBlockCache {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        first_block_cache::bake(model, cx, &self.0)
+    }
+}
+
+/// MagCache: a static per-step (and per-branch) table driving the whole block stack.
+struct MagCache(MagCacheOptions);
+
+impl AdaptivePolicy for MagCache {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        let o = &self.0;
+        if o.per_branch() && cx.guidance.is_none() {
+            bail!("mag_ratios_uncond needs classifier-free guidance ([sampler.guidance]): without it there is no unconditional branch");
+        }
+        let steps = cx.sampler.as_ref().expect("checked").1.steps();
+        let per_branch: BTreeMap<Branch, Decisions> = cx
+            .branches()
+            .iter()
+            .map(|&b| Ok((b, decisions(o, &o.ratios(b)?, steps))))
+            .collect::<Result<_>>()?;
+        let cond = &per_branch[&Branch::Cond];
+        let uncond = per_branch.get(&Branch::Uncond);
+        let own_uncond = uncond.filter(|u| u.compute != cond.compute);
+
+        let types = infer_types(&model.graph, model.default_opset());
+        let stack = find_stack(&model.graph, &cx.dit_map, &types)?;
+        let sites: Vec<usize> = stack
+            .blocks
+            .iter()
+            .flat_map(|b| cx.dit_map.blocks[b.block].attention.iter().copied())
+            .collect();
+        let anchors: Vec<String> = sites
+            .iter()
+            .map(|&id| cx.dit_map.attention[id].anchor.clone())
+            .collect();
+        let binding = bake_stack(&mut model.graph, &stack, &anchors, &types)?;
+        let tables: Vec<&[bool]> = std::iter::once(cond.compute.as_slice())
+            .chain(own_uncond.map(|u| u.compute.as_slice()))
+            .collect();
+        add_stack_table(&mut model.graph, &tables);
+        cx.state.push(binding);
+        cx.step_input = Some(STEP_INPUT.to_string());
+        if own_uncond.is_some() {
+            cx.branch_input = Some(BRANCH_INPUT.to_string());
+        }
+
+        let computed: usize = per_branch
+            .values()
+            .map(|d| d.compute.iter().filter(|&&c| c).count())
+            .sum();
+        let mut options = serde_json::to_value(o)?;
+        options["policy"] = "mag-cache".into();
+        cx.schedule = Some(Schedule {
+            policy: "mag-cache".into(),
+            options,
+            tables: BTreeMap::from([(Group::Stack, cond.compute.clone())]),
+            uncond_tables: own_uncond.map(|u| BTreeMap::from([(Group::Stack, u.compute.clone())])),
+            metrics: Some(
+                per_branch
+                    .iter()
+                    .map(|(b, d)| (*b, d.metric.clone()))
+                    .collect(),
+            ),
+            sites: BTreeMap::from([(Group::Stack, sites)]),
+            blocks: Vec::new(),
+            calls: BTreeMap::from([(
+                Group::Stack,
+                Calls {
+                    computed,
+                    total: steps * per_branch.len(),
+                },
+            )]),
+            adaptive: None,
+        });
+        Ok(())
+    }
+}
+
+/// The name of the bool deciding whether the stack computes (`ditc.compute.stack`).
+fn stack_condition() -> String {
+    condition_name(Group::Stack)
+}
+
+/// Move every node that only serves the stack's output into an `If` on [`stack_condition`]: the
+/// then-branch returns the output and the stack's residual, the else-branch the stack's input plus
+/// the cached residual, and that residual unchanged.
+/// `anchors` are the stack's attention nodes (all must move).
+pub fn bake_stack(
+    graph: &mut Graph,
+    stack: &Stack,
+    anchors: &[String],
+    types: &TypeMap,
+) -> Result<StateBinding> {
+    let (input, output) = (stack.input().to_string(), stack.output().to_string());
+    let dtype = types
+        .get(&output)
+        .and_then(|t| t.dtype)
+        .with_context(|| format!("the type of the stack's output '{output}' is unknown"))?;
+    let keep: HashSet<String> = HashSet::from([input.clone()]);
+    let region = exclusive_region(graph, &output, &keep)
+        .with_context(|| format!("cannot isolate the nodes computing '{output}'"))?;
+    check_region_covers(graph, &region, anchors)?;
+
+    let dims: Vec<Dim> = stack.shape.iter().map(|&d| Dim::Value(d)).collect();
+    let cached = format!("{output}.stack_residual");
+    let state_in = format!("ditc.state.{cached}");
+    let state_out = format!("ditc.state_out.{cached}");
+    let (computed, residual) = (format!("{output}.computed"), format!("{cached}.computed"));
+    let (reused, kept) = (format!("{output}.reused"), format!("{cached}.kept"));
+    let tensor = |name: &str| ValueInfo::tensor(name, dtype, dims.clone());
+
+    let first = region[0];
+    let in_region: HashSet<usize> = region.iter().copied().collect();
+    let (mut moved, mut others) = (Vec::new(), Vec::new());
+    for (i, node) in std::mem::take(&mut graph.nodes).into_iter().enumerate() {
+        if in_region.contains(&i) {
+            moved.push(node);
+        } else {
+            others.push(node);
+        }
+    }
+    for node in &mut moved {
+        for o in node.outputs.iter_mut().filter(|o| **o == output) {
+            *o = computed.clone();
+        }
+    }
+    moved.push(Node::new(
+        "ditc.stack.residual",
+        "Sub",
+        &[&computed, &input],
+        &[&residual],
+    ));
+    let then_branch = Graph {
+        name: "ditc.stack.compute".into(),
+        nodes: moved,
+        outputs: vec![tensor(&computed), tensor(&residual)],
+        ..Graph::default()
+    };
+    let else_branch = Graph {
+        name: "ditc.stack.reuse".into(),
+        nodes: vec![
+            Node::new("ditc.stack.reuse", "Add", &[&input, &state_in], &[&reused]),
+            Node::new("ditc.stack.keep", "Identity", &[&state_in], &[&kept]),
+        ],
+        outputs: vec![tensor(&reused), tensor(&kept)],
+        ..Graph::default()
+    };
+    let if_node = Node::new(
+        "ditc.stack.cache",
+        "If",
+        &[&stack_condition()],
+        &[&output, &state_out],
+    )
+    .with_attr("then_branch", AttrValue::Graph(then_branch))
+    .with_attr("else_branch", AttrValue::Graph(else_branch));
+    others.insert(first.min(others.len()), if_node);
+    graph.nodes = others;
+    graph.inputs.push(tensor(&state_in));
+    graph.outputs.push(tensor(&state_out));
+    Ok(StateBinding {
+        group: Group::Stack,
+        site: None,
+        block: None,
+        input: state_in,
+        output: state_out,
+        dtype: dtype.to_string(),
+        shape: stack.shape.clone(),
+        initial: "zeros".into(),
+    })
+}
+
+/// Every attention site of the stack must be inside the region, else skipping the stack would not
+/// skip it (a block value read outside the stack, e.g. a graph output).
+fn check_region_covers(graph: &Graph, region: &[usize], anchors: &[String]) -> Result<()> {
+    let moved: HashSet<&str> = region
+        .iter()
+        .map(|&i| graph.nodes[i].name.as_str())
+        .collect();
+    if let Some(a) = anchors.iter().find(|a| !moved.contains(a.as_str())) {
+        bail!("attention '{a}' also serves values outside the block stack, so the stack cannot be skipped as a whole");
+    }
+    Ok(())
+}
+
+/// `ditc.step` (and `ditc.branch` for two tables) and the node computing [`stack_condition`] from the
+/// constant table(s).
+fn add_stack_table(graph: &mut Graph, tables: &[&[bool]]) {
+    let steps = tables[0].len() as i64;
+    if !graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
+        graph
+            .inputs
+            .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
+    }
+    let name = "ditc.table.stack";
+    let raw: Vec<u8> = tables
+        .iter()
+        .flat_map(|t| t.iter().map(|&c| c as u8))
+        .collect();
+    let mut dims = vec![steps];
+    let mut table = name.to_string();
+    let mut nodes = Vec::new();
+    if tables.len() == 2 {
+        dims.insert(0, 2);
+        graph
+            .inputs
+            .push(ValueInfo::tensor(BRANCH_INPUT, DataType::I64, vec![]));
+        table = "ditc.table.stack.branch".into();
+        nodes.push(
+            Node::new(
+                "ditc.decide.stack.branch",
+                "Gather",
+                &[name, BRANCH_INPUT],
+                &[&table],
+            )
+            .with_attr("axis", AttrValue::Int(0)),
+        );
+    }
+    let tensor =
+        Tensor::from_raw(name, DataType::Bool, dims, raw.into()).expect("one byte per entry");
+    graph.initializers.push(tensor);
+    nodes.push(
+        Node::new(
+            "ditc.decide.stack",
+            "Gather",
+            &[&table, STEP_INPUT],
+            &[&stack_condition()],
+        )
+        .with_attr("axis", AttrValue::Int(0)),
+    );
+    for (i, n) in nodes.into_iter().enumerate() {
+        graph.nodes.insert(i, n);
     }
 }

@@ -16,10 +16,11 @@
 //! Invariants: consumers of a site's output are untouched (the `If` produces the same value name); sites
 //! with period 1 and kinds without settings stay unconditional; moved nodes feed nothing else.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{bail, Context, Result};
 
+use super::region::exclusive_region;
 use super::{Pass, PassContext};
 use crate::ir::{
     infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
@@ -59,6 +60,12 @@ impl Pass for BroadcastStatic {
         let Some((_, sampler)) = &cx.sampler else {
             bail!("needs a sampler: add a [sampler] table to the recipe");
         };
+        if let Some(other) = &cx.schedule {
+            bail!(
+                "the graph already has a '{}' schedule from an earlier pass: a recipe bakes one schedule",
+                other.policy
+            );
+        }
         if crate::analysis::has_symbolic_inputs(&model.graph) {
             bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
         }
@@ -199,7 +206,7 @@ fn bake_value(
     let (Some(dtype), Some(shape)) = (info.dtype, info.shape) else {
         bail!("the shape of '{output}' is unknown");
     };
-    let region = exclusive_region(graph, &output)
+    let region = exclusive_region(graph, &output, &HashSet::new())
         .with_context(|| format!("cannot isolate the nodes computing '{output}'"))?;
     let dims: Vec<Dim> = shape.iter().map(|&d| Dim::Value(d)).collect();
     let computed = format!("{output}.computed");
@@ -276,71 +283,4 @@ fn bake_value(
         shape,
         initial: "zeros".into(),
     })
-}
-
-/// Indices (ascending) of the nodes that only contribute to `output`: its producer, and every
-/// ancestor all of whose consumers are already in the region. Nodes are in topological order.
-pub(crate) fn exclusive_region(graph: &Graph, output: &str) -> Result<Vec<usize>> {
-    let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, n) in graph.nodes.iter().enumerate() {
-        for input in n.present_inputs() {
-            consumers.entry(input.to_string()).or_default().push(i);
-        }
-        for v in n.subgraphs().flat_map(outer_reads) {
-            consumers.entry(v).or_default().push(i);
-        }
-    }
-    let graph_outputs: HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
-    let Some(start) = graph
-        .nodes
-        .iter()
-        .position(|n| n.outputs.iter().any(|o| o == output))
-    else {
-        bail!("no node produces '{output}'");
-    };
-    if graph_outputs.contains(output) {
-        bail!("'{output}' is a graph output");
-    }
-    let mut in_region = vec![false; graph.nodes.len()];
-    in_region[start] = true;
-    for i in (0..start).rev() {
-        let node = &graph.nodes[i];
-        let exclusive = node.outputs.iter().filter(|o| !o.is_empty()).all(|o| {
-            !graph_outputs.contains(o.as_str())
-                && consumers
-                    .get(o)
-                    .is_some_and(|c| c.iter().all(|&j| in_region[j]))
-        });
-        in_region[i] = exclusive && !node.outputs.is_empty();
-    }
-    Ok((0..graph.nodes.len()).filter(|&i| in_region[i]).collect())
-}
-
-/// Values a subgraph reads from enclosing scopes.
-fn outer_reads(g: &Graph) -> Vec<String> {
-    let local: HashSet<&str> = g
-        .nodes
-        .iter()
-        .flat_map(|n| n.outputs.iter().map(String::as_str))
-        .chain(g.inputs.iter().map(|i| i.name.as_str()))
-        .chain(g.initializers.iter().map(|t| t.name.as_str()))
-        .collect();
-    let mut reads: Vec<String> = g
-        .nodes
-        .iter()
-        .flat_map(|n| n.present_inputs().map(str::to_string).collect::<Vec<_>>())
-        .chain(
-            g.nodes
-                .iter()
-                .flat_map(|n| n.subgraphs().flat_map(outer_reads).collect::<Vec<_>>()),
-        )
-        .filter(|v| !local.contains(v.as_str()))
-        .collect();
-    reads.extend(
-        g.outputs
-            .iter()
-            .map(|o| o.name.clone())
-            .filter(|o| !local.contains(o.as_str())),
-    );
-    reads
 }

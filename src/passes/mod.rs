@@ -7,6 +7,7 @@
 pub mod broadcast_adaptive;
 mod broadcast_static;
 pub mod quantize_w8a8;
+pub mod region;
 pub mod smooth_quant;
 
 use anyhow::{bail, Context, Result};
@@ -17,7 +18,6 @@ use crate::manifest::{Schedule, StateBinding};
 use crate::schedule::guidance::{branches, Branch, Guidance};
 use crate::schedule::{Sampler, SamplerConfig};
 
-pub(crate) use broadcast_static::exclusive_region;
 pub use broadcast_static::{condition_name, BroadcastStatic, STEP_INPUT};
 
 /// What passes read (the DiT map of the input, the sampler) and write (for the manifest).
@@ -60,7 +60,7 @@ pub const REGISTRY: &[(&str, &str)] = &[
     ),
     (
         "broadcast-adaptive",
-        "bake a cache decided inside the graph at run time (policy first-block-cache: the head blocks' residual change decides, per call, whether the cached blocks run)",
+        "bake a step cache that skips transformer blocks (policy = \"mag-cache\": the whole block stack, a static table per step and branch; policy = \"first-block-cache\": the head blocks' residual change decides inside the graph, per call and branch, whether the other blocks run)",
     ),
 ];
 

@@ -314,7 +314,7 @@ pub fn sample(
 
 /// The inputs of `branch`: the common ones, with the guided input replaced by the negative for the
 /// unconditional branch (zeros of its shape and type, or the named tensor of the inputs file).
-fn branch_inputs(
+pub(crate) fn branch_inputs(
     base: &[Tensor],
     guidance: Option<&Guidance>,
     branch: Branch,

@@ -4,7 +4,7 @@
 //! The transformer blocks `0..N` of the DiT map are split into a head `[0, compute_first)` that always
 //! runs, cached middle blocks `[compute_first, N - compute_last)`, and a tail `[N - compute_last, N)`
 //! that always runs. With `S[k]` the residual stream entering block k (found from structure by
-//! [`residual_stream`]), one call of the baked graph does:
+//! [`crate::analysis::stack`]), one call of the baked graph does:
 //!
 //! ```text
 //! r      = S[compute_first] - S[0]                          (the head's residual)
@@ -50,20 +50,22 @@
 //!
 //! Refused: a threshold that is NaN, infinite or negative; `compute_first` 0 (the metric needs a head);
 //! `compute_first + compute_last` not below the number of blocks (nothing left to cache); a model with
-//! no detectable blocks, or whose blocks are not chained by one residual stream (`Add` nodes from each
+//! no detectable blocks, or whose blocks do not form one residual stream (`Add` nodes from each
 //! block's input to its output); symbolic input shapes; a second schedule pass.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::analysis::stack::find_stack;
 use crate::analysis::DitMap;
 use crate::ir::{
-    infer_types, sort_topologically, topological_order, AttrValue, DataType, Dim, Graph, Model,
-    Node, Tensor, ValueInfo,
+    infer_types, sort_topologically, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap,
+    ValueInfo,
 };
 use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
+use crate::passes::region::exclusive_region;
 use crate::passes::{PassContext, STEP_INPUT};
 use crate::schedule::Group;
 
@@ -142,154 +144,13 @@ impl FbcOptions {
 }
 
 /// The residual stream at every block boundary of the DiT map: entry `k` is the value entering block
-/// `k`, entry `k + 1` the value it returns (N + 1 values for N blocks).
-///
-/// Found from structure: a block's output is the `Add` after its feed-forward network whose other
-/// operand depends on the block's attention but not on its FFN; from there the stream runs back through
-/// `Add` nodes, each time to the operand that depends on a strict subset of the block's attention sites
-/// and FFN, until an operand depends on none of them: the block's input. Consecutive blocks must meet
-/// (block k's output is block k+1's input).
-pub fn residual_stream(graph: &Graph, map: &DitMap) -> Result<Vec<String>> {
-    let order = topological_order(graph)?;
-    let mut producer: HashMap<&str, &Node> = HashMap::new();
-    let mut consumers: HashMap<&str, Vec<&Node>> = HashMap::new();
-    for node in &graph.nodes {
-        for o in node.outputs.iter().filter(|o| !o.is_empty()) {
-            producer.insert(o, node);
-        }
-        for i in node.present_inputs() {
-            consumers.entry(i).or_default().push(node);
-        }
-    }
-    let mut stream: Vec<String> = Vec::with_capacity(map.blocks.len() + 1);
-    for block in &map.blocks {
-        let what = format!("block {} ('{}')", block.index, block.name);
-        let (Some([first_linear, _]), Some(ffn_output)) = (&block.ffn, &block.ffn_output) else {
-            bail!("{what} has no feed-forward network closing it, so where it ends is unknown");
-        };
-        let mut markers: Vec<&str> = block
-            .attention
-            .iter()
-            .filter_map(|&id| map.attention.get(id).map(|s| s.anchor.as_str()))
-            .collect();
-        markers.push(first_linear);
-        if markers.len() > 63 {
-            bail!("{what} has {} attention sites", markers.len() - 1);
-        }
-        let masks = dependency_masks(graph, &order, &markers);
-        let ffn_bit = 1u64 << (markers.len() - 1);
-        let output = block_output(&consumers, ffn_output, &masks, ffn_bit)
-            .with_context(|| format!("{what}: no residual Add after its feed-forward network"))?;
-        let input = block_input(&producer, &output, &masks).with_context(|| what.clone())?;
-        match stream.last() {
-            None => stream.push(input),
-            Some(previous) if *previous == input => {}
-            Some(previous) => bail!(
-                "{what} starts from '{input}', not from the previous block's output '{previous}': the blocks are not chained by one residual stream"
-            ),
-        }
-        stream.push(output);
-    }
-    Ok(stream)
-}
-
-/// For every value, the set (bit mask) of `markers` (node names) it depends on, the node itself included.
-fn dependency_masks<'a>(
-    graph: &'a Graph,
-    order: &[usize],
-    markers: &[&str],
-) -> HashMap<&'a str, u64> {
-    let mut masks: HashMap<&str, u64> = HashMap::new();
-    for &i in order {
-        let node = &graph.nodes[i];
-        let mut mask = node
-            .present_inputs()
-            .map(|v| masks.get(v).copied().unwrap_or(0))
-            .fold(0, |a, b| a | b);
-        if let Some(bit) = markers.iter().position(|m| *m == node.name) {
-            mask |= 1 << bit;
-        }
-        for o in &node.outputs {
-            masks.insert(o.as_str(), mask);
-        }
-    }
-    masks
-}
-
-/// The first `Add` downstream of the FFN result (through gates and casts) whose other operand depends on
-/// the block's attention but not on its FFN: the residual connection closing the block.
-fn block_output(
-    consumers: &HashMap<&str, Vec<&Node>>,
-    ffn_output: &str,
-    masks: &HashMap<&str, u64>,
-    ffn_bit: u64,
-) -> Option<String> {
-    let mask = |v: &str| masks.get(v).copied().unwrap_or(0);
-    let mut frontier = vec![ffn_output.to_string()];
-    for _ in 0..8 {
-        let mut next = Vec::new();
-        for v in &frontier {
-            for node in consumers.get(v.as_str()).into_iter().flatten() {
-                if node.op_type == "Add" && node.inputs.len() == 2 {
-                    let other = if node.inputs[0] == *v {
-                        &node.inputs[1]
-                    } else {
-                        &node.inputs[0]
-                    };
-                    if mask(other) != 0 && mask(other) & ffn_bit == 0 {
-                        return Some(node.outputs[0].clone());
-                    }
-                }
-                if matches!(
-                    node.op_type.as_str(),
-                    "Mul" | "Add" | "Cast" | "Identity" | "Reshape"
-                ) {
-                    next.extend(node.outputs.iter().cloned());
-                }
-            }
-        }
-        frontier = next;
-    }
-    None
-}
-
-/// Back from a block's output through its residual `Add`s to the value that depends on none of the
-/// block's attention sites or FFN.
-fn block_input(
-    producer: &HashMap<&str, &Node>,
-    output: &str,
-    masks: &HashMap<&str, u64>,
-) -> Result<String> {
-    let mask = |v: &str| masks.get(v).copied().unwrap_or(0);
-    let mut value = output.to_string();
-    for _ in 0..32 {
-        let Some(node) = producer.get(value.as_str()) else {
-            bail!("its residual stream '{value}' is not computed by a node");
-        };
-        if node.op_type != "Add" || node.inputs.len() != 2 {
-            bail!(
-                "its residual stream passes through {}, not an Add",
-                node.label()
-            );
-        }
-        let (a, b) = (&node.inputs[0], &node.inputs[1]);
-        let (ma, mb) = (mask(a), mask(b));
-        let strict_subset = |x: u64, y: u64| x & y == x && x != y;
-        value = if strict_subset(ma, mb) {
-            a.clone()
-        } else if strict_subset(mb, ma) {
-            b.clone()
-        } else {
-            bail!(
-                "at {} neither operand is the residual stream (both depend on different parts of the block)",
-                node.label()
-            );
-        };
-        if mask(&value) == 0 {
-            return Ok(value);
-        }
-    }
-    bail!("its residual stream could not be followed back to the block's input")
+/// `k`, entry `k + 1` the value it returns (N + 1 values for N blocks), from
+/// [`crate::analysis::stack::find_stack`].
+pub fn residual_stream(graph: &Graph, map: &DitMap, types: &TypeMap) -> Result<Vec<String>> {
+    let stack = find_stack(graph, map, types)?;
+    Ok(std::iter::once(stack.input().to_string())
+        .chain(stack.blocks.iter().map(|b| b.output.clone()))
+        .collect())
 }
 
 /// Names of the state values (`ditc.state.fbc.<v>` in, `ditc.state_out.fbc.<v>` out).
@@ -378,9 +239,9 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
     // Rewrite a copy (initializers share their bytes): a refusal leaves the model as it was.
     let mut rewritten = model.graph.clone();
     sort_topologically(&mut rewritten)?;
-    let stream = residual_stream(&rewritten, &cx.dit_map)?;
     let opset = model.default_opset();
     let types = infer_types(&rewritten, opset);
+    let stream = residual_stream(&rewritten, &cx.dit_map, &types)?;
     let (first, cached_end) = (options.compute_first, blocks - options.compute_last);
     let (head_in, head_out, middle_out) = (&stream[0], &stream[first], &stream[cached_end]);
     let info = types.get(head_out).cloned().unwrap_or_default();
@@ -426,7 +287,7 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
     }
     let residual = decide(graph, options, head_in, head_out, shape.len(), dtype, opset);
 
-    let region = crate::passes::exclusive_region(graph, middle_out)
+    let region = exclusive_region(graph, middle_out, &HashSet::new())
         .with_context(|| format!("cannot isolate the nodes computing '{middle_out}'"))?;
     check_region(graph, &region, &cx.dit_map, first..cached_end)?;
     let if_node = cached_blocks_if(
@@ -477,7 +338,11 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
         .collect();
     cx.schedule = Some(Schedule {
         policy: POLICY.into(),
-        options: serde_json::to_value(options)?,
+        options: {
+            let mut o = serde_json::to_value(options)?;
+            o["policy"] = POLICY.into();
+            o
+        },
         tables: Default::default(),
         uncond_tables: None,
         metrics: None,

@@ -2,6 +2,7 @@
 
 pub mod first_block_cache;
 pub mod guidance;
+pub mod mag_cache;
 pub mod pab;
 pub mod sampler;
 pub mod specialize;

@@ -80,9 +80,9 @@ pub(crate) fn inline_branch(
         .initializers
         .extend(branch.initializers.iter().cloned());
     nodes.extend(branch.nodes.iter().cloned());
-    for (k, (inner, outer)) in branch.outputs.iter().zip(&node.outputs).enumerate() {
-        // One Identity per output, each with its own node name.
-        let suffix = if k == 0 { String::new() } else { k.to_string() };
+    for (j, (inner, outer)) in branch.outputs.iter().zip(&node.outputs).enumerate() {
+        // One name per output: `.out`, `.out1`, `.out2`, ...
+        let suffix = if j == 0 { String::new() } else { j.to_string() };
         nodes.push(Node::new(
             &format!("{}.{key}.out{suffix}", node.name),
             "Identity",
