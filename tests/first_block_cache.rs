@@ -17,17 +17,6 @@ use ditc::models::{build_model, BuildOptions};
 use ditc::runtime::{sample, Bundle, Plan, StateSet, TractRunner};
 use ditc::schedule::guidance::Branch;
 
-const SHAPE_ARGS: [&str; 8] = [
-    "--frames",
-    "8",
-    "--height",
-    "16",
-    "--width",
-    "16",
-    "--text-len",
-    "4",
-];
-
 fn shapes() -> BuildOptions {
     BuildOptions {
         frames: Some(8),
@@ -57,7 +46,7 @@ fn convert_args<'a>(model: &'a str, out: &'a str, recipe: &'a str) -> Vec<&'a st
         out,
         "--no-progress",
     ];
-    args.extend(SHAPE_ARGS);
+    args.extend(common::WAN_SMALL_SHAPES);
     args
 }
 

@@ -969,23 +969,18 @@ fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("wan-small");
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab-flow.toml");
-    ditc_ok(&[
+    let ckpt = dir.join("ckpt");
+    let mut args = vec![
         "convert",
-        dir.join("ckpt").to_str().unwrap(),
+        ckpt.to_str().unwrap(),
         "--recipe",
         recipe.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
         "--no-progress",
-        "--frames",
-        "8",
-        "--height",
-        "16",
-        "--width",
-        "16",
-        "--text-len",
-        "4",
-    ]);
+    ];
+    args.extend(common::WAN_SMALL_SHAPES);
+    ditc_ok(&args);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(
