@@ -105,12 +105,18 @@ fn check_inside_bundle(path: &str) -> Result<()> {
 
 fn check_size(dir: &Path, f: &WrittenFile) -> Result<()> {
     let path = dir.join(&f.path);
-    let meta = std::fs::metadata(&path).with_context(|| {
+    let meta = std::fs::symlink_metadata(&path).with_context(|| {
         format!(
             "'{}': missing from the bundle (the manifest lists it)",
             path.display()
         )
     })?;
+    if meta.file_type().is_symlink() {
+        bail!(
+            "'{}': a symbolic link (a bundle's files must be plain files inside its folder)",
+            path.display()
+        );
+    }
     if !meta.is_file() {
         bail!(
             "'{}': not a file (the manifest lists it as a {}-byte file)",

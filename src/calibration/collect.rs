@@ -91,6 +91,14 @@ impl Trajectory<'_> {
                 .context("no prediction")?;
             let pred = pred.to_f32_vec().context("f32 prediction")?;
             let n = x.len();
+            if pred.len() < n {
+                bail!(
+                    "the prediction '{}' has {} elements, fewer than the latent's {n} (noise {:?})",
+                    self.io.prediction,
+                    pred.len(),
+                    noise.dims
+                );
+            }
             self.sampler.step(i, &mut x, &pred[..n]);
         }
         Ok(x)

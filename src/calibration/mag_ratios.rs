@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::analysis::analyse;
 use crate::analysis::stack::find_stack;
@@ -94,6 +94,9 @@ pub fn calibrate(c: &Calibration, cases: &[Vec<Tensor>], progress: bool) -> Resu
                 let (a, b) = (get(&first)?, get(&last)?);
                 let residual: Vec<f32> = b.iter().zip(&a).map(|(o, i)| o - i).collect();
                 let width = *stack.shape.last().context("the stream has no axes")? as usize;
+                if width == 0 {
+                    bail!("the block stack's stream has an empty last axis");
+                }
                 let ratio = match previous.get(&branch) {
                     None => 1.0,
                     Some(prev) => mean_norm_ratio(&residual, prev, width),
@@ -101,7 +104,15 @@ pub fn calibrate(c: &Calibration, cases: &[Vec<Tensor>], progress: bool) -> Resu
                 sums.get_mut(&branch).expect("every branch")[i] += ratio;
                 previous.insert(branch, residual);
                 let n = x.len();
-                predictions.push(get(&c.io.prediction)?[..n].to_vec());
+                let prediction = get(&c.io.prediction)?;
+                if prediction.len() < n {
+                    bail!(
+                        "the prediction '{}' has {} elements, fewer than the latent's {n}",
+                        c.io.prediction,
+                        prediction.len()
+                    );
+                }
+                predictions.push(prediction[..n].to_vec());
             }
             let velocity = match (c.guidance, predictions.as_slice()) {
                 (Some(g), [cond, uncond]) => combine(g.scale, cond, uncond),

@@ -116,6 +116,18 @@ impl CalibrationStats {
                     t.amax
                 );
             }
+            let bad = t
+                .channel_amax
+                .iter()
+                .flatten()
+                .position(|a| !a.is_finite() || *a < 0.0);
+            if let Some(i) = bad {
+                bail!(
+                    "'{}': tensor '{name}' has channel_amax[{i}] = {} (must be finite and >= 0)",
+                    path.display(),
+                    t.channel_amax.as_ref().expect("found in it")[i]
+                );
+            }
         }
         Ok(stats)
     }

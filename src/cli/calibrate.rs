@@ -82,6 +82,15 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     if args.mag_ratios {
+        let ignored = [
+            (args.every != 1, "--every"),
+            (args.window.is_some(), "--window"),
+            (args.method != "max", "--method"),
+            (args.sensitivity, "--sensitivity"),
+        ];
+        if let Some((_, flag)) = ignored.iter().find(|(set, _)| *set) {
+            bail!("{flag} does not apply to --mag-ratios (the ratios come from every step of a full run)");
+        }
         return run_mag_ratios(args);
     }
     let method = range_method(args)?;
@@ -100,11 +109,15 @@ pub fn run(args: &Args) -> Result<()> {
             .context("invalid quantize-w8a8 options")?,
         None => QuantizeOptions::default(),
     };
+    options.validate()?;
     let format = match options
         .format
         .as_deref()
-        .unwrap_or(args.target.gpu.default_w8a8_format())
-    {
+        .unwrap_or(if options.alpha().is_some() {
+            "int8"
+        } else {
+            args.target.gpu.default_w8a8_format()
+        }) {
         "fp8" => Format::Fp8,
         _ => Format::Int8,
     };

@@ -67,17 +67,19 @@ pub struct Args {
     pub shapes: crate::models::BuildOptions,
 }
 
-/// W8A8's format follows the GPU when the recipe names none; FP8 on a GPU without FP8 is refused.
+/// W8A8's format follows the GPU when the recipe names none (INT8 when it asks for SmoothQuant, which
+/// is INT8 only); FP8 on a GPU without FP8 is refused.
 fn apply_target_defaults(recipe: &mut Recipe, target: crate::target::DeployTarget) -> Result<()> {
     for pass in recipe
         .passes
         .iter_mut()
         .filter(|p| p.name == "quantize-w8a8")
     {
+        let default = crate::passes::quantize_w8a8::default_format(&pass.options, target.gpu);
         let format = pass
             .options
             .entry("format")
-            .or_insert_with(|| target.gpu.default_w8a8_format().into());
+            .or_insert_with(|| default.into());
         if format.as_str() == Some("fp8") && !target.gpu.has_fp8() {
             anyhow::bail!(
                 "quantize-w8a8.format = \"fp8\" but --target {} has no FP8 tensor cores (FP8 needs Ada, Hopper or Blackwell): use format = \"int8\" or another --target",

@@ -58,30 +58,45 @@ pub fn lint_gpu(model: &Model, gpu: crate::target::Gpu) -> Vec<Violation> {
     if gpu.has_fp8() {
         return Vec::new();
     }
-    let fp8 = |name: &str| {
-        model
-            .graph
-            .initializer(name)
-            .is_some_and(|t| matches!(t.dtype, DataType::F8E4M3FN))
-    };
-    model
-        .graph
-        .nodes
-        .iter()
-        .filter(|n| matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear"))
-        .filter(|n| n.inputs.iter().any(|i| fp8(i)))
-        .map(|n| {
-            v(
-                "gpu-fp8",
-                &n.name,
-                format!(
-                    "FP8 {} but the target GPU ({}) has no FP8 tensor cores (Ada or newer)",
-                    n.op_type,
-                    gpu.name()
-                ),
-            )
-        })
-        .collect()
+    let mut fp8_tensors = HashSet::new();
+    let mut out = Vec::new();
+    fp8_qdq_nodes(&model.graph, &mut fp8_tensors, &mut |n: &Node| {
+        out.push(v(
+            "gpu-fp8",
+            &n.name,
+            format!(
+                "FP8 {} but the target GPU ({}) has no FP8 tensor cores (Ada or newer)",
+                n.op_type,
+                gpu.name()
+            ),
+        ))
+    });
+    out
+}
+
+/// Every Q/DQ node (If branches included) reading an FP8 initializer of its graph or an enclosing one.
+fn fp8_qdq_nodes<'a>(
+    graph: &'a Graph,
+    fp8_tensors: &mut HashSet<&'a str>,
+    found: &mut impl FnMut(&Node),
+) {
+    let mut scope = fp8_tensors.clone();
+    scope.extend(
+        graph
+            .initializers
+            .iter()
+            .filter(|t| matches!(t.dtype, DataType::F8E4M3FN | DataType::F8E5M2))
+            .map(|t| t.name.as_str()),
+    );
+    for n in &graph.nodes {
+        let qdq = matches!(n.op_type.as_str(), "QuantizeLinear" | "DequantizeLinear");
+        if qdq && n.inputs.iter().any(|i| scope.contains(i.as_str())) {
+            found(n);
+        }
+        for sub in n.subgraphs() {
+            fp8_qdq_nodes(sub, &mut scope, found);
+        }
+    }
 }
 
 /// Constants visible from enclosing graphs (subgraphs read their initializers from outer scopes).
@@ -163,7 +178,9 @@ fn lint_graph<'a>(
                     target,
                     out,
                 );
-                let q_out = node.outputs[0].as_str();
+                let Some(q_out) = node.outputs.first().map(String::as_str) else {
+                    continue;
+                };
                 let feeds_only_dq = graph
                     .nodes
                     .iter()
@@ -296,9 +313,12 @@ fn lint_qdq(
                 .filter(|&c| c != 0)
                 .and_then(|c| DataType::from_onnx_code(c as i32))
         }),
-        _ => zp
-            .map(|z| z.dtype)
-            .or_else(|| types.get(&node.inputs[0]).and_then(|t| t.dtype)),
+        _ => zp.map(|z| z.dtype).or_else(|| {
+            node.inputs
+                .first()
+                .and_then(|i| types.get(i))
+                .and_then(|t| t.dtype)
+        }),
     }
     .unwrap_or(DataType::U8);
     let allowed = match target {

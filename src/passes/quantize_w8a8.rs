@@ -83,6 +83,18 @@ impl QuantizeOptions {
     }
 }
 
+/// The format a `quantize-w8a8` options table gets when it names none: INT8 when it asks for
+/// SmoothQuant (offered for INT8 only), else the GPU's default (INT8 on Ampere, FP8 from Ada on).
+pub fn default_format(options: &toml::Table, gpu: crate::target::Gpu) -> &'static str {
+    let smooth = options.contains_key("smooth_quant_alpha")
+        || options.get("smooth_quant").and_then(|v| v.as_bool()) == Some(true);
+    if smooth {
+        "int8"
+    } else {
+        gpu.default_w8a8_format()
+    }
+}
+
 /// The quantized number format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {

@@ -55,6 +55,14 @@ pub fn apply(
             bail!("SmoothQuant needs per-channel ranges for '{activation}': recalibrate with `ditc calibrate`");
         };
         let row_max = weight_row_max(model, targets, &members, &activation, amax.len())?;
+        if let Some(&(j, _)) = row_max
+            .iter()
+            .enumerate()
+            .find(|(_, w)| w.is_nan())
+            .as_ref()
+        {
+            bail!("SmoothQuant: the weights reading '{activation}' have no input channel {j}");
+        }
         let s: Vec<f32> = amax
             .iter()
             .zip(&row_max)

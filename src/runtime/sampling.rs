@@ -72,6 +72,23 @@ impl Bundle {
         if !same {
             bail!("the manifest's timesteps do not match its sampler configuration");
         }
+        if let Some(schedule) = &manifest.schedule {
+            let tables = schedule.tables.iter().map(|t| ("tables", t));
+            let uncond = schedule
+                .uncond_tables
+                .iter()
+                .flatten()
+                .map(|t| ("uncond_tables", t));
+            for (section, (group, table)) in tables.chain(uncond) {
+                if table.len() != sampler.steps() {
+                    bail!(
+                        "the manifest's schedule.{section}.{group:?} has {} entries for {} sampling steps",
+                        table.len(),
+                        sampler.steps()
+                    );
+                }
+            }
+        }
         Ok(Bundle {
             manifest,
             model,

@@ -39,8 +39,10 @@
 //!    to 0 only when this rule forces a compute (`continuous >= max`, reached after rules 1-3 let the
 //!    call through). A compute caused by the metric does not reset it, as in cache-dit.
 //!    `last_cached` holds 1 + the step of the branch's last cached call (0: none yet).
-//! 5. Otherwise the call computes iff `metric > threshold` (diffusers; cache-dit's `diff < threshold`
-//!    caches, i.e. differs only at equality). diffusers compares the f32 metric, as a Python float, with
+//! 5. Otherwise the call computes iff `metric > threshold` (diffusers). cache-dit's `diff < threshold`
+//!    caches, which differs at equality and in three cases where diffusers' rule is kept: a NaN metric
+//!    (cache-dit computes, ditc skips), `threshold <= 0` (cache-dit always computes; ditc skips a
+//!    metric of exactly 0) and `threshold >= 1` (cache-dit always caches). diffusers compares the f32 metric, as a Python float, with
 //!    the f64 threshold; the graph compares with the largest f32 not above the threshold, which decides
 //!    every f32 metric exactly as that f64 comparison does. A NaN metric skips, as in diffusers.
 //!
