@@ -349,3 +349,32 @@ fn no_verify_skips_only_the_hash() {
     assert!(help.contains("--no-verify"), "{help}");
     assert!(help.contains("sizes are always checked"), "{help}");
 }
+
+/// A listed file that is a symbolic link (here to an identical copy outside the bundle, so size and
+/// hash match) is refused: nothing outside the bundle folder is read.
+#[test]
+fn symlinked_file_is_refused() {
+    let b = BundleCopy::of("pab");
+    let outside = b.dir.parent().unwrap().join("outside.onnx.data");
+    std::fs::rename(b.file("model.onnx.data"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, b.file("model.onnx.data")).unwrap();
+    b.refused(&[], &["model.onnx.data", "a symbolic link"]);
+}
+
+/// A hand-edited manifest whose schedule table is shorter than the sampler's steps is refused before
+/// sampling (it used to index past the table's end).
+#[test]
+fn schedule_table_of_the_wrong_length_is_refused() {
+    let b = BundleCopy::of("pab");
+    let mut m = b.manifest();
+    let table = m["schedule"]["tables"]["spatial"].as_array_mut().unwrap();
+    table.truncate(10);
+    b.set_manifest(&m);
+    b.refused(
+        &[],
+        &[
+            "schedule.tables.Spatial",
+            "has 10 entries for 25 sampling steps",
+        ],
+    );
+}
