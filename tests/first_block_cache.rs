@@ -56,16 +56,8 @@ fn convert(dir: &Path, out: &Path, sets: &[String]) -> PathBuf {
 }
 
 fn convert_with(recipe: &Path, dir: &Path, out: &Path, sets: &[String]) -> PathBuf {
-    let ckpt = dir.join("ckpt");
-    let mut args = convert_args(
-        ckpt.to_str().unwrap(),
-        out.to_str().unwrap(),
-        recipe.to_str().unwrap(),
-    );
-    for s in sets {
-        args.extend(["--set", s]);
-    }
-    ditc_ok(&args);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    common::convert_wan_small(dir, recipe, &sets, out);
     out.join("manifest.json")
 }
 

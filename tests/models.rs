@@ -968,21 +968,8 @@ fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
     let dir = common::fixture("wan-small");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("wan-small");
-    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("passes/pab-flow.toml");
-    let ckpt = dir.join("ckpt");
-    let mut args = vec![
-        "convert",
-        ckpt.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--no-progress",
-    ];
-    args.extend(common::WAN_SMALL_SHAPES);
-    ditc_ok(&args);
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let recipe = common::repo_path("passes/pab-flow.toml");
+    let manifest = common::convert_wan_small(&dir, &recipe, &[], &out);
     assert_eq!(
         ditc::manifest::validate_schema(&manifest),
         Vec::<String>::new()

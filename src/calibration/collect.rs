@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use super::{CalibrationStats, TensorStats, AMAX_FLOOR, FORMAT};
 use crate::ir::{Model, Tensor, ValueInfo, ValueType};
 use crate::manifest::ModelIo;
-use crate::runtime::sampling::timestep_tensor;
+use crate::runtime::sampling::{prediction_for, timestep_tensor};
 use crate::runtime::TractRunner;
 use crate::schedule::Sampler;
 
@@ -89,17 +89,8 @@ impl Trajectory<'_> {
                 .iter()
                 .find(|o| o.name == self.io.prediction)
                 .context("no prediction")?;
-            let pred = pred.to_f32_vec().context("f32 prediction")?;
-            let n = x.len();
-            if pred.len() < n {
-                bail!(
-                    "the prediction '{}' has {} elements, fewer than the latent's {n} (noise {:?})",
-                    self.io.prediction,
-                    pred.len(),
-                    noise.dims
-                );
-            }
-            self.sampler.step(i, &mut x, &pred[..n]);
+            let pred = prediction_for(pred, noise)?;
+            self.sampler.step(i, &mut x, &pred);
         }
         Ok(x)
     }

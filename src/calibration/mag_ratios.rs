@@ -17,7 +17,7 @@ use crate::analysis::analyse;
 use crate::analysis::stack::find_stack;
 use crate::ir::{infer_types, Model, Tensor, ValueInfo};
 use crate::manifest::ModelIo;
-use crate::runtime::sampling::{branch_inputs, timestep_tensor};
+use crate::runtime::sampling::{branch_inputs, prediction_for, timestep_tensor};
 use crate::runtime::TractRunner;
 use crate::schedule::guidance::{branches, combine, Branch, Guidance};
 use crate::schedule::mag_cache::{RatiosFile, RATIOS_FORMAT};
@@ -103,16 +103,11 @@ pub fn calibrate(c: &Calibration, cases: &[Vec<Tensor>], progress: bool) -> Resu
                 };
                 sums.get_mut(&branch).expect("every branch")[i] += ratio;
                 previous.insert(branch, residual);
-                let n = x.len();
-                let prediction = get(&c.io.prediction)?;
-                if prediction.len() < n {
-                    bail!(
-                        "the prediction '{}' has {} elements, fewer than the latent's {n}",
-                        c.io.prediction,
-                        prediction.len()
-                    );
-                }
-                predictions.push(prediction[..n].to_vec());
+                let prediction = out
+                    .iter()
+                    .find(|t| t.name == c.io.prediction)
+                    .with_context(|| format!("no output '{}'", c.io.prediction))?;
+                predictions.push(prediction_for(prediction, noise)?);
             }
             let velocity = match (c.guidance, predictions.as_slice()) {
                 (Some(g), [cond, uncond]) => combine(g.scale, cond, uncond),

@@ -19,7 +19,7 @@ use crate::calibration::sensitivity::{budget_table, rank_layers, SENSITIVITY_EVE
 use crate::ir::Tensor;
 use crate::manifest::detect_io;
 use crate::output::write_file_atomically;
-use crate::passes::quantize_w8a8::{select_targets, Format, QuantizeOptions};
+use crate::passes::quantize_w8a8::{select_targets, set_format_for_gpu, Format, QuantizeOptions};
 use crate::recipe::Recipe;
 use crate::schedule::guidance::Guidance;
 
@@ -101,24 +101,18 @@ pub fn run(args: &Args) -> Result<()> {
         .clone()
         .context("the recipe has no [sampler]")?
         .plan()?;
-    let options: QuantizeOptions = match recipe.passes.iter().find(|p| p.name == "quantize-w8a8") {
-        Some(p) => p
-            .options
-            .clone()
-            .try_into()
-            .context("invalid quantize-w8a8 options")?,
-        None => QuantizeOptions::default(),
-    };
+    // The layers and format convert would quantize: the recipe's options, the format from --target.
+    let mut table = recipe
+        .passes
+        .iter()
+        .find(|p| p.name == "quantize-w8a8")
+        .map(|p| p.options.clone())
+        .unwrap_or_default();
+    set_format_for_gpu(&mut table, args.target.gpu)?;
+    let options: QuantizeOptions = table.try_into().context("invalid quantize-w8a8 options")?;
     options.validate()?;
-    let format = match options
-        .format
-        .as_deref()
-        .unwrap_or(if options.alpha().is_some() {
-            "int8"
-        } else {
-            args.target.gpu.default_w8a8_format()
-        }) {
-        "fp8" => Format::Fp8,
+    let format = match options.format.as_deref() {
+        Some("fp8") => Format::Fp8,
         _ => Format::Int8,
     };
     let all = crate::tensors::read_safetensors(&args.inputs)?;

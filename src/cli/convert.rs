@@ -75,17 +75,7 @@ fn apply_target_defaults(recipe: &mut Recipe, target: crate::target::DeployTarge
         .iter_mut()
         .filter(|p| p.name == "quantize-w8a8")
     {
-        let default = crate::passes::quantize_w8a8::default_format(&pass.options, target.gpu);
-        let format = pass
-            .options
-            .entry("format")
-            .or_insert_with(|| default.into());
-        if format.as_str() == Some("fp8") && !target.gpu.has_fp8() {
-            anyhow::bail!(
-                "quantize-w8a8.format = \"fp8\" but --target {} has no FP8 tensor cores (FP8 needs Ada, Hopper or Blackwell): use format = \"int8\" or another --target",
-                target.gpu.name()
-            );
-        }
+        crate::passes::quantize_w8a8::set_format_for_gpu(&mut pass.options, target.gpu)?;
     }
     Ok(())
 }

@@ -83,16 +83,25 @@ impl QuantizeOptions {
     }
 }
 
-/// The format a `quantize-w8a8` options table gets when it names none: INT8 when it asks for
-/// SmoothQuant (offered for INT8 only), else the GPU's default (INT8 on Ampere, FP8 from Ada on).
-pub fn default_format(options: &toml::Table, gpu: crate::target::Gpu) -> &'static str {
+/// Give a `quantize-w8a8` options table the target GPU's format when it names none: INT8 when it asks
+/// for SmoothQuant (offered for INT8 only), else the GPU's default (INT8 on Ampere, FP8 from Ada on).
+/// FP8 on a GPU without FP8 tensor cores is refused.
+pub fn set_format_for_gpu(options: &mut toml::Table, gpu: crate::target::Gpu) -> Result<()> {
     let smooth = options.contains_key("smooth_quant_alpha")
         || options.get("smooth_quant").and_then(|v| v.as_bool()) == Some(true);
-    if smooth {
+    let default = if smooth {
         "int8"
     } else {
         gpu.default_w8a8_format()
+    };
+    let format = options.entry("format").or_insert_with(|| default.into());
+    if format.as_str() == Some("fp8") && !gpu.has_fp8() {
+        bail!(
+            "quantize-w8a8.format = \"fp8\" but --target {} has no FP8 tensor cores (FP8 needs Ada, Hopper or Blackwell): use format = \"int8\" or another --target",
+            gpu.name()
+        );
     }
+    Ok(())
 }
 
 /// The quantized number format.

@@ -636,7 +636,7 @@ fn set_step_inputs(
 
 /// The prediction as the sampler needs it: same shape as the latent. Models with learned variance
 /// (DiT: twice the channels) give the first half of the channels.
-fn prediction_for(prediction: &Tensor, noise: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn prediction_for(prediction: &Tensor, noise: &Tensor) -> Result<Vec<f32>> {
     let values = prediction
         .to_f32_vec()
         .context("the prediction must be a float tensor")?;
