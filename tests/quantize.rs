@@ -849,3 +849,28 @@ fn conv_weights_per_output_channel() {
         }
     }
 }
+
+/// Per-channel ranges of another width than the weights' input channels are refused (they used to
+/// pass when shorter, and the inserted Mul then had the wrong length).
+#[test]
+fn smooth_quant_refuses_channel_ranges_of_the_wrong_width() {
+    let mut m = model();
+    let stats: ditc::calibration::CalibrationStats = serde_json::from_str(
+        r#"{"format":"ditc-calibration","version":1,"method":"max","tensors":{"x":{"amax":2.0,"channel_amax":[2.0]}}}"#,
+    )
+    .unwrap();
+    let target = ditc::passes::quantize_w8a8::Target {
+        node: "layer.mm".into(),
+        activation: "x".into(),
+        weight: "w".into(),
+        axis: 1,
+        block: None,
+    };
+    let e = ditc::passes::smooth_quant::apply(&mut m, &[target], &stats, 0.5)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("1 calibrated channels") && e.contains("'w' has 2 input channels"),
+        "{e}"
+    );
+}

@@ -55,14 +55,6 @@ pub fn apply(
             bail!("SmoothQuant needs per-channel ranges for '{activation}': recalibrate with `ditc calibrate`");
         };
         let row_max = weight_row_max(model, targets, &members, &activation, amax.len())?;
-        if let Some(&(j, _)) = row_max
-            .iter()
-            .enumerate()
-            .find(|(_, w)| w.is_nan())
-            .as_ref()
-        {
-            bail!("SmoothQuant: the weights reading '{activation}' have no input channel {j}");
-        }
         let s: Vec<f32> = amax
             .iter()
             .zip(&row_max)
@@ -128,14 +120,15 @@ fn weight_row_max(
         let t = &targets[m];
         let w = model.graph.initializer(&t.weight).context("weight")?;
         let cols = w.dims[1] as usize;
+        let inputs = if t.axis == 1 { w.dims[0] } else { w.dims[1] } as usize;
+        if inputs != channels {
+            bail!(
+                "'{activation}' has {channels} calibrated channels but weight '{}' has {inputs} input channels",
+                t.weight
+            );
+        }
         for (i, x) in w.to_f32_vec().context("f32 weight")?.iter().enumerate() {
             let j = input_channel(t, i, cols);
-            if j >= channels {
-                bail!(
-                    "'{activation}' has {channels} channels but weight '{}' has more input channels",
-                    t.weight
-                );
-            }
             row_max[j] = row_max[j].max(x.abs());
         }
     }
