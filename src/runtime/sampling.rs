@@ -228,7 +228,7 @@ pub fn sample(
     let zeros = StateSet::zeros(&bundle.model, &bundle.manifest.state)?;
     let mut states: Vec<StateSet> = vec![zeros; branches.len()];
     let adaptive = bundle.adaptive().filter(|_| !force_full);
-    let mut plans: BTreeMap<Vec<bool>, Plan> = BTreeMap::new();
+    let mut plans: BTreeMap<Pattern, Plan> = BTreeMap::new();
     let mut plan_seconds = 0.0;
     let mut report = RunReport {
         steps,
@@ -259,9 +259,8 @@ pub fn sample(
                 Some(s) => pattern_at(s.tables_for(branch), i),
                 None => all_compute.clone(),
             };
-            let key: Vec<bool> = pattern.values().copied().collect();
             set_step_inputs(bundle, inputs, &x, noise, i, branch)?;
-            if !plans.contains_key(&key) {
+            if !plans.contains_key(&pattern) {
                 let t = Instant::now();
                 // State outputs of values this step reuses equal their inputs: leave them out. A
                 // forced full run needs no state at all, nor the decisions of a graph that decides.
@@ -281,10 +280,10 @@ pub fn sample(
                     None => specialize_without(&bundle.model, &pattern, &unchanged)?,
                 };
                 let example = [&inputs[..], state.tensors()].concat();
-                plans.insert(key.clone(), Plan::new(&specialised, &example)?);
+                plans.insert(pattern.clone(), Plan::new(&specialised, &example)?);
                 plan_seconds += t.elapsed().as_secs_f64();
             }
-            let result = call(&plans[&key], inputs, state, &bundle.manifest.state)
+            let result = call(&plans[&pattern], inputs, state, &bundle.manifest.state)
                 .with_context(|| format!("step {i}, {branch} call"))?;
             let outputs = &result.outputs;
             // A graph that decides: what it decided joins the pattern (group `blocks`).
