@@ -14,14 +14,10 @@ use ditc::ir::Tensor;
 use ditc::models::BuildOptions;
 use ditc::runtime::TractRunner;
 
+mod common;
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let reps: usize = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(15);
+    let reps = common::reps(15);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/wan-small");
     let inputs = ditc::tensors::read_safetensors(&root.join("inputs.safetensors")).unwrap();
     let get = |n: &str| {
@@ -47,7 +43,7 @@ fn main() {
         ..t
     };
     let latent = renamed(get("noise"), "hidden_states");
-    let cond = get("encoder_hidden_states");
+    let cond = renamed(get("encoder_hidden_states"), "encoder_hidden_states");
     let uncond = renamed(
         get("negative_encoder_hidden_states"),
         "encoder_hidden_states",

@@ -18,19 +18,14 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
+
+mod common;
+use common::{arg, check, ditc_with_peak_rss, kilobytes};
 
 const SHARD_BYTES: u64 = 5_000_000_000;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
     let which = arg("--model").unwrap_or_else(|| "all".into());
     let root = arg("--dir")
         .map(PathBuf::from)
@@ -50,7 +45,7 @@ fn main() {
         }
         let work = root.join(format!("ditc-ckpt-scale-{}-{m}", std::process::id()));
         let result = std::panic::catch_unwind(|| run(m, &spec, &work));
-        if args.iter().any(|a| a == "--keep") {
+        if std::env::args().any(|a| a == "--keep") {
             println!("kept {}", work.display());
         } else {
             let _ = std::fs::remove_dir_all(&work);
@@ -124,12 +119,6 @@ fn run(name: &str, spec: &Path, work: &Path) {
     check_output(&ckpt, &out);
     println!("PASS {name}: output checked: every checkpoint tensor present with identical bytes");
     assert!(pass, "{name}: a bound was missed (FAIL above)");
-}
-
-/// Print PASS or FAIL for one bound; returns whether it held.
-fn check(pass: bool, bound: &str) -> bool {
-    println!("{} {bound}", if pass { "PASS" } else { "FAIL" });
-    pass
 }
 
 /// Shards of `spec`'s tensors (in its order) filled with deterministic BF16 values; returns the shard
@@ -276,54 +265,19 @@ fn plain_read(paths: &[PathBuf]) -> u64 {
 
 /// `ditc convert DIR -o OUT`; returns the peak RSS the child reports.
 fn convert(ckpt: &Path, out: &Path) -> String {
-    let r = Command::new(env!("CARGO_BIN_EXE_ditc"))
-        .args([
-            "convert",
-            ckpt.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--no-progress",
-        ])
-        .env("DITC_REPORT_PEAK_RSS", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(r.status.success(), "ditc convert: {stderr}");
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("peak RSS: "))
-        .unwrap_or("?")
-        .to_string()
+    let (ckpt, out) = (ckpt.to_str().unwrap(), out.to_str().unwrap());
+    ditc_with_peak_rss(&["convert", ckpt, "-o", out, "--no-progress"]).2
 }
 
 /// `ditc inspect --check DIR`; returns the scan time it reports and its peak RSS.
 fn finite_check(ckpt: &Path) -> (String, String) {
-    let r = Command::new(env!("CARGO_BIN_EXE_ditc"))
-        .args(["inspect", "--check", ckpt.to_str().unwrap()])
-        .env("DITC_REPORT_PEAK_RSS", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(r.status.success(), "ditc inspect --check: {stderr}");
+    let (_, stderr, rss) = ditc_with_peak_rss(&["inspect", "--check", ckpt.to_str().unwrap()]);
     let scan = stderr
         .lines()
         .find(|l| l.starts_with("checked "))
         .unwrap_or("?")
         .to_string();
-    let rss = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("peak RSS: "))
-        .unwrap_or("?")
-        .to_string();
     (scan, rss)
-}
-
-/// `VmHWM`'s "12345 kB" as a number.
-fn kilobytes(rss: &str) -> u64 {
-    rss.trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap_or(u64::MAX)
 }
 
 /// Every checkpoint tensor is an initializer of the output with the same bytes (BF16 kept).

@@ -24,14 +24,10 @@ use ditc::runtime::sampling::timestep_tensor;
 use ditc::runtime::{sample, Bundle, Plan, RunReport, StateSet, TractRunner};
 use ditc::schedule::guidance::Branch;
 
+mod common;
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let reps: usize = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(7);
+    let reps = common::reps(7);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let fixture = root.join("../shared/fixtures/wan-small");
     if !fixture.is_dir() {

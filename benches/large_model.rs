@@ -9,8 +9,10 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
+
+mod common;
+use common::{arg, check, ditc_with_peak_rss, kilobytes};
 
 use ditc::onnx::proto::{
     type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
@@ -23,13 +25,6 @@ use sha2::{Digest, Sha256};
 const D: i64 = 8192;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
     let gib: u64 = arg("--gib")
         .map(|s| s.parse().expect("--gib N"))
         .unwrap_or(3);
@@ -104,35 +99,10 @@ fn run(work: &Path, gib: u64) {
     );
 }
 
-/// Print PASS or FAIL for one bound; returns whether it held.
-fn check(pass: bool, bound: &str) -> bool {
-    println!("{} {bound}", if pass { "PASS" } else { "FAIL" });
-    pass
-}
-
-/// "8612 kB" (as `DITC_REPORT_PEAK_RSS` prints it) in kB; unreadable counts as unbounded.
-fn kilobytes(rss: &str) -> u64 {
-    rss.trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap_or(u64::MAX)
-}
-
 /// Run the ditc binary; returns stdout and the peak RSS it reports.
 fn ditc(args: &[&str]) -> (Vec<u8>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ditc"))
-        .args(args)
-        .env("DITC_REPORT_PEAK_RSS", "1")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "ditc {args:?}: {stderr}");
-    let rss = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("peak RSS: "))
-        .unwrap_or("?")
-        .to_string();
-    (out.stdout, rss)
+    let (stdout, _, rss) = ditc_with_peak_rss(args);
+    (stdout, rss)
 }
 
 /// x [1, D] -> MatMul w0 -> ... -> y; weights in `big.onnx.data`, written directly (not by ditc).

@@ -18,14 +18,10 @@ use std::process::Command;
 use ditc::ir::Tensor;
 use ditc::runtime::{sample, Bundle, RunReport};
 
+mod common;
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let reps: usize = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.parse().unwrap())
-        .unwrap_or(7);
+    let reps = common::reps(7);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let demo = root.join("examples/latte-tiny/model.onnx");
     let recipe = root.join("passes/pab.toml");
