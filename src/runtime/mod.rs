@@ -1,9 +1,10 @@
 //! Running graphs on CPU: the verifier every claim is measured with.
 
 pub mod conditional;
+mod rewrite;
 pub mod sampling;
 mod tract;
 
-pub use self::tract::{run_once, TractRunner};
+pub use self::tract::{default_threads, run_once, set_threads, TractRunner};
 pub use conditional::{Plan, StateSet};
 pub use sampling::{sample, Bundle, RunReport};

@@ -13,6 +13,7 @@ use tract_onnx::prelude::{
     Tensor as TractTensor, TypedRunnableModel,
 };
 
+use super::rewrite;
 use crate::ir::{DataType, Model, Tensor};
 use crate::onnx::model_to_bytes_inline;
 
@@ -53,6 +54,16 @@ impl TractRunner {
         } else {
             model
         };
+        // One-input permuting einsums become transposes (see `rewrite`): on a copy, only if any.
+        let transposed;
+        let model = if model.graph.nodes.iter().any(|n| n.op_type == "Einsum") {
+            let mut copy = model.clone();
+            rewrite::einsums_to_transposes(&mut copy);
+            transposed = copy;
+            &transposed
+        } else {
+            model
+        };
         let bytes = model_to_bytes_inline(model)?;
         let mut tract_model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
@@ -65,9 +76,15 @@ impl TractRunner {
                 .set_input_fact(i, InferenceFact::dt_shape(dt, shape))
                 .map_err(|e| anyhow!("input '{name}': {}", describe(&e)))?;
         }
-        let plan = tract_model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
+        let mut typed = tract_model
+            .into_typed()
+            .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
+        rewrite::declutter_keeping_concats(&mut typed)?;
+        rewrite::expand_broadcast_operands(&mut typed)?;
+        // `optimize`, not `into_optimized`: the latter would declutter again, concat splitting included.
+        let plan = typed
+            .optimize()
+            .and_then(|()| typed.into_runnable())
             .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
         Ok(TractRunner {
             plan,
@@ -84,15 +101,58 @@ impl TractRunner {
         &self.outputs
     }
 
+    /// Time spent per tract operator (or per node, with its output fact, when `by_node`) over `reps`
+    /// calls on `inputs`, largest first: `(op, seconds, evaluations)`. For finding what a call spends its time on (the runtime_speed bench's
+    /// `--profile`); the results of the calls are dropped.
+    pub fn profile(
+        &self,
+        inputs: &[Tensor],
+        reps: usize,
+        by_node: bool,
+    ) -> Result<Vec<(String, f64, usize)>> {
+        use tract_onnx::prelude::TVec;
+        let mut per_op: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        let mut state = self.plan.spawn().map_err(|e| anyhow!("{}", describe(&e)))?;
+        for _ in 0..reps {
+            let values: TVec<TValue> = self
+                .inputs
+                .iter()
+                .map(|name| Ok(to_tract(find_input(inputs, name)?)?.into_tvalue()))
+                .collect::<Result<_>>()?;
+            state
+                .run_plan_with_eval(values, |ctx, op_state, node, input| {
+                    let start = std::time::Instant::now();
+                    let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                    let key = if by_node {
+                        format!(
+                            "{} {} {:?}",
+                            node.op().name(),
+                            node.name,
+                            node.outputs[0].fact
+                        )
+                    } else {
+                        node.op().name().to_string()
+                    };
+                    let slot = per_op.entry(key).or_default();
+                    slot.0 += start.elapsed().as_secs_f64();
+                    slot.1 += 1;
+                    out
+                })
+                .map_err(|e| anyhow!("tract failed while profiling: {}", describe(&e)))?;
+        }
+        let mut rows: Vec<(String, f64, usize)> =
+            per_op.into_iter().map(|(op, (s, n))| (op, s, n)).collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(rows)
+    }
+
     /// Run once; `inputs` are matched to graph inputs by name, outputs come back named.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
         let mut values: Vec<TValue> = Vec::with_capacity(self.inputs.len());
         for name in &self.inputs {
             values.push(to_tract(find_input(inputs, name)?)?.into_tvalue());
         }
-        let results = self
-            .plan
-            .run(values.into_iter().collect())
+        let results = on_pool(|| self.plan.run(values.into_iter().collect()))
             .map_err(|e| anyhow!("tract failed while running: {}", describe(&e)))?;
         self.outputs
             .iter()
@@ -209,4 +269,49 @@ fn widen_bf16(model: &Model) -> Result<Model> {
         *t = Tensor::from_f32(&t.name, t.dims.clone(), &values);
     }
     Ok(out)
+}
+
+/// The thread pool tract's kernels run on (`--threads`), absent when single-threaded.
+static POOL: std::sync::Mutex<Option<Arc<rayon::ThreadPool>>> = std::sync::Mutex::new(None);
+
+/// Run tract's kernels (matrix products, element-wise and row-wise ops) on `threads` threads from now
+/// on; 1 runs them on the calling thread. Results do not depend on the count: tract splits work on
+/// output tiles and rows, never inside a reduction.
+pub fn set_threads(threads: usize) -> Result<()> {
+    use tract_linalg::multithread::{set_default_executor, Executor};
+    if threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let pool = if threads == 1 {
+        None
+    } else {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("ditc-tract-{i}"))
+            .build()
+            .context("could not start the runtime's threads")?;
+        Some(Arc::new(pool))
+    };
+    set_default_executor(match &pool {
+        Some(p) => Executor::MultiThread(p.clone()),
+        None => Executor::SingleThread,
+    });
+    *POOL.lock().unwrap_or_else(|e| e.into_inner()) = pool;
+    Ok(())
+}
+
+/// Run `f` on one of the pool's threads when there is a pool: tract's parallel kernels then split
+/// work from inside the pool instead of handing each kernel over to it and waiting (a wake-up and a
+/// sleep per kernel, which cost more than the kernels of small models gain).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    let pool = POOL.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
+    }
+}
+
+/// The default thread count: the cores this process may use.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
