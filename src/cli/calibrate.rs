@@ -78,9 +78,12 @@ pub struct Args {
     pub no_progress: bool,
     #[command(flatten)]
     pub shapes: crate::models::BuildOptions,
+    #[command(flatten)]
+    pub threads: super::Threads,
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    args.threads.apply()?;
     if args.mag_ratios {
         let ignored = [
             (args.every != 1, "--every"),

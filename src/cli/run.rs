@@ -54,6 +54,8 @@ pub struct Args {
     pub no_verify: bool,
     #[command(flatten)]
     pub shapes: crate::models::BuildOptions,
+    #[command(flatten)]
+    pub threads: super::Threads,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +69,7 @@ pub struct Report {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    args.threads.apply()?;
     if args.model.extension().is_some_and(|e| e == "json") {
         return run_bundle(args);
     }

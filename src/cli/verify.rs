@@ -28,6 +28,8 @@ pub struct Args {
     pub json: bool,
     #[command(flatten)]
     pub shapes: crate::models::BuildOptions,
+    #[command(flatten)]
+    pub threads: super::Threads,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +79,7 @@ pub fn compare_models(args: &Args) -> Result<Vec<OutputComparison>> {
 
 /// Returns whether every output is within tolerance.
 pub fn run(args: &Args) -> Result<bool> {
+    args.threads.apply()?;
     let rows = compare_models(args)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -93,6 +93,17 @@ impl TractRunner {
         })
     }
 
+    /// The operators of tract's plan, one per node in execution order (for tests and profiling:
+    /// which kernels a graph ends up on).
+    pub fn plan_ops(&self) -> Vec<String> {
+        self.plan
+            .model()
+            .nodes
+            .iter()
+            .map(|n| n.op().name().to_string())
+            .collect()
+    }
+
     pub fn input_names(&self) -> &[String] {
         &self.inputs
     }
@@ -119,8 +130,8 @@ impl TractRunner {
                 .iter()
                 .map(|name| Ok(to_tract(find_input(inputs, name)?)?.into_tvalue()))
                 .collect::<Result<_>>()?;
-            state
-                .run_plan_with_eval(values, |ctx, op_state, node, input| {
+            on_pool(|| {
+                state.run_plan_with_eval(values, |ctx, op_state, node, input| {
                     let start = std::time::Instant::now();
                     let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
                     let key = if by_node {
@@ -138,7 +149,8 @@ impl TractRunner {
                     slot.1 += 1;
                     out
                 })
-                .map_err(|e| anyhow!("tract failed while profiling: {}", describe(&e)))?;
+            })
+            .map_err(|e| anyhow!("tract failed while profiling: {}", describe(&e)))?;
         }
         let mut rows: Vec<(String, f64, usize)> =
             per_op.into_iter().map(|(op, (s, n))| (op, s, n)).collect();

@@ -214,6 +214,7 @@ pub fn run_bundle(
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
+        threads: Default::default(),
     };
     let (latent, report) = ditc::cli::run::sample_bundle(&args).unwrap();
     (latent.to_f32_vec().unwrap(), report)

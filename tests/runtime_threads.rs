@@ -1,0 +1,73 @@
+//! `--threads`: sampling on 1 and 2 threads gives the same latent (tract splits work on output tiles
+//! and rows, never inside a sum), and a count of 0 is refused.
+
+mod common;
+
+use common::{assert_refused, ditc_ok, repo_path};
+
+#[test]
+fn one_and_two_threads_sample_the_same_latent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("wan");
+    let recipe = repo_path("passes/wan-cfg.toml");
+    common::convert_wan_small(
+        &repo_path("examples/wan-small"),
+        &recipe,
+        &["sampler.steps=8"],
+        &bundle,
+    );
+    let manifest = bundle.join("manifest.json");
+    let inputs = repo_path("examples/wan-small/inputs.safetensors");
+    let sample = |threads: &str| {
+        let out = tmp.path().join(format!("sample-{threads}.safetensors"));
+        ditc_ok(&[
+            "run",
+            manifest.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--prefix",
+            "0.",
+            "-o",
+            out.to_str().unwrap(),
+            "--no-progress",
+            "--threads",
+            threads,
+        ]);
+        let t = ditc::tensors::read_safetensors(&out).unwrap();
+        common::f32_named(&t, "sample")
+    };
+    let one = sample("1");
+    let two = sample("2");
+    let diff: f64 = one
+        .iter()
+        .zip(&two)
+        .map(|(a, b)| (a - b) as f64 * (a - b) as f64)
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = one.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+    assert!(norm > 0.0);
+    println!("1 vs 2 threads: relative L2 {:.3e}", diff / norm);
+    assert!(
+        diff / norm <= 1e-6,
+        "1 vs 2 threads differ: {:.3e}",
+        diff / norm
+    );
+
+    let out = tmp.path().join("never.safetensors");
+    assert_refused(
+        &[
+            "run",
+            manifest.to_str().unwrap(),
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--prefix",
+            "0.",
+            "-o",
+            out.to_str().unwrap(),
+            "--threads",
+            "0",
+        ],
+        &["--threads", "at least 1"],
+    );
+    assert!(!out.exists());
+}
