@@ -61,6 +61,7 @@ fn run(manifest: &Path, inputs: &Path, case: usize) -> (Vec<f32>, ditc::cli::run
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
+        threads: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
     (latent.to_f32_vec().unwrap(), report)
@@ -382,6 +383,7 @@ fn mlp_broadcast_reuses_after_key_timesteps() {
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
+        threads: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
     // Spatial and temporal blocks 0 and 1: four MLPs.
@@ -750,6 +752,7 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
         no_verify: false,
         trace: None,
         shapes: Default::default(),
+        threads: Default::default(),
     };
     let (latent, report) = sample_bundle(&args).unwrap();
     let decisions: Vec<bool> = (0..10).map(rule).collect();

@@ -134,3 +134,79 @@ fn a_permuting_einsum_moves_every_element_where_its_equation_says() {
         );
     }
 }
+
+/// Latte's temporal attention shapes (64 tokens x 4 heads, 8 frames, 16 dims): the score and value
+/// products run as the runtime's small-tile product, the softmax over rows of 8 as its short-row
+/// softmax; the result against the same attention computed in f64.
+#[test]
+fn short_attention_runs_on_the_small_kernels_and_matches_f64() {
+    let (b, h, s, d) = (16usize, 4usize, 8usize, 16usize);
+    let q = values(b * h * s * d, 3);
+    let kt = values(b * h * d * s, 9);
+    let v = values(b * h * s * d, 21);
+    let shape = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    let model = Model::new(
+        Graph {
+            inputs: vec![
+                ValueInfo::tensor("q", DataType::F32, dims(&shape(&[b, h, s, d]))),
+                ValueInfo::tensor("kt", DataType::F32, dims(&shape(&[b, h, d, s]))),
+                ValueInfo::tensor("v", DataType::F32, dims(&shape(&[b, h, s, d]))),
+            ],
+            outputs: vec![ValueInfo::tensor(
+                "y",
+                DataType::F32,
+                dims(&shape(&[b, h, s, d])),
+            )],
+            nodes: vec![
+                Node::new("qk", "MatMul", &["q", "kt"], &["scores"]),
+                {
+                    let mut n = Node::new("softmax", "Softmax", &["scores"], &["p"]);
+                    n.attributes.push(Attribute {
+                        name: "axis".into(),
+                        value: AttrValue::Int(-1),
+                    });
+                    n
+                },
+                Node::new("pv", "MatMul", &["p", "v"], &["y"]),
+            ],
+            ..Graph::default()
+        },
+        17,
+    );
+    let feed = [
+        Tensor::from_f32("q", shape(&[b, h, s, d]), &q),
+        Tensor::from_f32("kt", shape(&[b, h, d, s]), &kt),
+        Tensor::from_f32("v", shape(&[b, h, s, d]), &v),
+    ];
+    let ops = TractRunner::new(&model, &feed).unwrap().plan_ops();
+    let count = |op: &str| ops.iter().filter(|o| *o == op).count();
+    assert_eq!(count("SmallMatMul"), 2, "{ops:?}");
+    assert_eq!(count("ShortRowSoftmax"), 1, "{ops:?}");
+    let got = run_once(&model, &feed).unwrap()[0].to_f32_vec().unwrap();
+    let (mut worst, mut largest) = (0f64, 0f64);
+    for bh in 0..b * h {
+        for i in 0..s {
+            let scores: Vec<f64> = (0..s)
+                .map(|j| {
+                    (0..d)
+                        .map(|k| q[(bh * s + i) * d + k] as f64 * kt[(bh * d + k) * s + j] as f64)
+                        .sum()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for k in 0..d {
+                let want: f64 = (0..s)
+                    .map(|j| e[j] / sum * v[(bh * s + j) * d + k] as f64)
+                    .sum();
+                let have = got[(bh * s + i) * d + k] as f64;
+                worst = worst.max((have - want).abs());
+                largest = largest.max(want.abs());
+            }
+        }
+    }
+    let relative = worst / largest;
+    println!("small kernels vs f64: max error / max value {relative:.2e}");
+    assert!(relative < 1e-6, "{relative:.2e}");
+}

@@ -13,7 +13,7 @@ use tract_onnx::prelude::{
     Tensor as TractTensor, TypedRunnableModel,
 };
 
-use super::rewrite;
+use super::{rewrite, small_kernels};
 use crate::ir::{DataType, Model, Tensor};
 use crate::onnx::model_to_bytes_inline;
 
@@ -81,9 +81,12 @@ impl TractRunner {
             .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
         rewrite::declutter_keeping_concats(&mut typed)?;
         rewrite::expand_broadcast_operands(&mut typed)?;
+        small_kernels::use_small_matmuls(&mut typed)
+            .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
         // `optimize`, not `into_optimized`: the latter would declutter again, concat splitting included.
         let plan = typed
             .optimize()
+            .and_then(|()| small_kernels::use_short_row_softmaxes(&mut typed))
             .and_then(|()| typed.into_runnable())
             .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
         Ok(TractRunner {
