@@ -1,15 +1,18 @@
 //! Per-call time of ditc's CPU runtime against onnxruntime, side by side on the same graphs.
 //!
-//! `cargo bench --profile dev --bench runtime_speed [-- --calls N --threads 1,2 --profile]`
+//! `cargo bench --profile dev --bench runtime_speed [-- --calls N --rounds R --threads 1,2 --profile]`
 //!
 //! For each model (wan-small as the Wan builder writes it, 512 tokens; latte-tiny's demo graph) it
 //! writes the graph and one set of inputs to a temporary folder, then measures at each thread count:
-//! - ditc: the fixed cost (graph load, tract's optimisation and planning, as `ditc run` does it once
-//!   per bundle) and the median per-call time over N calls (default 50) of the runtime's plan;
+//! - ditc: the fixed cost (for wan-small's bundle: reading and verifying the manifest and its files,
+//!   reading the graph; then tract's optimisation and planning, as `ditc run` does them once per
+//!   bundle) and the median per-call time over N calls (default 30) of the runtime's plan;
 //! - onnxruntime (CPU provider, `intra_op_num_threads` = the same count, sequential execution, full
 //!   graph optimisation) on the same file and inputs, through `benches/ort_per_call.py`. It needs
 //!   Python with `onnxruntime`, `numpy` and `safetensors` on the developer's machine (not a test
-//!   dependency); without them only ditc's numbers are printed.
+//!   dependency); without them only ditc's numbers are printed. The two alternate over R rounds
+//!   (default 3) and the ratio reported is the median of the rounds' ratios, so that a change of
+//!   machine load during the run hits both executors.
 //!
 //! Bounds (PASS/FAIL lines, exit status 1 on a miss): ditc's per-call time within 2.0x of
 //! onnxruntime's at every thread count, and ditc's fixed cost on wan-small under 0.5 s.
@@ -21,18 +24,23 @@ use std::process::Command;
 use std::time::Instant;
 
 use ditc::ir::{DataType, Model, Tensor};
-use ditc::runtime::TractRunner;
+use ditc::runtime::{Bundle, TractRunner};
 
 mod common;
 
 struct Case {
     name: &'static str,
+    /// The ONNX file both executors run.
     graph: PathBuf,
+    /// What `ditc run` does before its first call, up to the graph: for a bundle, reading and
+    /// verifying the manifest and its files (sizes, SHA-256) and reading the graph.
+    open: Box<dyn Fn() -> Model>,
     inputs: Vec<Tensor>,
 }
 
 fn main() {
-    let calls = common::arg("--calls").map_or(50, |s| s.parse().expect("--calls N"));
+    let calls = common::arg("--calls").map_or(30, |s| s.parse().expect("--calls N"));
+    let rounds = common::arg("--rounds").map_or(3, |s| s.parse().expect("--rounds N"));
     let threads: Vec<usize> = common::arg("--threads")
         .unwrap_or_else(|| "1,2".into())
         .split(',')
@@ -42,7 +50,7 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = std::env::temp_dir().join(format!("ditc-runtime-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let cases = [wan_small(root, &tmp), latte_tiny(root, &tmp)];
+    let cases = [wan_small(root, &tmp), latte_tiny(root)];
     let ort = root.join("benches/ort_per_call.py");
 
     let mut ok = true;
@@ -56,24 +64,34 @@ fn main() {
         for &n in &threads {
             ditc::runtime::set_threads(n).unwrap();
             let start = Instant::now();
-            let model = ditc::onnx::read_model(&case.graph).unwrap();
+            let model = (case.open)();
             let runner = TractRunner::new(&model, &case.inputs).unwrap();
             let fixed = start.elapsed().as_secs_f64();
             runner.run(&case.inputs).unwrap();
-            let mut times: Vec<f64> = (0..calls)
-                .map(|_| {
-                    let t = Instant::now();
-                    runner.run(&case.inputs).unwrap();
-                    t.elapsed().as_secs_f64()
-                })
-                .collect();
-            let ditc_ms = median(&mut times) * 1e3;
-            let ort_ms = onnxruntime_ms(&ort, &case.graph, &feeds, n, calls);
-            let ratio = ort_ms.map(|o| ditc_ms / o);
+            // Rounds alternate the two executors so that a change of machine load hits both.
+            let (mut ditc_ms, mut ort_ms, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let mut times: Vec<f64> = (0..calls)
+                    .map(|_| {
+                        let t = Instant::now();
+                        runner.run(&case.inputs).unwrap();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                let d = median(&mut times) * 1e3;
+                ditc_ms.push(d);
+                if let Some(o) = onnxruntime_ms(&ort, &case.graph, &feeds, n, calls) {
+                    ort_ms.push(o);
+                    ratios.push(d / o);
+                }
+            }
+            let ratio = (!ratios.is_empty()).then(|| median(&mut ratios));
+            let ort = (!ort_ms.is_empty()).then(|| median(&mut ort_ms));
             println!(
-                "| {} | {n} | {fixed:.3} | {ditc_ms:.2} | {} | {} |",
+                "| {} | {n} | {fixed:.3} | {:.2} | {} | {} |",
                 case.name,
-                ort_ms.map_or("n/a".into(), |o| format!("{o:.2}")),
+                median(&mut ditc_ms),
+                ort.map_or("n/a".into(), |o| format!("{o:.2}")),
                 ratio.map_or("n/a".into(), |r| format!("{r:.2}x")),
             );
             if let Some(r) = ratio {
@@ -102,7 +120,8 @@ fn main() {
     }
 }
 
-/// wan-small as the Wan builder writes it (8x16x16 latent, 512 tokens, 4 caption tokens).
+/// wan-small as the Wan builder writes it (8x16x16 latent, 512 tokens, 4 caption tokens), as a
+/// bundle with Wan's sampler and guidance (passes/wan-cfg.toml).
 fn wan_small(root: &Path, tmp: &Path) -> Case {
     let out = tmp.join("wan-small");
     let ckpt = root.join("examples/wan-small/ckpt");
@@ -118,8 +137,11 @@ fn wan_small(root: &Path, tmp: &Path) -> Case {
             "--text-len",
             "4",
         ])
+        .arg("--recipe")
+        .arg(root.join("passes/wan-cfg.toml"))
         .arg("-o")
         .arg(&out)
+        .arg("--no-progress")
         .stdout(std::process::Stdio::null())
         .status()
         .unwrap();
@@ -127,21 +149,25 @@ fn wan_small(root: &Path, tmp: &Path) -> Case {
     let graph = out.join("model.onnx");
     let model = ditc::onnx::read_model(&graph).unwrap();
     let inputs = example_inputs(&model, 500.0);
+    let manifest = out.join("manifest.json");
     Case {
         name: "wan-small",
         graph,
+        open: Box::new(move || Bundle::open(&manifest).unwrap().model),
         inputs,
     }
 }
 
 /// latte-tiny's demo graph as it is in `examples/`.
-fn latte_tiny(root: &Path, _tmp: &Path) -> Case {
+fn latte_tiny(root: &Path) -> Case {
     let graph = root.join("examples/latte-tiny/model.onnx");
     let model = ditc::onnx::read_model(&graph).unwrap();
     let inputs = example_inputs(&model, 500.0);
+    let path = graph.clone();
     Case {
         name: "latte-tiny",
         graph,
+        open: Box::new(move || ditc::onnx::read_model(&path).unwrap()),
         inputs,
     }
 }

@@ -12,12 +12,15 @@
 //!   generic broadcasting loop, 20 to 40 times slower than its vectorised kernels. A constant operand
 //!   is broadcast once, at planning, to the full shape; a run-time one through a broadcast node
 //!   (a plain copy) in front of the op.
-//! - [`declutter_keeping_concats`] (on tract's typed model): tract's declutter, without the pass that
-//!   splits a matrix product whose contracted axis comes from a `Concat` into one product per part
-//!   plus a sum (RoPE's interleaved pairs made every attention score product two half-depth
-//!   products and an addition).
 //!
-//! Tried and left out: tract's fused attention (`Sdpa`, lowered to its flash kernel) in place of
+//! Every rewrite here gives tract's own bits (tests/runtime_rewrites.rs; the quantized latte
+//! trajectories of tests/quantize.rs amplify any rounding difference, and they are unchanged).
+//!
+//! Tried and left out: keeping tract from splitting a product whose contracted axis comes from a
+//! `Concat` into one product per part plus a sum (RoPE's interleaved pairs make every attention
+//! score product two half-depth products): 5% faster on wan-small, but a different order of
+//! summation, which moved the INT8 + PAB latte trajectory from cosine 0.99607 to 0.99518. And
+//! tract's fused attention (`Sdpa`, lowered to its flash kernel) in place of
 //! decomposed attention ran wan-small 2.8x slower per call (104 against 37 ms) and latte-tiny no
 //! faster; its blocks are sized for long sequences.
 
@@ -26,7 +29,6 @@ use tract_onnx::prelude::{tvec, SpecialOps, Tensor as TractTensor, TypedModel, T
 use tract_onnx::tract_core::ops::array::MultiBroadcastTo;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::optim::Optimizer;
 
 use crate::ir::{AttrValue, Attribute, Model};
 
@@ -76,18 +78,6 @@ fn permutation_of(equation: &str) -> Option<Vec<i64>> {
             sorted.sort_unstable();
             sorted.iter().enumerate().all(|(i, &p)| p == i as i64)
         })
-}
-
-/// tract's declutter passes except the one that splits products over concatenated axes.
-pub fn declutter_keeping_concats(model: &mut TypedModel) -> Result<()> {
-    let mut optimizer = Optimizer::declutter();
-    optimizer
-        .passes
-        .retain(|pass| !format!("{pass:?}").starts_with("ConcatThenEinsum"));
-    optimizer
-        .session()
-        .optimize(model)
-        .map_err(|e| anyhow!("tract could not simplify the graph: {e:#}"))
 }
 
 /// Broadcast, to the op's output shape, every operand of an element-wise binary op that tract's

@@ -1,85 +1,32 @@
-//! Two tract operators for shapes its general kernels handle poorly, used by the runtime only.
+//! A tract operator for products tract's general kernels handle poorly, used by the runtime only.
 //!
 //! Small video DiTs attend over short axes: Latte's temporal attention is 8 frames long per token
-//! (256 batches of 8x16 by 16x8 products, softmax rows of 8), its cross-attention 4 caption tokens
-//! long (softmax rows of 4). tract's matrix-product kernels pack both operands of every batch into
-//! 16x12 tiles (mostly padding at 8x8), and its softmax kernel costs a fixed ~0.1 µs per row, so
-//! these tiny ops took a third of a latte-tiny call. Here:
-//! - [`ShortRowSoftmax`]: softmax over a last axis of at most [`SHORT_ROW`] values, row by row,
-//!   with the standard library's `exp` (tract's own kernel uses a polynomial: the two agree to a
-//!   few ulps).
-//! - [`SmallMatMul`]: a batched product of small tiles (at most [`SMALL_TILE`] outputs and a depth
-//!   of [`SMALL_DEPTH`] per batch), written as dot products or row updates over the inputs as they
-//!   lie in memory (only where one of the two is contiguous), no packing. Sums run in another order than tract's kernels: results agree
-//!   to rounding.
+//! (256 batches of 8x16 by 16x8 products), its cross-attention 4 caption tokens long. tract's
+//! matrix-product kernels pack both operands of every batch into 16x12 tiles (mostly padding at
+//! 8x8), so these tiny products and their packing took a fifth of a latte-tiny call.
+//! [`SmallMatMul`] computes a batched product of small tiles (at most [`SMALL_TILE`] outputs and a
+//! depth of [`SMALL_DEPTH`] per batch) straight from the inputs as they lie in memory (where one of
+//! two layouts applies), no packing, and sums every output exactly as tract's kernels do (from 0,
+//! one fused multiply-add per step of k, in order), so the results are bit for bit tract's.
 //!
-//! Both are placed by [`use_small_kernels`] on tract's typed model; the emitted ONNX is untouched.
+//! [`use_small_matmuls`] places it on tract's typed model; the emitted ONNX is untouched.
+//!
+//! Tried and left out: a softmax for short rows (tract's costs ~0.1 µs per row: rows of 4 and 8
+//! run at 10-25 ns per value) with the standard library's `exp` was 5x faster there, but its
+//! results differ from tract's polynomial `exp` by a few ulps, and that moved the INT8 + PAB latte
+//! trajectory of tests/quantize.rs from cosine 0.99607 to 0.99573 (its bound is 0.995): the
+//! quantized trajectories amplify rounding, so the runtime keeps tract's bits.
 
 use tract_onnx::prelude::{tvec, Tensor as TractTensor, TypedModel, TypedModelPatch};
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_onnx::tract_core::{as_op, op_as_typed_op, op_out_of_plan};
 
-/// Longest softmax row [`ShortRowSoftmax`] takes.
-pub const SHORT_ROW: usize = 32;
 /// Largest output tile (rows x columns per batch) [`SmallMatMul`] takes.
 const SMALL_TILE: usize = 256;
 /// Longest contracted axis [`SmallMatMul`] takes.
 const SMALL_DEPTH: usize = 32;
-
-/// Softmax over the last axis, for short rows.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ShortRowSoftmax;
-
-impl Op for ShortRowSoftmax {
-    fn name(&self) -> StaticName {
-        "ShortRowSoftmax".into()
-    }
-    op_as_typed_op!();
-}
-
-impl EvalOp for ShortRowSoftmax {
-    op_out_of_plan!();
-
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = inputs
-            .into_iter()
-            .next()
-            .context("softmax needs an input")?;
-        let mut output = input.into_tensor();
-        let row = *output.shape().last().context("softmax of a scalar")?;
-        {
-            use rayon::prelude::*;
-            let mut plain = output.try_as_plain_ram_mut()?;
-            let data = plain.as_slice_mut::<f32>()?;
-            // Whole rows per task; on the runtime's pool when there is one (see `--threads`).
-            let rows_per_task = (data.len() / row.max(1) / rayon::current_num_threads()).max(64);
-            data.par_chunks_mut(row.max(1) * rows_per_task)
-                .for_each(|chunk| chunk.chunks_mut(row.max(1)).for_each(softmax_row));
-        }
-        Ok(tvec!(output.into_tvalue()))
-    }
-}
-
-impl TypedOp for ShortRowSoftmax {
-    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(inputs[0].without_value()))
-    }
-    as_op!();
-}
-
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    let scale = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= scale);
-}
 
 /// One axis of a product: its extent and its stride (in elements) in `a`, `b` and the output
 /// (0 where the tensor does not have it).
@@ -162,45 +109,66 @@ impl SmallMatMul {
     }
 
     fn one_batch(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
-        let (m, n, k) = (self.m, self.n, self.k);
-        if n.b == 1 && n.c == 1 {
-            // Rows of b and c are contiguous: c[i, :] += a[i, l] * b[l, :].
-            for i in 0..m.extent {
-                let row = &mut c[i * m.c..i * m.c + n.extent];
-                for l in 0..k.extent {
-                    let x = a[i * m.a + l * k.a];
-                    let from = &b[l * k.b..l * k.b + n.extent];
-                    row.iter_mut().zip(from).for_each(|(r, y)| *r += x * y);
-                }
-            }
-        } else {
-            // Both operands contiguous along k (the only other layout taken): dot products.
-            for i in 0..m.extent {
-                let x = &a[i * m.a..i * m.a + k.extent];
-                for j in 0..n.extent {
-                    c[i * m.c + j * n.c] = dot(x, &b[j * n.b..j * n.b + k.extent]);
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `SmallMatMul` is only placed where the CPU has FMA (`fma_available`).
+        unsafe {
+            one_batch_fma(self, a, b, c)
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        one_batch_fma(self, a, b, c)
     }
 }
 
-/// A dot product in eight lanes (vectorisable), then the lanes summed.
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
-    let tail: f32 = xc
-        .remainder()
-        .iter()
-        .zip(yc.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in xc.zip(yc) {
-        for l in 0..8 {
-            lanes[l] += a[l] * b[l];
+/// Whether this CPU has fused multiply-add, which tract's kernels use and these must too to give
+/// the same bits.
+fn fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("fma");
+    #[cfg(target_arch = "aarch64")]
+    return true;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return false;
+}
+
+/// One batch's tile, every output summed as tract's kernels sum it: from 0, one fused
+/// multiply-add per step of k, in k's order. So the bits are tract's; only the loops around differ.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
+fn one_batch_fma(op: &SmallMatMul, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let (m, n, k) = (op.m, op.n, op.k);
+    if n.b == 1 && n.c == 1 {
+        // Rows of b and c are contiguous: c[i, :] += a[i, l] * b[l, :], vectorised over the row.
+        for i in 0..m.extent {
+            let row = &mut c[i * m.c..i * m.c + n.extent];
+            for l in 0..k.extent {
+                let x = a[i * m.a + l * k.a];
+                let from = &b[l * k.b..l * k.b + n.extent];
+                row.iter_mut()
+                    .zip(from)
+                    .for_each(|(r, &y)| *r = x.mul_add(y, *r));
+            }
+        }
+    } else {
+        // Both operands contiguous along k (the only other layout taken): eight outputs of a row
+        // at a time, each its own chain of multiply-adds.
+        const LANES: usize = 8;
+        for i in 0..m.extent {
+            let x = &a[i * m.a..i * m.a + k.extent];
+            let mut j = 0;
+            while j < n.extent {
+                let width = LANES.min(n.extent - j);
+                let mut acc = [0.0f32; LANES];
+                for (l, &xl) in x.iter().enumerate() {
+                    for (lane, slot) in acc.iter_mut().enumerate().take(width) {
+                        *slot = xl.mul_add(b[(j + lane) * n.b + l], *slot);
+                    }
+                }
+                for (lane, value) in acc.iter().enumerate().take(width) {
+                    c[i * m.c + (j + lane) * n.c] = *value;
+                }
+                j += width;
+            }
         }
     }
-    lanes.iter().sum::<f32>() + tail
 }
 
 impl TypedOp for SmallMatMul {
@@ -210,9 +178,12 @@ impl TypedOp for SmallMatMul {
     as_op!();
 }
 
-/// Put [`ShortRowSoftmax`] and [`SmallMatMul`] where they apply: softmaxes in an optimised model,
-/// products (einsums) in a decluttered one, before tract lowers them to its own kernels.
+/// Put [`SmallMatMul`] where it applies, in a decluttered model (before tract lowers its einsums to
+/// its own kernels).
 pub fn use_small_matmuls(model: &mut TypedModel) -> TractResult<()> {
+    if !fma_available() {
+        return Ok(());
+    }
     let candidates: Vec<usize> = model
         .nodes
         .iter()
@@ -225,38 +196,6 @@ pub fn use_small_matmuls(model: &mut TypedModel) -> TractResult<()> {
             continue;
         };
         let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, op)?;
-        patch.apply(model)?;
-    }
-    Ok(())
-}
-
-/// See [`use_small_matmuls`].
-pub fn use_short_row_softmaxes(model: &mut TypedModel) -> TractResult<()> {
-    let candidates: Vec<usize> = model
-        .nodes
-        .iter()
-        .filter(|n| n.op_is::<Softmax>())
-        .map(|n| n.id)
-        .collect();
-    for id in candidates {
-        let node = &model.nodes[id];
-        let op = node.op_as::<Softmax>().context("softmax")?;
-        let fact = model.outlet_fact(node.inputs[0])?;
-        let rank = fact.rank();
-        let short = fact
-            .shape
-            .last()
-            .and_then(|d| d.to_usize().ok())
-            .is_some_and(|n| (1..=SHORT_ROW).contains(&n));
-        if op.kind != SoftmaxKind::Softmax
-            || op.quant_output_dt.is_some()
-            || fact.datum_type != f32::datum_type()
-            || op.axes.as_slice() != [rank - 1]
-            || !short
-        {
-            continue;
-        }
-        let patch = TypedModelPatch::replace_single_op(model, node, &node.inputs, ShortRowSoftmax)?;
         patch.apply(model)?;
     }
     Ok(())

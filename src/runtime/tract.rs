@@ -25,7 +25,20 @@ pub struct TractRunner {
 
 impl TractRunner {
     /// Prepare `model` for inputs shaped like `example_inputs` (matched by name).
+    /// `DITC_RUNTIME_REWRITES=0` in the environment plans every graph as tract alone would (to
+    /// tell the rewrites' effect apart when investigating a result).
     pub fn new(model: &Model, example_inputs: &[Tensor]) -> Result<TractRunner> {
+        let rewrites = std::env::var_os("DITC_RUNTIME_REWRITES").is_none_or(|v| v != "0");
+        Self::prepare(model, example_inputs, rewrites)
+    }
+
+    /// As [`TractRunner::new`] but as tract alone plans the graph, without the runtime's rewrites
+    /// ([`super::rewrite`], [`super::small_kernels`]): for tests and for measuring the rewrites.
+    pub fn without_rewrites(model: &Model, example_inputs: &[Tensor]) -> Result<TractRunner> {
+        Self::prepare(model, example_inputs, false)
+    }
+
+    fn prepare(model: &Model, example_inputs: &[Tensor], rewrites: bool) -> Result<TractRunner> {
         let inputs: Vec<String> = model
             .graph
             .runtime_inputs()
@@ -56,7 +69,7 @@ impl TractRunner {
         };
         // One-input permuting einsums become transposes (see `rewrite`): on a copy, only if any.
         let transposed;
-        let model = if model.graph.nodes.iter().any(|n| n.op_type == "Einsum") {
+        let model = if rewrites && model.graph.nodes.iter().any(|n| n.op_type == "Einsum") {
             let mut copy = model.clone();
             rewrite::einsums_to_transposes(&mut copy);
             transposed = copy;
@@ -79,14 +92,17 @@ impl TractRunner {
         let mut typed = tract_model
             .into_typed()
             .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
-        rewrite::declutter_keeping_concats(&mut typed)?;
-        rewrite::expand_broadcast_operands(&mut typed)?;
-        small_kernels::use_small_matmuls(&mut typed)
+        typed
+            .declutter()
             .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
-        // `optimize`, not `into_optimized`: the latter would declutter again, concat splitting included.
+        if rewrites {
+            rewrite::expand_broadcast_operands(&mut typed)?;
+            small_kernels::use_small_matmuls(&mut typed)
+                .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
+        }
+        // `optimize`, not `into_optimized`: the latter would declutter again.
         let plan = typed
             .optimize()
-            .and_then(|()| small_kernels::use_short_row_softmaxes(&mut typed))
             .and_then(|()| typed.into_runnable())
             .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
         Ok(TractRunner {
