@@ -90,7 +90,11 @@ fn cogvideox_rotary_fixtures_match_pytorch() {
         let timestep = model.graph.inputs.iter().find(|i| i.name == "timestep");
         assert_eq!(timestep.unwrap().dtype(), Some(ditc::ir::DataType::I64));
         common::assert_matches_reference(&model, &io, name);
-        assert_eq!(kinds(&model), repeat(&["full"], 2), "{name}: joint attention");
+        assert_eq!(
+            kinds(&model),
+            repeat(&["full"], 2),
+            "{name}: joint attention"
+        );
         let ckpt_dir = dir.join("ckpt");
         assert_eq!(
             inspect_kinds(&ckpt_dir, &["--rotary-emb", "none"]),
@@ -124,7 +128,16 @@ fn wan_i2v_fixture_matches_pytorch() {
     common::assert_matches_reference(&model, &io, "wan-i2v-tiny");
     assert_eq!(kinds(&model), repeat(&["full", "cross"], 2));
     let shapes = [
-        "--frames", "3", "--height", "8", "--width", "8", "--text-len", "6", "--image-len", "5",
+        "--frames",
+        "3",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "--text-len",
+        "6",
+        "--image-len",
+        "5",
     ];
     assert_eq!(
         inspect_kinds(&dir.join("ckpt"), &shapes),
@@ -156,7 +169,11 @@ fn attention(q: &[Vec<f64>], k: &[Vec<f64>], v: &[Vec<f64>], heads: usize) -> Ve
                 let scores: Vec<f64> = k
                     .iter()
                     .map(|kj| {
-                        let dot: f64 = qi[r.clone()].iter().zip(&kj[r.clone()]).map(|(a, b)| a * b).sum();
+                        let dot: f64 = qi[r.clone()]
+                            .iter()
+                            .zip(&kj[r.clone()])
+                            .map(|(a, b)| a * b)
+                            .sum();
                         dot / (d as f64).sqrt()
                     })
                     .collect();
@@ -189,8 +206,16 @@ fn wan_i2v_image_branch_matches_closed_form() {
     let ckpt = Checkpoint::open(&fixture("wan-i2v-tiny").join("ckpt")).unwrap();
     let model = build_model(&ckpt, &wan_i2v_tiny_shapes(512)).unwrap();
     assert_eq!(kinds(&model), repeat(&["full", "cross", "cross"], 2));
+    // The two cross sites' sum is projected once: neither has an output projection of its own.
+    let map = ditc::analysis::analyse(&model);
+    assert!(map.attention[0].output.is_some());
+    assert!(map.attention[1].output.is_none() && map.attention[2].output.is_none());
     let inputs = vec![
-        Tensor::from_f32("hidden_states", vec![1, 12, 3, 8, 8], &pseudo_random("x", 12 * 192)),
+        Tensor::from_f32(
+            "hidden_states",
+            vec![1, 12, 3, 8, 8],
+            &pseudo_random("x", 12 * 192),
+        ),
         Tensor::from_f32("timestep", vec![1], &[612.5]),
         Tensor::from_f32(
             "encoder_hidden_states",
@@ -200,7 +225,10 @@ fn wan_i2v_image_branch_matches_closed_form() {
         Tensor::from_f32(
             "encoder_hidden_states_image",
             vec![1, 5, 20],
-            &pseudo_random("image", 100).iter().map(|v| 4.0 * v).collect::<Vec<_>>(),
+            &pseudo_random("image", 100)
+                .iter()
+                .map(|v| 4.0 * v)
+                .collect::<Vec<_>>(),
         ),
     ];
     let probes = [
@@ -247,7 +275,12 @@ fn wan_i2v_image_branch_matches_closed_form() {
             .collect()
     };
     let q = rms("norm_q", lin("to_q", &x));
-    let text_out = attention(&q, &rms("norm_k", lin("to_k", &text)), &lin("to_v", &text), 2);
+    let text_out = attention(
+        &q,
+        &rms("norm_k", lin("to_k", &text)),
+        &lin("to_v", &text),
+        2,
+    );
     let image_k = rms("norm_added_k", lin("add_k_proj", &image));
     let image_out = attention(&q, &image_k, &lin("add_v_proj", &image), 2);
     let sum: Vec<Vec<f64>> = text_out
@@ -264,7 +297,10 @@ fn wan_i2v_image_branch_matches_closed_form() {
         image_norm / text_norm
     );
     assert!(rel < 1e-5, "rel L2 {rel}");
-    assert!(image_norm / text_norm > 0.1, "the image branch barely matters");
+    assert!(
+        image_norm / text_norm > 0.1,
+        "the image branch barely matters"
+    );
 }
 
 // --- CogVideoX: the pipeline's rotary embedding in closed form -------------------------------------
@@ -314,7 +350,12 @@ fn cogvideox_shapes(
     norm(&mut v, "norm_final", d, true);
     linear(&mut v, "norm_out.linear", time, 2 * d);
     norm(&mut v, "norm_out.norm", d, true);
-    linear(&mut v, "proj_out", d, p * p * patch_size_t.unwrap_or(1) * cout);
+    linear(
+        &mut v,
+        "proj_out",
+        d,
+        p * p * patch_size_t.unwrap_or(1) * cout,
+    );
     v
 }
 
@@ -372,7 +413,9 @@ fn assert_rotary_matches(model: &Model, inputs: &[Tensor], grid: &RopeGrid, text
         }
         let rel = rel_l2(&f64s(&got[after]), &want);
         let moved = rel_l2(&x, &want);
-        eprintln!("{after}: closed form vs graph rel L2 {rel:.2e} (the rotation moves it by {moved:.2})");
+        eprintln!(
+            "{after}: closed form vs graph rel L2 {rel:.2e} (the rotation moves it by {moved:.2})"
+        );
         assert!(rel < 1e-6, "{after}: rel L2 {rel}");
         assert!(moved > 0.1, "{after}: the rotation should matter");
     }
@@ -381,8 +424,16 @@ fn assert_rotary_matches(model: &Model, inputs: &[Tensor], grid: &RopeGrid, text
 fn cogvideox_inputs(frames: i64, h: i64, w: i64) -> Vec<Tensor> {
     let n = (frames * 4 * h * w) as usize;
     vec![
-        Tensor::from_f32("hidden_states", vec![1, frames, 4, h, w], &pseudo_random("x", n)),
-        Tensor::from_f32("encoder_hidden_states", vec![1, 3, 20], &pseudo_random("c", 60)),
+        Tensor::from_f32(
+            "hidden_states",
+            vec![1, frames, 4, h, w],
+            &pseudo_random("x", n),
+        ),
+        Tensor::from_f32(
+            "encoder_hidden_states",
+            vec![1, 3, 20],
+            &pseudo_random("c", 60),
+        ),
         Tensor::from_i64("timestep", vec![1], &[321]),
     ]
 }
@@ -437,7 +488,11 @@ fn cogvideox_15_rotary_embedding_matches_closed_form() {
     let ckpt = Checkpoint::open(tmp.path()).unwrap();
     let model = build_model(&ckpt, &BuildOptions::default()).unwrap();
     let frames = model.graph.inputs[0].shape().unwrap()[1].value();
-    assert_eq!(frames, Some(4), "3 latent frames padded to a multiple of patch_size_t");
+    assert_eq!(
+        frames,
+        Some(4),
+        "3 latent frames padded to a multiple of patch_size_t"
+    );
     let grid = RopeGrid {
         rows: vec![0.0, 1.0, 2.0, 3.0],
         cols: vec![0.0, 1.0, 2.0, 3.0],
@@ -460,9 +515,17 @@ fn cogvideox_15_rotary_embedding_matches_closed_form() {
 
 fn wan_tiny_inputs(timestep: Tensor) -> Vec<Tensor> {
     vec![
-        Tensor::from_f32("hidden_states", vec![1, 8, 2, 4, 4], &pseudo_random("x", 256)),
+        Tensor::from_f32(
+            "hidden_states",
+            vec![1, 8, 2, 4, 4],
+            &pseudo_random("x", 256),
+        ),
         timestep,
-        Tensor::from_f32("encoder_hidden_states", vec![1, 8, 48], &pseudo_random("c", 384)),
+        Tensor::from_f32(
+            "encoder_hidden_states",
+            vec![1, 8, 48],
+            &pseudo_random("c", 384),
+        ),
     ]
 }
 
@@ -508,7 +571,10 @@ fn wan_per_token_timesteps() {
     let same = run_with_probes(&per_token, &wan_tiny_inputs(token_ts(&[612.25; 8])), &[]);
     let reference = run_with_probes(&scalar, &wan_tiny_inputs(scalar_t(612.25)), &[]);
     let f = ditc::metrics::compare(&same["sample"], &reference["sample"]);
-    eprintln!("equal per-token timesteps vs scalar: max rel {:.2e}", f.max_rel);
+    eprintln!(
+        "equal per-token timesteps vs scalar: max rel {:.2e}",
+        f.max_rel
+    );
     assert!(f.max_rel <= 1e-5, "max rel {}", f.max_rel);
 
     let ts = [0.0, 0.0, 0.0, 0.0, 700.5, 700.5, 700.5, 700.5];
@@ -551,9 +617,16 @@ fn wan_per_token_timesteps() {
             .flat_map(|t| at[&t.to_bits()][s].clone())
             .collect();
         let f = ditc::metrics::compare(rows, &want);
-        assert!(f.max_rel <= 1e-6, "{m}: max rel {} vs the scalar graph", f.max_rel);
+        assert!(
+            f.max_rel <= 1e-6,
+            "{m}: max rel {} vs the scalar graph",
+            f.max_rel
+        );
         let differ = ditc::metrics::compare(&rows[..dim], &rows[4 * dim..5 * dim]);
-        assert!(differ.rel_l2 > 1e-2, "{m}: the two timesteps should give different rows");
+        assert!(
+            differ.rel_l2 > 1e-2,
+            "{m}: the two timesteps should give different rows"
+        );
     }
     let token = |name: &str, j: usize| f64s(&got[name][j * dim..(j + 1) * dim]);
     let check = |what: &str, want: Vec<f64>, got_name: &str| {
@@ -578,7 +651,11 @@ fn wan_per_token_timesteps() {
         (0..8)
             .flat_map(|j| {
                 let g = token(gate, j);
-                token(x, j).iter().zip(g).map(|(v, g)| v * g).collect::<Vec<_>>()
+                token(x, j)
+                    .iter()
+                    .zip(g)
+                    .map(|(v, g)| v * g)
+                    .collect::<Vec<_>>()
             })
             .collect()
     };
@@ -613,7 +690,11 @@ fn unsupported_values_are_refused_naming_the_key() {
             &none,
             "use_learned_positional_embeddings",
         ),
-        (with(&rope, "ofs_embed_dim", 512.into()), &none, "ofs_embed_dim"),
+        (
+            with(&rope, "ofs_embed_dim", 512.into()),
+            &none,
+            "ofs_embed_dim",
+        ),
         (
             with(&rope, "attention_head_dim", 24.into()),
             &none,
@@ -652,8 +733,16 @@ fn unsupported_values_are_refused_naming_the_key() {
         serde_json::Value::Null,
     );
     for (config, opts, key) in [
-        (with(&i2v, "pos_embed_seq_len", 514.into()), &none, "pos_embed_seq_len"),
-        (with(&i2v, "added_kv_proj_dim", 16.into()), &none, "added_kv_proj_dim 16"),
+        (
+            with(&i2v, "pos_embed_seq_len", 514.into()),
+            &none,
+            "pos_embed_seq_len",
+        ),
+        (
+            with(&i2v, "added_kv_proj_dim", 16.into()),
+            &none,
+            "added_kv_proj_dim 16",
+        ),
         (
             with(&i2v, "added_kv_proj_dim", serde_json::Value::Null),
             &none,
@@ -702,9 +791,7 @@ fn wan_i2v_14b_config() -> serde_json::Value {
 }
 
 /// Every tensor of `WanTransformer3DModel` with image conditioning, as diffusers declares it.
-fn wan_i2v_shapes(
-    [heads, hd, cin, cout, text, freq, ffn, layers, image]: [i64; 9],
-) -> Shapes {
+fn wan_i2v_shapes([heads, hd, cin, cout, text, freq, ffn, layers, image]: [i64; 9]) -> Shapes {
     let d = heads * hd;
     let mut v: Shapes = vec![
         ("patch_embedding.weight".into(), vec![d, cin, 1, 2, 2]),
@@ -718,7 +805,12 @@ fn wan_i2v_shapes(
     linear(&mut v, &format!("{c}.text_embedder.linear_1"), text, d);
     linear(&mut v, &format!("{c}.text_embedder.linear_2"), d, d);
     norm(&mut v, &format!("{c}.image_embedder.norm1"), image, true);
-    linear(&mut v, &format!("{c}.image_embedder.ff.net.0.proj"), image, image);
+    linear(
+        &mut v,
+        &format!("{c}.image_embedder.ff.net.0.proj"),
+        image,
+        image,
+    );
     linear(&mut v, &format!("{c}.image_embedder.ff.net.2"), image, d);
     norm(&mut v, &format!("{c}.image_embedder.norm2"), d, true);
     for i in 0..layers {
@@ -826,7 +918,11 @@ fn real_cogvideox_5b_and_wan_i2v_14b_layouts_are_accepted() {
     ];
     for (label, class, config, shapes, params, opts, want_kinds) in cases {
         let ckpt = common::sparse_bf16_checkpoint(class, &config, &shapes);
-        assert_eq!(ckpt.parameters() as i64, params, "{label}: config arithmetic");
+        assert_eq!(
+            ckpt.parameters() as i64,
+            params,
+            "{label}: config arithmetic"
+        );
         let model = build_model(&ckpt, &opts).unwrap_or_else(|e| panic!("{label}: {e:#}"));
         let casts = model
             .graph
@@ -834,7 +930,11 @@ fn real_cogvideox_5b_and_wan_i2v_14b_layouts_are_accepted() {
             .iter()
             .filter(|n| n.op_type == "Cast" && n.name.ends_with("/cast"))
             .count();
-        assert_eq!(casts, shapes.len(), "{label}: every BF16 weight cast in the graph");
+        assert_eq!(
+            casts,
+            shapes.len(),
+            "{label}: every BF16 weight cast in the graph"
+        );
         assert_eq!(kinds(&model), want_kinds, "{label}");
         eprintln!(
             "{label}: {} tensors, {} parameters, {} attention sites",

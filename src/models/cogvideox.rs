@@ -94,7 +94,6 @@ impl Default for Config {
     }
 }
 
-
 pub struct CogVideoX;
 
 /// Sizes one block needs.
@@ -307,9 +306,7 @@ fn grid(c: &Config, opts: &BuildOptions) -> Result<Grid> {
     let p = c.patch_size;
     let pt = c.patch_size_t.unwrap_or(1);
     let latent_frames = (c.sample_frames - 1) / c.temporal_compression_ratio + 1;
-    let frames = opts
-        .frames
-        .unwrap_or((latent_frames + pt - 1) / pt * pt);
+    let frames = opts.frames.unwrap_or((latent_frames + pt - 1) / pt * pt);
     let (height, width) = opts.latent_size(c.sample_height, c.sample_width);
     super::check_divisible("frames", frames, pt, "patch_size_t")?;
     super::check_divisible("height", height, p, "the patch size")?;
@@ -674,4 +671,29 @@ fn rotate_video(b: &mut GraphBuilder, name: &str, d: &Dims, x: &str, (cos, sin):
         &[-1, d.heads, d.video, d.head_dim],
     );
     b.concat(name, &parts[0], &video, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{linspace_f32, resize_crop_region};
+
+    /// Values worked out by hand from diffusers' `get_resize_crop_region_for_grid`.
+    #[test]
+    fn crop_region_centres_the_resized_grid() {
+        // CogVideoX-5b at its native 480 x 720: the 30 x 45 grid fills the 30 x 45 base.
+        assert_eq!(resize_crop_region((30, 45), 45, 30), ((0, 0), (30, 45)));
+        // A square 4 x 4 grid on a 4 x 6 base: height 4, width 4, one column of margin on the left.
+        assert_eq!(resize_crop_region((4, 4), 6, 4), ((0, 1), (4, 5)));
+        // A wide 2 x 8 grid on a 4 x 4 base: width 4, height round(4 / 8 * 2) = 1, top round(1.5) = 2.
+        assert_eq!(resize_crop_region((2, 8), 4, 4), ((2, 0), (3, 4)));
+        // Ties round to even as Python does: 3 x 6 on 5 x 5 gives height round(2.5) = 2.
+        assert_eq!(resize_crop_region((3, 6), 5, 5), ((2, 0), (4, 5)));
+    }
+
+    #[test]
+    fn linspace_hits_both_ends() {
+        assert_eq!(linspace_f32(1.0, 3.75, 4)[3], 3.75);
+        assert_eq!(linspace_f32(0.0, 2.0, 3), vec![0.0, 1.0, 2.0]);
+        assert_eq!(linspace_f32(2.0, 5.0, 1), vec![2.0]);
+    }
 }

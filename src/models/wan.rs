@@ -377,7 +377,14 @@ fn image_embedder(
 ) -> String {
     let lead = tokens(len);
     let h = b.layer_norm(&format!("{path}.norm1"), x, in_f, 1e-5, true, true);
-    let h = b.linear(&format!("{path}.ff.net.0.proj"), &h, &lead, in_f, in_f, true);
+    let h = b.linear(
+        &format!("{path}.ff.net.0.proj"),
+        &h,
+        &lead,
+        in_f,
+        in_f,
+        true,
+    );
     let h = gelu_erf(b, &format!("{path}.ff.net.0"), &h);
     let h = b.linear(&format!("{path}.ff.net.2"), &h, &lead, in_f, dim, true);
     b.layer_norm(&format!("{path}.norm2"), &h, dim, 1e-5, true, true)
@@ -608,8 +615,22 @@ fn image_attention(
         true,
     );
     let k = b.rms_norm(&format!("{path}.norm_added_k"), &k, d.dim, d.eps);
-    let k = b.split_heads(&format!("{path}/image_k"), &k, len, d.heads, d.head_dim, true);
-    let v = b.split_heads(&format!("{path}/image_v"), &v, len, d.heads, d.head_dim, false);
+    let k = b.split_heads(
+        &format!("{path}/image_k"),
+        &k,
+        len,
+        d.heads,
+        d.head_dim,
+        true,
+    );
+    let v = b.split_heads(
+        &format!("{path}/image_v"),
+        &v,
+        len,
+        d.heads,
+        d.head_dim,
+        false,
+    );
     b.sdpa(
         &format!("{path}/image"),
         q,
@@ -668,4 +689,24 @@ fn block(
     );
     let ff = b.mul(&format!("{path}.ffn/gate"), &ff, c_gate);
     b.add(&format!("{path}.ffn/residual"), &h, &ff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::image_context_length;
+
+    /// Python's slicing of a context of L = image + text tokens: `[:, :L - 512]` are image tokens.
+    #[test]
+    fn image_tokens_as_diffusers_processor_slices_them() {
+        // The pipelines: 257 CLIP tokens + 512 UMT5 tokens.
+        assert_eq!(image_context_length(257, 512), 257);
+        // More text than 512: its first tokens count as image tokens.
+        assert_eq!(image_context_length(5, 600), 93);
+        // L = 515: [:, :3].
+        assert_eq!(image_context_length(5, 510), 3);
+        // L = 305: [:, :-207] keeps 305 - 207 = 98 tokens.
+        assert_eq!(image_context_length(5, 300), 98);
+        // L = 11 (the wan-i2v-tiny fixture): [:, :-501] is empty.
+        assert_eq!(image_context_length(5, 6), 0);
+    }
 }

@@ -261,8 +261,8 @@ pub fn write_f32_checkpoint(dir: &Path, config: &serde_json::Value, shapes: &Sha
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
         .map(|(n, s, b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
             (n.clone(), view)
         })
         .collect();
