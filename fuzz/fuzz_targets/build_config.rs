@@ -26,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
         height: size(head[2]),
         width: size(head[2].rotate_left(3)),
         text_len: size(head[3]),
+        image_len: size(head[3].rotate_left(5)),
+        timestep_per_token: head[1] & 1 != 0,
+        ..Default::default()
     };
     let ckpt = ditc::checkpoint::Checkpoint {
         dir: std::path::PathBuf::from("fuzz"),

@@ -212,6 +212,27 @@ impl GraphBuilder {
         value
     }
 
+    /// Accepts the checkpoint tensor `name` (checked like [`weight`]: present, float, of shape `dims`)
+    /// that this graph does not compute with, because diffusers' forward leaves it unused for these
+    /// shapes; it stays out of the graph.
+    ///
+    /// [`weight`]: GraphBuilder::weight
+    pub fn unused_weight(&mut self, name: &str, dims: &[i64]) {
+        let Some(t) = self.weights.get(name) else {
+            self.missing.push(format!("{name} {dims:?}"));
+            return;
+        };
+        if t.dims != dims || !t.dtype.is_float() {
+            let why = format!(
+                "{name}: checkpoint has {} {:?}, the config implies float {dims:?}",
+                t.dtype, t.dims
+            );
+            self.unusable(name, why);
+            return;
+        }
+        self.used.insert(name.to_string(), String::new());
+    }
+
     /// Records a checkpoint tensor that exists but cannot serve (found, so not also "unexpected").
     fn unusable(&mut self, name: &str, why: String) -> String {
         if let Some(value) = self.used.get(name) {

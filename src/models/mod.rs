@@ -62,6 +62,32 @@ pub struct BuildOptions {
     #[arg(long, value_enum)]
     #[serde(default)]
     pub timestep_dtype: Option<TimestepDtype>,
+    /// Image tokens of encoder_hidden_states_image (Wan image-to-video) [default: 257, the CLIP
+    /// ViT-H/14 hidden states WanImageToVideoPipeline passes]
+    #[arg(long)]
+    #[serde(default)]
+    pub image_len: Option<i64>,
+    /// Wan: one timestep per video token, `timestep` [B, tokens] (Wan2.2 TI2V's pipeline with
+    /// `expand_timesteps`)
+    #[arg(long)]
+    #[serde(default)]
+    pub timestep_per_token: bool,
+    /// CogVideoX with use_rotary_positional_embeddings: `pipeline` bakes the rotary tables that
+    /// CogVideoXPipeline passes for these shapes; `none` builds the transformer's forward without
+    /// `image_rotary_emb` (no positions) [default: pipeline]
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub rotary_emb: Option<RotaryEmb>,
+}
+
+/// Where a CogVideoX graph's rotary tables come from (see [`BuildOptions::rotary_emb`]).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum RotaryEmb {
+    Pipeline,
+    None,
 }
 
 /// The type of a built graph's `timestep` input.
@@ -121,6 +147,7 @@ impl BuildOptions {
             ("height", self.height),
             ("width", self.width),
             ("text-len", self.text_len),
+            ("image-len", self.image_len),
         ] {
             if let Some(v) = v {
                 if !(1..=1 << 20).contains(&v) {
@@ -164,7 +191,7 @@ pub fn read_model_or_checkpoint(path: &std::path::Path, opts: &BuildOptions) -> 
         );
     }
     if *opts != BuildOptions::default() {
-        bail!("--batch/--dynamic-batch/--frames/--height/--width/--text-len/--timestep-dtype apply to diffusers checkpoint folders; '{}' is an ONNX file with its own shapes and types", path.display());
+        bail!("--batch/--dynamic-batch/--frames/--height/--width/--text-len/--image-len/--timestep-per-token/--rotary-emb/--timestep-dtype apply to diffusers checkpoint folders; '{}' is an ONNX file with its own shapes and types", path.display());
     }
     crate::onnx::read_model(path)
 }

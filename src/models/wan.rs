@@ -1,12 +1,21 @@
-//! `WanTransformer3DModel` (diffusers `transformer_wan.py`), text-to-video: Conv3d patch embedding,
-//! 3-D rotary position embedding (frames / rows / columns share each head's dims), blocks of full
-//! self-attention with RMS-normalised q/k and RoPE, cross-attention to the projected text, and a
-//! feed-forward, all modulated by `scale_shift_table` + the timestep projection; unpatchify to
-//! `[B, C, F, H, W]`.
+//! `WanTransformer3DModel` (diffusers `transformer_wan.py`): Conv3d patch embedding, 3-D rotary
+//! position embedding (frames / rows / columns share each head's dims), blocks of full self-attention
+//! with RMS-normalised q/k and RoPE, cross-attention to the projected text, and a feed-forward, all
+//! modulated by `scale_shift_table` + the timestep projection; unpatchify to `[B, C, F, H, W]`.
 //!
-//! Inputs `hidden_states` [B, C, F, H, W], `timestep` [B] float32 (`sigma * 1000` as WanPipeline passes
-//! it; int64 with `--timestep-dtype int64`), `encoder_hidden_states` [B, L, text_dim];
-//! output `sample`. Image conditioning (I2V: `image_dim`, `added_kv_proj_dim`) is refused.
+//! Image-to-video (Wan2.1 I2V: `image_dim`, `added_kv_proj_dim`): the CLIP image tokens go through
+//! `condition_embedder.image_embedder` and are put before the text; each cross-attention attends to the
+//! image part with its own `add_k_proj` / `add_v_proj` (+ `norm_added_k`) and adds that to the text
+//! part's attention. Which tokens are "image" is decided as diffusers' `WanAttnProcessor` decides it:
+//! everything before the *last 512* tokens (UMT5's 512, hard-coded there), see [`image_context_length`].
+//!
+//! Wan2.2 TI2V (`--timestep-per-token`): `timestep` [B, tokens], one value per video token as the
+//! pipeline's `expand_timesteps` passes it; every modulation (blocks and final layer) is then per token.
+//!
+//! Inputs `hidden_states` [B, C, F, H, W], `timestep` [B] (or [B, tokens]) float32 (`sigma * 1000` as
+//! WanPipeline passes it; int64 with `--timestep-dtype int64`), `encoder_hidden_states` [B, L, text_dim],
+//! `encoder_hidden_states_image` [B, image_len, image_dim] for I2V; output `sample`. Refused:
+//! `pos_embed_seq_len` (FLF2V's two-image positions).
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -66,6 +75,10 @@ const DEFAULT_FRAMES: i64 = 21;
 const DEFAULT_HEIGHT: i64 = 60;
 const DEFAULT_WIDTH: i64 = 104;
 const DEFAULT_TEXT: i64 = 512;
+/// CLIP ViT-H/14's hidden states (256 patches + the class token), as WanImageToVideoPipeline passes them.
+const DEFAULT_IMAGE: i64 = 257;
+/// The text length `WanAttnProcessor` hard-codes when it splits image from text tokens.
+const PROCESSOR_TEXT: i64 = 512;
 
 pub struct Wan;
 
@@ -74,8 +87,15 @@ struct Dims {
     heads: i64,
     head_dim: i64,
     seq: i64,
-    text: i64,
     eps: f64,
+    /// Modulations per video token (`timestep` [B, tokens]) rather than per sample.
+    per_token: bool,
+}
+
+/// What a cross-attention attends to: the text part (value, tokens) and the image part if any.
+struct Context {
+    text: (String, i64),
+    image: Option<(String, i64)>,
 }
 
 impl Family for Wan {
@@ -85,23 +105,20 @@ impl Family for Wan {
 
     fn build(config: &serde_json::Value, opts: &BuildOptions, b: &mut GraphBuilder) -> Result<()> {
         let c: Config = super::parse_config(config, Self::CLASS)?;
-        if c.image_dim.is_some() || c.added_kv_proj_dim.is_some() || c.pos_embed_seq_len.is_some() {
-            bail!("image conditioning (image_dim / added_kv_proj_dim / pos_embed_seq_len: Wan I2V) is not implemented");
-        }
-        if c.qk_norm.as_deref() != Some("rms_norm_across_heads") {
-            bail!(
-                "qk_norm {:?} is not supported (only 'rms_norm_across_heads')",
-                c.qk_norm
-            );
-        }
+        let dim = super::inner_dim(c.num_attention_heads, c.attention_head_dim)?;
+        check_supported(&c, dim)?;
         let [pt, ph, pw] = c.patch_size[..] else {
             bail!("patch_size must have 3 entries, got {:?}", c.patch_size);
         };
         let cout = c.out_channels.unwrap_or(c.in_channels);
-        let dim = super::inner_dim(c.num_attention_heads, c.attention_head_dim)?;
         let frames = opts.frames.unwrap_or(DEFAULT_FRAMES);
         let (height, width) = opts.latent_size(DEFAULT_HEIGHT, DEFAULT_WIDTH);
         let text = opts.text_len.unwrap_or(DEFAULT_TEXT);
+        let image = match (c.image_dim, opts.image_len) {
+            (Some(_), len) => Some(len.unwrap_or(DEFAULT_IMAGE)),
+            (None, Some(_)) => bail!("--image-len applies to image-to-video checkpoints (image_dim); this config has no image_dim"),
+            (None, None) => None,
+        };
         super::check_divisible("frames", frames, pt, "the patch size")?;
         super::check_divisible("height", height, ph, "the patch size")?;
         super::check_divisible("width", width, pw, "the patch size")?;
@@ -124,8 +141,8 @@ impl Family for Wan {
             heads: c.num_attention_heads,
             head_dim: c.attention_head_dim,
             seq: f * h * w,
-            text,
             eps: c.eps,
+            per_token: opts.timestep_per_token,
         };
 
         let x = b.input(
@@ -133,16 +150,29 @@ impl Family for Wan {
             DataType::F32,
             opts.dims(&[c.in_channels, frames, height, width]),
         );
+        let timestep_dims = if d.per_token {
+            opts.dims(&[d.seq])
+        } else {
+            opts.dims(&[])
+        };
         let t = b.input(
             "timestep",
             opts.timestep_dtype(Self::TIMESTEP_DTYPE),
-            opts.dims(&[]),
+            timestep_dims,
         );
         let enc = b.input(
             "encoder_hidden_states",
             DataType::F32,
             opts.dims(&[text, c.text_dim]),
         );
+        let enc_image = match (image, c.image_dim) {
+            (Some(len), Some(image_dim)) => Some(b.input(
+                "encoder_hidden_states_image",
+                DataType::F32,
+                opts.dims(&[len, image_dim]),
+            )),
+            _ => None,
+        };
 
         let (cos, sin) = rope_tables(b, c.attention_head_dim, c.rope_max_seq_len, (f, h, w));
         let wt = b.weight("patch_embedding.weight", &[dim, c.in_channels, pt, ph, pw]);
@@ -159,8 +189,14 @@ impl Family for Wan {
         let x = b.reshape("patch_embedding/flatten", &x, &[-1, dim, d.seq]);
         let mut x = b.transpose("patch_embedding/tokens", &x, &[0, 2, 1]);
 
-        // condition_embedder: temb [B, D], timestep_proj [B, 6, D], text [B, L, D].
+        // condition_embedder: temb [B, D], timestep_proj [B, 6, D] (per token: [B*S, D] and
+        // [B, S, 6, D]), text [B, L, D], image [B, I, D].
         let path = "condition_embedder";
+        let t = if d.per_token {
+            b.reshape(&format!("{path}/flatten_timesteps"), &t, &[-1])
+        } else {
+            t
+        };
         let proj = b.timestep_proj(&format!("{path}.timesteps_proj"), &t, c.freq_dim, true, 0.0);
         let temb = b.timestep_embedding(&format!("{path}.time_embedder"), &proj, c.freq_dim, dim);
         let act = b.silu(&format!("{path}.act_fn"), &temb);
@@ -172,8 +208,13 @@ impl Family for Wan {
             6 * dim,
             true,
         );
-        let t6 = b.reshape(&format!("{path}.time_proj/rows"), &t6, &[-1, 6, dim]);
-        let context = super::caption_projection(
+        let rows: &[i64] = if d.per_token {
+            &[-1, d.seq, 6, dim]
+        } else {
+            &[-1, 6, dim]
+        };
+        let t6 = b.reshape(&format!("{path}.time_proj/rows"), &t6, rows);
+        let text_ctx = super::caption_projection(
             b,
             &format!("{path}.text_embedder"),
             &enc,
@@ -181,6 +222,21 @@ impl Family for Wan {
             c.text_dim,
             dim,
         );
+        let image_ctx = match (&enc_image, image, c.image_dim) {
+            (Some(enc_image), Some(len), Some(image_dim)) => Some((
+                image_embedder(
+                    b,
+                    &format!("{path}.image_embedder"),
+                    enc_image,
+                    len,
+                    image_dim,
+                    dim,
+                ),
+                len,
+            )),
+            _ => None,
+        };
+        let context = split_context(b, &c, text_ctx, text, image_ctx);
 
         for i in 0..c.num_layers {
             x = block(
@@ -198,7 +254,11 @@ impl Family for Wan {
 
         let table = b.weight("scale_shift_table", &[1, 2, dim]);
         let out = cout * pt * ph * pw;
-        let x = super::final_layer_single(b, &x, &temb, &table, c.eps, [d.seq, dim, out]);
+        let x = if d.per_token {
+            final_layer_per_token(b, &d, &x, &temb, &table, out)
+        } else {
+            super::final_layer_single(b, &x, &temb, &table, c.eps, [d.seq, dim, out])
+        };
         // [B, f*h*w, pt*ph*pw*C] -> [B, C, f, pt, h, ph, w, pw] -> [B, C, F, H, W]
         let x = b.reshape("unpatchify/grid", &x, &[-1, f, h, w, pt, ph, pw, cout]);
         let x = b.transpose("unpatchify/permute", &x, &[0, 7, 1, 4, 2, 5, 3, 6]);
@@ -211,6 +271,168 @@ impl Family for Wan {
         );
         Ok(())
     }
+}
+
+fn check_supported(c: &Config, dim: i64) -> Result<()> {
+    if c.pos_embed_seq_len.is_some() {
+        bail!("pos_embed_seq_len (Wan FLF2V's positions over two images) is not implemented");
+    }
+    match (c.image_dim, c.added_kv_proj_dim) {
+        (None, None) => {}
+        (Some(_), Some(kv)) if kv == dim => {}
+        (Some(_), Some(kv)) => bail!("added_kv_proj_dim {kv} is not supported: add_k_proj reads the image embedder's output, which has the inner dim {dim}"),
+        (Some(_), None) => bail!("image_dim without added_kv_proj_dim is not supported (image tokens through the text key/value projections: no published Wan has it)"),
+        (None, Some(_)) => bail!("added_kv_proj_dim without image_dim is not supported (no image embedder to feed add_k_proj)"),
+    }
+    if c.qk_norm.as_deref() != Some("rms_norm_across_heads") {
+        bail!(
+            "qk_norm {:?} is not supported (only 'rms_norm_across_heads')",
+            c.qk_norm
+        );
+    }
+    Ok(())
+}
+
+/// The number of leading tokens of the joined `[image, text]` context that diffusers'
+/// `WanAttnProcessor` treats as image tokens: `context[:, :L - 512]` in Python, so everything before
+/// the last 512 tokens, and for a context shorter than 512 what Python's negative slice leaves
+/// (`max(0, 2L - 512)` tokens). Equal to the image length when the text has 512 tokens (the pipelines).
+fn image_context_length(image: i64, text: i64) -> i64 {
+    let total = image + text;
+    let n = total - PROCESSOR_TEXT;
+    if n >= 0 {
+        n
+    } else {
+        (total + n).max(0)
+    }
+}
+
+/// The cross-attention context as `WanAttnProcessor` splits it: image tokens (if any) then text.
+fn split_context(
+    b: &mut GraphBuilder,
+    c: &Config,
+    text: String,
+    text_len: i64,
+    image: Option<(String, i64)>,
+) -> Context {
+    let Some((image, image_len)) = image else {
+        return Context {
+            text: (text, text_len),
+            image: None,
+        };
+    };
+    let total = image_len + text_len;
+    let split = image_context_length(image_len, text_len);
+    if split == image_len {
+        return Context {
+            text: (text, text_len),
+            image: Some((image, image_len)),
+        };
+    }
+    let joint = b.concat("condition_embedder/image_and_text", &image, &text, 1);
+    if split == 0 {
+        // The image branch attends to no token at all: it adds nothing, and its weights serve nothing.
+        if let Some(kv) = c.added_kv_proj_dim {
+            mark_image_projections_unused(b, c, kv);
+        }
+        return Context {
+            text: (joint, total),
+            image: None,
+        };
+    }
+    let parts = b.split_sizes(
+        "condition_embedder/processor_split",
+        &joint,
+        &[split, total - split],
+        1,
+    );
+    Context {
+        text: (parts[1].clone(), total - split),
+        image: Some((parts[0].clone(), split)),
+    }
+}
+
+/// Every block's `add_k_proj`, `add_v_proj` and `norm_added_k` accepted without a use.
+fn mark_image_projections_unused(b: &mut GraphBuilder, c: &Config, kv: i64) {
+    let dim = c.num_attention_heads * c.attention_head_dim;
+    for i in 0..c.num_layers {
+        let path = format!("blocks.{i}.attn2");
+        for m in ["add_k_proj", "add_v_proj"] {
+            b.unused_weight(&format!("{path}.{m}.weight"), &[dim, kv]);
+            b.unused_weight(&format!("{path}.{m}.bias"), &[dim]);
+        }
+        b.unused_weight(&format!("{path}.norm_added_k.weight"), &[dim]);
+    }
+}
+
+/// `WanImageEmbedding` (no `pos_embed`): FP32LayerNorm, FeedForward (mult 1, exact GELU),
+/// FP32LayerNorm, on [B, len, in_f] -> [B, len, dim].
+fn image_embedder(
+    b: &mut GraphBuilder,
+    path: &str,
+    x: &str,
+    len: i64,
+    in_f: i64,
+    dim: i64,
+) -> String {
+    let lead = tokens(len);
+    let h = b.layer_norm(&format!("{path}.norm1"), x, in_f, 1e-5, true, true);
+    let h = b.linear(
+        &format!("{path}.ff.net.0.proj"),
+        &h,
+        &lead,
+        in_f,
+        in_f,
+        true,
+    );
+    let h = gelu_erf(b, &format!("{path}.ff.net.0"), &h);
+    let h = b.linear(&format!("{path}.ff.net.2"), &h, &lead, in_f, dim, true);
+    b.layer_norm(&format!("{path}.norm2"), &h, dim, 1e-5, true, true)
+}
+
+/// torch's exact GELU: 0.5 x (1 + erf(x / sqrt 2)).
+fn gelu_erf(b: &mut GraphBuilder, name: &str, x: &str) -> String {
+    let r = b.scalar(&format!("{name}/rsqrt2"), std::f32::consts::FRAC_1_SQRT_2);
+    let scaled = b.mul(&format!("{name}/scaled"), x, &r);
+    let erf = b.op(&format!("{name}/erf"), "Erf", &[&scaled], vec![]);
+    let one = b.scalar(&format!("{name}/one"), 1.0);
+    let onep = b.add(&format!("{name}/1p"), &erf, &one);
+    let half = b.scalar(&format!("{name}/half"), 0.5);
+    let hx = b.mul(&format!("{name}/hx"), x, &half);
+    b.mul(name, &hx, &onep)
+}
+
+/// The final layer with per-token modulation (Wan2.2 TI2V): shift/scale = `scale_shift_table` + the
+/// token's timestep embedding (`temb` [B*S, dim]), LayerNorm (no affine), modulation, `proj_out`.
+fn final_layer_per_token(
+    b: &mut GraphBuilder,
+    d: &Dims,
+    x: &str,
+    temb: &str,
+    table: &str,
+    out: i64,
+) -> String {
+    let t = b.reshape("norm_out/token_rows", temb, &[-1, d.seq, 1, d.dim]);
+    let mods = b.add("norm_out/modulation", table, &t);
+    let parts = per_token_chunks(b, "norm_out/chunks", d, &mods, 2);
+    let normed = b.layer_norm("norm_out", x, d.dim, d.eps, false, false);
+    let normed = b.modulate("norm_out/modulate", &normed, &parts[1], &parts[0]);
+    b.linear("proj_out", &normed, &tokens(d.seq), d.dim, out, true)
+}
+
+/// `mods` [B, S, parts, dim] as `parts` tensors [B, S, dim].
+fn per_token_chunks(
+    b: &mut GraphBuilder,
+    name: &str,
+    d: &Dims,
+    mods: &str,
+    parts: usize,
+) -> Vec<String> {
+    b.chunk(name, mods, parts, 2)
+        .iter()
+        .enumerate()
+        .map(|(i, m)| b.reshape(&format!("{name}/{i}"), m, &[-1, d.seq, d.dim]))
+        .collect()
 }
 
 /// `WanRotaryPosEmbed` for a `f x h x w` patch grid: per token, the frame, row and column tables
@@ -287,17 +509,19 @@ fn apply_rope(
     b.reshape(name, &joined, &[-1, d.seq, d.heads, d.head_dim])
 }
 
-/// `WanAttention`: q/k/v projections, RMS norm over all heads, optional RoPE, SDPA, `to_out.0`.
+/// `WanAttention`: q/k/v projections, RMS norm over all heads, optional RoPE, SDPA, `to_out.0`. For
+/// cross-attention `context` gives the text part (value, tokens) and an image part, which gets its own
+/// keys and values (`add_k_proj`, `norm_added_k`, `add_v_proj`) and its attention added to the text's.
 fn attention(
     b: &mut GraphBuilder,
     path: &str,
     d: &Dims,
     x: &str,
-    context: Option<&str>,
+    context: Option<&Context>,
     rope: Option<(&str, &str)>,
 ) -> String {
     let (kv, kv_len) = match context {
-        Some(c) => (c, d.text),
+        Some(c) => (c.text.0.as_str(), c.text.1),
         None => (x, d.seq),
     };
     let q = b.linear(
@@ -350,7 +574,11 @@ fn attention(
         ),
     };
     let v = b.split_heads(&format!("{path}/v"), &v, kv_len, d.heads, d.head_dim, false);
-    let out = b.sdpa(path, &q, &k, &v, [d.seq, d.heads, d.head_dim]);
+    let mut out = b.sdpa(path, &q, &k, &v, [d.seq, d.heads, d.head_dim]);
+    if let Some((image, image_len)) = context.and_then(|c| c.image.as_ref()) {
+        let image_out = image_attention(b, path, d, &q, (image, *image_len));
+        out = b.add(&format!("{path}/text_plus_image"), &out, &image_out);
+    }
     b.linear(
         &format!("{path}.to_out.0"),
         &out,
@@ -361,13 +589,64 @@ fn attention(
     )
 }
 
+/// I2V: the queries `q` [B, H, S, hd] attend to the image tokens through `add_k_proj` (RMS-normed by
+/// `norm_added_k`) and `add_v_proj`; returns [B, S, dim] before `to_out`.
+fn image_attention(
+    b: &mut GraphBuilder,
+    path: &str,
+    d: &Dims,
+    q: &str,
+    (image, len): (&str, i64),
+) -> String {
+    let k = b.linear(
+        &format!("{path}.add_k_proj"),
+        image,
+        &tokens(len),
+        d.dim,
+        d.dim,
+        true,
+    );
+    let v = b.linear(
+        &format!("{path}.add_v_proj"),
+        image,
+        &tokens(len),
+        d.dim,
+        d.dim,
+        true,
+    );
+    let k = b.rms_norm(&format!("{path}.norm_added_k"), &k, d.dim, d.eps);
+    let k = b.split_heads(
+        &format!("{path}/image_k"),
+        &k,
+        len,
+        d.heads,
+        d.head_dim,
+        true,
+    );
+    let v = b.split_heads(
+        &format!("{path}/image_v"),
+        &v,
+        len,
+        d.heads,
+        d.head_dim,
+        false,
+    );
+    b.sdpa(
+        &format!("{path}/image"),
+        q,
+        &k,
+        &v,
+        [d.seq, d.heads, d.head_dim],
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 fn block(
     b: &mut GraphBuilder,
     path: &str,
     d: &Dims,
     x: &str,
-    context: &str,
+    context: &Context,
     t6: &str,
     rope: (&str, &str),
     cross_attn_norm: bool,
@@ -376,7 +655,12 @@ fn block(
     let dim = d.dim;
     let table = b.weight(&format!("{path}.scale_shift_table"), &[1, 6, dim]);
     let mods = b.add(&format!("{path}/modulation"), &table, t6);
-    let m = b.chunk(&format!("{path}/modulation_chunks"), &mods, 6, 1);
+    let name = format!("{path}/modulation_chunks");
+    let m = if d.per_token {
+        per_token_chunks(b, &name, d, &mods, 6)
+    } else {
+        b.chunk(&name, &mods, 6, 1)
+    };
     let (shift, scale, gate, c_shift, c_scale, c_gate) = (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
 
     let normed = b.layer_norm(&format!("{path}.norm1"), x, dim, d.eps, false, false);
@@ -405,4 +689,24 @@ fn block(
     );
     let ff = b.mul(&format!("{path}.ffn/gate"), &ff, c_gate);
     b.add(&format!("{path}.ffn/residual"), &h, &ff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::image_context_length;
+
+    /// Python's slicing of a context of L = image + text tokens: `[:, :L - 512]` are image tokens.
+    #[test]
+    fn image_tokens_as_diffusers_processor_slices_them() {
+        // The pipelines: 257 CLIP tokens + 512 UMT5 tokens.
+        assert_eq!(image_context_length(257, 512), 257);
+        // More text than 512: its first tokens count as image tokens.
+        assert_eq!(image_context_length(5, 600), 93);
+        // L = 515: [:, :3].
+        assert_eq!(image_context_length(5, 510), 3);
+        // L = 305: [:, :-207] keeps 305 - 207 = 98 tokens.
+        assert_eq!(image_context_length(5, 300), 98);
+        // L = 11 (the wan-i2v-tiny fixture): [:, :-501] is empty.
+        assert_eq!(image_context_length(5, 6), 0);
+    }
 }

@@ -224,3 +224,115 @@ pub fn run_bundle(
 pub fn f32_named(tensors: &[Tensor], name: &str) -> Vec<f32> {
     named(tensors, name).to_f32_vec().unwrap()
 }
+
+/// Tensor names and shapes of a checkpoint.
+pub type Shapes = Vec<(String, Vec<i64>)>;
+
+/// Deterministic values in about [-0.5, 0.5) (xorshift, seeded per tensor name).
+pub fn pseudo_random(name: &str, n: usize) -> Vec<f32> {
+    let mut s = name.bytes().fold(0x9e3779b97f4a7c15u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    }) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// A float32 checkpoint folder: `config` and `shapes` filled by [`pseudo_random`].
+pub fn write_f32_checkpoint(dir: &Path, config: &serde_json::Value, shapes: &Shapes) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .iter()
+        .map(|(name, dims)| {
+            let n = dims.iter().product::<i64>() as usize;
+            let bytes = pseudo_random(name, n)
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            let dims = dims.iter().map(|&d| d as usize).collect();
+            (name.clone(), dims, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    std::fs::write(
+        dir.join(ditc::checkpoint::WEIGHTS),
+        safetensors::tensor::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A BF16 checkpoint of real layout and size whose weights are slices of one sparse file: its zero
+/// pages take neither disk nor memory until read (building a graph never reads them), so a 14B layout
+/// costs nothing.
+pub fn sparse_bf16_checkpoint(
+    class: &str,
+    config: &serde_json::Value,
+    shapes: &Shapes,
+) -> ditc::checkpoint::Checkpoint {
+    let total: usize = shapes
+        .iter()
+        .map(|(_, s)| 2 * s.iter().product::<i64>() as usize)
+        .sum();
+    let sparse = tempfile::tempfile().unwrap();
+    sparse.set_len(total as u64).unwrap();
+    let zeros = ditc::onnx::external::map_file(&sparse).unwrap();
+    let mut offset = 0;
+    let tensors = shapes
+        .iter()
+        .map(|(name, dims)| {
+            let n = 2 * dims.iter().product::<i64>() as usize;
+            offset += n;
+            let raw = zeros.slice(offset - n..offset);
+            Tensor::from_raw(name, ditc::ir::DataType::BF16, dims.clone(), raw).unwrap()
+        })
+        .collect();
+    let mut config = config.clone();
+    config["_class_name"] = class.into();
+    ditc::checkpoint::Checkpoint {
+        dir: std::env::temp_dir(),
+        class_name: class.to_string(),
+        config,
+        files: Vec::new(),
+        tensors,
+    }
+}
+
+/// Run `model` under tract with extra graph outputs `probes` (intermediate values); all outputs by name.
+pub fn run_with_probes(
+    model: &ditc::ir::Model,
+    inputs: &[Tensor],
+    probes: &[&str],
+) -> std::collections::BTreeMap<String, Vec<f32>> {
+    use ditc::ir::{DataType, ValueInfo, ValueType};
+    let mut model = model.clone();
+    for p in probes {
+        model.graph.outputs.push(ValueInfo {
+            name: p.to_string(),
+            ty: ValueType::Tensor {
+                dtype: Some(DataType::F32),
+                shape: None,
+            },
+            doc_string: String::new(),
+        });
+    }
+    let runner = ditc::runtime::TractRunner::new(&model, inputs).unwrap();
+    runner
+        .run(inputs)
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.name.clone(), t.to_f32_vec().unwrap()))
+        .collect()
+}
