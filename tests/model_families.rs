@@ -886,7 +886,14 @@ fn hunyuan_tiny_config() -> serde_json::Value {
 }
 
 const HUNYUAN_TINY_FLAGS: [&str; 8] = [
-    "--frames", "2", "--height", "4", "--width", "4", "--text-len", "3",
+    "--frames",
+    "2",
+    "--height",
+    "4",
+    "--width",
+    "4",
+    "--text-len",
+    "3",
 ];
 
 /// Config values the HunyuanVideo builder does not reproduce are refused (exit 2) with an error
@@ -902,17 +909,43 @@ fn hunyuanvideo_config_values_are_checked() {
     let refused = [
         ("image_condition_type", serde_json::json!("token_replace")),
         ("qk_norm", serde_json::json!("layer_norm")),
+        ("qk_norm", serde_json::Value::Null),
         ("rope_axes_dim", serde_json::json!([4, 4, 4])),
+        ("rope_axes_dim", serde_json::json!([4, 6])),
         ("mlp_ratio", serde_json::json!(-1.0)),
+        ("mlp_ratio", serde_json::json!(1e30)),
+        ("rope_theta", serde_json::json!(0.0)),
+        ("num_single_layers", serde_json::json!(100_000)),
     ];
-    for (key, value) in refused {
-        let dir = tmp.path().join(key);
+    for (i, (key, value)) in refused.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("{key}-{i}"));
         let mut bad = config.clone();
         bad[key] = value;
         write_checkpoint(&dir, &bad, &shapes, &none);
         let mut args = vec!["inspect", dir.to_str().unwrap()];
         args.extend(HUNYUAN_TINY_FLAGS);
         common::assert_refused(&args, &[key]);
+    }
+    // Shapes whose constant or mask tables would be huge are refused before anything is computed.
+    let t2v = tmp.path().join("t2v");
+    write_checkpoint(&t2v, &config, &shapes, &none);
+    for (flags, expect) in [
+        (
+            ["--frames", "4096", "--height", "4096"],
+            "the rotary table would have",
+        ),
+        (
+            ["--text-len", "1048576", "--frames", "2"],
+            "the attention mask table",
+        ),
+        (
+            ["--frames", "2", "--height", "5"],
+            "height 5 is not a multiple of 2",
+        ),
+    ] {
+        let mut args = vec!["inspect", t2v.to_str().unwrap()];
+        args.extend(flags);
+        common::assert_refused(&args, &[expect]);
     }
 
     let mut unguided = config.clone();
@@ -921,9 +954,17 @@ fn hunyuanvideo_config_values_are_checked() {
     write_checkpoint(&dir, &unguided, &shapes, &none);
     let mut args = vec!["inspect", dir.to_str().unwrap()];
     args.extend(HUNYUAN_TINY_FLAGS);
-    common::assert_refused(&args, &["unexpected tensors", "time_text_embed.guidance_embedder"]);
+    common::assert_refused(
+        &args,
+        &["unexpected tensors", "time_text_embed.guidance_embedder"],
+    );
     let dir = tmp.path().join("unguided");
-    write_checkpoint(&dir, &unguided, &hunyuan_shapes(&Layout::of(&unguided)), &none);
+    write_checkpoint(
+        &dir,
+        &unguided,
+        &hunyuan_shapes(&Layout::of(&unguided)),
+        &none,
+    );
     let inputs = |dir: &Path| -> Vec<String> {
         let model = build_model(&Checkpoint::open(dir).unwrap(), &hunyuan_small()).unwrap();
         model.graph.inputs.iter().map(|i| i.name.clone()).collect()
@@ -937,20 +978,18 @@ fn hunyuanvideo_config_values_are_checked() {
     ];
     assert_eq!(inputs(&dir), want);
 
-    let dir = tmp.path().join("t2v");
-    write_checkpoint(&dir, &config, &shapes, &none);
     let mut concat = config.clone();
     concat["image_condition_type"] = "latent_concat".into();
     let concat_dir = tmp.path().join("latent_concat");
     write_checkpoint(&concat_dir, &concat, &shapes, &none);
     want.push("guidance");
-    assert_eq!(inputs(&dir), want);
+    assert_eq!(inputs(&t2v), want);
     let graph = |dir: &Path| {
         build_model(&Checkpoint::open(dir).unwrap(), &hunyuan_small())
             .unwrap()
             .graph
     };
-    assert_eq!(graph(&concat_dir), graph(&dir));
+    assert_eq!(graph(&concat_dir), graph(&t2v));
 }
 
 fn hunyuan_small() -> BuildOptions {

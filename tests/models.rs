@@ -37,6 +37,13 @@ fn fixture_shapes(m: &str) -> BuildOptions {
             text_len: Some(8),
             ..Default::default()
         },
+        "hunyuanvideo-tiny" => BuildOptions {
+            frames: Some(3),
+            height: Some(8),
+            width: Some(12),
+            text_len: Some(5),
+            ..Default::default()
+        },
         _ => BuildOptions::default(),
     }
 }
@@ -1025,16 +1032,6 @@ const HUNYUAN_TINY_FLAGS: [&str; 8] = [
     "5",
 ];
 
-fn hunyuan_tiny_shapes() -> BuildOptions {
-    BuildOptions {
-        frames: Some(3),
-        height: Some(8),
-        width: Some(12),
-        text_len: Some(5),
-        ..Default::default()
-    }
-}
-
 /// The graph built from hunyuanvideo-tiny has diffusers' forward inputs (float32 timestep and
 /// guidance, int64 mask) and reproduces PyTorch on all five cases to 1e-4 relative. The cases mask
 /// the last text token, and the mask matters: unmasking it moves the output by more than ten times
@@ -1045,7 +1042,7 @@ fn hunyuanvideo_tiny_matches_pytorch() {
     use ditc::ir::DataType;
     let dir = common::fixture("hunyuanvideo-tiny");
     let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
-    let model = build_model(&ckpt, &hunyuan_tiny_shapes()).unwrap();
+    let model = build_model(&ckpt, &fixture_shapes("hunyuanvideo-tiny")).unwrap();
     let inputs: Vec<(String, Option<DataType>)> = model
         .graph
         .inputs
@@ -1060,8 +1057,10 @@ fn hunyuanvideo_tiny_matches_pytorch() {
         ("pooled_projections", DataType::F32),
         ("guidance", DataType::F32),
     ];
-    let want: Vec<(String, Option<DataType>)> =
-        want.iter().map(|(n, d)| (n.to_string(), Some(*d))).collect();
+    let want: Vec<(String, Option<DataType>)> = want
+        .iter()
+        .map(|(n, d)| (n.to_string(), Some(*d)))
+        .collect();
     assert_eq!(inputs, want);
     let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
     common::assert_matches_reference(&model, &io, "hunyuanvideo-tiny");
@@ -1079,7 +1078,10 @@ fn hunyuanvideo_tiny_matches_pytorch() {
     let reference = named(&case0, "sample").to_f32_vec().unwrap();
     let moved = compare(&got, &reference).max_rel;
     eprintln!("hunyuanvideo-tiny case 0 with the last token unmasked: max_rel {moved:.2e}");
-    assert!(moved > 1e-3, "unmasking a token barely moved the output ({moved})");
+    assert!(
+        moved > 1e-3,
+        "unmasking a token barely moved the output ({moved})"
+    );
 }
 
 /// `ditc inspect` on hunyuanvideo-tiny: the refiner's text self-attention is `cross` (keys from the
@@ -1105,8 +1107,14 @@ fn hunyuanvideo_tiny_attention_map() {
     );
     let attention = report["attention"].as_array().unwrap();
     assert!(attention.iter().all(|s| s["traced"] == true), "{report}");
-    assert_eq!(attention[1]["query_axes"], serde_json::json!(["frame", "height", "width", "text"]));
-    let anchors: Vec<&str> = attention.iter().map(|s| s["anchor"].as_str().unwrap()).collect();
+    assert_eq!(
+        attention[1]["query_axes"],
+        serde_json::json!(["frame", "height", "width", "text"])
+    );
+    let anchors: Vec<&str> = attention
+        .iter()
+        .map(|s| s["anchor"].as_str().unwrap())
+        .collect();
     assert!(anchors[0].starts_with("context_embedder.token_refiner.refiner_blocks.0.attn"));
     assert!(anchors[1].starts_with("transformer_blocks.0.attn"));
     assert!(anchors[4].starts_with("single_transformer_blocks.1.attn"));
@@ -1123,8 +1131,14 @@ fn hunyuanvideo_tiny_attention_map() {
                 "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj",
                 "context_embedder.token_refiner.refiner_blocks.0.ff.net.2"
             ]),
-            serde_json::json!(["transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff.net.2"]),
-            serde_json::json!(["transformer_blocks.1.ff.net.0.proj", "transformer_blocks.1.ff.net.2"]),
+            serde_json::json!([
+                "transformer_blocks.0.ff.net.0.proj",
+                "transformer_blocks.0.ff.net.2"
+            ]),
+            serde_json::json!([
+                "transformer_blocks.1.ff.net.0.proj",
+                "transformer_blocks.1.ff.net.2"
+            ]),
             serde_json::json!([
                 "single_transformer_blocks.0.proj_mlp",
                 "single_transformer_blocks.0.proj_out"
@@ -1135,4 +1149,12 @@ fn hunyuanvideo_tiny_attention_map() {
             ]),
         ]
     );
+}
+
+/// `--dynamic-batch` on hunyuanvideo-tiny: a batch of cases 1 and 4 gives each case's PyTorch output
+/// (the masks, text pooling and joint-attention key lengths are per row).
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn hunyuanvideo_tiny_dynamic_batch() {
+    assert_dynamic_batch_graph_runs_any_batch("hunyuanvideo-tiny");
 }

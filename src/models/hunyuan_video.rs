@@ -189,18 +189,7 @@ impl Family for HunyuanVideo {
             h = single_block(b, &path, &d, &h, &temb, &joint);
         }
         let parts = b.split_sizes("single_transformer_blocks/split", &h, &[video, text], 1);
-
-        // norm_out (AdaLayerNormContinuous: scale first, then shift), proj_out, unpatchify.
-        let m = b.adaln_chunks("norm_out.silu", "norm_out.linear", &temb, dim, dim, 2);
-        let x = b.layer_norm("norm_out.norm", &parts[0], dim, EPS, false, false);
-        let x = b.modulate("norm_out/modulate", &x, &m[0], &m[1]);
-        let out = cout * pt * p * p;
-        let x = b.linear("proj_out", &x, &tokens(video), dim, out, true);
-        // [B, f*h*w, C*pt*p*p] -> [B, f, h, w, C, pt, p, p] -> [B, C, f, pt, h, p, w, p] -> [B, C, F, H, W]
-        let [f, gh, gw] = grid;
-        let x = b.reshape("unpatchify/grid", &x, &[-1, f, gh, gw, cout, pt, p, p]);
-        let x = b.transpose("unpatchify/permute", &x, &[0, 4, 1, 5, 2, 6, 3, 7]);
-        let x = b.reshape("unpatchify", &x, &[-1, cout, frames, height, width]);
+        let x = output_layer(b, &parts[0], &temb, &d, (&c, grid));
         b.output(
             &x,
             "sample",
@@ -209,6 +198,28 @@ impl Family for HunyuanVideo {
         );
         Ok(())
     }
+}
+
+/// `norm_out` (`AdaLayerNormContinuous`: scale first, then shift), `proj_out` and unpatchify: the
+/// video tokens [B, f*h*w, dim] as `[B, C, F, H, W]`.
+fn output_layer(
+    b: &mut GraphBuilder,
+    x: &str,
+    temb: &str,
+    d: &Dims,
+    (c, [f, h, w]): (&Config, [i64; 3]),
+) -> String {
+    let (dim, pt, p) = (d.dim, c.patch_size_t, c.patch_size);
+    let cout = c.out_channels.unwrap_or(c.in_channels);
+    let m = b.adaln_chunks("norm_out.silu", "norm_out.linear", temb, dim, dim, 2);
+    let x = b.layer_norm("norm_out.norm", x, dim, EPS, false, false);
+    let x = b.modulate("norm_out/modulate", &x, &m[0], &m[1]);
+    let out = cout * pt * p * p;
+    let x = b.linear("proj_out", &x, &tokens(d.video), dim, out, true);
+    // [B, f*h*w, C*pt*p*p] -> [B, f, h, w, C, pt, p, p] -> [B, C, f, pt, h, p, w, p] -> [B, C, F, H, W]
+    let x = b.reshape("unpatchify/grid", &x, &[-1, f, h, w, cout, pt, p, p]);
+    let x = b.transpose("unpatchify/permute", &x, &[0, 4, 1, 5, 2, 6, 3, 7]);
+    b.reshape("unpatchify", &x, &[-1, cout, f * pt, h * p, w * p])
 }
 
 /// Refuses what the builder does not reproduce, naming each config key; returns `rope_axes_dim`.
@@ -223,7 +234,10 @@ fn check_supported(c: &Config) -> Result<[i64; 3]> {
         )),
     }
     if c.qk_norm.as_deref() != Some("rms_norm") {
-        let value = c.qk_norm.as_deref().map_or("null".into(), |v| format!("{v:?}"));
+        let value = c
+            .qk_norm
+            .as_deref()
+            .map_or("null".into(), |v| format!("{v:?}"));
         refused.push(format!("qk_norm {value} (built: \"rms_norm\")"));
     }
     if !(c.mlp_ratio.is_finite() && c.mlp_ratio > 0.0) {
@@ -433,7 +447,12 @@ fn joint_mask(b: &mut GraphBuilder, mask: &str, d: &Dims) -> String {
     let count = reduce_sum(b, &format!("{name}/text_len"), mask, true);
     let offsets: Vec<i64> = (0..d.joint()).map(|j| j - d.video).collect();
     let offsets = b.const_i64(&format!("{name}/text_position"), &offsets);
-    let inside = b.op(&format!("{name}/inside"), "Less", &[&offsets, &count], vec![]);
+    let inside = b.op(
+        &format!("{name}/inside"),
+        "Less",
+        &[&offsets, &count],
+        vec![],
+    );
     let allowed = b.cast_f32(&format!("{name}/allowed"), &inside);
     let bias = additive_mask(b, name, &allowed);
     b.reshape(&format!("{name}/keys"), &bias, &[-1, 1, 1, d.joint()])
@@ -615,7 +634,11 @@ fn heads(
     d: &Dims,
 ) -> String {
     let y = b.linear(path, x, &tokens(seq), d.dim, d.dim, true);
-    let y = b.reshape(&format!("{path}/heads"), &y, &[-1, seq, d.heads, d.head_dim]);
+    let y = b.reshape(
+        &format!("{path}/heads"),
+        &y,
+        &[-1, seq, d.heads, d.head_dim],
+    );
     match norm {
         Some(norm) => b.rms_norm(norm, &y, d.head_dim, EPS),
         None => y,
@@ -653,8 +676,22 @@ fn dual_block(
     let (nc, mc) = ada_norm_zero(b, &format!("{path}.norm1_context"), context, temb, dim);
 
     let attn = format!("{path}.attn");
-    let q = heads(b, &format!("{attn}.to_q"), Some(&format!("{attn}.norm_q")), &nx, d.video, d);
-    let k = heads(b, &format!("{attn}.to_k"), Some(&format!("{attn}.norm_k")), &nx, d.video, d);
+    let q = heads(
+        b,
+        &format!("{attn}.to_q"),
+        Some(&format!("{attn}.norm_q")),
+        &nx,
+        d.video,
+        d,
+    );
+    let k = heads(
+        b,
+        &format!("{attn}.to_k"),
+        Some(&format!("{attn}.norm_k")),
+        &nx,
+        d.video,
+        d,
+    );
     let v = heads(b, &format!("{attn}.to_v"), None, &nx, d.video, d);
     let q = apply_rope(b, &format!("{attn}/q/rope"), &q, d, j);
     let k = apply_rope(b, &format!("{attn}/k/rope"), &k, d, j);
@@ -690,7 +727,15 @@ fn dual_block(
     let g = b.mul(&format!("{attn}/gate_context"), &out_c, &mc[2]);
     let context = b.add(&format!("{attn}/residual_context"), context, &g);
 
-    let x = gated_feed_forward(b, &format!("{path}.ff"), &format!("{path}.norm2"), &x, &m, d.video, d);
+    let x = gated_feed_forward(
+        b,
+        &format!("{path}.ff"),
+        &format!("{path}.norm2"),
+        &x,
+        &m,
+        d.video,
+        d,
+    );
     let context = gated_feed_forward(
         b,
         &format!("{path}.ff_context"),
@@ -776,8 +821,22 @@ fn single_block(
     let mlp = b.gelu_tanh(&format!("{path}.act_mlp"), &mlp);
 
     let attn = format!("{path}.attn");
-    let q = heads(b, &format!("{attn}.to_q"), Some(&format!("{attn}.norm_q")), &normed, n, d);
-    let k = heads(b, &format!("{attn}.to_k"), Some(&format!("{attn}.norm_k")), &normed, n, d);
+    let q = heads(
+        b,
+        &format!("{attn}.to_q"),
+        Some(&format!("{attn}.norm_q")),
+        &normed,
+        n,
+        d,
+    );
+    let k = heads(
+        b,
+        &format!("{attn}.to_k"),
+        Some(&format!("{attn}.norm_k")),
+        &normed,
+        n,
+        d,
+    );
     let v = heads(b, &format!("{attn}.to_v"), None, &normed, n, d);
     let q = rope_on_video(b, &format!("{attn}/q"), &q, d, j);
     let k = rope_on_video(b, &format!("{attn}/k"), &k, d, j);

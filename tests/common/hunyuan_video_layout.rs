@@ -120,7 +120,14 @@ impl Layout {
             let b = format!("transformer_blocks.{i}");
             t.linear(&format!("{b}.norm1.linear"), d, 6 * d);
             t.linear(&format!("{b}.norm1_context.linear"), d, 6 * d);
-            for proj in ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"] {
+            for proj in [
+                "to_q",
+                "to_k",
+                "to_v",
+                "add_q_proj",
+                "add_k_proj",
+                "add_v_proj",
+            ] {
                 t.linear(&format!("{b}.attn.{proj}"), d, d);
             }
             for norm in ["norm_q", "norm_k", "norm_added_q", "norm_added_k"] {
@@ -155,14 +162,19 @@ impl Layout {
         let lin = |i: u64, o: u64| i * o + o;
         let embedder = |i: u64| lin(i, d) + lin(d, d);
         let patches = d * self.in_channels * self.patch_size_t * self.patch_size.pow(2) + d;
-        let refiner_block = 2 * 2 * d + 4 * lin(d, d) + lin(d, 4 * d) + lin(4 * d, d) + lin(d, 2 * d);
+        let refiner_block =
+            2 * 2 * d + 4 * lin(d, d) + lin(d, 4 * d) + lin(4 * d, d) + lin(d, 2 * d);
         let refiner = embedder(256)
             + embedder(self.text_embed_dim)
             + lin(self.text_embed_dim, d)
             + self.refiner_layers * refiner_block;
         let condition = embedder(256)
             + embedder(self.pooled_projection_dim)
-            + if self.guidance_embeds { embedder(256) } else { 0 };
+            + if self.guidance_embeds {
+                embedder(256)
+            } else {
+                0
+            };
         let dual = 2 * lin(d, 6 * d) + 8 * lin(d, d) + 4 * hd + 2 * (lin(d, m) + lin(m, d));
         let single = 3 * lin(d, d) + 2 * hd + lin(d, 3 * d) + lin(d, m) + lin(d + m, d);
         let out = lin(d, 2 * d)
@@ -170,12 +182,7 @@ impl Layout {
                 d,
                 self.patch_size_t * self.patch_size.pow(2) * self.out_channels,
             );
-        patches
-            + refiner
-            + condition
-            + self.layers * dual
-            + self.single_layers * single
-            + out
+        patches + refiner + condition + self.layers * dual + self.single_layers * single + out
     }
 }
 
