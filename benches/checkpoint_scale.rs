@@ -1,6 +1,8 @@
 //! Converting diffusers checkpoints at real scale: synthetic Wan2.1-T2V-1.3B and -14B checkpoints (exact
-//! tensor names, shapes and BF16 dtype from `../shared/fixtures/shapes/*.json`, deterministic
-//! pseudo-random values, ~5 GB shards with an index, like the published ones) are generated, then
+//! tensor names, shapes and BF16 dtype from `../shared/fixtures/shapes/*.json`) and a HunyuanVideo-13B
+//! one (the published config, tensor names and shapes from diffusers' modeling code as written in
+//! `tests/common/hunyuan_video_layout.rs`), with deterministic pseudo-random values in ~5 GB shards
+//! with an index, like the published ones, are generated, then
 //! `ditc convert DIR` runs on each as a child process. Reported per model, in one run: the time of a
 //! plain sequential read of the same shard bytes (the physical limit here); the finite check alone
 //! (`ditc inspect --check DIR`: every weight scanned for NaN/Inf, its scan time as it reports it, wall
@@ -10,9 +12,12 @@
 //! 1.5 GB.
 //!
 //! The page cache is emptied of the shards before each timed pass (fsync + `POSIX_FADV_DONTNEED`), so
-//! both read from disk. `cargo bench --profile dev --bench checkpoint_scale -- [--model 1.3b|14b|all]
-//! [--dir D] [--keep]` (default all, in the system temp folder; 14B needs ~58 GB free there). Files are
-//! deleted afterwards unless `--keep`.
+//! both read from disk. `cargo bench --profile dev --bench checkpoint_scale -- [--model
+//! 1.3b|14b|hunyuanvideo|all] [--hunyuan-blocks DUAL,SINGLE] [--dir D] [--keep]` (default all, in the
+//! system temp folder; 14B needs ~58 GB free there, HunyuanVideo-13B ~52 GB). `--hunyuan-blocks`
+//! sets the number of dual- and single-stream blocks of the HunyuanVideo checkpoint (default 20,40:
+//! the full 12.8 B parameters, 25.6 GB; every tensor keeps its real shape, fewer blocks only make it
+//! smaller). Files are deleted afterwards unless `--keep`.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -22,6 +27,11 @@ use std::time::Instant;
 
 mod common;
 use common::{arg, check, ditc_with_peak_rss, kilobytes};
+#[path = "../tests/common/hunyuan_video_layout.rs"]
+mod hunyuan_video_layout;
+
+/// `--model` name of the synthetic HunyuanVideo checkpoint.
+const HUNYUAN: &str = "hunyuanvideo";
 
 const SHARD_BYTES: u64 = 5_000_000_000;
 
@@ -34,17 +44,24 @@ fn main() {
     let models: Vec<&str> = match which.as_str() {
         "1.3b" => vec!["wan2.1-t2v-1.3b"],
         "14b" => vec!["wan2.1-t2v-14b"],
-        "all" => vec!["wan2.1-t2v-1.3b", "wan2.1-t2v-14b"],
-        other => panic!("--model {other}: expected 1.3b, 14b or all"),
+        "hunyuanvideo" => vec![HUNYUAN],
+        "all" => vec!["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", HUNYUAN],
+        other => panic!("--model {other}: expected 1.3b, 14b, hunyuanvideo or all"),
     };
     for m in models {
-        let spec = shapes.join(format!("{m}.json"));
-        if !spec.is_file() {
-            eprintln!("SKIPPED: {} is not present", spec.display());
-            return;
-        }
-        let work = root.join(format!("ditc-ckpt-scale-{}-{m}", std::process::id()));
-        let result = std::panic::catch_unwind(|| run(m, &spec, &work));
+        let (name, spec) = if m == HUNYUAN {
+            hunyuan_spec()
+        } else {
+            let file = shapes.join(format!("{m}.json"));
+            if !file.is_file() {
+                eprintln!("SKIPPED: {} is not present", file.display());
+                continue;
+            }
+            let spec = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+            (m.to_string(), spec)
+        };
+        let work = root.join(format!("ditc-ckpt-scale-{}-{name}", std::process::id()));
+        let result = std::panic::catch_unwind(|| run(&name, &spec, &work));
         if std::env::args().any(|a| a == "--keep") {
             println!("kept {}", work.display());
         } else {
@@ -56,12 +73,41 @@ fn main() {
     }
 }
 
-fn run(name: &str, spec: &Path, work: &Path) {
-    let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(spec).unwrap()).unwrap();
+/// The spec (`class`, `config`, `tensors`, as in `shapes/*.json`) of a HunyuanVideo checkpoint with
+/// the published config and `--hunyuan-blocks` blocks, and its name.
+fn hunyuan_spec() -> (String, serde_json::Value) {
+    let blocks = arg("--hunyuan-blocks").unwrap_or_else(|| "20,40".into());
+    let (dual, single) = blocks
+        .split_once(',')
+        .and_then(|(d, s)| Some((d.parse::<u64>().ok()?, s.parse::<u64>().ok()?)))
+        .unwrap_or_else(|| panic!("--hunyuan-blocks {blocks}: expected DUAL,SINGLE"));
+    let mut config = hunyuan_video_layout::published_config();
+    config["num_layers"] = dual.into();
+    config["num_single_layers"] = single.into();
+    let layout = hunyuan_video_layout::Layout::of(&config);
+    let tensors: serde_json::Map<String, serde_json::Value> = layout
+        .tensors()
+        .into_iter()
+        .map(|(name, shape)| (name, shape.into()))
+        .collect();
+    let name = match (dual, single) {
+        (20, 40) => "hunyuanvideo-13b".to_string(),
+        _ => format!("hunyuanvideo-{dual}-dual-{single}-single"),
+    };
+    println!(
+        "{name}: {dual} dual-stream + {single} single-stream blocks, {} parameters",
+        layout.parameters_by_arithmetic()
+    );
+    let spec =
+        serde_json::json!({ "class": config["_class_name"], "config": config, "tensors": tensors });
+    (name, spec)
+}
+
+fn run(name: &str, spec: &serde_json::Value, work: &Path) {
     let ckpt = work.join("ckpt");
     std::fs::create_dir_all(&ckpt).unwrap();
     let t = Instant::now();
-    let (shards, bytes) = generate(&spec, &ckpt);
+    let (shards, bytes) = generate(spec, &ckpt);
     let gb = bytes as f64 / 1e9;
     println!(
         "{name}: generated {gb:.2} GB in {} shards ({:.0}s)",

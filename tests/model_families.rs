@@ -7,8 +7,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use common::hunyuan_video_layout::{published_config, Layout};
 use ditc::checkpoint::Checkpoint;
 use ditc::ir::{DataType, Model, Tensor, ValueInfo, ValueType};
 use ditc::models::{build_model, BuildOptions};
@@ -772,5 +773,231 @@ fn real_model_layouts_are_accepted() {
             ckpt.parameters(),
             map.attention.len()
         );
+    }
+}
+
+// --- HunyuanVideo ----------------------------------------------------------------------------------
+
+/// `layout`'s tensors as test shapes.
+fn hunyuan_shapes(layout: &Layout) -> Shapes {
+    layout
+        .tensors()
+        .into_iter()
+        .map(|(n, s)| (n, s.into_iter().map(|d| d as i64).collect()))
+        .collect()
+}
+
+/// BF16 tensors of `shapes` over one sparse file: its zero pages take neither disk nor memory until
+/// read (they never are), so 13B parameters cost nothing.
+fn sparse_bf16_tensors(shapes: &Shapes) -> Vec<Tensor> {
+    let total: u64 = shapes
+        .iter()
+        .map(|(_, s)| 2 * s.iter().product::<i64>() as u64)
+        .sum();
+    let sparse = tempfile::tempfile().unwrap();
+    sparse.set_len(total).unwrap();
+    let zeros = ditc::onnx::external::map_file(&sparse).unwrap();
+    let mut offset = 0;
+    shapes
+        .iter()
+        .map(|(name, dims)| {
+            let n = 2 * dims.iter().product::<i64>() as usize;
+            offset += n;
+            let bytes = zeros.slice(offset - n..offset);
+            Tensor::from_raw(name, DataType::BF16, dims.clone(), bytes).unwrap()
+        })
+        .collect()
+}
+
+/// The published HunyuanVideo transformer (`hunyuanvideo-community/HunyuanVideo`, config values
+/// written in `tests/common/hunyuan_video_layout.rs`): every tensor its modeling code registers, in
+/// BF16, is exactly what the builder consumes (nothing missing, misshapen or unexpected), every
+/// weight stays BF16 behind a Cast, and the parameter count is the config's arithmetic:
+/// 12,821,012,544. The analysis finds its 2 refiner, 20 dual-stream and 40 single-stream sites.
+#[test]
+fn hunyuanvideo_real_layout_is_accepted() {
+    let config = published_config();
+    let layout = Layout::of(&config);
+    let shapes = hunyuan_shapes(&layout);
+    let ckpt = Checkpoint {
+        dir: PathBuf::from("hunyuanvideo-community/HunyuanVideo/transformer"),
+        class_name: "HunyuanVideoTransformer3DModel".into(),
+        config,
+        files: Vec::new(),
+        tensors: sparse_bf16_tensors(&shapes),
+    };
+    let opts = BuildOptions {
+        frames: Some(2),
+        height: Some(4),
+        width: Some(6),
+        text_len: Some(8),
+        ..Default::default()
+    };
+    let model = build_model(&ckpt, &opts).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(ckpt.parameters(), layout.parameters_by_arithmetic());
+    assert_eq!(ckpt.parameters(), 12_821_012_544);
+    let casts = model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "Cast" && n.name.ends_with("/cast"))
+        .count();
+    assert_eq!(casts, shapes.len(), "every BF16 weight kept and cast");
+    let map = ditc::analysis::analyse(&model);
+    let kinds: Vec<&str> = map.attention.iter().map(|s| s.kind.as_str()).collect();
+    let mut want = vec!["cross"; 2];
+    want.extend(["full"; 60]);
+    assert_eq!(kinds, want);
+    assert_eq!(map.blocks.len(), 62);
+    eprintln!(
+        "HunyuanVideo: {} tensors, {} parameters, {} attention sites",
+        shapes.len(),
+        ckpt.parameters(),
+        map.attention.len()
+    );
+}
+
+/// The layout written from the modeling code is the one diffusers saved for hunyuanvideo-tiny:
+/// the same tensor names and shapes, and the same parameter count by arithmetic.
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn hunyuanvideo_layout_is_the_fixture_checkpoints() {
+    let ckpt = Checkpoint::open(&common::fixture("hunyuanvideo-tiny").join("ckpt")).unwrap();
+    let layout = Layout::of(&ckpt.config);
+    let ours: BTreeMap<String, Vec<i64>> = hunyuan_shapes(&layout).into_iter().collect();
+    let saved: BTreeMap<String, Vec<i64>> = ckpt
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.dims.clone()))
+        .collect();
+    assert_eq!(ours, saved);
+    assert_eq!(layout.parameters_by_arithmetic(), ckpt.parameters());
+}
+
+fn hunyuan_tiny_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "HunyuanVideoTransformer3DModel",
+        "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 16,
+        "num_layers": 1, "num_single_layers": 1, "num_refiner_layers": 1, "mlp_ratio": 2.0,
+        "patch_size": 2, "patch_size_t": 1, "guidance_embeds": true, "text_embed_dim": 8,
+        "pooled_projection_dim": 6, "rope_axes_dim": [4, 6, 6], "rope_theta": 256.0,
+        "qk_norm": "rms_norm", "image_condition_type": null
+    })
+}
+
+const HUNYUAN_TINY_FLAGS: [&str; 8] = [
+    "--frames",
+    "2",
+    "--height",
+    "4",
+    "--width",
+    "4",
+    "--text-len",
+    "3",
+];
+
+/// Config values the HunyuanVideo builder does not reproduce are refused (exit 2) with an error
+/// naming the config key; `guidance_embeds: false` drops the `guidance` input (and refuses a
+/// checkpoint that has a guidance embedder); `image_condition_type: "latent_concat"` (only the
+/// pipeline differs) builds the text-to-video graph.
+#[test]
+fn hunyuanvideo_config_values_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = hunyuan_tiny_config();
+    let shapes = hunyuan_shapes(&Layout::of(&config));
+    let none = BTreeMap::new();
+    let refused = [
+        ("image_condition_type", serde_json::json!("token_replace")),
+        ("qk_norm", serde_json::json!("layer_norm")),
+        ("qk_norm", serde_json::Value::Null),
+        ("rope_axes_dim", serde_json::json!([4, 4, 4])),
+        ("rope_axes_dim", serde_json::json!([4, 6])),
+        ("mlp_ratio", serde_json::json!(-1.0)),
+        ("mlp_ratio", serde_json::json!(1e30)),
+        ("rope_theta", serde_json::json!(0.0)),
+        ("num_single_layers", serde_json::json!(100_000)),
+    ];
+    for (i, (key, value)) in refused.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("{key}-{i}"));
+        let mut bad = config.clone();
+        bad[key] = value;
+        write_checkpoint(&dir, &bad, &shapes, &none);
+        let mut args = vec!["inspect", dir.to_str().unwrap()];
+        args.extend(HUNYUAN_TINY_FLAGS);
+        common::assert_refused(&args, &[key]);
+    }
+    // Shapes whose constant or mask tables would be huge are refused before anything is computed.
+    let t2v = tmp.path().join("t2v");
+    write_checkpoint(&t2v, &config, &shapes, &none);
+    for (flags, expect) in [
+        (
+            ["--frames", "4096", "--height", "4096"],
+            "the rotary table would have",
+        ),
+        (
+            ["--text-len", "1048576", "--frames", "2"],
+            "the attention mask table",
+        ),
+        (
+            ["--frames", "2", "--height", "5"],
+            "height 5 is not a multiple of 2",
+        ),
+    ] {
+        let mut args = vec!["inspect", t2v.to_str().unwrap()];
+        args.extend(flags);
+        common::assert_refused(&args, &[expect]);
+    }
+
+    let mut unguided = config.clone();
+    unguided["guidance_embeds"] = false.into();
+    let dir = tmp.path().join("guided-checkpoint");
+    write_checkpoint(&dir, &unguided, &shapes, &none);
+    let mut args = vec!["inspect", dir.to_str().unwrap()];
+    args.extend(HUNYUAN_TINY_FLAGS);
+    common::assert_refused(
+        &args,
+        &["unexpected tensors", "time_text_embed.guidance_embedder"],
+    );
+    let dir = tmp.path().join("unguided");
+    write_checkpoint(
+        &dir,
+        &unguided,
+        &hunyuan_shapes(&Layout::of(&unguided)),
+        &none,
+    );
+    let inputs = |dir: &Path| -> Vec<String> {
+        let model = build_model(&Checkpoint::open(dir).unwrap(), &hunyuan_small()).unwrap();
+        model.graph.inputs.iter().map(|i| i.name.clone()).collect()
+    };
+    let mut want = vec![
+        "hidden_states",
+        "timestep",
+        "encoder_hidden_states",
+        "encoder_attention_mask",
+        "pooled_projections",
+    ];
+    assert_eq!(inputs(&dir), want);
+
+    let mut concat = config.clone();
+    concat["image_condition_type"] = "latent_concat".into();
+    let concat_dir = tmp.path().join("latent_concat");
+    write_checkpoint(&concat_dir, &concat, &shapes, &none);
+    want.push("guidance");
+    assert_eq!(inputs(&t2v), want);
+    let graph = |dir: &Path| {
+        build_model(&Checkpoint::open(dir).unwrap(), &hunyuan_small())
+            .unwrap()
+            .graph
+    };
+    assert_eq!(graph(&concat_dir), graph(&t2v));
+}
+
+fn hunyuan_small() -> BuildOptions {
+    BuildOptions {
+        frames: Some(2),
+        height: Some(4),
+        width: Some(4),
+        text_len: Some(3),
+        ..Default::default()
     }
 }

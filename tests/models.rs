@@ -37,6 +37,13 @@ fn fixture_shapes(m: &str) -> BuildOptions {
             text_len: Some(8),
             ..Default::default()
         },
+        "hunyuanvideo-tiny" => BuildOptions {
+            frames: Some(3),
+            height: Some(8),
+            width: Some(12),
+            text_len: Some(5),
+            ..Default::default()
+        },
         _ => BuildOptions::default(),
     }
 }
@@ -1008,4 +1015,146 @@ fn wan_small_manifest_has_float_timestep_and_diffusers_schedule() {
         ];
         assert_refused(&args, &bad, &[expect]);
     }
+}
+
+// hunyuanvideo-tiny: HunyuanVideoTransformer3DModel with random weights (token refiner, 2 dual-stream
+// + 2 single-stream blocks, guidance embedding, RoPE axes (4, 6, 6)); its cases mask the last text token.
+
+/// CLI shape flags of hunyuanvideo-tiny's io.safetensors: 3 frames of 8 x 12 latents, 5 text tokens.
+const HUNYUAN_TINY_FLAGS: [&str; 8] = [
+    "--frames",
+    "3",
+    "--height",
+    "8",
+    "--width",
+    "12",
+    "--text-len",
+    "5",
+];
+
+/// The graph built from hunyuanvideo-tiny has diffusers' forward inputs (float32 timestep and
+/// guidance, int64 mask) and reproduces PyTorch on all five cases to 1e-4 relative. The cases mask
+/// the last text token, and the mask matters: unmasking it moves the output by more than ten times
+/// the tolerance.
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn hunyuanvideo_tiny_matches_pytorch() {
+    use ditc::ir::DataType;
+    let dir = common::fixture("hunyuanvideo-tiny");
+    let ckpt = Checkpoint::open(&dir.join("ckpt")).unwrap();
+    let model = build_model(&ckpt, &fixture_shapes("hunyuanvideo-tiny")).unwrap();
+    let inputs: Vec<(String, Option<DataType>)> = model
+        .graph
+        .inputs
+        .iter()
+        .map(|i| (i.name.clone(), i.dtype()))
+        .collect();
+    let want = [
+        ("hidden_states", DataType::F32),
+        ("timestep", DataType::F32),
+        ("encoder_hidden_states", DataType::F32),
+        ("encoder_attention_mask", DataType::I64),
+        ("pooled_projections", DataType::F32),
+        ("guidance", DataType::F32),
+    ];
+    let want: Vec<(String, Option<DataType>)> = want
+        .iter()
+        .map(|(n, d)| (n.to_string(), Some(*d)))
+        .collect();
+    assert_eq!(inputs, want);
+    let io = read_safetensors(&dir.join("io.safetensors")).unwrap();
+    common::assert_matches_reference(&model, &io, "hunyuanvideo-tiny");
+
+    let mut case0 = case(&io, 0);
+    let mask = case0
+        .iter_mut()
+        .find(|t| t.name == "encoder_attention_mask")
+        .unwrap();
+    assert_eq!(mask.to_i64_vec().unwrap(), [1, 1, 1, 1, 0]);
+    *mask = ditc::ir::Tensor::from_i64("encoder_attention_mask", vec![1, 5], &[1; 5]);
+    let runner = TractRunner::new(&model, &case0).unwrap();
+    let out = runner.run(&case0).unwrap();
+    let got = named(&out, "sample").to_f32_vec().unwrap();
+    let reference = named(&case0, "sample").to_f32_vec().unwrap();
+    let moved = compare(&got, &reference).max_rel;
+    eprintln!("hunyuanvideo-tiny case 0 with the last token unmasked: max_rel {moved:.2e}");
+    assert!(
+        moved > 1e-3,
+        "unmasking a token barely moved the output ({moved})"
+    );
+}
+
+/// `ditc inspect` on hunyuanvideo-tiny: the refiner's text self-attention is `cross` (keys from the
+/// text), every dual- and single-stream attention over [video, text] is `full`, all traced; one block
+/// per refiner, dual-stream and single-stream block.
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn hunyuanvideo_tiny_attention_map() {
+    let ckpt = common::fixture("hunyuanvideo-tiny").join("ckpt");
+    let mut args = vec![ckpt.to_str().unwrap()];
+    args.extend(HUNYUAN_TINY_FLAGS);
+    let report = inspect_json(&args);
+    let joint = "b1 q77 k77 h2x16"; // 3 x 4 x 6 video tokens + 5 text tokens, 2 heads of 16
+    assert_eq!(
+        sites(&report),
+        [
+            "\"cross\" b1 q5 k5 h2x16".to_string(),
+            format!("\"full\" {joint}"),
+            format!("\"full\" {joint}"),
+            format!("\"full\" {joint}"),
+            format!("\"full\" {joint}"),
+        ]
+    );
+    let attention = report["attention"].as_array().unwrap();
+    assert!(attention.iter().all(|s| s["traced"] == true), "{report}");
+    assert_eq!(
+        attention[1]["query_axes"],
+        serde_json::json!(["frame", "height", "width", "text"])
+    );
+    let anchors: Vec<&str> = attention
+        .iter()
+        .map(|s| s["anchor"].as_str().unwrap())
+        .collect();
+    assert!(anchors[0].starts_with("context_embedder.token_refiner.refiner_blocks.0.attn"));
+    assert!(anchors[1].starts_with("transformer_blocks.0.attn"));
+    assert!(anchors[4].starts_with("single_transformer_blocks.1.attn"));
+    let blocks: Vec<serde_json::Value> = report["blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["ffn"].clone())
+        .collect();
+    assert_eq!(
+        blocks,
+        [
+            serde_json::json!([
+                "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj",
+                "context_embedder.token_refiner.refiner_blocks.0.ff.net.2"
+            ]),
+            serde_json::json!([
+                "transformer_blocks.0.ff.net.0.proj",
+                "transformer_blocks.0.ff.net.2"
+            ]),
+            serde_json::json!([
+                "transformer_blocks.1.ff.net.0.proj",
+                "transformer_blocks.1.ff.net.2"
+            ]),
+            serde_json::json!([
+                "single_transformer_blocks.0.proj_mlp",
+                "single_transformer_blocks.0.proj_out"
+            ]),
+            serde_json::json!([
+                "single_transformer_blocks.1.proj_mlp",
+                "single_transformer_blocks.1.proj_out"
+            ]),
+        ]
+    );
+}
+
+/// `--dynamic-batch` on hunyuanvideo-tiny: a batch of cases 1 and 4 gives each case's PyTorch output
+/// (the masks, text pooling and joint-attention key lengths are per row).
+#[test]
+#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]
+fn hunyuanvideo_tiny_dynamic_batch() {
+    assert_dynamic_batch_graph_runs_any_batch("hunyuanvideo-tiny");
 }

@@ -26,7 +26,8 @@ pub enum AttentionKind {
     Temporal,
     /// Sequence = all video tokens, possibly joined with text tokens.
     Full,
-    /// Keys/values from the text or condition embedding.
+    /// Keys/values from the text or condition embedding (queries from the video, or from the text
+    /// itself, as in HunyuanVideo's token refiner).
     Cross,
 }
 
@@ -85,7 +86,9 @@ pub struct AttentionSite {
 
 pub fn classify(query: u8, key: u8) -> Option<AttentionKind> {
     let spatial = HEIGHT | WIDTH;
-    if key & VIDEO == 0 && query & VIDEO != 0 {
+    // Keys without video: attention to the condition. Text attending to text only (HunyuanVideo's
+    // token refiner) is that too: its keys and values come from the text embedding.
+    if key & VIDEO == 0 && (query & VIDEO != 0 || query & TEXT != 0) {
         return Some(AttentionKind::Cross);
     }
     if query & FRAME != 0 && query & spatial != 0 || query & TEXT != 0 && query & VIDEO != 0 {
@@ -511,6 +514,7 @@ mod tests {
         );
         assert_eq!(classify(HEIGHT | WIDTH, TEXT), Some(AttentionKind::Cross));
         assert_eq!(classify(VIDEO, TEXT), Some(AttentionKind::Cross));
+        assert_eq!(classify(TEXT, TEXT), Some(AttentionKind::Cross));
         assert_eq!(classify(CHANNEL, CHANNEL), None);
     }
 }

@@ -4,7 +4,9 @@
 //! an activation (`Gelu`, `Erf`, `Tanh`, `Sigmoid`, `Relu`) between them, that depends on those sites'
 //! outputs. Latte therefore has one block per spatial (self + cross + FFN) and temporal (self + FFN)
 //! transformer block; MLPs that do not read any attention output (timestep embedders, caption
-//! projections) close nothing. Sites after the last FFN form a final block.
+//! projections) close nothing. A single-stream block (HunyuanVideo) is closed by its output projection,
+//! which reads the attention output and the activated MLP joined by a `Concat`. Sites after the last
+//! FFN form a final block.
 
 use std::collections::HashMap;
 
@@ -35,7 +37,7 @@ const ACTIVATIONS: &[&str] = &[
 ];
 const FFN_PATH: &[&str] = &[
     "Mul", "Add", "Div", "Pow", "Sub", "Cast", "Identity", "Gelu", "Erf", "Tanh", "Sigmoid",
-    "Relu", "Split", "Slice", "Reshape",
+    "Relu", "Split", "Slice", "Reshape", "Concat",
 ];
 
 pub fn find_blocks(ctx: &Context, sites: &[AttentionSite], order: &[usize]) -> Vec<Block> {

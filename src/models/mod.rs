@@ -3,7 +3,7 @@
 //! (zero-copy slices of the memory-mapped files, in their stored dtype).
 //!
 //! diffusers' model code is the specification; each family lives in its own file:
-//! [`latte`], [`dit`], [`pixart`], [`wan`], [`cogvideox`]. Nodes are named by module path
+//! [`latte`], [`dit`], [`pixart`], [`wan`], [`cogvideox`], [`hunyuan_video`]. Nodes are named by module path
 //! (`transformer_blocks.3.attn1.to_q`), attention is written as MatMul -> Softmax -> MatMul so the
 //! structure analysis finds and classifies every site, and shapes come from [`BuildOptions`]
 //! (defaults per family, documented in the README) with an optional dynamic batch axis.
@@ -17,6 +17,7 @@ mod cogvideox;
 mod dit;
 pub mod embed;
 mod graph_builder;
+mod hunyuan_video;
 mod latte;
 mod layers;
 mod pixart;
@@ -45,20 +46,24 @@ pub struct BuildOptions {
     /// for batches 1..=--batch
     #[arg(long)]
     pub dynamic_batch: bool,
-    /// Latent frames [default: Latte: video_length; Wan: 21 (81 video frames); CogVideoX: 13]
+    /// Latent frames [default: Latte: video_length; Wan: 21 (81 video frames); CogVideoX: 13;
+    /// HunyuanVideo: 33 (129 video frames)]
     #[arg(long)]
     pub frames: Option<i64>,
-    /// Latent height [default: sample_size; Wan: 60 (480 px); CogVideoX: sample_height]
+    /// Latent height [default: sample_size; Wan: 60 (480 px); CogVideoX: sample_height;
+    /// HunyuanVideo: 90 (720 px)]
     #[arg(long)]
     pub height: Option<i64>,
-    /// Latent width [default: sample_size; Wan: 104 (832 px); CogVideoX: sample_width]
+    /// Latent width [default: sample_size; Wan: 104 (832 px); CogVideoX: sample_width;
+    /// HunyuanVideo: 160 (1280 px)]
     #[arg(long)]
     pub width: Option<i64>,
-    /// Text tokens of encoder_hidden_states [default: Latte/PixArt 120, Wan 512, CogVideoX max_text_seq_length]
+    /// Text tokens of encoder_hidden_states [default: Latte/PixArt 120, Wan 512, CogVideoX
+    /// max_text_seq_length, HunyuanVideo 256]
     #[arg(long)]
     pub text_len: Option<i64>,
-    /// Type of the `timestep` input [default: float32 for flow-matching families (Wan: pipelines pass
-    /// sigma x 1000 unrounded), int64 for Latte, DiT, PixArt, CogVideoX]
+    /// Type of the `timestep` input [default: float32 for flow-matching families (Wan, HunyuanVideo:
+    /// pipelines pass sigma x 1000 unrounded), int64 for Latte, DiT, PixArt, CogVideoX]
     #[arg(long, value_enum)]
     #[serde(default)]
     pub timestep_dtype: Option<TimestepDtype>,
@@ -175,6 +180,7 @@ pub const CLASSES: &[&str] = &[
     pixart::PixArt::CLASS,
     wan::Wan::CLASS,
     cogvideox::CogVideoX::CLASS,
+    hunyuan_video::HunyuanVideo::CLASS,
 ];
 
 /// Read `path`: an ONNX file, or a diffusers checkpoint folder built with `opts`.
@@ -206,6 +212,7 @@ pub fn build_model(ckpt: &Checkpoint, opts: &BuildOptions) -> Result<Model> {
         pixart::PixArt::CLASS => pixart::PixArt::build,
         wan::Wan::CLASS => wan::Wan::build,
         cogvideox::CogVideoX::CLASS => cogvideox::CogVideoX::build,
+        hunyuan_video::HunyuanVideo::CLASS => hunyuan_video::HunyuanVideo::build,
         other => bail!(
             "'{}': _class_name '{other}' has no graph builder (ditc builds {})",
             ckpt.dir.join("config.json").display(),

@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use ditc::ir::Tensor;
 
+pub mod hunyuan_video_layout;
+
 /// The shared PyTorch fixtures (`../shared/fixtures`, or `$DITC_FIXTURES` at build time), where the
 /// build script (`build.rs`) found them. Every test that calls this carries
 /// `#[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]`, so without the folder it is
