@@ -1,6 +1,7 @@
 //! Per-call time of ditc's CPU runtime against onnxruntime, side by side on the same graphs.
 //!
-//! `cargo bench --profile dev --bench runtime_speed [-- --calls N --rounds R --threads 1,2 --profile]`
+//! `cargo bench --profile dev --bench runtime_speed [-- --calls N --rounds R --threads 1,2
+//! --models wan-small,latte-tiny --profile]`
 //!
 //! For each model (wan-small as the Wan builder writes it, 512 tokens; latte-tiny's demo graph) it
 //! writes the graph and one set of inputs to a temporary folder, then measures at each thread count:
@@ -50,7 +51,15 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = std::env::temp_dir().join(format!("ditc-runtime-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let cases = [wan_small(root, &tmp), latte_tiny(root)];
+    let models = common::arg("--models").unwrap_or_else(|| "wan-small,latte-tiny".into());
+    let mut cases = Vec::new();
+    for name in models.split(',') {
+        cases.push(match name {
+            "wan-small" => wan_small(root, &tmp),
+            "latte-tiny" => latte_tiny(root),
+            other => panic!("--models: unknown model '{other}' (wan-small, latte-tiny)"),
+        });
+    }
     let ort = root.join("benches/ort_per_call.py");
 
     let mut ok = true;

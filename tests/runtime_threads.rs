@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::{assert_refused, ditc_ok, repo_path};
 
 #[test]
@@ -18,21 +20,19 @@ fn one_and_two_threads_sample_the_same_latent() {
     );
     let manifest = bundle.join("manifest.json");
     let inputs = repo_path("examples/wan-small/inputs.safetensors");
+    let args = |out: &Path, threads: &str| -> Vec<String> {
+        let mut a: Vec<String> = ["run", manifest.to_str().unwrap(), "--inputs"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        a.extend([inputs.to_str().unwrap(), "--prefix", "0.", "-o"].map(String::from));
+        a.extend([out.to_str().unwrap(), "--no-progress", "--threads", threads].map(String::from));
+        a
+    };
     let sample = |threads: &str| {
         let out = tmp.path().join(format!("sample-{threads}.safetensors"));
-        ditc_ok(&[
-            "run",
-            manifest.to_str().unwrap(),
-            "--inputs",
-            inputs.to_str().unwrap(),
-            "--prefix",
-            "0.",
-            "-o",
-            out.to_str().unwrap(),
-            "--no-progress",
-            "--threads",
-            threads,
-        ]);
+        let a = args(&out, threads);
+        ditc_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
         let t = ditc::tensors::read_safetensors(&out).unwrap();
         common::f32_named(&t, "sample")
     };
@@ -54,19 +54,9 @@ fn one_and_two_threads_sample_the_same_latent() {
     );
 
     let out = tmp.path().join("never.safetensors");
+    let a = args(&out, "0");
     assert_refused(
-        &[
-            "run",
-            manifest.to_str().unwrap(),
-            "--inputs",
-            inputs.to_str().unwrap(),
-            "--prefix",
-            "0.",
-            "-o",
-            out.to_str().unwrap(),
-            "--threads",
-            "0",
-        ],
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
         &["--threads", "at least 1"],
     );
     assert!(!out.exists());
