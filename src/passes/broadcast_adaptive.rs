@@ -15,6 +15,10 @@
 //! (0 cond, 1 uncond). A runtime may instead pick a graph specialised per (step, branch) from the
 //! manifest's `tables` / `uncond_tables`.
 //!
+//! `policy = "tea-cache"` ([`crate::schedule::tea_cache`]): TeaCache's indicator (Wan's timestep
+//! embedding) depends only on the timestep, so its decisions are a static table too, computed at
+//! conversion from the checkpoint's embedder weights and baked exactly as MagCache's.
+//!
 //! `policy = "first-block-cache"` ([`crate::schedule::first_block_cache`]): the decision depends on
 //! the head blocks' residual, so the graph computes it at every call (an `If` on a computed condition);
 //! the rewrite lives with the policy.
@@ -33,13 +37,14 @@ use crate::manifest::{Calls, Schedule, StateBinding};
 use crate::schedule::first_block_cache::{self, FbcOptions};
 use crate::schedule::guidance::Branch;
 use crate::schedule::mag_cache::{decisions, Decisions, MagCacheOptions};
+use crate::schedule::tea_cache::{self, TeaCacheOptions};
 use crate::schedule::Group;
 
 /// The graph input carrying the guidance branch when decisions differ per branch.
 pub const BRANCH_INPUT: &str = "ditc.branch";
 
 /// The policies `broadcast-adaptive` knows.
-pub const POLICIES: &[&str] = &["mag-cache", first_block_cache::POLICY];
+pub const POLICIES: &[&str] = &["mag-cache", first_block_cache::POLICY, tea_cache::POLICY];
 
 /// One adaptive caching policy, baked into the graph.
 pub trait AdaptivePolicy {
@@ -66,6 +71,7 @@ impl BroadcastAdaptive {
             first_block_cache::POLICY => {
                 Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
             }
+            tea_cache::POLICY => Box::new(TeaCache(TeaCacheOptions::from_table(&options)?)),
             other => bail!(
                 "broadcast-adaptive: unknown policy '{other}' (known: {})",
                 POLICIES.join(", ")
@@ -121,62 +127,96 @@ impl AdaptivePolicy for MagCache {
             .iter()
             .map(|&b| Ok((b, decisions(o, &o.ratios(b)?, steps))))
             .collect::<Result<_>>()?;
-        let cond = &per_branch[&Branch::Cond];
-        let uncond = per_branch.get(&Branch::Uncond);
-        let own_uncond = uncond.filter(|u| u.compute != cond.compute);
-
-        let types = infer_types(&model.graph, model.default_opset());
-        let stack = find_stack(&model.graph, &cx.dit_map, &types)?;
-        let sites: Vec<usize> = stack
-            .blocks
-            .iter()
-            .flat_map(|b| cx.dit_map.blocks[b.block].attention.iter().copied())
-            .collect();
-        let anchors: Vec<String> = sites
-            .iter()
-            .map(|&id| cx.dit_map.attention[id].anchor.clone())
-            .collect();
-        let binding = bake_stack(&mut model.graph, &stack, &anchors, &types)?;
-        let tables: Vec<&[bool]> = std::iter::once(cond.compute.as_slice())
-            .chain(own_uncond.map(|u| u.compute.as_slice()))
-            .collect();
-        add_stack_table(&mut model.graph, &tables);
-        cx.state.push(binding);
-        cx.step_input = Some(STEP_INPUT.to_string());
-        if own_uncond.is_some() {
-            cx.branch_input = Some(BRANCH_INPUT.to_string());
-        }
-
-        let computed: usize = per_branch
-            .values()
-            .map(|d| d.compute.iter().filter(|&&c| c).count())
-            .sum();
         let mut options = serde_json::to_value(o)?;
         options["policy"] = "mag-cache".into();
-        cx.schedule = Some(Schedule {
-            policy: "mag-cache".into(),
-            options,
-            tables: BTreeMap::from([(Group::Stack, cond.compute.clone())]),
-            uncond_tables: own_uncond.map(|u| BTreeMap::from([(Group::Stack, u.compute.clone())])),
-            metrics: Some(
-                per_branch
-                    .iter()
-                    .map(|(b, d)| (*b, d.metric.clone()))
-                    .collect(),
-            ),
-            sites: BTreeMap::from([(Group::Stack, sites)]),
-            blocks: Vec::new(),
-            calls: BTreeMap::from([(
-                Group::Stack,
-                Calls {
-                    computed,
-                    total: steps * per_branch.len(),
-                },
-            )]),
-            adaptive: None,
-        });
-        Ok(())
+        bake_static_stack(model, cx, "mag-cache", options, &per_branch)
     }
+}
+
+/// TeaCache: a static table from the timestep embedding's accumulated, rescaled change.
+struct TeaCache(TeaCacheOptions);
+
+impl AdaptivePolicy for TeaCache {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        let o = &self.0;
+        let timesteps = cx.sampler.as_ref().expect("checked").1.timesteps.clone();
+        let indicators = tea_cache::wan_indicators(model, &timesteps, o.use_ret_steps)?;
+        // The indicator depends on the timestep only: every branch decides alike (on its own state).
+        let per_branch: BTreeMap<Branch, Decisions> = cx
+            .branches()
+            .iter()
+            .map(|&b| (b, tea_cache::decisions(o, &indicators)))
+            .collect();
+        let mut options = serde_json::to_value(o)?;
+        options["policy"] = tea_cache::POLICY.into();
+        bake_static_stack(model, cx, tea_cache::POLICY, options, &per_branch)
+    }
+}
+
+/// Bake per-branch static decisions for the whole block stack (MagCache, TeaCache): the stack moves
+/// into an `If` on `Gather(ditc.table.stack, ditc.step)` (per branch when the branches' tables
+/// differ), and the schedule goes into the manifest with the metric each decision compared.
+fn bake_static_stack(
+    model: &mut Model,
+    cx: &mut PassContext,
+    policy: &str,
+    options: serde_json::Value,
+    per_branch: &BTreeMap<Branch, Decisions>,
+) -> Result<()> {
+    let steps = cx.sampler.as_ref().expect("checked").1.steps();
+    let cond = &per_branch[&Branch::Cond];
+    let uncond = per_branch.get(&Branch::Uncond);
+    let own_uncond = uncond.filter(|u| u.compute != cond.compute);
+
+    let types = infer_types(&model.graph, model.default_opset());
+    let stack = find_stack(&model.graph, &cx.dit_map, &types)?;
+    let sites: Vec<usize> = stack
+        .blocks
+        .iter()
+        .flat_map(|b| cx.dit_map.blocks[b.block].attention.iter().copied())
+        .collect();
+    let anchors: Vec<String> = sites
+        .iter()
+        .map(|&id| cx.dit_map.attention[id].anchor.clone())
+        .collect();
+    let binding = bake_stack(&mut model.graph, &stack, &anchors, &types)?;
+    let tables: Vec<&[bool]> = std::iter::once(cond.compute.as_slice())
+        .chain(own_uncond.map(|u| u.compute.as_slice()))
+        .collect();
+    add_stack_table(&mut model.graph, &tables);
+    cx.state.push(binding);
+    cx.step_input = Some(STEP_INPUT.to_string());
+    if own_uncond.is_some() {
+        cx.branch_input = Some(BRANCH_INPUT.to_string());
+    }
+
+    let computed: usize = per_branch
+        .values()
+        .map(|d| d.compute.iter().filter(|&&c| c).count())
+        .sum();
+    cx.schedule = Some(Schedule {
+        policy: policy.into(),
+        options,
+        tables: BTreeMap::from([(Group::Stack, cond.compute.clone())]),
+        uncond_tables: own_uncond.map(|u| BTreeMap::from([(Group::Stack, u.compute.clone())])),
+        metrics: Some(
+            per_branch
+                .iter()
+                .map(|(b, d)| (*b, d.metric.clone()))
+                .collect(),
+        ),
+        sites: BTreeMap::from([(Group::Stack, sites)]),
+        blocks: Vec::new(),
+        calls: BTreeMap::from([(
+            Group::Stack,
+            Calls {
+                computed,
+                total: steps * per_branch.len(),
+            },
+        )]),
+        adaptive: None,
+    });
+    Ok(())
 }
 
 /// The name of the bool deciding whether the stack computes (`ditc.compute.stack`).

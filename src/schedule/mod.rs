@@ -7,6 +7,7 @@ pub mod pab;
 pub mod sampler;
 pub mod specialize;
 pub mod split;
+pub mod tea_cache;
 
 pub use sampler::{Sampler, SamplerConfig};
 
