@@ -642,8 +642,8 @@ fn bad_options_and_models_are_refused() {
             &["compute_first (4) + compute_last (2) must be below the model's 6 blocks"],
         ),
         (
-            &["broadcast-adaptive.policy=\"tea-cache\""],
-            &["unknown policy", "tea-cache"],
+            &["broadcast-adaptive.policy=\"no-such-cache\""],
+            &["unknown policy", "no-such-cache"],
         ),
         (
             &["broadcast-adaptive.treshold=0.1"],

@@ -368,8 +368,8 @@ fn bad_options_and_unfit_models_are_refused() {
         ("broadcast-adaptive.mag_ratios=[]", "mag_ratios is empty"),
         ("broadcast-adaptive.retention_ratio=2.0", "retention_ratio"),
         (
-            "broadcast-adaptive.policy=\"tea-cache\"",
-            "unknown policy 'tea-cache'",
+            "broadcast-adaptive.policy=\"no-such-cache\"",
+            "unknown policy 'no-such-cache'",
         ),
     ];
     for (set, expect) in cases {
