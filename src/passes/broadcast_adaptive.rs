@@ -19,6 +19,9 @@
 //! embedding) depends only on the timestep, so its decisions are a static table too, computed at
 //! conversion from the checkpoint's embedder weights and baked exactly as MagCache's.
 //!
+//! `forecast = "taylor"` (and `order`, 1 or 2), with the table policies: on a skipped step the stack's
+//! residual is extrapolated from the last computed ones (TaylorSeer, [`crate::schedule::forecast`]).
+//!
 //! `policy = "first-block-cache"` ([`crate::schedule::first_block_cache`]): the decision depends on
 //! the head blocks' residual, so the graph computes it at every call (an `If` on a computed condition);
 //! the rewrite lives with the policy.
@@ -35,6 +38,7 @@ use crate::ir::{
 };
 use crate::manifest::{Calls, Schedule, StateBinding};
 use crate::schedule::first_block_cache::{self, FbcOptions};
+use crate::schedule::forecast::{self, Taylor};
 use crate::schedule::guidance::Branch;
 use crate::schedule::mag_cache::{decisions, Decisions, MagCacheOptions};
 use crate::schedule::tea_cache::{self, TeaCacheOptions};
@@ -66,12 +70,18 @@ impl BroadcastAdaptive {
                 POLICIES.join(", ")
             ),
         };
+        let forecast = Taylor::take_from(&mut options)?;
         let policy: Box<dyn AdaptivePolicy> = match name.as_str() {
-            "mag-cache" => Box::new(MagCache(MagCacheOptions::from_table(&options)?)),
+            "mag-cache" => Box::new(MagCache(MagCacheOptions::from_table(&options)?, forecast)),
             first_block_cache::POLICY => {
+                if forecast.is_some() {
+                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for the policies with a table: mag-cache, tea-cache)");
+                }
                 Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
             }
-            tea_cache::POLICY => Box::new(TeaCache(TeaCacheOptions::from_table(&options)?)),
+            tea_cache::POLICY => {
+                Box::new(TeaCache(TeaCacheOptions::from_table(&options)?, forecast))
+            }
             other => bail!(
                 "broadcast-adaptive: unknown policy '{other}' (known: {})",
                 POLICIES.join(", ")
@@ -113,7 +123,7 @@ impl AdaptivePolicy for FirstBlockCache {
 }
 
 /// MagCache: a static per-step (and per-branch) table driving the whole block stack.
-struct MagCache(MagCacheOptions);
+struct MagCache(MagCacheOptions, Option<Taylor>);
 
 impl AdaptivePolicy for MagCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
@@ -129,12 +139,12 @@ impl AdaptivePolicy for MagCache {
             .collect::<Result<_>>()?;
         let mut options = serde_json::to_value(o)?;
         options["policy"] = "mag-cache".into();
-        bake_static_stack(model, cx, "mag-cache", options, &per_branch)
+        bake_static_stack(model, cx, "mag-cache", options, &per_branch, self.1)
     }
 }
 
 /// TeaCache: a static table from the timestep embedding's accumulated, rescaled change.
-struct TeaCache(TeaCacheOptions);
+struct TeaCache(TeaCacheOptions, Option<Taylor>);
 
 impl AdaptivePolicy for TeaCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
@@ -149,7 +159,7 @@ impl AdaptivePolicy for TeaCache {
             .collect();
         let mut options = serde_json::to_value(o)?;
         options["policy"] = tea_cache::POLICY.into();
-        bake_static_stack(model, cx, tea_cache::POLICY, options, &per_branch)
+        bake_static_stack(model, cx, tea_cache::POLICY, options, &per_branch, self.1)
     }
 }
 
@@ -160,13 +170,21 @@ fn bake_static_stack(
     model: &mut Model,
     cx: &mut PassContext,
     policy: &str,
-    options: serde_json::Value,
+    mut options: serde_json::Value,
     per_branch: &BTreeMap<Branch, Decisions>,
+    forecast: Option<Taylor>,
 ) -> Result<()> {
     let steps = cx.sampler.as_ref().expect("checked").1.steps();
     let cond = &per_branch[&Branch::Cond];
     let uncond = per_branch.get(&Branch::Uncond);
     let own_uncond = uncond.filter(|u| u.compute != cond.compute);
+    if forecast.is_some() && own_uncond.is_some() {
+        bail!("forecast = \"taylor\" with tables that differ per guidance branch is not implemented yet");
+    }
+    if let Some(t) = forecast {
+        options["forecast"] = "taylor".into();
+        options["order"] = t.order.into();
+    }
 
     let types = infer_types(&model.graph, model.default_opset());
     let stack = find_stack(&model.graph, &cx.dit_map, &types)?;
@@ -179,12 +197,15 @@ fn bake_static_stack(
         .iter()
         .map(|&id| cx.dit_map.attention[id].anchor.clone())
         .collect();
-    let binding = bake_stack(&mut model.graph, &stack, &anchors, &types)?;
+    let bindings = bake_stack(&mut model.graph, &stack, &anchors, &types, forecast)?;
     let tables: Vec<&[bool]> = std::iter::once(cond.compute.as_slice())
         .chain(own_uncond.map(|u| u.compute.as_slice()))
         .collect();
+    if let Some(t) = forecast {
+        add_forecast_table(&mut model.graph, &forecast::coefficients(&cond.compute, t));
+    }
     add_stack_table(&mut model.graph, &tables);
-    cx.state.push(binding);
+    cx.state.extend(bindings);
     cx.step_input = Some(STEP_INPUT.to_string());
     if own_uncond.is_some() {
         cx.branch_input = Some(BRANCH_INPUT.to_string());
@@ -228,12 +249,17 @@ fn stack_condition() -> String {
 /// then-branch returns the output and the stack's residual, the else-branch the stack's input plus
 /// the cached residual, and that residual unchanged.
 /// `anchors` are the stack's attention nodes (all must move).
+/// With `forecast` (TaylorSeer, [`crate::schedule::forecast`]), the last `order + 1` computed
+/// residuals are state (newest first) and the else-branch adds their combination weighted by
+/// `ditc.forecast.weights` (one row of `ditc.table.stack.forecast`, gathered at the step) instead of
+/// the newest one alone.
 pub fn bake_stack(
     graph: &mut Graph,
     stack: &Stack,
     anchors: &[String],
     types: &TypeMap,
-) -> Result<StateBinding> {
+    forecast: Option<Taylor>,
+) -> Result<Vec<StateBinding>> {
     let (input, output) = (stack.input().to_string(), stack.output().to_string());
     let dtype = types
         .get(&output)
@@ -279,37 +305,148 @@ pub fn bake_stack(
         outputs: vec![tensor(&computed), tensor(&residual)],
         ..Graph::default()
     };
+    // Older residuals kept for a forecast: state j holds the j-th newest computed residual.
+    let older = forecast.map_or(0, |t| t.order);
+    let state = |j: usize, io: &str| match j {
+        0 => format!("ditc.{io}.{cached}"),
+        j => format!("ditc.{io}.{cached}.{j}"),
+    };
+    let mut then_branch = then_branch;
+    let mut else_nodes = Vec::new();
+    let mut else_outputs = vec![tensor(&reused), tensor(&kept)];
+    let mut if_outputs = vec![output.clone(), state_out.clone()];
+    for j in 1..=older {
+        let shifted = format!("{cached}.{j}.shifted");
+        then_branch.nodes.push(Node::new(
+            &format!("ditc.stack.shift.{j}"),
+            "Identity",
+            &[&state(j - 1, "state")],
+            &[&shifted],
+        ));
+        then_branch.outputs.push(tensor(&shifted));
+        let unchanged = format!("{cached}.{j}.kept");
+        else_nodes.push(Node::new(
+            &format!("ditc.stack.keep.{j}"),
+            "Identity",
+            &[&state(j, "state")],
+            &[&unchanged],
+        ));
+        else_outputs.push(tensor(&unchanged));
+        if_outputs.push(state(j, "state_out"));
+    }
+    let estimate = if older == 0 {
+        state_in.clone()
+    } else {
+        forecast_nodes(graph, &mut else_nodes, older, &|j| state(j, "state"))
+    };
+    else_nodes.insert(
+        0,
+        Node::new("ditc.stack.keep", "Identity", &[&state_in], &[&kept]),
+    );
+    else_nodes.push(Node::new(
+        "ditc.stack.reuse",
+        "Add",
+        &[&input, &estimate],
+        &[&reused],
+    ));
     let else_branch = Graph {
         name: "ditc.stack.reuse".into(),
-        nodes: vec![
-            Node::new("ditc.stack.reuse", "Add", &[&input, &state_in], &[&reused]),
-            Node::new("ditc.stack.keep", "Identity", &[&state_in], &[&kept]),
-        ],
-        outputs: vec![tensor(&reused), tensor(&kept)],
+        nodes: else_nodes,
+        outputs: else_outputs,
         ..Graph::default()
     };
-    let if_node = Node::new(
-        "ditc.stack.cache",
-        "If",
-        &[&stack_condition()],
-        &[&output, &state_out],
-    )
-    .with_attr("then_branch", AttrValue::Graph(then_branch))
-    .with_attr("else_branch", AttrValue::Graph(else_branch));
+    let outputs: Vec<&str> = if_outputs.iter().map(String::as_str).collect();
+    let if_node = Node::new("ditc.stack.cache", "If", &[&stack_condition()], &outputs)
+        .with_attr("then_branch", AttrValue::Graph(then_branch))
+        .with_attr("else_branch", AttrValue::Graph(else_branch));
     others.insert(first.min(others.len()), if_node);
     graph.nodes = others;
-    graph.inputs.push(tensor(&state_in));
-    graph.outputs.push(tensor(&state_out));
-    Ok(StateBinding {
-        group: Group::Stack,
-        site: None,
-        block: None,
-        input: state_in,
-        output: state_out,
-        dtype: dtype.to_string(),
-        shape: stack.shape.clone(),
-        initial: "zeros".into(),
-    })
+    let mut bindings = Vec::new();
+    for j in 0..=older {
+        graph.inputs.push(tensor(&state(j, "state")));
+        graph.outputs.push(tensor(&state(j, "state_out")));
+        bindings.push(StateBinding {
+            group: Group::Stack,
+            site: None,
+            block: None,
+            input: state(j, "state"),
+            output: state(j, "state_out"),
+            dtype: dtype.to_string(),
+            shape: stack.shape.clone(),
+            initial: "zeros".into(),
+        });
+    }
+    Ok(bindings)
+}
+
+/// Nodes (appended to `nodes`, inside the else-branch) computing `Σ_j w_j · state_j` for `j` in
+/// `0..=older`, `w` = `ditc.forecast.weights`; the index constants go into `graph`. Returns the sum.
+fn forecast_nodes(
+    graph: &mut Graph,
+    nodes: &mut Vec<Node>,
+    older: usize,
+    state: &dyn Fn(usize) -> String,
+) -> String {
+    let mut sum = String::new();
+    for j in 0..=older {
+        let index = format!("ditc.forecast.index.{j}");
+        graph
+            .initializers
+            .push(Tensor::from_i64(&index, vec![], &[j as i64]));
+        let weight = format!("ditc.forecast.weight.{j}");
+        nodes.push(
+            Node::new(
+                &format!("ditc.forecast.weight.{j}"),
+                "Gather",
+                &[FORECAST_WEIGHTS, &index],
+                &[&weight],
+            )
+            .with_attr("axis", AttrValue::Int(0)),
+        );
+        let term = format!("ditc.forecast.term.{j}");
+        nodes.push(Node::new(
+            &format!("ditc.forecast.term.{j}"),
+            "Mul",
+            &[&state(j), &weight],
+            &[&term],
+        ));
+        if j == 0 {
+            sum = term;
+        } else {
+            let next = format!("ditc.forecast.sum.{j}");
+            nodes.push(Node::new(
+                &format!("ditc.forecast.sum.{j}"),
+                "Add",
+                &[&sum, &term],
+                &[&next],
+            ));
+            sum = next;
+        }
+    }
+    sum
+}
+
+/// The forecast weights of the current step (gathered from `ditc.table.stack.forecast`).
+const FORECAST_WEIGHTS: &str = "ditc.forecast.weights";
+
+/// `ditc.table.stack.forecast` [steps, order + 1] and the node gathering its row at the step.
+fn add_forecast_table(graph: &mut Graph, weights: &[Vec<f64>]) {
+    let (steps, width) = (weights.len() as i64, weights[0].len() as i64);
+    let name = "ditc.table.stack.forecast";
+    let flat: Vec<f32> = weights.iter().flatten().map(|&w| w as f32).collect();
+    graph
+        .initializers
+        .push(Tensor::from_f32(name, vec![steps, width], &flat));
+    graph.nodes.insert(
+        0,
+        Node::new(
+            "ditc.forecast.weights",
+            "Gather",
+            &[name, STEP_INPUT],
+            &[FORECAST_WEIGHTS],
+        )
+        .with_attr("axis", AttrValue::Int(0)),
+    );
 }
 
 /// Every attention site of the stack must be inside the region, else skipping the stack would not

@@ -1,6 +1,7 @@
 //! Schedules: samplers (timesteps and updates) and the policies that decide, per step, what to compute.
 
 pub mod first_block_cache;
+pub mod forecast;
 pub mod guidance;
 pub mod mag_cache;
 pub mod pab;
