@@ -230,11 +230,10 @@ fn small_matmul_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<
         return Ok(None);
     }
     let strides = |shape: &[usize]| -> Vec<usize> {
-        let mut s = vec![1; shape.len()];
-        for i in (0..shape.len().saturating_sub(1)).rev() {
-            s[i] = s[i + 1] * shape[i + 1];
-        }
-        s
+        TractTensor::natural_strides(shape)
+            .iter()
+            .map(|&s| s as usize)
+            .collect()
     };
     let (sa, sb, sc) = (strides(a_shape), strides(b_shape), strides(&output));
     let (mut batch, mut m, mut n, mut k) = (Vec::new(), None, None, None);

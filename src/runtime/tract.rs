@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TValue,
+    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, TValue, TVec,
     Tensor as TractTensor, TypedRunnableModel,
 };
 
@@ -89,22 +89,19 @@ impl TractRunner {
                 .set_input_fact(i, InferenceFact::dt_shape(dt, shape))
                 .map_err(|e| anyhow!("input '{name}': {}", describe(&e)))?;
         }
-        let mut typed = tract_model
-            .into_typed()
-            .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
-        typed
-            .declutter()
-            .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
+        let cannot_run =
+            |e: anyhow::Error| anyhow!("tract cannot run this graph: {}", describe(&e));
+        let mut typed = tract_model.into_typed().map_err(cannot_run)?;
+        typed.declutter().map_err(cannot_run)?;
         if rewrites {
             rewrite::expand_broadcast_operands(&mut typed)?;
-            small_kernels::use_small_matmuls(&mut typed)
-                .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
+            small_kernels::use_small_matmuls(&mut typed).map_err(cannot_run)?;
         }
         // `optimize`, not `into_optimized`: the latter would declutter again.
         let plan = typed
             .optimize()
             .and_then(|()| typed.into_runnable())
-            .map_err(|e| anyhow!("tract cannot run this graph: {}", describe(&e)))?;
+            .map_err(cannot_run)?;
         Ok(TractRunner {
             plan,
             inputs,
@@ -132,23 +129,18 @@ impl TractRunner {
     }
 
     /// Time spent per tract operator (or per node, with its output fact, when `by_node`) over `reps`
-    /// calls on `inputs`, largest first: `(op, seconds, evaluations)`. For finding what a call spends its time on (the runtime_speed bench's
-    /// `--profile`); the results of the calls are dropped.
+    /// calls on `inputs`, largest first: `(op, seconds, evaluations)`. For finding what a call
+    /// spends its time on (the runtime_speed bench's `--profile`); the results are dropped.
     pub fn profile(
         &self,
         inputs: &[Tensor],
         reps: usize,
         by_node: bool,
     ) -> Result<Vec<(String, f64, usize)>> {
-        use tract_onnx::prelude::TVec;
         let mut per_op: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
         let mut state = self.plan.spawn().map_err(|e| anyhow!("{}", describe(&e)))?;
         for _ in 0..reps {
-            let values: TVec<TValue> = self
-                .inputs
-                .iter()
-                .map(|name| Ok(to_tract(find_input(inputs, name)?)?.into_tvalue()))
-                .collect::<Result<_>>()?;
+            let values = self.tract_inputs(inputs)?;
             on_pool(|| {
                 state.run_plan_with_eval(values, |ctx, op_state, node, input| {
                     let start = std::time::Instant::now();
@@ -177,13 +169,18 @@ impl TractRunner {
         Ok(rows)
     }
 
+    /// `inputs` as tract values, in the graph's input order (matched by name).
+    fn tract_inputs(&self, inputs: &[Tensor]) -> Result<TVec<TValue>> {
+        self.inputs
+            .iter()
+            .map(|name| Ok(to_tract(find_input(inputs, name)?)?.into_tvalue()))
+            .collect()
+    }
+
     /// Run once; `inputs` are matched to graph inputs by name, outputs come back named.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let mut values: Vec<TValue> = Vec::with_capacity(self.inputs.len());
-        for name in &self.inputs {
-            values.push(to_tract(find_input(inputs, name)?)?.into_tvalue());
-        }
-        let results = on_pool(|| self.plan.run(values.into_iter().collect()))
+        let values = self.tract_inputs(inputs)?;
+        let results = on_pool(|| self.plan.run(values))
             .map_err(|e| anyhow!("tract failed while running: {}", describe(&e)))?;
         self.outputs
             .iter()
