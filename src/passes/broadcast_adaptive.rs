@@ -97,18 +97,7 @@ impl Pass for BroadcastAdaptive {
     }
 
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
-        if cx.sampler.is_none() {
-            bail!("needs a sampler: add a [sampler] table to the recipe");
-        }
-        if let Some(other) = &cx.schedule {
-            bail!(
-                "the graph already has a '{}' schedule from an earlier pass: a recipe bakes one schedule",
-                other.policy
-            );
-        }
-        if crate::analysis::has_symbolic_inputs(&model.graph) {
-            bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
-        }
+        cx.schedule_sampler(model)?;
         self.policy.bake(model, cx)
     }
 }

@@ -57,18 +57,7 @@ impl Pass for BroadcastStatic {
     }
 
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
-        let Some((_, sampler)) = &cx.sampler else {
-            bail!("needs a sampler: add a [sampler] table to the recipe");
-        };
-        if let Some(other) = &cx.schedule {
-            bail!(
-                "the graph already has a '{}' schedule from an earlier pass: a recipe bakes one schedule",
-                other.policy
-            );
-        }
-        if crate::analysis::has_symbolic_inputs(&model.graph) {
-            bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
-        }
+        let sampler = cx.schedule_sampler(model)?;
         let steps = sampler.steps();
         let tables = tables(&self.options, &sampler.timesteps);
         let types = infer_types(&model.graph, model.default_opset());

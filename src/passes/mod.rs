@@ -41,6 +41,24 @@ impl PassContext {
     pub fn branches(&self) -> &'static [Branch] {
         branches(self.guidance.as_ref())
     }
+
+    /// What every schedule pass needs before it bakes: a sampler (returned), no schedule baked by an
+    /// earlier pass, and static input shapes (the state carried between steps is sized by them).
+    pub fn schedule_sampler(&self, model: &Model) -> Result<&Sampler> {
+        let Some((_, sampler)) = &self.sampler else {
+            bail!("needs a sampler: add a [sampler] table to the recipe");
+        };
+        if let Some(other) = &self.schedule {
+            bail!(
+                "the graph already has a '{}' schedule from an earlier pass: a recipe bakes one schedule",
+                other.policy
+            );
+        }
+        if crate::analysis::has_symbolic_inputs(&model.graph) {
+            bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
+        }
+        Ok(sampler)
+    }
 }
 
 pub trait Pass {

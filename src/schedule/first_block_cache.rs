@@ -225,14 +225,9 @@ fn f32_at_or_below(x: f64) -> f32 {
 }
 
 /// Rewrite `model` so that each call decides in the graph whether the cached blocks run (module doc).
+/// `broadcast-adaptive` has checked what every schedule pass needs ([`PassContext::schedule_sampler`]).
 pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Result<()> {
     options.validate()?;
-    if cx.schedule.is_some() {
-        bail!("the graph already has a baked schedule: use one schedule pass per recipe");
-    }
-    if crate::analysis::has_symbolic_inputs(&model.graph) {
-        bail!("needs static input shapes (the residuals carried between calls are sized by them): build the graph without --dynamic-batch");
-    }
     let blocks = cx.dit_map.blocks.len();
     if blocks == 0 {
         bail!("no transformer blocks were found in the graph (runs of attention sites closed by a feed-forward network), so there is nothing to cache");
