@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_refused, convert_wan_small, f32_named, repo_path, WAN_SMALL_SHAPES};
+use common::{
+    assert_refused, convert_wan_small, convert_wan_small_args, f32_named, repo_path, strs,
+};
 use ditc::ir::Tensor;
 use ditc::metrics::compare;
 use ditc::schedule::forecast::{coefficients, Taylor};
@@ -52,7 +54,7 @@ fn order_two_forecast_in_the_graph_is_the_rule_s_combination() {
     assert_eq!(table, bools(&plain["schedule"]["tables"]["stack"]));
     let states = taylor["state"].as_array().unwrap();
     assert_eq!(states.len(), 3, "the last three computed residuals");
-    ditc_ok_lint(&taylor_dir);
+    common::ditc_ok(&["lint", taylor_dir.join("model.onnx").to_str().unwrap()]);
 
     let weights = coefficients(&table, Taylor { order: 2 });
     // A skipped step late enough for both derivatives (second-order weights all non-zero).
@@ -126,14 +128,10 @@ fn order_two_forecast_in_the_graph_is_the_rule_s_combination() {
     assert!(compare(&forecast, &newest).rel_l2 > 1e-3);
 }
 
-fn ditc_ok_lint(dir: &std::path::Path) {
-    common::ditc_ok(&["lint", dir.join("model.onnx").to_str().unwrap()]);
-}
-
 #[test]
 fn bad_forecast_options_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let ckpt = repo_path("examples/wan-small/ckpt");
+    let example = repo_path("examples/wan-small");
     let out = tmp.path().join("never");
     let cases: [(&str, &[&str], &[&str]); 4] = [
         (
@@ -161,21 +159,8 @@ fn bad_forecast_options_are_refused() {
         ),
     ];
     for (recipe, sets, expect) in cases {
-        let recipe = repo_path(recipe);
-        let mut args = vec![
-            "convert",
-            ckpt.to_str().unwrap(),
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        for s in sets {
-            args.push("--set");
-            args.push(s);
-        }
-        args.extend_from_slice(&WAN_SMALL_SHAPES);
-        assert_refused(&args, expect);
+        let args = convert_wan_small_args(&example, &repo_path(recipe), sets, &out);
+        assert_refused(&strs(&args), expect);
         assert!(!out.exists());
     }
 }

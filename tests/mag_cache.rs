@@ -126,20 +126,13 @@ fn trace_records_decisions_metrics_and_timesteps() {
     let out = tmp.path().join("b");
     convert_wan_small(&dir, &repo_path("passes/wan-magcache.toml"), &sets, &out);
     let trace = tmp.path().join("trace.json");
-    let sample = tmp.path().join("s.safetensors");
-    ditc_ok(&[
-        "run",
-        out.join("manifest.json").to_str().unwrap(),
-        "--inputs",
-        dir.join("sampling.safetensors").to_str().unwrap(),
-        "--prefix",
+    ditc_ok(&common::strs(&common::run_args(
+        &out.join("manifest.json"),
+        &dir.join("sampling.safetensors"),
         "1.",
-        "-o",
-        sample.to_str().unwrap(),
-        "--trace",
-        trace.to_str().unwrap(),
-        "--no-progress",
-    ]);
+        &tmp.path().join("s.safetensors"),
+        &["--trace", trace.to_str().unwrap()],
+    )));
     let t: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
     let steps = t["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 50);

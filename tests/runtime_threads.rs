@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{assert_refused, ditc_ok, repo_path};
+use common::{assert_refused, ditc_ok, repo_path, run_args, strs};
 
 #[test]
 fn one_and_two_threads_sample_the_same_latent() {
@@ -20,19 +20,12 @@ fn one_and_two_threads_sample_the_same_latent() {
     );
     let manifest = bundle.join("manifest.json");
     let inputs = repo_path("examples/wan-small/inputs.safetensors");
-    let args = |out: &Path, threads: &str| -> Vec<String> {
-        let mut a: Vec<String> = ["run", manifest.to_str().unwrap(), "--inputs"]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        a.extend([inputs.to_str().unwrap(), "--prefix", "0.", "-o"].map(String::from));
-        a.extend([out.to_str().unwrap(), "--no-progress", "--threads", threads].map(String::from));
-        a
+    let args = |out: &Path, threads: &str| {
+        run_args(&manifest, &inputs, "0.", out, &["--threads", threads])
     };
     let sample = |threads: &str| {
         let out = tmp.path().join(format!("sample-{threads}.safetensors"));
-        let a = args(&out, threads);
-        ditc_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        ditc_ok(&strs(&args(&out, threads)));
         let t = ditc::tensors::read_safetensors(&out).unwrap();
         common::f32_named(&t, "sample")
     };
@@ -54,10 +47,6 @@ fn one_and_two_threads_sample_the_same_latent() {
     );
 
     let out = tmp.path().join("never.safetensors");
-    let a = args(&out, "0");
-    assert_refused(
-        &a.iter().map(String::as_str).collect::<Vec<_>>(),
-        &["--threads", "at least 1"],
-    );
+    assert_refused(&strs(&args(&out, "0")), &["--threads", "at least 1"]);
     assert!(!out.exists());
 }

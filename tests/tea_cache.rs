@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_refused, convert_wan_small, ditc_ok, repo_path, WAN_SMALL_SHAPES};
+use common::{
+    assert_refused, convert_wan_small, convert_wan_small_args, ditc_ok, repo_path, run_args, strs,
+};
 use ditc::ir::Tensor;
 use ditc::schedule::tea_cache::{decisions, TeaCacheOptions};
 use serde_json::Value;
@@ -135,19 +137,13 @@ fn a_traced_wan_run_obeys_the_rule_at_every_step() {
     let manifest = convert_wan_small(&example, &repo_path("passes/wan-teacache.toml"), &[], &out);
     assert_eq!(manifest["schedule"]["policy"], "tea-cache");
     let trace = tmp.path().join("trace.json");
-    ditc_ok(&[
-        "run",
-        out.join("manifest.json").to_str().unwrap(),
-        "--inputs",
-        example.join("inputs.safetensors").to_str().unwrap(),
-        "--prefix",
+    ditc_ok(&strs(&run_args(
+        &out.join("manifest.json"),
+        &example.join("inputs.safetensors"),
         "0.",
-        "-o",
-        tmp.path().join("s.safetensors").to_str().unwrap(),
-        "--trace",
-        trace.to_str().unwrap(),
-        "--no-progress",
-    ]);
+        &tmp.path().join("s.safetensors"),
+        &["--trace", trace.to_str().unwrap()],
+    )));
     let t: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
     let steps = t["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 50);
@@ -227,20 +223,14 @@ fn a_traced_wan_run_obeys_the_rule_at_every_step() {
 fn bad_options_and_unfit_models_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let recipe = repo_path("passes/wan-teacache.toml");
-    let ckpt = repo_path("examples/wan-small/ckpt");
     let out = tmp.path().join("never");
-    let mut args = vec![
-        "convert",
-        ckpt.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--set",
-        "broadcast-adaptive.threshold=-1",
-    ];
-    args.extend_from_slice(&WAN_SMALL_SHAPES);
-    assert_refused(&args, &["threshold"]);
+    let args = convert_wan_small_args(
+        &repo_path("examples/wan-small"),
+        &recipe,
+        &["broadcast-adaptive.threshold=-1"],
+        &out,
+    );
+    assert_refused(&strs(&args), &["threshold"]);
     assert!(!out.exists());
     // A model without Wan's timestep embedder (latte-tiny's ONNX export).
     let latte = repo_path("examples/latte-tiny/model.onnx");

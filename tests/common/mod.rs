@@ -171,6 +171,38 @@ pub const WAN_SMALL_SHAPES: [&str; 8] = [
     "4",
 ];
 
+/// The `ditc convert` arguments for the wan-small checkpoint of `fixture` with `recipe` and `--set`
+/// overrides into `out` (for a conversion expected to be refused, too).
+pub fn convert_wan_small_args(
+    fixture: &Path,
+    recipe: &Path,
+    sets: &[&str],
+    out: &Path,
+) -> Vec<String> {
+    let ckpt = fixture.join("ckpt");
+    let mut args: Vec<String> = [
+        "convert",
+        ckpt.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(WAN_SMALL_SHAPES.map(String::from));
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    args
+}
+
+/// `args` as the `&str`s `ditc`, `ditc_ok` and `assert_refused` take.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// Convert the wan-small checkpoint with `recipe` and `--set` overrides into `out`; returns the
 /// manifest as JSON.
 pub fn convert_wan_small(
@@ -179,23 +211,34 @@ pub fn convert_wan_small(
     sets: &[&str],
     out: &Path,
 ) -> serde_json::Value {
-    let ckpt = fixture.join("ckpt");
-    let mut args = vec![
-        "convert",
-        ckpt.to_str().unwrap(),
-        "--recipe",
-        recipe.to_str().unwrap(),
+    ditc_ok(&strs(&convert_wan_small_args(fixture, recipe, sets, out)));
+    serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The `ditc run` arguments sampling the bundle of `manifest` on the tensors `PREFIX<name>` of
+/// `inputs` into `out`, without progress bars, followed by `extra`.
+pub fn run_args(
+    manifest: &Path,
+    inputs: &Path,
+    prefix: &str,
+    out: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        manifest.to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--prefix",
+        prefix,
         "-o",
         out.to_str().unwrap(),
         "--no-progress",
-    ];
-    args.extend_from_slice(&WAN_SMALL_SHAPES);
-    for s in sets {
-        args.push("--set");
-        args.push(s);
-    }
-    ditc_ok(&args);
-    serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap()
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
 }
 
 /// Sample a bundle as `ditc run` does, on the inputs named `PREFIX<name>` of `inputs`.
