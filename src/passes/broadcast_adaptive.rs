@@ -288,7 +288,7 @@ pub fn bake_stack(
         &[&computed, &input],
         &[&residual],
     ));
-    let then_branch = Graph {
+    let mut then_branch = Graph {
         name: "ditc.stack.compute".into(),
         nodes: moved,
         outputs: vec![tensor(&computed), tensor(&residual)],
@@ -300,7 +300,6 @@ pub fn bake_stack(
         0 => format!("ditc.{io}.{cached}"),
         j => format!("ditc.{io}.{cached}.{j}"),
     };
-    let mut then_branch = then_branch;
     let mut else_nodes = Vec::new();
     let mut else_outputs = vec![tensor(&reused), tensor(&kept)];
     let mut if_outputs = vec![output.clone(), state_out.clone()];
