@@ -220,3 +220,134 @@ fn short_attention_runs_on_the_small_product_bit_for_bit() {
     println!("small kernels vs f64: max error / max value {relative:.2e}");
     assert!(relative < 1e-6, "{relative:.2e}");
 }
+
+/// Wan's score product after RoPE: queries and keys `[1, S, H, D/2, 2]`, their halves concatenated
+/// along the depth, `Einsum(ambck,anbck->bmn)`. tract splits it into two half-depth products and a
+/// sum; the runtime computes both halves of each output tile at once, bit for bit what tract's own
+/// plan gives, and the scores against f64. S = 37 and H = 3 leave ragged tiles at every edge.
+#[test]
+fn rope_score_products_run_in_one_pass_bit_for_bit() {
+    let (s, h, half) = (37usize, 3usize, 16usize);
+    let shape = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    let part = [1, s, h, half, 1];
+    let names = ["q1", "q2", "k1", "k2"];
+    let data: Vec<Vec<f32>> = (0..4)
+        .map(|i| values(s * h * half, 31 + i as u32))
+        .collect();
+    let concat = |name: &str, a: &str, b: &str| {
+        let mut n = Node::new(name, "Concat", &[a, b], &[name]);
+        n.attributes.push(Attribute {
+            name: "axis".into(),
+            value: AttrValue::Int(3),
+        });
+        n
+    };
+    let mut einsum = Node::new("scores", "Einsum", &["q", "k"], &["y"]);
+    einsum.attributes.push(Attribute {
+        name: "equation".into(),
+        value: AttrValue::String("ambck,anbck->bmn".into()),
+    });
+    let model = graph(
+        names
+            .iter()
+            .map(|n| ValueInfo::tensor(*n, DataType::F32, dims(&shape(&part))))
+            .collect(),
+        &shape(&[h, s, s]),
+        vec![concat("q", "q1", "q2"), concat("k", "k1", "k2"), einsum],
+        vec![],
+    );
+    let feed: Vec<Tensor> = names
+        .iter()
+        .zip(&data)
+        .map(|(n, d)| Tensor::from_f32(n, shape(&part), d))
+        .collect();
+    let runner = TractRunner::new(&model, &feed).unwrap();
+    let ops = runner.plan_ops();
+    #[cfg(target_arch = "x86_64")]
+    let have_fast_cpu = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let have_fast_cpu = false;
+    if have_fast_cpu {
+        assert!(ops.iter().any(|o| o == "TiledMatMul"), "{ops:?}");
+    }
+    let got = runner.run(&feed).unwrap()[0].to_f32_vec().unwrap();
+    let tract_alone = TractRunner::without_rewrites(&model, &feed).unwrap();
+    assert!(!tract_alone.plan_ops().iter().any(|o| o == "TiledMatMul"));
+    let reference = tract_alone.run(&feed).unwrap()[0].to_f32_vec().unwrap();
+    let differing = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} of {} differ", got.len());
+    // q[0, i, head, d] with d over both halves, as the concat lays them out.
+    let at = |part: &[Vec<f32>], i: usize, head: usize, d: usize| {
+        part[d / half][(i * h + head) * half + d % half] as f64
+    };
+    let (mut worst, mut largest) = (0f64, 0f64);
+    for head in 0..h {
+        for i in 0..s {
+            for j in 0..s {
+                let want: f64 = (0..2 * half)
+                    .map(|d| at(&data[..2], i, head, d) * at(&data[2..], j, head, d))
+                    .sum();
+                worst = worst.max((got[(head * s + i) * s + j] as f64 - want).abs());
+                largest = largest.max(want.abs());
+            }
+        }
+    }
+    assert!(worst / largest < 1e-6, "{:.2e}", worst / largest);
+}
+
+/// Attention's probabilities times values at a long depth (`[H, S, S]` times `[S, H, D]`, as Wan's
+/// `context` einsum `bmk,kbn->mbn`): the runtime's tiled product, bit for bit tract's own plan, and
+/// against f64. S = 130 leaves ragged row and column tiles.
+#[test]
+fn value_products_run_tiled_bit_for_bit() {
+    let (s, h, d) = (130usize, 3usize, 40usize);
+    let shape = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<_>>();
+    let p = values(h * s * s, 41);
+    let v = values(s * h * d, 43);
+    let mut einsum = Node::new("context", "Einsum", &["p", "v"], &["y"]);
+    einsum.attributes.push(Attribute {
+        name: "equation".into(),
+        value: AttrValue::String("bmk,kbn->mbn".into()),
+    });
+    let model = graph(
+        vec![
+            ValueInfo::tensor("p", DataType::F32, dims(&shape(&[h, s, s]))),
+            ValueInfo::tensor("v", DataType::F32, dims(&shape(&[s, h, d]))),
+        ],
+        &shape(&[s, h, d]),
+        vec![einsum],
+        vec![],
+    );
+    let feed = [
+        Tensor::from_f32("p", shape(&[h, s, s]), &p),
+        Tensor::from_f32("v", shape(&[s, h, d]), &v),
+    ];
+    let runner = TractRunner::new(&model, &feed).unwrap();
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        let ops = runner.plan_ops();
+        assert!(ops.iter().any(|o| o == "TiledMatMul"), "{ops:?}");
+    }
+    let got = runner.run(&feed).unwrap()[0].to_f32_vec().unwrap();
+    let reference = TractRunner::without_rewrites(&model, &feed)
+        .unwrap()
+        .run(&feed)
+        .unwrap()[0]
+        .to_f32_vec()
+        .unwrap();
+    let differing = got.iter().zip(&reference).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} of {} differ", got.len());
+    let (mut worst, mut largest) = (0f64, 0f64);
+    for i in 0..s {
+        for head in 0..h {
+            for x in 0..d {
+                let want: f64 = (0..s)
+                    .map(|j| p[(head * s + i) * s + j] as f64 * v[(j * h + head) * d + x] as f64)
+                    .sum();
+                worst = worst.max((got[(i * h + head) * d + x] as f64 - want).abs());
+                largest = largest.max(want.abs());
+            }
+        }
+    }
+    assert!(worst / largest < 1e-5, "{:.2e}", worst / largest);
+}

@@ -1,5 +1,6 @@
 //! `--threads`: sampling on 1 and 2 threads gives the same latent (tract splits work on output tiles
-//! and rows, never inside a sum), and a count of 0 is refused.
+//! and rows, never inside a sum), and a count of 0 is refused. And the runtime's rewrites give the
+//! bits tract's own plan gives.
 
 mod common;
 
@@ -44,6 +45,28 @@ fn one_and_two_threads_sample_the_same_latent() {
         diff / norm <= 1e-6,
         "1 vs 2 threads differ: {:.3e}",
         diff / norm
+    );
+
+    // The runtime's rewrites of tract's copy of the graph (src/runtime/rewrite.rs, small_kernels.rs,
+    // tiled_matmul.rs) give tract's own bits over the whole trajectory, not only on the patterns
+    // tests/runtime_rewrites.rs builds.
+    let plain = tmp.path().join("sample-tract-alone.safetensors");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+        .args(strs(&args(&plain, "1")))
+        .env("DITC_RUNTIME_REWRITES", "0")
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let t = ditc::tensors::read_safetensors(&plain).unwrap();
+    let tract_alone = common::f32_named(&t, "sample");
+    let differing = one.iter().zip(&tract_alone).filter(|(a, b)| a != b).count();
+    assert_eq!(
+        differing, 0,
+        "{differing} values differ from tract's own plan"
     );
 
     let out = tmp.path().join("never.safetensors");

@@ -4,6 +4,7 @@ pub mod conditional;
 mod rewrite;
 pub mod sampling;
 mod small_kernels;
+mod tiled_matmul;
 mod tract;
 
 pub use self::tract::{default_threads, run_once, set_threads, TractRunner};

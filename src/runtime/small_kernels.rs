@@ -31,11 +31,11 @@ const SMALL_DEPTH: usize = 32;
 /// One axis of a product: its extent and its stride (in elements) in `a`, `b` and the output
 /// (0 where the tensor does not have it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Stride {
-    extent: usize,
-    a: usize,
-    b: usize,
-    c: usize,
+pub(super) struct Stride {
+    pub extent: usize,
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
 }
 
 /// `c[batch, m, n] = Σ_k a[batch, m, k] · b[batch, k, n]` for any layout of the axes, one `m`, `n`
@@ -121,7 +121,7 @@ impl SmallMatMul {
 
 /// Whether this CPU has fused multiply-add, which tract's kernels use and these must too to give
 /// the same bits.
-fn fma_available() -> bool {
+pub(super) fn fma_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     return std::arch::is_x86_feature_detected!("fma");
     #[cfg(target_arch = "aarch64")]
@@ -204,6 +204,43 @@ pub fn use_small_matmuls(model: &mut TypedModel) -> TractResult<()> {
 /// The [`SmallMatMul`] computing `node` (an einsum), if it is a plain batched product of two
 /// run-time f32 tensors with a short tile side.
 fn small_matmul_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<SmallMatMul>> {
+    let Some(Product {
+        batch,
+        m,
+        n,
+        k,
+        output,
+    }) = plain_product(model, node)?
+    else {
+        return Ok(None);
+    };
+    let contiguous = (n.b == 1 && n.c == 1) || (k.a == 1 && k.b == 1);
+    if m.extent * n.extent > SMALL_TILE || k.extent > SMALL_DEPTH || !contiguous {
+        return Ok(None);
+    }
+    Ok(Some(SmallMatMul {
+        batch,
+        m,
+        n,
+        k,
+        output,
+    }))
+}
+
+/// A batched matrix product's axes as they lie in memory: `c[batch, m, n] = Σ_k a[batch, m, k] ·
+/// b[batch, k, n]`.
+pub(super) struct Product {
+    pub batch: Vec<Stride>,
+    pub m: Stride,
+    pub n: Stride,
+    pub k: Stride,
+    pub output: Vec<usize>,
+}
+
+/// `node` (an einsum) as a [`Product`], if it is a plain batched product of two run-time f32
+/// tensors: one `m`, `n` and `k` axis (contracted axes of extent 1 aside), any number of batch
+/// axes, no broadcasting.
+pub(super) fn plain_product(model: &TypedModel, node: &TypedNode) -> TractResult<Option<Product>> {
     let op = node.op_as::<EinSum>().context("einsum")?;
     if node.inputs.len() != 2 || op.q_params.is_some() || op.operating_dt != f32::datum_type() {
         return Ok(None);
@@ -275,6 +312,8 @@ fn small_matmul_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<
             }
             (true, false, true) => &mut m,
             (false, true, true) => &mut n,
+            // A contracted axis of extent 1 (torch exports' trailing singleton dims) sums nothing.
+            (true, true, false) if stride.extent == 1 => continue,
             (true, true, false) => &mut k,
             _ => return Ok(None),
         };
@@ -285,11 +324,7 @@ fn small_matmul_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<
     let (Some(m), Some(n), Some(k)) = (m, n, k) else {
         return Ok(None);
     };
-    let contiguous = (n.b == 1 && n.c == 1) || (k.a == 1 && k.b == 1);
-    if m.extent * n.extent > SMALL_TILE || k.extent > SMALL_DEPTH || !contiguous {
-        return Ok(None);
-    }
-    Ok(Some(SmallMatMul {
+    Ok(Some(Product {
         batch,
         m,
         n,

@@ -13,7 +13,7 @@ use tract_onnx::prelude::{
     Tensor as TractTensor, TypedRunnableModel,
 };
 
-use super::{rewrite, small_kernels};
+use super::{rewrite, small_kernels, tiled_matmul};
 use crate::ir::{DataType, Model, Tensor};
 use crate::onnx::model_to_bytes_inline;
 
@@ -95,6 +95,7 @@ impl TractRunner {
         typed.declutter().map_err(cannot_run)?;
         if rewrites {
             rewrite::expand_broadcast_operands(&mut typed)?;
+            tiled_matmul::use_tiled_matmuls(&mut typed).map_err(cannot_run)?;
             small_kernels::use_small_matmuls(&mut typed).map_err(cannot_run)?;
         }
         // `optimize`, not `into_optimized`: the latter would declutter again.
