@@ -351,3 +351,67 @@ fn value_products_run_tiled_bit_for_bit() {
     }
     assert!(worst / largest < 1e-5, "{:.2e}", worst / largest);
 }
+
+/// Softmaxes over short last axes (rows of 1 to 40 values, some entries -inf as masks leave them,
+/// an odd number of rows so that rows start at every alignment): the runtime's short-row softmax,
+/// bit for bit tract's own plan, and against f64.
+#[test]
+fn short_row_softmaxes_give_tract_bits() {
+    for row in 1..=40usize {
+        let rows = 37usize;
+        let shape = [rows as i64, row as i64];
+        let mut x: Vec<f32> = values(rows * row, 50 + row as u32)
+            .iter()
+            .map(|v| v * 12.0)
+            .collect();
+        for (i, v) in x.iter_mut().enumerate() {
+            if i % 7 == 3 && row > 1 {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let mut softmax = Node::new("softmax", "Softmax", &["x"], &["y"]);
+        softmax.attributes.push(Attribute {
+            name: "axis".into(),
+            value: AttrValue::Int(-1),
+        });
+        let model = graph(
+            vec![ValueInfo::tensor("x", DataType::F32, dims(&shape))],
+            &shape,
+            vec![softmax],
+            vec![],
+        );
+        let feed = [Tensor::from_f32("x", shape.to_vec(), &x)];
+        let runner = TractRunner::new(&model, &feed).unwrap();
+        #[cfg(target_arch = "x86_64")]
+        if row < 32 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let ops = runner.plan_ops();
+            assert!(ops.iter().any(|o| o == "ShortSoftmax"), "{row}: {ops:?}");
+        }
+        let got = runner.run(&feed).unwrap()[0].to_f32_vec().unwrap();
+        let reference = TractRunner::without_rewrites(&model, &feed)
+            .unwrap()
+            .run(&feed)
+            .unwrap()[0]
+            .to_f32_vec()
+            .unwrap();
+        let differing = got
+            .iter()
+            .zip(&reference)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differing, 0, "rows of {row}: {differing} values differ");
+        for (r, chunk) in x.chunks(row).enumerate() {
+            let max = chunk.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let e: Vec<f64> = chunk.iter().map(|&v| (v as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (c, e) in e.iter().enumerate() {
+                let have = got[r * row + c] as f64;
+                assert!(
+                    (have - e / sum).abs() < 1e-6,
+                    "row {r}, {c}: {have} vs {}",
+                    e / sum
+                );
+            }
+        }
+    }
+}

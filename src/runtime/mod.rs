@@ -3,6 +3,7 @@
 pub mod conditional;
 mod rewrite;
 pub mod sampling;
+mod short_softmax;
 mod small_kernels;
 mod tiled_matmul;
 mod tract;
