@@ -73,3 +73,53 @@ fn one_and_two_threads_sample_the_same_latent() {
     assert_refused(&strs(&args(&out, "0")), &["--threads", "at least 1"]);
     assert!(!out.exists());
 }
+
+/// latte-tiny (temporal attention over 8 frames, cross-attention over 4 tokens: the short products
+/// and softmaxes the runtime computes itself) sampled with the runtime's rewrites and by tract's own
+/// plan: the same bits.
+#[test]
+fn latte_samples_tract_bits_with_the_runtime_rewrites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("latte");
+    let demo = common::demo();
+    ditc_ok(&strs(&[
+        "convert".into(),
+        demo.join("model.onnx").to_str().unwrap().to_string(),
+        "--recipe".into(),
+        repo_path("passes/pab.toml").to_str().unwrap().to_string(),
+        "--set".into(),
+        "sampler.steps=6".into(),
+        "-o".into(),
+        bundle.to_str().unwrap().to_string(),
+    ]));
+    let manifest = bundle.join("manifest.json");
+    let inputs = demo.join("sampling.safetensors");
+    let sample = |name: &str, rewrites: &str| {
+        let out = tmp.path().join(name);
+        let args = run_args(&manifest, &inputs, "0.", &out, &["--threads", "1"]);
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+            .args(strs(&args))
+            .env("DITC_RUNTIME_REWRITES", rewrites)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let t = ditc::tensors::read_safetensors(&out).unwrap();
+        common::f32_named(&t, "sample")
+    };
+    let rewritten = sample("rewritten.safetensors", "1");
+    let tract_alone = sample("tract-alone.safetensors", "0");
+    assert!(rewritten.iter().any(|v| *v != 0.0));
+    let differing = rewritten
+        .iter()
+        .zip(&tract_alone)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differing, 0,
+        "{differing} values differ from tract's own plan"
+    );
+}

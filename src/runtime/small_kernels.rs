@@ -110,12 +110,35 @@ impl SmallMatMul {
 
     fn one_batch(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
+        if self.vector_rows() {
+            // SAFETY: `vector_rows` checked the CPU and the layout `one_batch_avx2` needs.
+            unsafe { vector::one_batch_avx2(self, a, b, c) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: a `SmallMatMul` is only placed where the CPU has FMA (`fma_available`).
         unsafe {
             one_batch_fma(self, a, b, c)
         }
         #[cfg(not(target_arch = "x86_64"))]
         one_batch_fma(self, a, b, c)
+    }
+}
+
+impl SmallMatMul {
+    /// Whether [`vector::one_batch_avx2`] computes this product: rows of 4, 8 or 16 outputs
+    /// contiguous in `c`, `b` contiguous along n or along k, on a CPU with AVX2 and FMA.
+    fn vector_rows(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let layout = self.n.c == 1 && (self.n.b == 1 || self.k.b == 1);
+            layout
+                && matches!(self.n.extent, 4 | 8 | 16)
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
     }
 }
 
@@ -166,6 +189,141 @@ fn one_batch_fma(op: &SmallMatMul, a: &[f32], b: &[f32], c: &mut [f32]) {
                     c[i * m.c + (j + lane) * n.c] = *value;
                 }
                 j += width;
+            }
+        }
+    }
+}
+
+/// The AVX2 rows kernel: every output's chain of multiply-adds in a vector lane (the same chain, so
+/// the same bits as [`one_batch_fma`]), four rows at a time so that the chains of several rows are
+/// in flight together.
+#[cfg(target_arch = "x86_64")]
+mod vector {
+    use super::{SmallMatMul, SMALL_DEPTH};
+    use std::arch::x86_64::*;
+
+    /// The widest row [`one_batch_avx2`] takes.
+    const MAX_ROW: usize = 16;
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA, and `op` the layout [`SmallMatMul::vector_rows`] checks.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn one_batch_avx2(op: &SmallMatMul, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (m, n, k) = (op.m, op.n, op.k);
+        // `b` as [k, n], contiguous along n: as it lies, or transposed into `bt`.
+        let mut bt;
+        let (b, ldb) = if n.b == 1 {
+            (b, k.b)
+        } else {
+            bt = [0f32; SMALL_DEPTH * MAX_ROW];
+            for j in 0..n.extent {
+                for l in 0..k.extent {
+                    bt[l * n.extent + j] = b[j * n.b + l * k.b];
+                }
+            }
+            (&bt[..], n.extent)
+        };
+        // The last element each operand is read at, so that the unchecked reads stay inside.
+        let last_a = (m.extent - 1) * m.a + (k.extent - 1) * k.a;
+        let last_b = (k.extent - 1) * ldb + n.extent - 1;
+        let last_c = (m.extent - 1) * m.c + n.extent - 1;
+        assert!(last_a < a.len() && last_b < b.len() && last_c < c.len());
+        let rows = Rows {
+            a: a.as_ptr(),
+            row_a: m.a,
+            step_a: k.a,
+            b: b.as_ptr(),
+            ldb,
+            k: k.extent,
+            c: c.as_mut_ptr(),
+            row_c: m.c,
+        };
+        // SAFETY: every read and write is inside the operands (asserted above).
+        unsafe {
+            match n.extent {
+                4 => rows.run_xmm(m.extent),
+                8 => rows.run_ymm::<1>(m.extent),
+                _ => rows.run_ymm::<2>(m.extent),
+            }
+        }
+    }
+
+    /// One batch's operands as pointers: `a[i * row_a + l * step_a]`, `b[l * ldb + j]`,
+    /// `c[i * row_c + j]`.
+    struct Rows {
+        a: *const f32,
+        row_a: usize,
+        step_a: usize,
+        b: *const f32,
+        ldb: usize,
+        k: usize,
+        c: *mut f32,
+        row_c: usize,
+    }
+
+    impl Rows {
+        /// Rows of `8 * V` outputs, four (then one) at a time.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run_ymm<const V: usize>(&self, m: usize) {
+            let mut i = 0;
+            while i < m {
+                let group = if i + 4 <= m { 4 } else { 1 };
+                let mut acc = [[_mm256_setzero_ps(); V]; 4];
+                let mut pa = self.a.wrapping_add(i * self.row_a);
+                let mut pb = self.b;
+                for _ in 0..self.k {
+                    // SAFETY: inside the operands (checked by the caller).
+                    unsafe {
+                        let bv: [__m256; V] =
+                            std::array::from_fn(|v| _mm256_loadu_ps(pb.wrapping_add(8 * v)));
+                        for (r, acc) in acc.iter_mut().enumerate().take(group) {
+                            let x =
+                                _mm256_broadcastss_ps(_mm_load_ss(pa.wrapping_add(r * self.row_a)));
+                            for v in 0..V {
+                                acc[v] = _mm256_fmadd_ps(x, bv[v], acc[v]);
+                            }
+                        }
+                    }
+                    pa = pa.wrapping_add(self.step_a);
+                    pb = pb.wrapping_add(self.ldb);
+                }
+                for (r, acc) in acc.iter().enumerate().take(group) {
+                    let out = self.c.wrapping_add((i + r) * self.row_c);
+                    for (v, acc) in acc.iter().enumerate() {
+                        // SAFETY: inside `c` (checked by the caller).
+                        unsafe { _mm256_storeu_ps(out.wrapping_add(8 * v), *acc) };
+                    }
+                }
+                i += group;
+            }
+        }
+
+        /// Rows of 4 outputs, four (then one) at a time.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run_xmm(&self, m: usize) {
+            let mut i = 0;
+            while i < m {
+                let group = if i + 4 <= m { 4 } else { 1 };
+                let mut acc = [_mm_setzero_ps(); 4];
+                let mut pa = self.a.wrapping_add(i * self.row_a);
+                let mut pb = self.b;
+                for _ in 0..self.k {
+                    // SAFETY: inside the operands (checked by the caller).
+                    unsafe {
+                        let bv = _mm_loadu_ps(pb);
+                        for (r, acc) in acc.iter_mut().enumerate().take(group) {
+                            let x = _mm_broadcast_ss(&*pa.wrapping_add(r * self.row_a));
+                            *acc = _mm_fmadd_ps(x, bv, *acc);
+                        }
+                    }
+                    pa = pa.wrapping_add(self.step_a);
+                    pb = pb.wrapping_add(self.ldb);
+                }
+                for (r, acc) in acc.iter().enumerate().take(group) {
+                    // SAFETY: inside `c` (checked by the caller).
+                    unsafe { _mm_storeu_ps(self.c.wrapping_add((i + r) * self.row_c), *acc) };
+                }
+                i += group;
             }
         }
     }
