@@ -415,3 +415,49 @@ fn short_row_softmaxes_give_tract_bits() {
         }
     }
 }
+
+/// RoPE's split of `[1, S, H, D/2, 2]` pairs into even and odd halves (`Split` on the last axis):
+/// the runtime's narrow-slice copy puts every value where the slices say.
+#[test]
+fn narrow_slices_copy_every_value_where_the_slice_says() {
+    let shape = [1usize, 7, 3, 5, 2];
+    let x = values(shape.iter().product(), 61);
+    let as_i64 = |s: &[usize]| s.iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let mut split = Node::new("split", "Split", &["x"], &["even", "odd"]);
+    split.attributes.push(Attribute {
+        name: "axis".into(),
+        value: AttrValue::Int(4),
+    });
+    split.attributes.push(Attribute {
+        name: "num_outputs".into(),
+        value: AttrValue::Int(2),
+    });
+    let half = [1i64, 7, 3, 5, 1];
+    let model = Model::new(
+        Graph {
+            inputs: vec![ValueInfo::tensor("x", DataType::F32, dims(&as_i64(&shape)))],
+            outputs: vec![
+                ValueInfo::tensor("even", DataType::F32, dims(&half)),
+                ValueInfo::tensor("odd", DataType::F32, dims(&half)),
+            ],
+            nodes: vec![split],
+            ..Graph::default()
+        },
+        18,
+    );
+    let feed = [Tensor::from_f32("x", as_i64(&shape), &x)];
+    let runner = TractRunner::new(&model, &feed).unwrap();
+    let ops = runner.plan_ops();
+    assert_eq!(
+        ops.iter().filter(|o| *o == "NarrowSlice").count(),
+        2,
+        "{ops:?}"
+    );
+    let out = runner.run(&feed).unwrap();
+    for (which, tensor) in out.iter().enumerate() {
+        let got = tensor.to_f32_vec().unwrap();
+        for (i, v) in got.iter().enumerate() {
+            assert_eq!(*v, x[2 * i + which], "output {which}, value {i}");
+        }
+    }
+}

@@ -13,7 +13,7 @@ use tract_onnx::prelude::{
     Tensor as TractTensor, TypedRunnableModel,
 };
 
-use super::{rewrite, short_softmax, small_kernels, tiled_matmul};
+use super::{narrow_slice, rewrite, short_softmax, small_kernels, tiled_matmul};
 use crate::ir::{DataType, Model, Tensor};
 use crate::onnx::model_to_bytes_inline;
 
@@ -98,6 +98,7 @@ impl TractRunner {
             tiled_matmul::use_tiled_matmuls(&mut typed).map_err(cannot_run)?;
             small_kernels::use_small_matmuls(&mut typed).map_err(cannot_run)?;
             short_softmax::use_short_softmaxes(&mut typed).map_err(cannot_run)?;
+            narrow_slice::use_narrow_slices(&mut typed).map_err(cannot_run)?;
         }
         // `optimize`, not `into_optimized`: the latter would declutter again.
         let plan = typed
