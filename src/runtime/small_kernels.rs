@@ -373,16 +373,19 @@ fn small_matmul_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<
         return Ok(None);
     };
     let contiguous = (n.b == 1 && n.c == 1) || (k.a == 1 && k.b == 1);
-    if m.extent * n.extent > SMALL_TILE || k.extent > SMALL_DEPTH || !contiguous {
+    if k.extent > SMALL_DEPTH || !contiguous {
         return Ok(None);
     }
-    Ok(Some(SmallMatMul {
+    let op = SmallMatMul {
         batch,
         m,
         n,
         k,
         output,
-    }))
+    };
+    // The vector rows kernel takes any number of rows (Latte's cross-attention values: 64 rows
+    // of 16 over 4 tokens); the scalar one only small tiles.
+    Ok((m.extent * n.extent <= SMALL_TILE || op.vector_rows()).then_some(op))
 }
 
 /// A batched matrix product's axes as they lie in memory: `c[batch, m, n] = Σ_k a[batch, m, k] ·
