@@ -22,6 +22,11 @@
 //! `forecast = "taylor"` (and `order`, 1 or 2), with the table policies: on a skipped step the stack's
 //! residual is extrapolated from the last computed ones (TaylorSeer, [`crate::schedule::forecast`]).
 //!
+//! `policy = "easy-cache"` ([`crate::schedule::easy_cache`], the default: it needs no calibration):
+//! EasyCache's rule (the input's change scaled by the transformation rate measured between computed
+//! calls, accumulated against a threshold) computed in the graph at every call, driving the same
+//! whole-stack `If`; under guidance the unconditional call follows the conditional call's decision.
+//!
 //! `policy = "first-block-cache"` ([`crate::schedule::first_block_cache`]): the decision depends on
 //! the head blocks' residual, so the graph computes it at every call (an `If` on a computed condition);
 //! the rewrite lives with the policy.
@@ -37,6 +42,7 @@ use crate::ir::{
     infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
 };
 use crate::manifest::{Calls, Schedule, StateBinding};
+use crate::schedule::easy_cache::{self, EasyCacheOptions};
 use crate::schedule::first_block_cache::{self, FbcOptions};
 use crate::schedule::forecast::{self, Taylor};
 use crate::schedule::guidance::Branch;
@@ -48,7 +54,12 @@ use crate::schedule::Group;
 pub const BRANCH_INPUT: &str = "ditc.branch";
 
 /// The policies `broadcast-adaptive` knows.
-pub const POLICIES: &[&str] = &["mag-cache", first_block_cache::POLICY, tea_cache::POLICY];
+pub const POLICIES: &[&str] = &[
+    easy_cache::POLICY,
+    "mag-cache",
+    first_block_cache::POLICY,
+    tea_cache::POLICY,
+];
 
 /// One adaptive caching policy, baked into the graph.
 pub trait AdaptivePolicy {
@@ -65,10 +76,8 @@ impl BroadcastAdaptive {
         let name = match options.remove("policy") {
             Some(toml::Value::String(s)) => s,
             Some(other) => bail!("broadcast-adaptive.policy must be a string, got {other}"),
-            None => bail!(
-                "broadcast-adaptive needs a policy (one of: {})",
-                POLICIES.join(", ")
-            ),
+            // No calibration needed: the default for models without a calibrated table.
+            None => easy_cache::POLICY.to_string(),
         };
         let forecast = Taylor::take_from(&mut options)?;
         let policy: Box<dyn AdaptivePolicy> = match name.as_str() {
@@ -78,6 +87,12 @@ impl BroadcastAdaptive {
                     bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for the policies with a table: mag-cache, tea-cache)");
                 }
                 Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
+            }
+            easy_cache::POLICY => {
+                if forecast.is_some() {
+                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for easy-cache (only for the policies with a table: mag-cache, tea-cache)");
+                }
+                Box::new(EasyCache(EasyCacheOptions::from_table(&options)?))
             }
             tea_cache::POLICY => {
                 Box::new(TeaCache(TeaCacheOptions::from_table(&options)?, forecast))
@@ -108,6 +123,15 @@ struct FirstBlockCache(FbcOptions);
 impl AdaptivePolicy for FirstBlockCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
         first_block_cache::bake(model, cx, &self.0)
+    }
+}
+
+/// EasyCache: decided inside the graph from the input's change and the measured transformation rate.
+struct EasyCache(EasyCacheOptions);
+
+impl AdaptivePolicy for EasyCache {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        easy_cache::bake(model, cx, &self.0)
     }
 }
 
