@@ -141,7 +141,12 @@ impl Rule {
 
     /// Decide call `step` from `input_change = ‖x - prev_in‖` and `output_norm = ‖prev_out‖`; returns
     /// whether it computes and the accumulated value compared (none where the rule does not apply).
-    pub fn decide(&mut self, step: usize, input_change: f64, output_norm: f64) -> (bool, Option<f64>) {
+    pub fn decide(
+        &mut self,
+        step: usize,
+        input_change: f64,
+        output_norm: f64,
+    ) -> (bool, Option<f64>) {
         let o = &self.options;
         let forced = step < o.warmup_steps || step + o.last_steps >= self.steps;
         if forced || self.calls < 2 {
@@ -312,7 +317,13 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &EasyCacheOptions) -> Re
     };
     let ranks = (latent_shape.len(), prediction_shape.len());
     decide(&mut e, o, steps, &io.latent, ranks, follow);
-    update(&mut e, &io.latent, &io.prediction, latent_shape.len(), prediction_shape.len());
+    update(
+        &mut e,
+        &io.latent,
+        &io.prediction,
+        latent_shape.len(),
+        prediction_shape.len(),
+    );
     graph.nodes.extend(e.nodes);
     graph.initializers.extend(e.constants);
     graph
@@ -374,10 +385,21 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &EasyCacheOptions) -> Re
 
 /// The decision (`ditc.decision`, also the stack `If`'s condition), the metric and the accumulated
 /// value's state output: everything that needs only the inputs and the state.
-fn decide(e: &mut Emitter, o: &EasyCacheOptions, steps: usize, latent: &str, ranks: (usize, usize), follow: bool) {
+fn decide(
+    e: &mut Emitter,
+    o: &EasyCacheOptions,
+    steps: usize,
+    latent: &str,
+    ranks: (usize, usize),
+    follow: bool,
+) {
     let input_change = e.mean_abs_diff("input_change", latent, &state_in(PREV_INPUT), ranks.0);
     let output_norm = e.mean_abs("output_norm", &state_in(PREV_OUTPUT), ranks.1);
-    let ratio = e.op("Div", "relative_input_change", &[&input_change, &output_norm]);
+    let ratio = e.op(
+        "Div",
+        "relative_input_change",
+        &[&input_change, &output_norm],
+    );
     let estimate = e.op("Mul", "estimated_change", &[&state_in(RATE), &ratio]);
     let acc = e.op("Add", "accumulated", &[&state_in(ACCUMULATED), &estimate]);
     // torch compares the 0-D f32 tensor with the Python float in f32.
@@ -413,9 +435,19 @@ fn decide(e: &mut Emitter, o: &EasyCacheOptions, steps: usize, latent: &str, ran
 
 /// The state updated from the call's prediction (after the stack's `If`): `k`, the last computed
 /// output and input, the computed-call count.
-fn update(e: &mut Emitter, latent: &str, prediction: &str, latent_rank: usize, prediction_rank: usize) {
-    let output_change =
-        e.mean_abs_diff("output_change", prediction, &state_in(PREV_OUTPUT), prediction_rank);
+fn update(
+    e: &mut Emitter,
+    latent: &str,
+    prediction: &str,
+    latent_rank: usize,
+    prediction_rank: usize,
+) {
+    let output_change = e.mean_abs_diff(
+        "output_change",
+        prediction,
+        &state_in(PREV_OUTPUT),
+        prediction_rank,
+    );
     let input_change = e.mean_abs_diff(
         "computed_input_change",
         latent,
@@ -426,7 +458,11 @@ fn update(e: &mut Emitter, latent: &str, prediction: &str, latent_rank: usize, p
     let one = e.i64("calls_one", 1);
     let has_previous = e.op("GreaterOrEqual", "has_previous", &[&state_in(CALLS), &one]);
     let measure = e.op("And", "measure_rate", &[DECISION, &has_previous]);
-    e.named("Where", &[&measure, &rate, &state_in(RATE)], &state_out(RATE));
+    e.named(
+        "Where",
+        &[&measure, &rate, &state_in(RATE)],
+        &state_out(RATE),
+    );
     e.named(
         "Where",
         &[DECISION, latent, &state_in(COMPUTED_INPUT)],
@@ -463,9 +499,18 @@ mod tests {
 
     #[test]
     fn bad_options_are_refused_with_the_reason() {
-        let err = |text: &str| format!("{:#}", EasyCacheOptions::from_table(&table(text)).unwrap_err());
+        let err = |text: &str| {
+            format!(
+                "{:#}",
+                EasyCacheOptions::from_table(&table(text)).unwrap_err()
+            )
+        };
         for bad in ["threshold = nan", "threshold = -0.1", "threshold = inf"] {
-            assert!(err(bad).contains("finite number >= 0"), "{bad}: {}", err(bad));
+            assert!(
+                err(bad).contains("finite number >= 0"),
+                "{bad}: {}",
+                err(bad)
+            );
         }
         assert!(err("thresh = 0.1").contains("unknown field"));
         assert!(err("warmup_steps = -1").contains("invalid easy-cache options"));
