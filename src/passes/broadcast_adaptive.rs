@@ -27,6 +27,10 @@
 //! calls, accumulated against a threshold) computed in the graph at every call, driving the same
 //! whole-stack `If`; under guidance the unconditional call follows the conditional call's decision.
 //!
+//! `policy = "ada-cache"` ([`crate::schedule::ada_cache`]): AdaCache + MoReg, the number of steps
+//! to reuse read from a codebook of one block's residual change (scaled by its motion over frames),
+//! the counter kept as state; the same whole-stack `If`, its condition computed from the state.
+//!
 //! `policy = "first-block-cache"` ([`crate::schedule::first_block_cache`]): the decision depends on
 //! the head blocks' residual, so the graph computes it at every call (an `If` on a computed condition);
 //! the rewrite lives with the policy.
@@ -42,6 +46,7 @@ use crate::ir::{
     infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
 };
 use crate::manifest::{Calls, Schedule, StateBinding};
+use crate::schedule::ada_cache::{self, AdaCacheOptions};
 use crate::schedule::easy_cache::{self, EasyCacheOptions};
 use crate::schedule::first_block_cache::{self, FbcOptions};
 use crate::schedule::forecast::{self, Taylor};
@@ -56,6 +61,7 @@ pub const BRANCH_INPUT: &str = "ditc.branch";
 /// The policies `broadcast-adaptive` knows.
 pub const POLICIES: &[&str] = &[
     easy_cache::POLICY,
+    ada_cache::POLICY,
     "mag-cache",
     first_block_cache::POLICY,
     tea_cache::POLICY,
@@ -87,6 +93,12 @@ impl BroadcastAdaptive {
                     bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for the policies with a table: mag-cache, tea-cache)");
                 }
                 Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
+            }
+            ada_cache::POLICY => {
+                if forecast.is_some() {
+                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for ada-cache (only for the policies with a table: mag-cache, tea-cache)");
+                }
+                Box::new(AdaCache(AdaCacheOptions::from_table(&options)?))
             }
             easy_cache::POLICY => {
                 if forecast.is_some() {
@@ -132,6 +144,15 @@ struct EasyCache(EasyCacheOptions);
 impl AdaptivePolicy for EasyCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
         easy_cache::bake(model, cx, &self.0)
+    }
+}
+
+/// AdaCache + MoReg: the steps to reuse from a codebook of the measured distance, decided in the graph.
+struct AdaCache(AdaCacheOptions);
+
+impl AdaptivePolicy for AdaCache {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        ada_cache::bake(model, cx, &self.0)
     }
 }
 
@@ -273,6 +294,30 @@ pub fn bake_stack(
     types: &TypeMap,
     forecast: Option<Taylor>,
 ) -> Result<Vec<StateBinding>> {
+    bake_stack_with(graph, stack, anchors, types, forecast, &[])
+}
+
+/// A value the stack's `If` also returns: computed by `nodes` (appended to the then-branch, they
+/// may read any value of the stack) as `then_value`, and `else_value` (a value of the enclosing
+/// graph, e.g. a state input) on a skipped call; the `If`'s output is `output`.
+pub struct IfExtra {
+    pub nodes: Vec<Node>,
+    pub then_value: String,
+    pub else_value: String,
+    pub output: String,
+    pub dtype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// [`bake_stack`], with `extras` returned by the `If` as well.
+pub fn bake_stack_with(
+    graph: &mut Graph,
+    stack: &Stack,
+    anchors: &[String],
+    types: &TypeMap,
+    forecast: Option<Taylor>,
+    extras: &[IfExtra],
+) -> Result<Vec<StateBinding>> {
     let (input, output) = (stack.input().to_string(), stack.output().to_string());
     let dtype = types
         .get(&output)
@@ -345,6 +390,17 @@ pub fn bake_stack(
         ));
         else_outputs.push(tensor(&unchanged));
         if_outputs.push(state(j, "state_out"));
+    }
+    for (k, x) in extras.iter().enumerate() {
+        let dims: Vec<Dim> = x.shape.iter().map(|&d| Dim::Value(d)).collect();
+        then_branch.nodes.extend(x.nodes.iter().cloned());
+        then_branch
+            .outputs
+            .push(ValueInfo::tensor(&x.then_value, x.dtype, dims.clone()));
+        let kept = format!("ditc.stack.extra.{k}.kept");
+        else_nodes.push(Node::new(&kept, "Identity", &[&x.else_value], &[&kept]));
+        else_outputs.push(ValueInfo::tensor(&kept, x.dtype, dims));
+        if_outputs.push(x.output.clone());
     }
     let estimate = if older == 0 {
         state_in.clone()
