@@ -19,7 +19,6 @@ use ditc::ir::{
 };
 use ditc::metrics::compare;
 use ditc::runtime::sampling::Bundle;
-use ditc::runtime::TractRunner;
 use ditc::schedule::easy_cache::{EasyCacheOptions, Rule};
 use ditc::schedule::guidance::combine;
 use serde_json::Value;
@@ -57,6 +56,7 @@ fn drive(rule: &mut Rule, calls: &[Call]) -> (Vec<bool>, Vec<Option<f64>>) {
 fn the_rule_on_a_hand_worked_sequence() {
     // 8 steps, warm-up 2, the last step forced, threshold 0.5; binary fractions, so all exact.
     let nan = f64::NAN;
+    #[rustfmt::skip]
     let calls: [Call; 8] = [
         (nan, nan, nan, nan),     // 0: warm-up; first computed call: no k yet
         (0.25, 1.0, 0.5, 0.25),   // 1: warm-up; k = 0.5 / 0.25 = 2
@@ -173,60 +173,6 @@ fn mean_abs(a: &[f32]) -> f64 {
     a.iter().map(|x| (*x as f64).abs()).sum::<f64>() / a.len() as f64
 }
 
-/// The plain graph run two ways: whole, with the block stack's input and output as extra outputs;
-/// and from the stack's output on (the output layer), for skipped calls.
-struct Plain {
-    probe: TractRunner,
-    rest: TractRunner,
-    stack_in: String,
-    stack_out: String,
-    dims: Vec<i64>,
-}
-
-impl Plain {
-    fn new(plain: &Model, example: &[Tensor]) -> Plain {
-        let first = plain
-            .graph
-            .nodes
-            .iter()
-            .find(|n| n.name == "blocks.0.attn1/residual")
-            .expect("the Wan builder names block 0's first residual add");
-        let stack_in = first.inputs[0].clone();
-        let stack_out = "blocks.5.ffn/residual".to_string();
-        let types = infer_types(&plain.graph, 17);
-        let dims = types[&stack_out].shape.clone().unwrap();
-        let shape: Vec<Dim> = dims.iter().map(|&d| Dim::Value(d)).collect();
-        let mut probe = plain.clone();
-        for v in [&stack_in, &stack_out] {
-            probe
-                .graph
-                .outputs
-                .push(ValueInfo::tensor(v, DataType::F32, shape.clone()));
-        }
-        let mut rest = plain.clone();
-        rest.graph.nodes.retain(|n| !n.outputs.contains(&stack_out));
-        rest.graph
-            .inputs
-            .push(ValueInfo::tensor(&stack_out, DataType::F32, shape));
-        remove_dead_nodes(&mut rest.graph);
-        remove_unused_inputs(&mut rest.graph);
-        let mut rest_example = example.to_vec();
-        let numel = dims.iter().product::<i64>() as usize;
-        rest_example.push(Tensor::from_f32(
-            &stack_out,
-            dims.clone(),
-            &vec![0.0; numel],
-        ));
-        Plain {
-            probe: TractRunner::new(&probe, example).unwrap(),
-            rest: TractRunner::new(&rest, &rest_example).unwrap(),
-            stack_in,
-            stack_out,
-            dims,
-        }
-    }
-}
-
 fn values(outputs: &[Tensor], name: &str) -> Vec<f32> {
     common::named(outputs, name).to_f32_vec().unwrap()
 }
@@ -279,7 +225,7 @@ fn hand_loop(
         ]
     };
     let mut x = noise.to_f32_vec().unwrap();
-    let p = Plain::new(plain, &inputs(&x, 0, texts[0]));
+    let p = StackProbe::new(plain, &inputs(&x, 0, texts[0]), &[]);
     let mut branches: [BranchState; 2] = Default::default();
     for b in &mut branches {
         b.rule = Rule::new(o.clone(), steps);
@@ -352,10 +298,7 @@ fn hand_loop(
                     run.recorded
                         .push((input_change, output_norm, f64::NAN, f64::NAN));
                 }
-                let reused: Vec<f32> = s_in.iter().zip(&b.residual).map(|(a, r)| a + r).collect();
-                let mut rest_inputs = step_inputs.clone();
-                rest_inputs.push(Tensor::from_f32(&p.stack_out, p.dims.clone(), &reused));
-                values(&p.rest.run(&rest_inputs).unwrap(), "sample")
+                p.reuse(&step_inputs, &s_in, &b.residual)
             };
             run.decisions[k].push(compute);
             run.metrics[k].push(metric);

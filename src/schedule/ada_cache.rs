@@ -150,7 +150,9 @@ impl AdaCacheOptions {
             ("mograd_mul", o.mograd_mul),
         ] {
             if !v.is_finite() || v < 0.0 || (name == "moreg_norm" && v == 0.0) {
-                bail!("ada-cache {name} must be a finite number > 0 (>= 0 for the others), got {v}");
+                bail!(
+                    "ada-cache {name} must be a finite number > 0 (>= 0 for the others), got {v}"
+                );
             }
         }
         if let Some([lo, hi]) = o.moreg_steps {
@@ -179,10 +181,17 @@ impl AdaCacheOptions {
         }
         for w in entries.windows(2) {
             if !(w[0].0 < w[1].0) {
-                bail!("ada-cache codebook distances must increase strictly ({} then {})", w[0].0, w[1].0);
+                bail!(
+                    "ada-cache codebook distances must increase strictly ({} then {})",
+                    w[0].0,
+                    w[1].0
+                );
             }
         }
-        if let Some(e) = entries.iter().find(|e| !e.0.is_finite() || e.0 <= 0.0 || e.1 == 0) {
+        if let Some(e) = entries
+            .iter()
+            .find(|e| !e.0.is_finite() || e.0 <= 0.0 || e.1 == 0)
+        {
             bail!("ada-cache codebook entry [{}, {}]: the distance must be a finite number > 0 and the steps at least 1", e.0, e.1);
         }
         Ok(entries)
@@ -227,9 +236,14 @@ impl Rule {
         Ok(Rule {
             codebook: o.codebook_for(steps)?,
             steps,
-            moreg: o
-                .moreg
-                .then(|| (o.moreg_window(steps), o.moreg_norm, o.moreg_power, o.mograd_mul)),
+            moreg: o.moreg.then(|| {
+                (
+                    o.moreg_window(steps),
+                    o.moreg_norm,
+                    o.moreg_power,
+                    o.mograd_mul,
+                )
+            }),
             rate: 1,
             last: 0,
             prev_moreg: 1.0,
@@ -359,7 +373,9 @@ fn after_attention(graph: &Graph, map: &DitMap, stack: &Stack, block: usize) -> 
         .iter()
         .map(|&id| &map.attention[id])
         .find(|s| s.kind != AttentionKind::Cross)
-        .with_context(|| format!("ada-cache: block {block} has no self-attention site to measure"))?;
+        .with_context(|| {
+            format!("ada-cache: block {block} has no self-attention site to measure")
+        })?;
     let anchor_out = graph
         .nodes
         .iter()
@@ -423,7 +439,10 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
     let blocks = stack.blocks.len();
     let block = o.block.unwrap_or((blocks - 1) / 2);
     if block >= blocks {
-        bail!("ada-cache block {block} does not exist: the model has {blocks} blocks (0 ..= {})", blocks - 1);
+        bail!(
+            "ada-cache block {block} does not exist: the model has {blocks} blocks (0 ..= {})",
+            blocks - 1
+        );
     }
     let dtype = types
         .get(stack.output())
@@ -434,7 +453,10 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
     }
     let shape = stack.shape.clone();
     if shape.len() != 3 {
-        bail!("ada-cache measures motion on a [batch, tokens, channels] stream; '{}' is {shape:?}", stack.output());
+        bail!(
+            "ada-cache measures motion on a [batch, tokens, channels] stream; '{}' is {shape:?}",
+            stack.output()
+        );
     }
     let latent = types
         .get(&io.latent)
@@ -483,8 +505,12 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
     ];
     let dims = |s: &[i64]| s.iter().map(|&d| Dim::Value(d)).collect::<Vec<_>>();
     for (v, (t, s)) in &states {
-        graph.inputs.push(ValueInfo::tensor(&state_in(v), *t, dims(s)));
-        graph.outputs.push(ValueInfo::tensor(&state_out(v), *t, dims(s)));
+        graph
+            .inputs
+            .push(ValueInfo::tensor(&state_in(v), *t, dims(s)));
+        graph
+            .outputs
+            .push(ValueInfo::tensor(&state_out(v), *t, dims(s)));
     }
     if !graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
         graph
@@ -606,7 +632,11 @@ fn emit(e: &mut Emitter, rule: &Rule, latest: &str, per_frame: i64, tokens: i64)
         let window = e.op("And", "moreg_window", &[&from, &to]);
         let unit = e.f32("unit", 1.0);
         let m = e.op("Where", "moreg", &[&window, &powered, &unit]);
-        let prev = e.op("Where", "prev_moreg", &[&seen, &state_in(PREV_MOREG), &unit]);
+        let prev = e.op(
+            "Where",
+            "prev_moreg",
+            &[&seen, &state_in(PREV_MOREG), &unit],
+        );
         let step_change = e.op("Sub", "moreg_change", &[&m, &prev]);
         let mul = e.f32("mograd_mul", mul as f32);
         let scaled_change = e.op("Mul", "mograd_scaled", &[&mul, &step_change]);
@@ -614,7 +644,11 @@ fn emit(e: &mut Emitter, rule: &Rule, latest: &str, per_frame: i64, tokens: i64)
         let grad_abs = e.op("Abs", "mograd_abs", &[&grad]);
         let factor = e.op("Add", "moreg_factor", &[&m, &grad_abs]);
         distance = e.op("Mul", "distance_moreg", &[&distance, &factor]);
-        e.named("Where", &[&measures, &m, &state_in(PREV_MOREG)], &state_out(PREV_MOREG));
+        e.named(
+            "Where",
+            &[&measures, &m, &state_in(PREV_MOREG)],
+            &state_out(PREV_MOREG),
+        );
         e.named("Or", &[&seen, &measures], &state_out(MOREG_SEEN));
     } else {
         e.named("Identity", &[&state_in(PREV_MOREG)], &state_out(PREV_MOREG));
@@ -627,11 +661,23 @@ fn emit(e: &mut Emitter, rule: &Rule, latest: &str, per_frame: i64, tokens: i64)
         let key = e.f32(&format!("codebook_key_{i}"), key as f32);
         let below = e.op("Less", &format!("codebook_below_{i}"), &[&distance, &key]);
         let value = e.i64(&format!("codebook_rate_{i}"), steps as i64);
-        new_rate = e.op("Where", &format!("codebook_pick_{i}"), &[&below, &value, &new_rate]);
+        new_rate = e.op(
+            "Where",
+            &format!("codebook_pick_{i}"),
+            &[&below, &value, &new_rate],
+        );
     }
-    e.named("Where", &[&measures, &new_rate, &state_in(RATE)], &state_out(RATE));
+    e.named(
+        "Where",
+        &[&measures, &new_rate, &state_in(RATE)],
+        &state_out(RATE),
+    );
     e.named("Where", &[DECISION, &n, &last], &state_out(LAST));
-    e.named("Where", &[DECISION, latest, &reference], &state_out(REFERENCE));
+    e.named(
+        "Where",
+        &[DECISION, latest, &reference],
+        &state_out(REFERENCE),
+    );
     let nan = e.f32("nan", f32::NAN);
     e.named("Where", &[&measures, &distance, &nan], METRIC);
 }
@@ -665,7 +711,12 @@ mod tests {
 
     #[test]
     fn bad_options_are_refused_with_the_reason() {
-        let err = |text: &str| format!("{:#}", AdaCacheOptions::from_table(&table(text)).unwrap_err());
+        let err = |text: &str| {
+            format!(
+                "{:#}",
+                AdaCacheOptions::from_table(&table(text)).unwrap_err()
+            )
+        };
         assert!(err("codebook = \"fast\"").contains("not a preset"));
         assert!(err("codebook = [[0.1, 2]]").contains("at least two"));
         assert!(err("codebook = [[0.2, 2], [0.1, 1]]").contains("increase strictly"));
@@ -674,7 +725,10 @@ mod tests {
         assert!(err("moreg_norm = 0.0").contains("moreg_norm"));
         assert!(err("moreg_steps = [20, 10]").contains("inverted"));
         assert!(err("cache_loc = [13]").contains("unknown field"));
-        let o = AdaCacheOptions::from_table(&table("codebook = [[0.1, 4], [0.2, 2], [1.0, 1]]\nresidual = \"cross-mlp\"")).unwrap();
+        let o = AdaCacheOptions::from_table(&table(
+            "codebook = [[0.1, 4], [0.2, 2], [1.0, 1]]\nresidual = \"cross-mlp\"",
+        ))
+        .unwrap();
         assert_eq!(o.codebook_for(50).unwrap(), [(0.1, 4), (0.2, 2), (1.0, 1)]);
         assert_eq!(o.residual, Residual::CrossMlp);
     }
