@@ -411,7 +411,10 @@ fn options_follow_the_hand_loop() {
     let (psnr, cosine, rel_l2) = fidelity(&report);
     println!("ada-cache on wan-small (CFG, 50 steps, case 0, 30-step-slow, cross-mlp of block 4, no MoReg): {computed} / 100 calls computed; vs full PSNR {psnr:.2} dB, cosine {cosine:.5}, rel-L2 {rel_l2:.3}");
     assert_eq!(computed, 38);
-    assert!(psnr > 22.5 && cosine > 0.99 && rel_l2 < 0.13, "{psnr} {cosine} {rel_l2}");
+    assert!(
+        psnr > 22.5 && cosine > 0.99 && rel_l2 < 0.13,
+        "{psnr} {cosine} {rel_l2}"
+    );
 }
 
 #[test]

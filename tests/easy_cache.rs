@@ -13,10 +13,9 @@ use std::path::Path;
 
 use common::{
     assert_refused, convert_wan_small, convert_wan_small_args, ditc_ok, repo_path, run_args, strs,
+    StackProbe,
 };
-use ditc::ir::{
-    infer_types, remove_dead_nodes, remove_unused_inputs, DataType, Dim, Model, Tensor, ValueInfo,
-};
+use ditc::ir::{Model, Tensor};
 use ditc::metrics::compare;
 use ditc::runtime::sampling::Bundle;
 use ditc::schedule::easy_cache::{EasyCacheOptions, Rule};

@@ -179,20 +179,18 @@ impl AdaCacheOptions {
         if entries.len() < 2 {
             bail!("ada-cache codebook needs at least two [distance, steps] entries");
         }
-        for w in entries.windows(2) {
-            if !(w[0].0 < w[1].0) {
-                bail!(
-                    "ada-cache codebook distances must increase strictly ({} then {})",
-                    w[0].0,
-                    w[1].0
-                );
-            }
-        }
         if let Some(e) = entries
             .iter()
             .find(|e| !e.0.is_finite() || e.0 <= 0.0 || e.1 == 0)
         {
             bail!("ada-cache codebook entry [{}, {}]: the distance must be a finite number > 0 and the steps at least 1", e.0, e.1);
+        }
+        if let Some(w) = entries.windows(2).find(|w| w[0].0 >= w[1].0) {
+            bail!(
+                "ada-cache codebook distances must increase strictly ({} then {})",
+                w[0].0,
+                w[1].0
+            );
         }
         Ok(entries)
     }
@@ -407,7 +405,7 @@ fn after_attention(graph: &Graph, map: &DitMap, stack: &Stack, block: usize) -> 
     graph
         .nodes
         .iter()
-        .filter(|n| n.op_type == "Add" && n.inputs.iter().any(|i| *i == span.input))
+        .filter(|n| n.op_type == "Add" && n.inputs.contains(&span.input))
         .find(|n| {
             n.present_inputs()
                 .any(|i| i != span.input && depends_on_anchor(i))

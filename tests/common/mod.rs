@@ -411,8 +411,7 @@ impl StackProbe {
             .graph
             .nodes
             .iter()
-            .filter(|n| n.name.ends_with(".ffn/residual"))
-            .last()
+            .rfind(|n| n.name.ends_with(".ffn/residual"))
             .expect("the Wan builder names each block's last residual add");
         let stack_out = last.outputs[0].clone();
         let types = infer_types(&plain.graph, 17);
