@@ -19,6 +19,7 @@ use ditc::ir::{Model, Tensor};
 use ditc::metrics::compare;
 use ditc::runtime::sampling::Bundle;
 use ditc::schedule::easy_cache::{EasyCacheOptions, Rule};
+use ditc::schedule::forecast::{coefficients, Taylor};
 use ditc::schedule::guidance::combine;
 use serde_json::Value;
 
@@ -184,6 +185,9 @@ struct BranchState {
     prev_in: Vec<f32>,
     computed_in: Vec<f32>,
     prev_out: Vec<f32>,
+    /// With a forecast: the last computed residuals (newest first) and every decision so far.
+    stored: Vec<Vec<f32>>,
+    history: Vec<bool>,
 }
 
 /// What the hand loop did: per branch the decisions and metrics; the final latent; the conditional
@@ -206,6 +210,7 @@ fn hand_loop(
     texts: [&Tensor; 2],
     noise: &Tensor,
     follow: bool,
+    forecast: Option<Taylor>,
 ) -> HandRun {
     let steps = bundle.sampler.steps();
     let scale = bundle.manifest.guidance().unwrap().scale;
@@ -289,6 +294,10 @@ fn hand_loop(
                 }
                 b.rule.computed(output_change, computed_change);
                 b.residual = s_out.iter().zip(&s_in).map(|(a, b)| a - b).collect();
+                if let Some(t) = forecast {
+                    b.stored.insert(0, b.residual.clone());
+                    b.stored.truncate(t.order + 1);
+                }
                 b.prev_out = prediction.clone();
                 b.computed_in = x.clone();
                 prediction
@@ -297,8 +306,26 @@ fn hand_loop(
                     run.recorded
                         .push((input_change, output_norm, f64::NAN, f64::NAN));
                 }
-                p.reuse(&step_inputs, &s_in, &b.residual)
+                match forecast {
+                    None => p.reuse(&step_inputs, &s_in, &b.residual),
+                    Some(t) => {
+                        // TaylorSeer's weights for this step (the library's closed-form-tested
+                        // table function, fed the decisions so far), summed as the graph sums.
+                        let mut history = b.history.clone();
+                        history.push(false);
+                        let w = coefficients(&history, t)[i].clone();
+                        let mut sum = vec![0f32; b.residual.len()];
+                        for (j, r) in b.stored.iter().enumerate() {
+                            for (s, v) in sum.iter_mut().zip(r) {
+                                let term = v * w[j] as f32;
+                                *s = if j == 0 { term } else { *s + term };
+                            }
+                        }
+                        p.reuse(&step_inputs, &s_in, &sum)
+                    }
+                }
             };
+            b.history.push(compute);
             run.decisions[k].push(compute);
             run.metrics[k].push(metric);
             predictions.push(prediction);
@@ -328,6 +355,7 @@ fn check_against_hand_loop(
     sets: &[&str],
     o: &EasyCacheOptions,
     follow: bool,
+    forecast: Option<Taylor>,
 ) -> (Value, HandRun) {
     let tmp = tempfile::tempdir().unwrap();
     let example = repo_path("examples/wan-small");
@@ -365,7 +393,15 @@ fn check_against_hand_loop(
     let bundle = Bundle::open(&out.join("manifest.json")).unwrap();
     let plain = ditc::models::read_model_or_checkpoint(&example.join("ckpt"), &shapes()).unwrap();
     let (noise, text, negative) = case_inputs(&example);
-    let hand = hand_loop(&bundle, &plain, o, [&text, &negative], &noise, follow);
+    let hand = hand_loop(
+        &bundle,
+        &plain,
+        o,
+        [&text, &negative],
+        &noise,
+        follow,
+        forecast,
+    );
 
     let show = |d: &[bool]| -> String { d.iter().map(|&c| if c { 'C' } else { '-' }).collect() };
     let mut worst = 0.0f64;
@@ -398,8 +434,11 @@ fn check_against_hand_loop(
     let f = compare(&common::f32_named(&latent, "sample"), &hand.latent);
     eprintln!("{label}: traced metric vs hand loop worst relative {worst:.2e}; final latent vs hand loop rel-L2 {:.2e}", f.rel_l2);
     assert!(worst < 1e-4, "{label}: metric differs by {worst:.2e}");
+    // Without a forecast the same graphs compute the same values: bit-identical. With one, the
+    // graph's f32 weights and the f64 table's rounded to f32 may differ in the last bit.
+    let bound = if forecast.is_some() { 5e-5 } else { 1e-5 };
     assert!(
-        f.rel_l2 < 1e-5,
+        f.rel_l2 < bound,
         "{label}: final latent rel-L2 {:.2e}",
         f.rel_l2
     );
@@ -410,8 +449,13 @@ fn check_against_hand_loop(
 /// one. Also the README's row (fidelity vs the full computation, calls computed).
 #[test]
 fn traced_run_follows_the_hand_loop() {
-    let (report, hand) =
-        check_against_hand_loop("easy-cache 0.05", &[], &EasyCacheOptions::default(), true);
+    let (report, hand) = check_against_hand_loop(
+        "easy-cache 0.05",
+        &[],
+        &EasyCacheOptions::default(),
+        true,
+        None,
+    );
     assert_eq!(
         hand.decisions[0], hand.decisions[1],
         "the unconditional call follows"
@@ -449,10 +493,81 @@ fn per_branch_decisions_follow_the_hand_loop() {
         "broadcast-adaptive.warmup_steps=4",
         "broadcast-adaptive.threshold=0.1",
     ];
-    let (_, hand) = check_against_hand_loop("per-branch", &sets, &o, false);
+    let (_, hand) = check_against_hand_loop("per-branch", &sets, &o, false, None);
     for d in &hand.decisions {
         assert!(d.contains(&false), "some calls of each branch skip");
     }
+}
+
+/// TaylorSeer forecasting (order 2) on the defaults: on a skipped call the graph adds the forecast
+/// of the last three computed residuals with weights it computes from the steps of its computed calls;
+/// the hand loop takes the weights from `forecast::coefficients` (the static-table function, tested
+/// on closed forms) over its own decisions. Also the README's rows with forecasting (order 1: measured
+/// by `ditc run` alone).
+#[test]
+fn forecast_follows_the_hand_loop() {
+    let sets = [
+        "broadcast-adaptive.forecast=\"taylor\"",
+        "broadcast-adaptive.order=2",
+    ];
+    let (report, hand) = check_against_hand_loop(
+        "easy-cache + taylor 2",
+        &sets,
+        &EasyCacheOptions::default(),
+        true,
+        Some(Taylor { order: 2 }),
+    );
+    let computed: usize = hand.decisions.iter().flatten().filter(|&&c| c).count();
+    let f = &report["fidelity"];
+    let (psnr, cosine, rel_l2) = (
+        f["psnr_db"].as_f64().unwrap(),
+        f["cosine"].as_f64().unwrap(),
+        f["rel_l2"].as_f64().unwrap(),
+    );
+    println!("easy-cache + taylor order 2 on wan-small (CFG, 50 steps, case 0): {computed} / 100 calls computed; vs full PSNR {psnr:.2} dB, cosine {cosine:.5}, rel-L2 {rel_l2:.3}");
+    let tmp = tempfile::tempdir().unwrap();
+    let example = repo_path("examples/wan-small");
+    let out = tmp.path().join("b");
+    convert_wan_small(
+        &example,
+        &repo_path("passes/wan-easycache.toml"),
+        &["broadcast-adaptive.forecast=\"taylor\""],
+        &out,
+    );
+    let stdout = ditc_ok(&strs(&run_args(
+        &out.join("manifest.json"),
+        &example.join("inputs.safetensors"),
+        "0.",
+        &tmp.path().join("s.safetensors"),
+        &["--compare-full", "--json"],
+    )));
+    let one: Value = serde_json::from_slice(&stdout).unwrap();
+    let calls = |r: &Value| -> u64 {
+        ["cond", "uncond"]
+            .iter()
+            .map(|b| {
+                r["scheduled"]["branches"][b]["model_calls"]["computed"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let f1 = &one["fidelity"];
+    println!(
+        "easy-cache + taylor order 1: {} / 100 calls computed; vs full PSNR {:.2} dB, cosine {:.5}, rel-L2 {:.3}",
+        calls(&one),
+        f1["psnr_db"].as_f64().unwrap(),
+        f1["cosine"].as_f64().unwrap(),
+        f1["rel_l2"].as_f64().unwrap()
+    );
+    assert_eq!(calls(&report) as usize, computed);
+    assert_eq!((computed, calls(&one)), (44, 44));
+    assert!(psnr > 25.0 && cosine > 0.995 && rel_l2 < 0.1, "{f}");
+    let f1 = (
+        f1["psnr_db"].as_f64().unwrap(),
+        f1["rel_l2"].as_f64().unwrap(),
+    );
+    assert!(f1.0 > 26.5 && f1.1 < 0.09, "{f1:?}");
 }
 
 #[test]
@@ -468,10 +583,7 @@ fn bad_options_and_unfit_models_are_refused() {
             "broadcast-adaptive.warmup_steps=49",
             "below the sampler's 50 steps",
         ),
-        (
-            "broadcast-adaptive.forecast=\"taylor\"",
-            "not implemented yet for easy-cache",
-        ),
+        ("broadcast-adaptive.order=3", "forecast"),
     ] {
         assert_refused(
             &strs(&convert_wan_small_args(&example, &recipe, &[set], &out)),

@@ -19,7 +19,7 @@
 //! embedding) depends only on the timestep, so its decisions are a static table too, computed at
 //! conversion from the checkpoint's embedder weights and baked exactly as MagCache's.
 //!
-//! `forecast = "taylor"` (and `order`, 1 or 2), with the table policies: on a skipped step the stack's
+//! `forecast = "taylor"` (and `order`, 1 or 2), with the table policies and easy-cache: on a skipped step the stack's
 //! residual is extrapolated from the last computed ones (TaylorSeer, [`crate::schedule::forecast`]).
 //!
 //! `policy = "easy-cache"` ([`crate::schedule::easy_cache`], the default: it needs no calibration):
@@ -90,21 +90,18 @@ impl BroadcastAdaptive {
             "mag-cache" => Box::new(MagCache(MagCacheOptions::from_table(&options)?, forecast)),
             first_block_cache::POLICY => {
                 if forecast.is_some() {
-                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for the policies with a table: mag-cache, tea-cache)");
+                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for mag-cache, tea-cache and easy-cache)");
                 }
                 Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
             }
             ada_cache::POLICY => {
                 if forecast.is_some() {
-                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for ada-cache (only for the policies with a table: mag-cache, tea-cache)");
+                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for ada-cache (only for mag-cache, tea-cache and easy-cache)");
                 }
                 Box::new(AdaCache(AdaCacheOptions::from_table(&options)?))
             }
             easy_cache::POLICY => {
-                if forecast.is_some() {
-                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for easy-cache (only for the policies with a table: mag-cache, tea-cache)");
-                }
-                Box::new(EasyCache(EasyCacheOptions::from_table(&options)?))
+                Box::new(EasyCache(EasyCacheOptions::from_table(&options)?, forecast))
             }
             tea_cache::POLICY => {
                 Box::new(TeaCache(TeaCacheOptions::from_table(&options)?, forecast))
@@ -139,11 +136,11 @@ impl AdaptivePolicy for FirstBlockCache {
 }
 
 /// EasyCache: decided inside the graph from the input's change and the measured transformation rate.
-struct EasyCache(EasyCacheOptions);
+struct EasyCache(EasyCacheOptions, Option<Taylor>);
 
 impl AdaptivePolicy for EasyCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
-        easy_cache::bake(model, cx, &self.0)
+        easy_cache::bake(model, cx, &self.0, self.1)
     }
 }
 
@@ -494,8 +491,9 @@ fn forecast_nodes(
     sum
 }
 
-/// The forecast weights of the current step (gathered from `ditc.table.stack.forecast`).
-const FORECAST_WEIGHTS: &str = "ditc.forecast.weights";
+/// The forecast weights of the current step (gathered from `ditc.table.stack.forecast`, or computed
+/// in the graph by a policy that decides there), f32 `[order + 1]`, newest residual first.
+pub const FORECAST_WEIGHTS: &str = "ditc.forecast.weights";
 
 /// `ditc.table.stack.forecast` [steps, order + 1] and the node gathering its row at the step.
 fn add_forecast_table(graph: &mut Graph, weights: &[Vec<f64>]) {
