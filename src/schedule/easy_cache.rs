@@ -38,7 +38,7 @@
 //!
 //! `forecast = "taylor"` (order 1 or 2): on a skipped call the stack's residual is forecast from the
 //! last `order + 1` computed ones, as [`crate::schedule::forecast`] does for the table policies; the
-//! weights are computed in the graph from the steps of those calls ([`forecast_weights`], state
+//! weights are computed in the graph from the steps of those calls (`forecast_weights`, state
 //! `update_step`, `.1`, `.2`), since the steps are known only at run time.
 //!
 //! Deliberate differences from the reference: (1) the cached value is the whole block stack's residual
