@@ -148,6 +148,12 @@ pub struct InGraphDecisions {
     pub tail_blocks: Vec<usize>,
     /// Attention sites inside the cached blocks.
     pub sites: Vec<usize>,
+    /// A bool scalar input that the unconditional call must be fed with the conditional call's
+    /// `decision` of the same step (its decision follows the conditional one's, as EasyCache's);
+    /// the graph then also takes `io.branch`. Ignored on the conditional call. Absent: each call
+    /// decides on its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<String>,
 }
 
 impl Schedule {

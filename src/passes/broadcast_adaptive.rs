@@ -19,8 +19,17 @@
 //! embedding) depends only on the timestep, so its decisions are a static table too, computed at
 //! conversion from the checkpoint's embedder weights and baked exactly as MagCache's.
 //!
-//! `forecast = "taylor"` (and `order`, 1 or 2), with the table policies: on a skipped step the stack's
+//! `forecast = "taylor"` (and `order`, 1 or 2), with the table policies and easy-cache: on a skipped step the stack's
 //! residual is extrapolated from the last computed ones (TaylorSeer, [`crate::schedule::forecast`]).
+//!
+//! `policy = "easy-cache"` ([`crate::schedule::easy_cache`], the default: it needs no calibration):
+//! EasyCache's rule (the input's change scaled by the transformation rate measured between computed
+//! calls, accumulated against a threshold) computed in the graph at every call, driving the same
+//! whole-stack `If`; under guidance the unconditional call follows the conditional call's decision.
+//!
+//! `policy = "ada-cache"` ([`crate::schedule::ada_cache`]): AdaCache + MoReg, the number of steps
+//! to reuse read from a codebook of one block's residual change (scaled by its motion over frames),
+//! the counter kept as state; the same whole-stack `If`, its condition computed from the state.
 //!
 //! `policy = "first-block-cache"` ([`crate::schedule::first_block_cache`]): the decision depends on
 //! the head blocks' residual, so the graph computes it at every call (an `If` on a computed condition);
@@ -37,6 +46,8 @@ use crate::ir::{
     infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
 };
 use crate::manifest::{Calls, Schedule, StateBinding};
+use crate::schedule::ada_cache::{self, AdaCacheOptions};
+use crate::schedule::easy_cache::{self, EasyCacheOptions};
 use crate::schedule::first_block_cache::{self, FbcOptions};
 use crate::schedule::forecast::{self, Taylor};
 use crate::schedule::guidance::Branch;
@@ -48,7 +59,13 @@ use crate::schedule::Group;
 pub const BRANCH_INPUT: &str = "ditc.branch";
 
 /// The policies `broadcast-adaptive` knows.
-pub const POLICIES: &[&str] = &["mag-cache", first_block_cache::POLICY, tea_cache::POLICY];
+pub const POLICIES: &[&str] = &[
+    easy_cache::POLICY,
+    ada_cache::POLICY,
+    "mag-cache",
+    first_block_cache::POLICY,
+    tea_cache::POLICY,
+];
 
 /// One adaptive caching policy, baked into the graph.
 pub trait AdaptivePolicy {
@@ -65,19 +82,26 @@ impl BroadcastAdaptive {
         let name = match options.remove("policy") {
             Some(toml::Value::String(s)) => s,
             Some(other) => bail!("broadcast-adaptive.policy must be a string, got {other}"),
-            None => bail!(
-                "broadcast-adaptive needs a policy (one of: {})",
-                POLICIES.join(", ")
-            ),
+            // No calibration needed: the default for models without a calibrated table.
+            None => easy_cache::POLICY.to_string(),
         };
         let forecast = Taylor::take_from(&mut options)?;
         let policy: Box<dyn AdaptivePolicy> = match name.as_str() {
             "mag-cache" => Box::new(MagCache(MagCacheOptions::from_table(&options)?, forecast)),
             first_block_cache::POLICY => {
                 if forecast.is_some() {
-                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for the policies with a table: mag-cache, tea-cache)");
+                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for mag-cache, tea-cache and easy-cache)");
                 }
                 Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
+            }
+            ada_cache::POLICY => {
+                if forecast.is_some() {
+                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for ada-cache (only for mag-cache, tea-cache and easy-cache)");
+                }
+                Box::new(AdaCache(AdaCacheOptions::from_table(&options)?))
+            }
+            easy_cache::POLICY => {
+                Box::new(EasyCache(EasyCacheOptions::from_table(&options)?, forecast))
             }
             tea_cache::POLICY => {
                 Box::new(TeaCache(TeaCacheOptions::from_table(&options)?, forecast))
@@ -108,6 +132,24 @@ struct FirstBlockCache(FbcOptions);
 impl AdaptivePolicy for FirstBlockCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
         first_block_cache::bake(model, cx, &self.0)
+    }
+}
+
+/// EasyCache: decided inside the graph from the input's change and the measured transformation rate.
+struct EasyCache(EasyCacheOptions, Option<Taylor>);
+
+impl AdaptivePolicy for EasyCache {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        easy_cache::bake(model, cx, &self.0, self.1)
+    }
+}
+
+/// AdaCache + MoReg: the steps to reuse from a codebook of the measured distance, decided in the graph.
+struct AdaCache(AdaCacheOptions);
+
+impl AdaptivePolicy for AdaCache {
+    fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
+        ada_cache::bake(model, cx, &self.0)
     }
 }
 
@@ -249,6 +291,30 @@ pub fn bake_stack(
     types: &TypeMap,
     forecast: Option<Taylor>,
 ) -> Result<Vec<StateBinding>> {
+    bake_stack_with(graph, stack, anchors, types, forecast, &[])
+}
+
+/// A value the stack's `If` also returns: computed by `nodes` (appended to the then-branch, they
+/// may read any value of the stack) as `then_value`, and `else_value` (a value of the enclosing
+/// graph, e.g. a state input) on a skipped call; the `If`'s output is `output`.
+pub struct IfExtra {
+    pub nodes: Vec<Node>,
+    pub then_value: String,
+    pub else_value: String,
+    pub output: String,
+    pub dtype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// [`bake_stack`], with `extras` returned by the `If` as well.
+pub fn bake_stack_with(
+    graph: &mut Graph,
+    stack: &Stack,
+    anchors: &[String],
+    types: &TypeMap,
+    forecast: Option<Taylor>,
+    extras: &[IfExtra],
+) -> Result<Vec<StateBinding>> {
     let (input, output) = (stack.input().to_string(), stack.output().to_string());
     let dtype = types
         .get(&output)
@@ -321,6 +387,17 @@ pub fn bake_stack(
         ));
         else_outputs.push(tensor(&unchanged));
         if_outputs.push(state(j, "state_out"));
+    }
+    for (k, x) in extras.iter().enumerate() {
+        let dims: Vec<Dim> = x.shape.iter().map(|&d| Dim::Value(d)).collect();
+        then_branch.nodes.extend(x.nodes.iter().cloned());
+        then_branch
+            .outputs
+            .push(ValueInfo::tensor(&x.then_value, x.dtype, dims.clone()));
+        let kept = format!("ditc.stack.extra.{k}.kept");
+        else_nodes.push(Node::new(&kept, "Identity", &[&x.else_value], &[&kept]));
+        else_outputs.push(ValueInfo::tensor(&kept, x.dtype, dims));
+        if_outputs.push(x.output.clone());
     }
     let estimate = if older == 0 {
         state_in.clone()
@@ -414,8 +491,9 @@ fn forecast_nodes(
     sum
 }
 
-/// The forecast weights of the current step (gathered from `ditc.table.stack.forecast`).
-const FORECAST_WEIGHTS: &str = "ditc.forecast.weights";
+/// The forecast weights of the current step (gathered from `ditc.table.stack.forecast`, or computed
+/// in the graph by a policy that decides there), f32 `[order + 1]`, newest residual first.
+pub const FORECAST_WEIGHTS: &str = "ditc.forecast.weights";
 
 /// `ditc.table.stack.forecast` [steps, order + 1] and the node gathering its row at the step.
 fn add_forecast_table(graph: &mut Graph, weights: &[Vec<f64>]) {

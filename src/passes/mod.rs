@@ -78,7 +78,7 @@ pub const REGISTRY: &[(&str, &str)] = &[
     ),
     (
         "broadcast-adaptive",
-        "bake a step cache that skips transformer blocks (policy = \"mag-cache\": the whole block stack, a static table per step and branch; policy = \"first-block-cache\": the head blocks' residual change decides inside the graph, per call and branch, whether the other blocks run)",
+        "bake a step cache that skips transformer blocks (policy = \"easy-cache\", the default: EasyCache's estimated output change decides inside the graph whether the block stack runs; policy = \"ada-cache\": AdaCache + MoReg, the steps to reuse from a codebook of one block's residual change; policy = \"mag-cache\": the whole block stack, a static table per step and branch; policy = \"first-block-cache\": the head blocks' residual change decides inside the graph, per call and branch, whether the other blocks run)",
     ),
 ];
 

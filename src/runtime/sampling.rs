@@ -9,7 +9,10 @@
 //! one specialised graph per distinct decision pattern and picks the one for each step (see
 //! [`crate::schedule::specialize`]). Decisions computed in the graph (first-block-cache): the graph is
 //! split at its `If` and only the taken outcome's plan runs ([`super::conditional`]); each call's
-//! decision and metric are read from the graph's outputs and traced.
+//! decision and metric are read from the graph's outputs and traced. Where the unconditional call
+//! follows the conditional call's decision (EasyCache, `schedule.adaptive.follow`), the runtime feeds
+//! the conditional call's decision of the step to the unconditional call: the calls of a step are
+//! always made cond first, then uncond.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -254,12 +257,18 @@ pub fn sample(
         let timestep = bundle.sampler.timesteps[i];
         let mut predictions = Vec::with_capacity(branches.len());
         let mut traced = BTreeMap::new();
+        // The conditional call's decision at this step, for a graph whose unconditional call
+        // follows it (EasyCache): the conditional call always runs first.
+        let mut cond_decision = false;
         for ((&branch, inputs), state) in branches.iter().zip(&mut inputs).zip(&mut states) {
             let pattern = match schedule {
                 Some(s) => pattern_at(s.tables_for(branch), i),
                 None => all_compute.clone(),
             };
             set_step_inputs(bundle, inputs, &x, noise, i, branch)?;
+            if let Some(name) = bundle.adaptive().and_then(|a| a.follow.as_ref()) {
+                set_input(inputs, bool_tensor(name, cond_decision));
+            }
             if !plans.contains_key(&pattern) {
                 let t = Instant::now();
                 // State outputs of values this step reuses equal their inputs: leave them out. A
@@ -292,6 +301,9 @@ pub fn sample(
                 let (computed, m) = read_decision(a, outputs)?;
                 pattern.insert(Group::Blocks, computed);
                 metric = m;
+                if branch == Branch::Cond {
+                    cond_decision = computed;
+                }
             }
             let prediction = outputs
                 .iter()
@@ -550,6 +562,7 @@ fn base_inputs(bundle: &Bundle, noise: &Tensor, extra: &[Tensor]) -> Result<Vec<
             || *name == bundle.io.timestep
             || Some(name) == bundle.io.step.as_ref()
             || Some(name) == bundle.io.branch.as_ref()
+            || Some(name) == bundle.adaptive().and_then(|a| a.follow.as_ref())
         {
             continue;
         }
@@ -625,12 +638,23 @@ fn set_step_inputs(
         fresh.push(Tensor::from_i64(branch_name, vec![], &[branch.index()]));
     }
     for t in fresh {
-        match inputs.iter_mut().find(|s| s.name == t.name) {
-            Some(slot) => *slot = t,
-            None => inputs.push(t),
-        }
+        set_input(inputs, t);
     }
     Ok(())
+}
+
+/// Replace the input of `t`'s name by `t`, or add it.
+fn set_input(inputs: &mut Vec<Tensor>, t: Tensor) {
+    match inputs.iter_mut().find(|s| s.name == t.name) {
+        Some(slot) => *slot = t,
+        None => inputs.push(t),
+    }
+}
+
+/// A 0-D bool tensor.
+fn bool_tensor(name: &str, value: bool) -> Tensor {
+    Tensor::from_raw(name, DataType::Bool, Vec::new(), vec![value as u8].into())
+        .expect("one byte for one bool")
 }
 
 /// The prediction as the sampler needs it: same shape as the latent. Models with learned variance

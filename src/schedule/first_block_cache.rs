@@ -353,6 +353,7 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
             cached_blocks: cached,
             tail_blocks: (cached_end..blocks).collect(),
             sites,
+            follow: None,
         }),
     });
     Ok(())

@@ -1,5 +1,7 @@
 //! Schedules: samplers (timesteps and updates) and the policies that decide, per step, what to compute.
 
+pub mod ada_cache;
+pub mod easy_cache;
 pub mod first_block_cache;
 pub mod forecast;
 pub mod guidance;

@@ -381,3 +381,81 @@ pub fn run_with_probes(
         .map(|t| (t.name.clone(), t.to_f32_vec().unwrap()))
         .collect()
 }
+
+/// A Wan graph built by ditc, run two ways for the step-cache hand loops of the tests: whole, with the
+/// block stack's input and output (and `probes`) as extra outputs; and from the stack's output on
+/// (the output layer) for skipped calls, fed the stack's output as the cache makes it.
+pub struct StackProbe {
+    pub probe: ditc::runtime::TractRunner,
+    pub rest: ditc::runtime::TractRunner,
+    pub stack_in: String,
+    pub stack_out: String,
+    pub dims: Vec<i64>,
+}
+
+impl StackProbe {
+    /// For `plain`, the Wan builder's graph (its node names: `blocks.0.attn1/residual`, the last
+    /// block's `ffn/residual`), planned for inputs like `example`.
+    pub fn new(plain: &ditc::ir::Model, example: &[Tensor], probes: &[&str]) -> StackProbe {
+        use ditc::ir::{
+            infer_types, remove_dead_nodes, remove_unused_inputs, DataType, Dim, ValueInfo,
+        };
+        let first = plain
+            .graph
+            .nodes
+            .iter()
+            .find(|n| n.name == "blocks.0.attn1/residual")
+            .expect("the Wan builder names block 0's first residual add");
+        let stack_in = first.inputs[0].clone();
+        let last = plain
+            .graph
+            .nodes
+            .iter()
+            .rfind(|n| n.name.ends_with(".ffn/residual"))
+            .expect("the Wan builder names each block's last residual add");
+        let stack_out = last.outputs[0].clone();
+        let types = infer_types(&plain.graph, 17);
+        let dims = types[&stack_out].shape.clone().unwrap();
+        let shape: Vec<Dim> = dims.iter().map(|&d| Dim::Value(d)).collect();
+        let mut probe = plain.clone();
+        for v in [stack_in.as_str(), stack_out.as_str()].iter().chain(probes) {
+            probe
+                .graph
+                .outputs
+                .push(ValueInfo::tensor(v, DataType::F32, shape.clone()));
+        }
+        let mut rest = plain.clone();
+        rest.graph.nodes.retain(|n| !n.outputs.contains(&stack_out));
+        rest.graph
+            .inputs
+            .push(ValueInfo::tensor(&stack_out, DataType::F32, shape));
+        remove_dead_nodes(&mut rest.graph);
+        remove_unused_inputs(&mut rest.graph);
+        let mut rest_example = example.to_vec();
+        let numel = dims.iter().product::<i64>() as usize;
+        rest_example.push(Tensor::from_f32(
+            &stack_out,
+            dims.clone(),
+            &vec![0.0; numel],
+        ));
+        StackProbe {
+            probe: ditc::runtime::TractRunner::new(&probe, example).unwrap(),
+            rest: ditc::runtime::TractRunner::new(&rest, &rest_example).unwrap(),
+            stack_in,
+            stack_out,
+            dims,
+        }
+    }
+
+    /// The prediction of a skipped call: the output layer fed `stack_in + residual`.
+    pub fn reuse(&self, inputs: &[Tensor], stack_in: &[f32], residual: &[f32]) -> Vec<f32> {
+        let reused: Vec<f32> = stack_in.iter().zip(residual).map(|(a, r)| a + r).collect();
+        let mut rest_inputs = inputs.to_vec();
+        rest_inputs.push(Tensor::from_f32(
+            &self.stack_out,
+            self.dims.clone(),
+            &reused,
+        ));
+        f32_named(&self.rest.run(&rest_inputs).unwrap(), "sample")
+    }
+}
