@@ -17,7 +17,10 @@
 //! and measures the fidelity budget table, [`mag_ratios`] measures MagCache's magnitude ratios.
 
 pub mod collect;
+pub mod full_run;
 pub mod mag_ratios;
+pub mod profile;
+pub mod teacache_fit;
 pub mod sensitivity;
 
 use std::collections::BTreeMap;
