@@ -111,6 +111,8 @@ pub fn drift_svg(profile: &Profile) -> Result<String> {
                 .flat_map(|&b| panel.series.iter().flat_map(move |q| points(q, b, panel.log)))
                 .collect();
             let (lo, hi) = padded_range(all.iter().map(|p| p.1));
+            // Room above the lines for the legend (about 6% of the panel per entry).
+            let hi = hi + (hi - lo) * 0.075 * panel.series.len() as f64;
             for (c, &branch) in profile.branches.iter().enumerate() {
                 let area = &areas[r * columns + c];
                 draw_panel(area, panel, branch, profile.steps, (lo, hi))?;
@@ -197,14 +199,25 @@ pub struct TimelineRow {
     pub cells: Vec<bool>,
 }
 
-/// The rows of a run's decision timeline (see the module doc for the order).
+/// The rows of a run's decision timeline (see the module doc for the order). Sites the whole stack
+/// or the cached blocks carry (MagCache, TeaCache, first-block-cache) decide as their group does: the
+/// group's row stands for them (its label counts them) instead of one identical row each.
 pub fn timeline_rows(report: &RunReport, manifest: &Manifest) -> Vec<TimelineRow> {
     let schedule = manifest.schedule.as_ref();
-    let scheduled_sites: BTreeSet<usize> = schedule
+    let sites_of = |g: Group| -> usize {
+        schedule.map_or(0, |s| match g {
+            Group::Blocks => s.adaptive.as_ref().map_or(0, |a| a.sites.len()),
+            _ => s.sites.get(&g).map_or(0, Vec::len),
+        })
+    };
+    // Sites with a table of their own kind (PAB): one row each.
+    let own_rows: BTreeSet<usize> = schedule
         .map(|s| {
-            let by_tables = s.sites.values().flatten().copied();
-            let in_graph = s.adaptive.iter().flat_map(|a| a.sites.iter().copied());
-            by_tables.chain(in_graph).collect()
+            s.sites
+                .iter()
+                .filter(|(g, _)| !matches!(g, Group::Stack | Group::Blocks | Group::Mlp))
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect()
         })
         .unwrap_or_default();
     let kind_of = |id: usize| -> String {
@@ -225,12 +238,16 @@ pub fn timeline_rows(report: &RunReport, manifest: &Manifest) -> Vec<TimelineRow
             .filter_map(|s| s.branches.get(&branch))
             .collect();
         let groups: BTreeSet<Group> = calls.iter().flat_map(|c| c.groups.keys().copied()).collect();
-        for g in &groups {
+        for &g in &groups {
+            let carried = match (g, sites_of(g)) {
+                (Group::Stack | Group::Blocks, n) if n > 0 => format!(" ({n} sites)"),
+                _ => String::new(),
+            };
             rows.push(TimelineRow {
-                label: format!("{branch} {}", g.as_str()),
+                label: format!("{branch} {}{carried}", g.as_str()),
                 cells: calls
                     .iter()
-                    .map(|c| c.groups.get(g).copied().unwrap_or(true))
+                    .map(|c| c.groups.get(&g).copied().unwrap_or(true))
                     .collect(),
             });
         }
@@ -240,7 +257,7 @@ pub fn timeline_rows(report: &RunReport, manifest: &Manifest) -> Vec<TimelineRow
                 cells: calls.iter().map(|c| c.computed).collect(),
             });
         }
-        for (id, cells) in b.decisions.iter().filter(|(id, _)| scheduled_sites.contains(id)) {
+        for (id, cells) in b.decisions.iter().filter(|(id, _)| own_rows.contains(id)) {
             rows.push(TimelineRow {
                 label: format!("{branch} site {id} ({})", kind_of(*id)),
                 cells: cells.clone(),
