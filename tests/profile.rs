@@ -78,6 +78,19 @@ fn the_profile_matches_first_block_cache_and_the_embedding_and_the_fit_is_least_
     let profile = read_json(&profile_path);
     assert_eq!(profile["format"], "ditc-profile");
     assert_eq!(profile["steps"], 50);
+    let schema: Value = serde_json::from_str(ditc::calibration::profile::PROFILE_SCHEMA).unwrap();
+    let validator = jsonschema::draft202012::options()
+        .build(&schema)
+        .expect("the profile schema is valid");
+    let violations: Vec<String> = validator
+        .iter_errors(&profile)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(violations.is_empty(), "{violations:?}");
+    // The schema is not a no-op: a profile with an unknown measure is refused.
+    let mut bad = profile.clone();
+    bad["quantities"][0]["measure"] = "l2".into();
+    assert!(!validator.is_valid(&bad));
 
     // 1. First-block residual vs first-block-cache's own metric, threshold 0: every call computes, so
     // the graph compares each step's head residual with the previous step's.
@@ -290,6 +303,68 @@ fn the_timeline_of_a_magcache_run_shows_the_traced_decisions() {
     }
     assert!(reused > 0, "the run must reuse the stack somewhere");
     assert!(svg.contains("cond stack (12 sites)") && svg.contains("uncond stack (12 sites)"));
+}
+
+/// latte-tiny with Latte's PAB preset (no guidance): a row per attention kind and the MLP, then one
+/// per site, then one per block's MLP, each equal to what the run decided.
+#[test]
+fn the_timeline_of_a_pab_run_has_a_row_per_group_site_and_mlp() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bundle = tmp.path().join("pab");
+    let model = repo_path("examples/latte-tiny/model.onnx");
+    ditc_ok(&[
+        "convert",
+        model.to_str().unwrap(),
+        "--recipe",
+        repo_path("passes/pab.toml").to_str().unwrap(),
+        "-o",
+        bundle.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let manifest = read_json(&bundle.join("manifest.json"));
+    let (trace_path, plot) = (tmp.path().join("t.json"), tmp.path().join("timeline.svg"));
+    ditc_ok(&strs(&run_args(
+        &bundle.join("manifest.json"),
+        &repo_path("examples/latte-tiny/sampling.safetensors"),
+        "0.",
+        &tmp.path().join("s.safetensors"),
+        &[
+            "--trace",
+            trace_path.to_str().unwrap(),
+            "--plot",
+            plot.to_str().unwrap(),
+        ],
+    )));
+    let trace = read_json(&trace_path);
+    let rows = timeline_cells(&std::fs::read_to_string(&plot).unwrap());
+    let group = |g: &str| -> Vec<bool> {
+        trace["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["cond"]["groups"][g].as_bool().unwrap())
+            .collect()
+    };
+    // Groups in their order (spatial, temporal, cross, mlp), then sites by id, then MLPs by block.
+    let groups = ["spatial", "temporal", "cross", "mlp"];
+    let sites = &manifest["schedule"]["sites"];
+    let mut want: Vec<Vec<bool>> = groups.iter().map(|g| group(g)).collect();
+    let kind_of = |id: u64| {
+        groups[..3]
+            .iter()
+            .find(|g| sites[**g].as_array().unwrap().iter().any(|s| s == id))
+            .unwrap()
+    };
+    let site_count: u64 = groups[..3]
+        .iter()
+        .map(|g| sites[*g].as_array().unwrap().len() as u64)
+        .sum();
+    want.extend((0..site_count).map(|id| group(kind_of(id))));
+    let blocks = manifest["schedule"]["blocks"].as_array().unwrap().len();
+    want.extend((0..blocks).map(|_| group("mlp")));
+    assert_eq!(rows.len(), 4 + 12 + 8, "rows: {}", rows.len());
+    assert_eq!(rows, want);
+    assert!(want.iter().flatten().any(|c| !c), "PAB reuses something");
 }
 
 #[test]

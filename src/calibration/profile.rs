@@ -36,6 +36,8 @@ use crate::schedule::guidance::{branches, Branch};
 use crate::schedule::tea_cache::relative_l1;
 
 pub const PROFILE_FORMAT: &str = "ditc-profile";
+/// The JSON Schema of `profile.json` (`schemas/profile.schema.json`).
+pub const PROFILE_SCHEMA: &str = include_str!("../../schemas/profile.schema.json");
 
 /// `profile.json`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
