@@ -28,6 +28,9 @@ pub const COMPUTED: RGBColor = RGBColor(0x1F, 0x77, 0xB4);
 pub const REUSED: RGBColor = RGBColor(0xFF, 0xB3, 0x47);
 
 const FONT: &str = "sans-serif";
+/// Pixels of one drift panel's chart, and of the legend beside it.
+const PANEL_WIDTH: u32 = 560;
+const LEGEND_WIDTH: u32 = 190;
 
 /// plotters' errors carry the backend's error type; say what failed.
 fn drawn<T, E: std::fmt::Debug>(r: std::result::Result<T, E>) -> Result<T> {
@@ -90,7 +93,7 @@ pub fn drift_svg(profile: &Profile) -> Result<String> {
     let panels = drift_panels(profile);
     let columns = profile.branches.len().max(1);
     let size = (
-        620 * columns as u32 + 20,
+        (PANEL_WIDTH + LEGEND_WIDTH) * columns as u32 + 20,
         420 * panels.len().max(1) as u32 + 50,
     );
     let mut svg = String::new();
@@ -111,8 +114,6 @@ pub fn drift_svg(profile: &Profile) -> Result<String> {
                 .flat_map(|&b| panel.series.iter().flat_map(move |q| points(q, b, panel.log)))
                 .collect();
             let (lo, hi) = padded_range(all.iter().map(|p| p.1));
-            // Room above the lines for the legend (about 6% of the panel per entry).
-            let hi = hi + (hi - lo) * 0.075 * panel.series.len() as f64;
             for (c, &branch) in profile.branches.iter().enumerate() {
                 let area = &areas[r * columns + c];
                 draw_panel(area, panel, branch, profile.steps, (lo, hi))?;
@@ -142,9 +143,10 @@ fn draw_panel(
     steps: usize,
     (lo, hi): (f64, f64),
 ) -> Result<()> {
+    let (plot_area, legend_area) = area.split_horizontally(PANEL_WIDTH);
     let caption = format!("{branch}: {}", panel.title);
     let mut chart = drawn(
-        ChartBuilder::on(area)
+        ChartBuilder::on(&plot_area)
             .caption(caption, (FONT, 13))
             .margin(8)
             .x_label_area_size(30)
@@ -172,23 +174,22 @@ fn draw_panel(
     )?;
     for (i, q) in panel.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let series = drawn(chart.draw_series(LineSeries::new(
-            points(q, branch, panel.log),
+        let line = points(q, branch, panel.log);
+        // A value that never changes (0 at every step) has no point on a log axis: say so.
+        let label = match line.is_empty() {
+            true => format!("{} (no positive value)", q.name),
+            false => q.name.clone(),
+        };
+        drawn(chart.draw_series(LineSeries::new(line, color.stroke_width(2))))?;
+        // The legend beside the chart: a short line in the series' colour and its name.
+        let y = 40 + 16 * i as i32;
+        drawn(legend_area.draw(&PathElement::new(
+            vec![(4, y), (24, y)],
             color.stroke_width(2),
         )))?;
-        series
-            .label(q.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        let style = TextStyle::from((FONT, 11).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+        drawn(legend_area.draw(&Text::new(label, (30, y), style)))?;
     }
-    drawn(
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 10))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw(),
-    )?;
     Ok(())
 }
 
