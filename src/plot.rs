@@ -2,7 +2,7 @@
 //! (`ditc calibrate --profile`) and a bundle's decision timeline (`ditc run --plot`).
 //!
 //! Drift: one row of panels per group of quantities (the policies' quantities and the output; the
-//! MagCache ratio; the attention sites), one column per guidance branch, one line per quantity with
+//! MagCache ratio; AdaCache's motion; the attention sites), one column per guidance branch, one line per quantity with
 //! its name in the legend. Relative L1 changes are drawn as log10 (they span decades); the ratio as it is.
 //!
 //! Timeline: one row per cached value and branch (`cond` rows first, then `uncond`; within a branch the
@@ -59,6 +59,11 @@ fn drift_panels(profile: &Profile) -> Vec<Panel<'_>> {
             title: "MagCache ratio |r_t| / |r_t-1| of the stack residual",
             log: false,
             series: pick(&|q| q.measure == Measure::NormRatio),
+        },
+        Panel {
+            title: "AdaCache's MoReg motion between frames (per step)",
+            log: false,
+            series: pick(&|q| q.measure == Measure::Motion),
         },
         Panel {
             title: "attention outputs (PAB): relative L1 change to the previous step (log10)",

@@ -158,7 +158,34 @@ fn the_profile_matches_first_block_cache_and_the_embedding_and_the_fit_is_least_
     println!("timestep_embedding vs the f64 embedding from the weights: worst relative difference {worst:.2e}");
     assert!(worst < 1e-3, "{worst:.2e}");
 
-    // 3. The fit: least squares means the residual is orthogonal to x^k for every k <= degree,
+    // 3. AdaCache's motion at the first call (cond, step 0): the gated self-attention residual of the
+    // middle block read by a separate run of the graph, and MoReg's formula worked here over its 8
+    // frames of 64 tokens x 128 channels.
+    let inputs = ditc::tensors::read_safetensors(&example.join("inputs.safetensors")).unwrap();
+    let inputs = common::case(&inputs, 0);
+    let feed = vec![
+        ditc::ir::Tensor {
+            name: "hidden_states".into(),
+            ..common::named(&inputs, "noise").clone()
+        },
+        common::named(&inputs, "encoder_hidden_states").clone(),
+        ditc::ir::Tensor::from_f32("timestep", vec![1], &[1000.0]),
+    ];
+    let gate = "blocks.3.attn1/gate";
+    let r = &common::run_with_probes(&model, &feed, &[gate])[gate];
+    assert_eq!(r.len(), 512 * 128);
+    let frame = 64 * 128;
+    let (mut diff, mut norms) = (0f64, 0f64);
+    for i in frame..r.len() {
+        let (a, b) = (r[i] as f64, r[i - frame] as f64);
+        diff += (a - b).abs();
+        norms += a.abs() + b.abs();
+    }
+    let motion = series(&profile, "mid_block_motion", "cond")[0].unwrap();
+    println!("mid_block_motion at step 0: {motion:.6} (profile) vs {:.6} (recomputed)", diff / norms);
+    assert!((motion - diff / norms).abs() <= 1e-5 * motion, "{motion} vs {}", diff / norms);
+
+    // 4. The fit: least squares means the residual is orthogonal to x^k for every k <= degree,
     // checked here on the profile's pairs (both branches, steps 1..49).
     let (mut x, mut y) = (Vec::new(), Vec::new());
     for branch in ["cond", "uncond"] {
@@ -208,7 +235,7 @@ fn the_profile_matches_first_block_cache_and_the_embedding_and_the_fit_is_least_
     let tea = convert_wan_small(&example, &recipe, &[], &tmp.path().join("tea"));
     assert_eq!(tea["schedule"]["policy"], "tea-cache");
 
-    // 4. The picture: SVG, a legend entry per quantity in each branch's panel.
+    // 5. The picture: SVG, a legend entry per quantity in each branch's panel.
     let svg = std::fs::read_to_string(profile_path.with_file_name("profile.drift.svg")).unwrap();
     let doc = roxmltree::Document::parse(&svg).expect("the drift picture parses as XML");
     assert_eq!(doc.root_element().tag_name().name(), "svg");

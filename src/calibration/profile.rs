@@ -10,6 +10,8 @@
 //! - `mid_block_residual`: the middle block's output − input, and `mid_block_attention_residual`: its
 //!   gated self-attention residual (the term its first residual `Add` adds to the stream), AdaCache's
 //!   metric on models without temporal attention (spec §5);
+//! - `mid_block_motion`: AdaCache's MoReg motion of that residual (how much it differs from one frame
+//!   to the next, a per-step value, not a change between steps);
 //! - `stack_residual`: the whole stack's output − input (what MagCache and TeaCache reuse), and
 //!   `mag_ratio`: MagCache's ratio of consecutive stack-residual norms (spec §2);
 //! - `attention.<id>`: every attention site's output (what PAB reuses).
@@ -31,7 +33,8 @@ use super::full_run::{output_f32, run_full, Calibration};
 use super::mag_ratios::mean_norm_ratio;
 use crate::analysis::stack::{find_stack, BlockSpan};
 use crate::analysis::{analyse, DitMap};
-use crate::ir::{infer_types, Graph, Model, Tensor, ValueInfo, ValueType};
+use crate::analysis::axes::FRAME;
+use crate::ir::{infer_types, Graph, Model, Tensor, TypeMap, ValueInfo, ValueType};
 use crate::schedule::guidance::{branches, Branch};
 use crate::schedule::tea_cache::relative_l1;
 
@@ -75,6 +78,8 @@ pub enum QuantityGroup {
 pub enum Measure {
     RelL1,
     NormRatio,
+    /// AdaCache's MoReg motion of one step's value (not a change between steps).
+    Motion,
 }
 
 /// One quantity's measure at every step, per branch and case.
@@ -192,6 +197,8 @@ pub struct Quantity {
     pub probe: Probe,
     /// For [`Measure::NormRatio`]: the width of the rows the norms are taken over.
     pub width: usize,
+    /// For [`Measure::Motion`]: elements per batch row, and per frame (the shift between frames).
+    pub strides: (usize, usize),
 }
 
 impl Quantity {
@@ -204,15 +211,17 @@ impl Quantity {
             measure: Measure::RelL1,
             probe,
             width: 0,
+            strides: (0, 0),
         }
     }
 }
 
 /// The quantities read from the block stack.
-const STACK_QUANTITIES: [&str; 5] = [
+const STACK_QUANTITIES: [&str; 6] = [
     "first_block_residual",
     "mid_block_residual",
     "mid_block_attention_residual",
+    "mid_block_motion",
     "stack_residual",
     "mag_ratio",
 ];
@@ -264,22 +273,39 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
                 residual(mid),
             ));
             match gated_attention_residual(&model.graph, &map, mid) {
-                Some(term) => found.push(Quantity::new(
-                    "mid_block_attention_residual",
-                    Policy,
-                    &["ada-cache"],
-                    format!(
-                        "the middle block {} ({}): its gated self-attention residual '{term}'",
-                        mid.block,
-                        block_name(mid)
-                    ),
-                    Probe::Value(term),
-                )),
-                None => leave(
-                    &mut left_out,
-                    "mid_block_attention_residual",
-                    format!("no residual Add of block {} adds its first attention's output to the stream", mid.block),
-                ),
+                Some(term) => {
+                    found.push(Quantity::new(
+                        "mid_block_attention_residual",
+                        Policy,
+                        &["ada-cache"],
+                        format!(
+                            "the middle block {} ({}): its gated self-attention residual '{term}'",
+                            mid.block,
+                            block_name(mid)
+                        ),
+                        Probe::Value(term.clone()),
+                    ));
+                    match frame_strides(model, &types, &term) {
+                        Ok(strides) => {
+                            let mut motion = Quantity::new(
+                                "mid_block_motion",
+                                Policy,
+                                &["ada-cache (MoReg)"],
+                                format!("MoReg's motion of '{term}': |r[f+1] - r[f]|_1 / (|r[f+1]|_1 + |r[f]|_1) over frames f, stride 1"),
+                                Probe::Value(term),
+                            );
+                            motion.measure = Measure::Motion;
+                            motion.strides = strides;
+                            found.push(motion);
+                        }
+                        Err(reason) => leave(&mut left_out, "mid_block_motion", reason),
+                    }
+                }
+                None => {
+                    let reason = format!("no residual Add of block {} adds its first attention's output to the stream", mid.block);
+                    leave(&mut left_out, "mid_block_attention_residual", reason.clone());
+                    leave(&mut left_out, "mid_block_motion", reason);
+                }
             }
             let whole = Probe::Difference {
                 minuend: stack.output().to_string(),
@@ -397,6 +423,50 @@ fn gated_attention_residual(graph: &Graph, map: &DitMap, span: &BlockSpan) -> Op
     })
 }
 
+/// For `value` `[batch, tokens, ...]` whose token axis is frames outermost (frame, then the positions
+/// of a frame, as Wan's patch sequence is): elements per batch row and per frame.
+fn frame_strides(model: &Model, types: &TypeMap, value: &str) -> std::result::Result<(usize, usize), String> {
+    let axes = crate::analysis::axes::propagate(&model.graph, types);
+    let dims = axes.get(value).ok_or(format!("no axis information for '{value}'"))?;
+    let shape = types
+        .get(value)
+        .and_then(|t| t.shape.clone())
+        .ok_or(format!("the shape of '{value}' is unknown"))?;
+    let token = dims
+        .iter()
+        .position(|d| d.iter().any(|a| a.tags & FRAME != 0))
+        .ok_or(format!("'{value}' has no frame axis"))?;
+    let frames = match dims[token].first() {
+        Some(a) if a.tags == FRAME => a.size,
+        _ => return Err(format!("the token axis of '{value}' does not have frames outermost")),
+    };
+    if frames < 2 {
+        return Err(format!("'{value}' spans {frames} frame(s): no motion between frames"));
+    }
+    if token == 0 || shape.len() != dims.len() || shape.iter().any(|&d| d <= 0) {
+        return Err(format!("'{value}' {shape:?} is not [batch, tokens, ...]"));
+    }
+    let per_batch: i64 = shape[1..].iter().product();
+    let per_token: i64 = shape[token + 1..].iter().product();
+    let per_frame = shape[token] / frames * per_token;
+    Ok((per_batch as usize, per_frame as usize))
+}
+
+/// AdaCache's MoReg motion (research spec §5, stride 1): `‖r[f+1] − r[f]‖₁ / (‖r[f+1]‖₁ + ‖r[f]‖₁)`
+/// with `r[f+1]` the tokens of frames 1.. and `r[f]` those of frames ..−1, summed over the batch.
+pub fn moreg_motion(r: &[f32], per_batch: usize, per_frame: usize) -> f64 {
+    let (mut diff, mut later, mut earlier) = (0f64, 0f64, 0f64);
+    for row in r.chunks(per_batch) {
+        let (head, tail) = (&row[..row.len() - per_frame], &row[per_frame..]);
+        for (a, b) in tail.iter().zip(head) {
+            diff += (*a as f64 - *b as f64).abs();
+            later += (*a as f64).abs();
+            earlier += (*b as f64).abs();
+        }
+    }
+    diff / (later + earlier)
+}
+
 /// Every value computed from `value` (itself included) in the top-level graph.
 fn descendants(graph: &Graph, value: &str) -> HashSet<String> {
     let mut seen: HashSet<String> = HashSet::from([value.to_string()]);
@@ -470,6 +540,7 @@ pub fn profile(
                     Some(mean_norm_ratio(&now, prev, q.width))
                 }
                 (Measure::NormRatio, Some(_)) => None,
+                (Measure::Motion, _) => Some(moreg_motion(&now, q.strides.0, q.strides.1)),
             };
             values[k].get_mut(&call.branch).expect("every branch")[call.case][call.step] =
                 v.filter(|v| v.is_finite());
@@ -504,6 +575,18 @@ pub fn profile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn motion_is_moreg_between_consecutive_frames() {
+        // One batch row of 3 frames of 2 values: frames [1, 1], [3, 3], [3, -1].
+        // Later frames minus earlier: |3-1| * 2 + |3-3| + |-1-3| = 8; |later| = 3+3+3+1 = 10,
+        // |earlier| = 1+1+3+3 = 8: motion 8 / 18.
+        let r = [1.0, 1.0, 3.0, 3.0, 3.0, -1.0];
+        assert!((moreg_motion(&r, 6, 2) - 8.0 / 18.0).abs() < 1e-12);
+        // Two batch rows are summed, never mixed: the second row (static) adds only to the norms.
+        let r2 = [1.0, 1.0, 3.0, 3.0, 3.0, -1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0];
+        assert!((moreg_motion(&r2, 6, 2) - 8.0 / 34.0).abs() < 1e-12);
+    }
 
     #[test]
     fn mean_over_cases_is_null_where_a_case_has_none() {
