@@ -51,7 +51,8 @@ fn drift_panels(profile: &Profile) -> Vec<Panel<'_>> {
     };
     let panels = [
         Panel {
-            title: "policy quantities and the output: relative L1 change to the previous step (log10)",
+            title:
+                "policy quantities and the output: relative L1 change to the previous step (log10)",
             log: true,
             series: pick(&|q| q.group != QuantityGroup::Attention && q.measure == Measure::RelL1),
         },
@@ -116,7 +117,12 @@ pub fn drift_svg(profile: &Profile) -> Result<String> {
             let all: Vec<(f64, f64)> = profile
                 .branches
                 .iter()
-                .flat_map(|&b| panel.series.iter().flat_map(move |q| points(q, b, panel.log)))
+                .flat_map(|&b| {
+                    panel
+                        .series
+                        .iter()
+                        .flat_map(move |q| points(q, b, panel.log))
+                })
                 .collect();
             let (lo, hi) = padded_range(all.iter().map(|p| p.1));
             for (c, &branch) in profile.branches.iter().enumerate() {
@@ -243,7 +249,10 @@ pub fn timeline_rows(report: &RunReport, manifest: &Manifest) -> Vec<TimelineRow
             .iter()
             .filter_map(|s| s.branches.get(&branch))
             .collect();
-        let groups: BTreeSet<Group> = calls.iter().flat_map(|c| c.groups.keys().copied()).collect();
+        let groups: BTreeSet<Group> = calls
+            .iter()
+            .flat_map(|c| c.groups.keys().copied())
+            .collect();
         for &g in &groups {
             let carried = match (g, sites_of(g)) {
                 (Group::Stack | Group::Blocks, n) if n > 0 => format!(" ({n} sites)"),
@@ -320,8 +329,8 @@ pub fn timeline_svg(title: &str, rows: &[TimelineRow]) -> Result<String> {
         drawn(chart.draw_series(cells))?;
         for (r, row) in rows.iter().enumerate() {
             let (x, y) = chart.backend_coord(&(0.0, n - r as f64 - 0.5));
-            let style = TextStyle::from((FONT, 12).into_font())
-                .pos(Pos::new(HPos::Right, VPos::Center));
+            let style =
+                TextStyle::from((FONT, 12).into_font()).pos(Pos::new(HPos::Right, VPos::Center));
             drawn(root.draw(&Text::new(row.label.clone(), (x - 6, y), style)))?;
         }
         drawn(root.present())?;

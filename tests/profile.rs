@@ -62,7 +62,11 @@ fn series(profile: &Value, name: &str, branch: &str) -> Vec<Option<f64>> {
 
 /// `mean|a - b| / mean|b|` in f64.
 fn rel_l1(a: &[f32], b: &[f32]) -> f64 {
-    let d: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum();
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum();
     d / b.iter().map(|y| (*y as f64).abs()).sum::<f64>()
 }
 
@@ -118,7 +122,10 @@ fn the_profile_matches_first_block_cache_and_the_embedding_and_the_fit_is_least_
         assert_eq!(profiled[0], None, "step 0 has no previous step");
         for (i, step) in trace["steps"].as_array().unwrap().iter().enumerate() {
             let call = &step[branch];
-            assert_eq!(call["computed"], true, "{branch} step {i}: threshold 0 computes");
+            assert_eq!(
+                call["computed"], true,
+                "{branch} step {i}: threshold 0 computes"
+            );
             if i == 0 {
                 continue;
             }
@@ -182,8 +189,15 @@ fn the_profile_matches_first_block_cache_and_the_embedding_and_the_fit_is_least_
         norms += a.abs() + b.abs();
     }
     let motion = series(&profile, "mid_block_motion", "cond")[0].unwrap();
-    println!("mid_block_motion at step 0: {motion:.6} (profile) vs {:.6} (recomputed)", diff / norms);
-    assert!((motion - diff / norms).abs() <= 1e-5 * motion, "{motion} vs {}", diff / norms);
+    println!(
+        "mid_block_motion at step 0: {motion:.6} (profile) vs {:.6} (recomputed)",
+        diff / norms
+    );
+    assert!(
+        (motion - diff / norms).abs() <= 1e-5 * motion,
+        "{motion} vs {}",
+        diff / norms
+    );
 
     // 4. The fit: least squares means the residual is orthogonal to x^k for every k <= degree,
     // checked here on the profile's pairs (both branches, steps 1..49).
@@ -219,7 +233,11 @@ fn the_profile_matches_first_block_cache_and_the_embedding_and_the_fit_is_least_
     let sse: f64 = residual.iter().map(|r| r * r).sum();
     let mean = y.iter().sum::<f64>() / y.len() as f64;
     let sst: f64 = y.iter().map(|v| (v - mean).powi(2)).sum();
-    println!("fitted TeaCache coefficients {c:?}: R^2 {:.4} on {} pairs", 1.0 - sse / sst, x.len());
+    println!(
+        "fitted TeaCache coefficients {c:?}: R^2 {:.4} on {} pairs",
+        1.0 - sse / sst,
+        x.len()
+    );
 
     // The preset is one `policy = "tea-cache"` takes.
     let recipe = tmp.path().join("tea-recipe.toml");
@@ -416,18 +434,34 @@ fn bad_input_is_refused_and_nothing_is_written() {
     let fit = tmp.path().join("t.toml");
     let args = calibrate_args(
         &out,
-        &["--fit-teacache", fit.to_str().unwrap(), "--fit-indicator", "nope"],
+        &[
+            "--fit-teacache",
+            fit.to_str().unwrap(),
+            "--fit-indicator",
+            "nope",
+        ],
     );
-    assert_refused(&strs(&args), &["--fit-indicator nope", "timestep_embedding"]);
+    assert_refused(
+        &strs(&args),
+        &["--fit-indicator nope", "timestep_embedding"],
+    );
     // A polynomial of more coefficients than the 49 distinct indicator changes: refused after the
     // run, before anything is written.
     let args = calibrate_args(
         &out,
-        &["--fit-teacache", fit.to_str().unwrap(), "--fit-degree", "60"],
+        &[
+            "--fit-teacache",
+            fit.to_str().unwrap(),
+            "--fit-degree",
+            "60",
+        ],
     );
     assert_refused(&strs(&args), &["61 distinct", "49"]);
     // Options of the range calibration.
-    assert_refused(&strs(&calibrate_args(&out, &["--every", "2"])), &["--every", "--profile"]);
+    assert_refused(
+        &strs(&calibrate_args(&out, &["--every", "2"])),
+        &["--every", "--profile"],
+    );
     for p in [&out, &fit, &tmp.path().join("p.drift.svg")] {
         assert!(!p.exists(), "{} was written", p.display());
     }

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 
-use super::full_run::{output_f32, run_full};
 pub use super::full_run::Calibration;
+use super::full_run::{output_f32, run_full};
 use crate::analysis::analyse;
 use crate::analysis::stack::find_stack;
 use crate::ir::{infer_types, Tensor, ValueInfo};
@@ -54,7 +54,10 @@ pub fn calibrate(c: &Calibration, cases: &[Vec<Tensor>], progress: bool) -> Resu
     let mut previous: BTreeMap<(usize, Branch), Vec<f32>> = BTreeMap::new();
     run_full(c, &probed, cases, progress, |call| {
         previous.retain(|(case, _), _| *case == call.case);
-        let (a, b) = (output_f32(call.outputs, &first)?, output_f32(call.outputs, &last)?);
+        let (a, b) = (
+            output_f32(call.outputs, &first)?,
+            output_f32(call.outputs, &last)?,
+        );
         let residual: Vec<f32> = b.iter().zip(&a).map(|(o, i)| o - i).collect();
         let ratio = match previous.get(&(call.case, call.branch)) {
             None => 1.0,

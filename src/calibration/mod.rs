@@ -20,8 +20,8 @@ pub mod collect;
 pub mod full_run;
 pub mod mag_ratios;
 pub mod profile;
-pub mod teacache_fit;
 pub mod sensitivity;
+pub mod teacache_fit;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use super::full_run::{output_f32, run_full, Calibration};
 use super::mag_ratios::mean_norm_ratio;
+use crate::analysis::axes::FRAME;
 use crate::analysis::stack::{find_stack, BlockSpan};
 use crate::analysis::{analyse, DitMap};
-use crate::analysis::axes::FRAME;
 use crate::ir::{infer_types, Graph, Model, Tensor, TypeMap, ValueInfo, ValueType};
 use crate::schedule::guidance::{branches, Branch};
 use crate::schedule::tea_cache::relative_l1;
@@ -151,7 +151,10 @@ impl QuantityProfile {
 pub enum Probe {
     Value(String),
     /// `minuend − subtrahend`, element by element in f32.
-    Difference { minuend: String, subtrahend: String },
+    Difference {
+        minuend: String,
+        subtrahend: String,
+    },
 }
 
 impl Probe {
@@ -172,7 +175,10 @@ impl Probe {
                 minuend,
                 subtrahend,
             } => {
-                let (a, b) = (output_f32(outputs, minuend)?, output_f32(outputs, subtrahend)?);
+                let (a, b) = (
+                    output_f32(outputs, minuend)?,
+                    output_f32(outputs, subtrahend)?,
+                );
                 if a.len() != b.len() {
                     bail!(
                         "'{minuend}' has {} values, '{subtrahend}' {}: their difference is not a residual",
@@ -202,7 +208,13 @@ pub struct Quantity {
 }
 
 impl Quantity {
-    fn new(name: &str, group: QuantityGroup, policies: &[&str], what: String, probe: Probe) -> Self {
+    fn new(
+        name: &str,
+        group: QuantityGroup,
+        policies: &[&str],
+        what: String,
+        probe: Probe,
+    ) -> Self {
         Quantity {
             name: name.to_string(),
             group,
@@ -303,7 +315,11 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
                 }
                 None => {
                     let reason = format!("no residual Add of block {} adds its first attention's output to the stream", mid.block);
-                    leave(&mut left_out, "mid_block_attention_residual", reason.clone());
+                    leave(
+                        &mut left_out,
+                        "mid_block_attention_residual",
+                        reason.clone(),
+                    );
                     leave(&mut left_out, "mid_block_motion", reason);
                 }
             }
@@ -315,7 +331,10 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
                 "stack_residual",
                 Policy,
                 &["mag-cache", "tea-cache"],
-                format!("the {} blocks: last output - first input", stack.blocks.len()),
+                format!(
+                    "the {} blocks: last output - first input",
+                    stack.blocks.len()
+                ),
                 whole.clone(),
             ));
             let mut ratio = Quantity::new(
@@ -398,10 +417,18 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
                 &name,
                 Attention,
                 &["pab"],
-                format!("site {} ({}, {block}): '{out}'", site.id, site.kind.as_str()),
+                format!(
+                    "site {} ({}, {block}): '{out}'",
+                    site.id,
+                    site.kind.as_str()
+                ),
                 Probe::Value(out.clone()),
             )),
-            None => leave(&mut left_out, &name, "the site's output was not found".into()),
+            None => leave(
+                &mut left_out,
+                &name,
+                "the site's output was not found".into(),
+            ),
         }
     }
     (found, left_out)
@@ -425,9 +452,15 @@ fn gated_attention_residual(graph: &Graph, map: &DitMap, span: &BlockSpan) -> Op
 
 /// For `value` `[batch, tokens, ...]` whose token axis is frames outermost (frame, then the positions
 /// of a frame, as Wan's patch sequence is): elements per batch row and per frame.
-fn frame_strides(model: &Model, types: &TypeMap, value: &str) -> std::result::Result<(usize, usize), String> {
+fn frame_strides(
+    model: &Model,
+    types: &TypeMap,
+    value: &str,
+) -> std::result::Result<(usize, usize), String> {
     let axes = crate::analysis::axes::propagate(&model.graph, types);
-    let dims = axes.get(value).ok_or(format!("no axis information for '{value}'"))?;
+    let dims = axes
+        .get(value)
+        .ok_or(format!("no axis information for '{value}'"))?;
     let shape = types
         .get(value)
         .and_then(|t| t.shape.clone())
@@ -438,10 +471,16 @@ fn frame_strides(model: &Model, types: &TypeMap, value: &str) -> std::result::Re
         .ok_or(format!("'{value}' has no frame axis"))?;
     let frames = match dims[token].first() {
         Some(a) if a.tags == FRAME => a.size,
-        _ => return Err(format!("the token axis of '{value}' does not have frames outermost")),
+        _ => {
+            return Err(format!(
+                "the token axis of '{value}' does not have frames outermost"
+            ))
+        }
     };
     if frames < 2 {
-        return Err(format!("'{value}' spans {frames} frame(s): no motion between frames"));
+        return Err(format!(
+            "'{value}' spans {frames} frame(s): no motion between frames"
+        ));
     }
     if token == 0 || shape.len() != dims.len() || shape.iter().any(|&d| d <= 0) {
         return Err(format!("'{value}' {shape:?} is not [batch, tokens, ...]"));
@@ -495,7 +534,12 @@ pub fn profile(
     progress: bool,
 ) -> Result<Profile> {
     let mut probed = c.model.clone();
-    let mut exposed: HashSet<String> = probed.graph.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut exposed: HashSet<String> = probed
+        .graph
+        .outputs
+        .iter()
+        .map(|o| o.name.clone())
+        .collect();
     for q in quantities {
         for v in q.probe.values() {
             if exposed.insert(v.to_string()) {
@@ -529,7 +573,10 @@ pub fn profile(
         }
         for (k, q) in quantities.iter().enumerate() {
             let now = q.probe.read(call.outputs).with_context(|| {
-                format!("quantity '{}' at step {} ({} call)", q.name, call.step, call.branch)
+                format!(
+                    "quantity '{}' at step {} ({} call)",
+                    q.name, call.step, call.branch
+                )
             })?;
             let before = previous.get(&(k, call.branch));
             let v = match (q.measure, before) {
@@ -598,7 +645,10 @@ mod tests {
             measure: Measure::RelL1,
             values: BTreeMap::from([(
                 Branch::Cond,
-                vec![vec![None, Some(0.5), Some(1.0)], vec![None, Some(0.25), None]],
+                vec![
+                    vec![None, Some(0.5), Some(1.0)],
+                    vec![None, Some(0.25), None],
+                ],
             )]),
         };
         assert_eq!(q.mean_over_cases(Branch::Cond), [None, Some(0.375), None]);

@@ -106,9 +106,9 @@ fn least_squares_qr(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Result<Vec<f64>> {
 /// The (indicator change, output change) pairs of every call of `profile` where both are known.
 pub fn pairs(profile: &Profile, indicator: &str) -> Result<(Vec<f64>, Vec<f64>)> {
     let names: Vec<&str> = profile.quantities.iter().map(|q| q.name.as_str()).collect();
-    let ind = profile.quantity(indicator).with_context(|| {
-        format!("the profile has no quantity '{indicator}' (it has {names:?})")
-    })?;
+    let ind = profile
+        .quantity(indicator)
+        .with_context(|| format!("the profile has no quantity '{indicator}' (it has {names:?})"))?;
     let out = profile
         .quantity("output")
         .context("the profile has no quantity 'output' (the model's prediction)")?;
@@ -132,8 +132,12 @@ pub fn pairs(profile: &Profile, indicator: &str) -> Result<(Vec<f64>, Vec<f64>)>
 /// Fit TeaCache's polynomial of `degree` with `indicator` (`timestep_modulation`: `use_ret_steps`).
 pub fn fit_teacache(profile: &Profile, indicator: &str, degree: usize) -> Result<TeaCacheFit> {
     let (x, y) = pairs(profile, indicator)?;
-    let coefficients = polyfit(&x, &y, degree)
-        .with_context(|| format!("fitting TeaCache's polynomial to {} pairs of ({indicator}, output) changes", x.len()))?;
+    let coefficients = polyfit(&x, &y, degree).with_context(|| {
+        format!(
+            "fitting TeaCache's polynomial to {} pairs of ({indicator}, output) changes",
+            x.len()
+        )
+    })?;
     let mean = y.iter().sum::<f64>() / y.len() as f64;
     let total: f64 = y.iter().map(|v| (v - mean).powi(2)).sum();
     let residual: f64 = x
@@ -181,7 +185,10 @@ mod tests {
     use super::*;
 
     fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * y.abs().max(1.0))
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= tol * y.abs().max(1.0))
     }
 
     #[test]
@@ -193,7 +200,13 @@ mod tests {
         let c = polyfit(&x, &y, 4).unwrap();
         assert!(close(&c, &p, 1e-8), "{c:?}");
         // TeaCache's published Wan2.1-T2V-1.3B polynomial, over its indicator's range of changes.
-        let p = [2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01];
+        let p = [
+            2.39676752e+03,
+            -1.31110545e+03,
+            2.01331979e+02,
+            -8.29855975e+00,
+            1.37887774e-01,
+        ];
         let x: Vec<f64> = (0..49).map(|i| 0.002 + 0.004 * i as f64).collect();
         let y: Vec<f64> = x.iter().map(|&v| poly(&p, v)).collect();
         let c = polyfit(&x, &y, 4).unwrap();

@@ -19,17 +19,17 @@ use crate::calibration::collect::{
 };
 use crate::calibration::mag_ratios::{calibrate, Calibration};
 use crate::calibration::profile::{find_quantities, profile, Profile};
+use crate::calibration::sensitivity::{budget_table, rank_layers, SENSITIVITY_EVERY};
 use crate::calibration::teacache_fit::{fit_teacache, preset_toml};
 use crate::ir::Model;
-use crate::manifest::ModelIo;
-use crate::schedule::Sampler;
-use crate::calibration::sensitivity::{budget_table, rank_layers, SENSITIVITY_EVERY};
 use crate::ir::Tensor;
 use crate::manifest::detect_io;
+use crate::manifest::ModelIo;
 use crate::output::{write_file_atomically, Staging};
 use crate::passes::quantize_w8a8::{select_targets, set_format_for_gpu, Format, QuantizeOptions};
 use crate::recipe::Recipe;
 use crate::schedule::guidance::Guidance;
+use crate::schedule::Sampler;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -411,7 +411,10 @@ fn run_profile(args: &Args) -> Result<()> {
     };
     let svg = crate::plot::drift_svg(&profiled)?;
     // Everything is computed before anything is written, and written all together.
-    staging.write(&file_name(&output)?, serde_json::to_string_pretty(&profiled)?.as_bytes())?;
+    staging.write(
+        &file_name(&output)?,
+        serde_json::to_string_pretty(&profiled)?.as_bytes(),
+    )?;
     staging.write(&file_name(&picture)?, svg.as_bytes())?;
     if let Some((path, fit)) = &fitted {
         let preset = preset_toml(fit, &calibration.source);
