@@ -457,6 +457,11 @@ fn bad_input_is_refused_and_nothing_is_written() {
         ],
     );
     assert_refused(&strs(&args), &["61 distinct", "49"]);
+    // Fit options without a fit.
+    assert_refused(
+        &strs(&calibrate_args(&out, &["--fit-degree", "3"])),
+        &["--fit-degree", "--fit-teacache"],
+    );
     // Options of the range calibration.
     assert_refused(
         &strs(&calibrate_args(&out, &["--every", "2"])),

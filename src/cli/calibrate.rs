@@ -33,7 +33,7 @@ use crate::schedule::Sampler;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  ditc calibrate examples/latte-tiny/model.onnx --recipe passes/w8a8.toml --inputs examples/latte-tiny/sampling.safetensors --cases 1,2 -o stats.json"
+    after_help = "Examples:\n  ditc calibrate examples/latte-tiny/model.onnx --recipe passes/w8a8.toml --inputs examples/latte-tiny/sampling.safetensors --cases 1,2 -o stats.json\n  ditc calibrate examples/wan-small/ckpt --frames 8 --height 16 --width 16 --text-len 4 --recipe passes/wan-cfg.toml --inputs examples/wan-small/inputs.safetensors --cases 0 --profile -o profile.json --fit-teacache teacache.toml"
 )]
 pub struct Args {
     /// The float model: an .onnx file or a diffusers checkpoint folder.
@@ -113,6 +113,10 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     args.threads.apply()?;
+    let fit_options = args.fit_indicator.is_some() || args.fit_degree != 4;
+    if fit_options && args.fit_teacache.is_none() {
+        bail!("--fit-indicator and --fit-degree apply only to --fit-teacache");
+    }
     if args.profile || args.fit_teacache.is_some() {
         let ignored = [
             (args.every != 1, "--every"),
@@ -125,9 +129,6 @@ pub fn run(args: &Args) -> Result<()> {
             bail!("{flag} does not apply to --profile (the profile comes from every step of a full run)");
         }
         return run_profile(args);
-    }
-    if args.fit_indicator.is_some() || args.fit_degree != 4 {
-        bail!("--fit-indicator and --fit-degree apply only to --fit-teacache");
     }
     let output = args
         .output
