@@ -276,6 +276,7 @@ fn full_run_setup(args: &Args) -> Result<FullRunSetup> {
         .map(|c| select_case(&all, c).with_context(|| format!("case {c}")))
         .collect::<Result<Vec<_>>>()?;
     let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    crate::finite::check_model(&args.model, &model, !args.no_progress)?;
     let io = detect_io(&model)?;
     let guidance = match &recipe.guidance {
         Some(g) => {
