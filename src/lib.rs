@@ -21,6 +21,8 @@ pub mod models;
 pub mod onnx;
 pub mod output;
 pub mod passes;
+#[cfg(feature = "tract")]
+pub mod plot;
 pub mod progress;
 pub mod recipe;
 #[cfg(feature = "tract")]

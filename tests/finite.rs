@@ -103,6 +103,13 @@ fn assert_all_refuse(model: &Path, extra: &[&str], expect: &[&str]) {
     calibrate.extend_from_slice(extra);
     assert_refused(&calibrate, expect);
     assert!(!stats.exists());
+    // The full-run calibrations (drift profile, MagCache ratios) refuse it too.
+    for mode in ["--profile", "--mag-ratios"] {
+        let mut full = calibrate.clone();
+        full.push(mode);
+        assert_refused(&full, expect);
+        assert!(!stats.exists() && !tmp.path().join("stats.drift.svg").exists());
+    }
     let mut inspect = vec!["inspect", "--check", m];
     inspect.extend_from_slice(extra);
     assert_refused(&inspect, expect);

@@ -58,6 +58,7 @@ fn run(manifest: &Path, inputs: &Path, case: usize) -> (Vec<f32>, ditc::cli::run
         compare_full: false,
         json: true,
         trace: None,
+        plot: None,
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
@@ -380,6 +381,7 @@ fn mlp_broadcast_reuses_after_key_timesteps() {
         compare_full: true,
         json: true,
         trace: None,
+        plot: None,
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
@@ -751,6 +753,7 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
         no_progress: true,
         no_verify: false,
         trace: None,
+        plot: None,
         shapes: Default::default(),
         threads: Default::default(),
     };

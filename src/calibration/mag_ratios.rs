@@ -13,25 +13,13 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 
+pub use super::full_run::Calibration;
+use super::full_run::{output_f32, run_full};
 use crate::analysis::analyse;
 use crate::analysis::stack::find_stack;
-use crate::ir::{infer_types, Model, Tensor, ValueInfo};
-use crate::manifest::ModelIo;
-use crate::runtime::sampling::{branch_inputs, prediction_for, timestep_tensor};
-use crate::runtime::TractRunner;
-use crate::schedule::guidance::{branches, combine, Branch, Guidance};
+use crate::ir::{infer_types, Tensor, ValueInfo};
+use crate::schedule::guidance::{branches, Branch};
 use crate::schedule::mag_cache::{RatiosFile, RATIOS_FORMAT};
-use crate::schedule::Sampler;
-
-/// What one calibration measures and on what.
-pub struct Calibration<'a> {
-    pub model: &'a Model,
-    pub io: &'a ModelIo,
-    pub sampler: &'a Sampler,
-    /// With its `input` resolved (see [`Guidance::resolve_input`]).
-    pub guidance: Option<&'a Guidance>,
-    pub source: String,
-}
 
 /// The ratios of every branch, averaged over `cases` (each a case's tensors: `noise` and the
 /// model's condition inputs, plus the negative).
@@ -53,71 +41,32 @@ pub fn calibrate(c: &Calibration, cases: &[Vec<Tensor>], progress: bool) -> Resu
             dims,
         ));
     }
-    let branches = branches(c.guidance);
-    let steps = c.sampler.steps();
-    let mut sums: BTreeMap<Branch, Vec<f64>> =
-        branches.iter().map(|&b| (b, vec![0.0; steps])).collect();
-    let mut runner: Option<TractRunner> = None;
-    let bar = crate::progress::steps_bar((steps * cases.len()) as u64, "calibrating", progress);
-    for case in cases {
-        let noise = case
-            .iter()
-            .find(|t| t.name == "noise")
-            .context("no 'noise' tensor")?;
-        let base: Vec<Tensor> = case.iter().filter(|t| t.name != "noise").cloned().collect();
-        let inputs: Vec<Vec<Tensor>> = branches
-            .iter()
-            .map(|&b| branch_inputs(&base, c.guidance, b, case))
-            .collect::<Result<_>>()?;
-        let mut previous: BTreeMap<Branch, Vec<f32>> = BTreeMap::new();
-        let mut x = noise.to_f32_vec().context("noise must be f32")?;
-        for i in 0..steps {
-            let mut predictions = Vec::new();
-            for (&branch, inputs) in branches.iter().zip(&inputs) {
-                let mut feed = inputs.clone();
-                feed.push(Tensor::from_f32(&c.io.latent, noise.dims.clone(), &x));
-                feed.push(timestep_tensor(
-                    c.model,
-                    &c.io.timestep,
-                    c.sampler.timesteps[i],
-                )?);
-                if runner.is_none() {
-                    runner = Some(TractRunner::new(&probed, &feed)?);
-                }
-                let out = runner.as_ref().expect("prepared").run(&feed)?;
-                let get = |name: &str| -> Result<Vec<f32>> {
-                    out.iter()
-                        .find(|t| t.name == name)
-                        .and_then(Tensor::to_f32_vec)
-                        .with_context(|| format!("no f32 output '{name}'"))
-                };
-                let (a, b) = (get(&first)?, get(&last)?);
-                let residual: Vec<f32> = b.iter().zip(&a).map(|(o, i)| o - i).collect();
-                let width = *stack.shape.last().context("the stream has no axes")? as usize;
-                if width == 0 {
-                    bail!("the block stack's stream has an empty last axis");
-                }
-                let ratio = match previous.get(&branch) {
-                    None => 1.0,
-                    Some(prev) => mean_norm_ratio(&residual, prev, width),
-                };
-                sums.get_mut(&branch).expect("every branch")[i] += ratio;
-                previous.insert(branch, residual);
-                let prediction = out
-                    .iter()
-                    .find(|t| t.name == c.io.prediction)
-                    .with_context(|| format!("no output '{}'", c.io.prediction))?;
-                predictions.push(prediction_for(prediction, noise)?);
-            }
-            let velocity = match (c.guidance, predictions.as_slice()) {
-                (Some(g), [cond, uncond]) => combine(g.scale, cond, uncond),
-                _ => predictions.swap_remove(0),
-            };
-            c.sampler.step(i, &mut x, &velocity);
-            bar.inc(1);
-        }
+    let width = *stack.shape.last().context("the stream has no axes")? as usize;
+    if width == 0 {
+        bail!("the block stack's stream has an empty last axis");
     }
-    bar.finish_and_clear();
+    let steps = c.sampler.steps();
+    let mut sums: BTreeMap<Branch, Vec<f64>> = branches(c.guidance)
+        .iter()
+        .map(|&b| (b, vec![0.0; steps]))
+        .collect();
+    // Per (case, branch): the previous step's residual.
+    let mut previous: BTreeMap<(usize, Branch), Vec<f32>> = BTreeMap::new();
+    run_full(c, &probed, cases, progress, |call| {
+        previous.retain(|(case, _), _| *case == call.case);
+        let (a, b) = (
+            output_f32(call.outputs, &first)?,
+            output_f32(call.outputs, &last)?,
+        );
+        let residual: Vec<f32> = b.iter().zip(&a).map(|(o, i)| o - i).collect();
+        let ratio = match previous.get(&(call.case, call.branch)) {
+            None => 1.0,
+            Some(prev) => mean_norm_ratio(&residual, prev, width),
+        };
+        sums.get_mut(&call.branch).expect("every branch")[call.step] += ratio;
+        previous.insert((call.case, call.branch), residual);
+        Ok(())
+    })?;
     let mean = |v: &Vec<f64>| -> Vec<f64> { v.iter().map(|s| s / cases.len() as f64).collect() };
     Ok(RatiosFile {
         format: RATIOS_FORMAT.into(),
@@ -132,7 +81,7 @@ pub fn calibrate(c: &Calibration, cases: &[Vec<Tensor>], progress: bool) -> Resu
 /// `mean(‖r‖₂ / (‖prev‖₂ + 1e-8))` over the rows of `width` values, as torch computes it on f32: the
 /// norms and the quotients in f32 (the sums of squares accumulated in f64 and rounded), the mean
 /// accumulated in f64.
-fn mean_norm_ratio(r: &[f32], prev: &[f32], width: usize) -> f64 {
+pub(crate) fn mean_norm_ratio(r: &[f32], prev: &[f32], width: usize) -> f64 {
     let norm = |row: &[f32]| -> f32 {
         (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32).sqrt()
     };

@@ -17,8 +17,11 @@
 //! and measures the fidelity budget table, [`mag_ratios`] measures MagCache's magnitude ratios.
 
 pub mod collect;
+pub mod full_run;
 pub mod mag_ratios;
+pub mod profile;
 pub mod sensitivity;
+pub mod teacache_fit;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -1,12 +1,15 @@
 //! `ditc calibrate MODEL --recipe R --inputs IN --cases 1,2 -o stats.json`: activation ranges for W8A8.
 //! With `--mag-ratios`: MagCache's magnitude ratios per guidance branch instead
-//! ([`crate::calibration::mag_ratios`]), written as the ratios file `mag_ratios` can name.
+//! ([`crate::calibration::mag_ratios`]), written as the ratios file `mag_ratios` can name. With
+//! `--profile`: the drift profile of every cached quantity ([`crate::calibration::profile`]) and its
+//! picture; with `--fit-teacache OUT.toml` also TeaCache's polynomial fitted from it
+//! ([`crate::calibration::teacache_fit`]).
 //!
 //! Parses the options and reports; the work is in [`crate::calibration::collect`] (ranges along the
 //! recipe's sampling trajectories) and [`crate::calibration::sensitivity`] (ranking, budget table).
 //! Writes the stats format documented in [`crate::calibration`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -15,17 +18,22 @@ use crate::calibration::collect::{
     record_trajectories, RangeMethod, RangeRecorder, StepFilter, Trajectory,
 };
 use crate::calibration::mag_ratios::{calibrate, Calibration};
+use crate::calibration::profile::{find_quantities, profile, Profile};
 use crate::calibration::sensitivity::{budget_table, rank_layers, SENSITIVITY_EVERY};
+use crate::calibration::teacache_fit::{fit_teacache, preset_toml};
+use crate::ir::Model;
 use crate::ir::Tensor;
 use crate::manifest::detect_io;
-use crate::output::write_file_atomically;
+use crate::manifest::ModelIo;
+use crate::output::{write_file_atomically, Staging};
 use crate::passes::quantize_w8a8::{select_targets, set_format_for_gpu, Format, QuantizeOptions};
 use crate::recipe::Recipe;
 use crate::schedule::guidance::Guidance;
+use crate::schedule::Sampler;
 
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = "Example:\n  ditc calibrate examples/latte-tiny/model.onnx --recipe passes/w8a8.toml --inputs examples/latte-tiny/sampling.safetensors --cases 1,2 -o stats.json"
+    after_help = "Examples:\n  ditc calibrate examples/latte-tiny/model.onnx --recipe passes/w8a8.toml --inputs examples/latte-tiny/sampling.safetensors --cases 1,2 -o stats.json\n  ditc calibrate examples/wan-small/ckpt --frames 8 --height 16 --width 16 --text-len 4 --recipe passes/wan-cfg.toml --inputs examples/wan-small/inputs.safetensors --cases 0 --profile -o profile.json --fit-teacache teacache.toml"
 )]
 pub struct Args {
     /// The float model: an .onnx file or a diffusers checkpoint folder.
@@ -70,9 +78,30 @@ pub struct Args {
     /// that `broadcast-adaptive.mag_ratios` can name, and prints the tables as TOML.
     #[arg(long)]
     pub mag_ratios: bool,
-    /// Where to write the statistics (JSON).
+    /// Profile drift instead: a full run of the recipe's sampler (and guidance) per case, recording
+    /// per step and branch the relative change of every value a cache policy looks at (first-block,
+    /// middle-block and whole-stack residuals, TeaCache's indicator, every attention output, the
+    /// MagCache ratio, the output). Writes the profile (`"format": "ditc-profile"`, default
+    /// `profile.json`) and its picture beside it (`<name>.drift.svg`).
+    #[arg(long)]
+    pub profile: bool,
+    /// Also fit TeaCache's rescaling polynomial from the profile (least squares of the output's
+    /// relative L1 change against the indicator's, every call) and write it as a preset for
+    /// `broadcast-adaptive` (`policy = "tea-cache"`). Implies --profile.
+    #[arg(long, value_name = "OUT.toml")]
+    pub fit_teacache: Option<PathBuf>,
+    /// The profile quantity TeaCache's fit uses as indicator: `timestep_embedding` (Wan's e, the
+    /// default on Wan), `timestep_modulation` (Wan's e0: the preset gets `use_ret_steps = true`),
+    /// `modulated_input` (the default on other families).
+    #[arg(long, value_name = "QUANTITY")]
+    pub fit_indicator: Option<String>,
+    /// The degree of TeaCache's polynomial.
+    #[arg(long, default_value_t = 4)]
+    pub fit_degree: usize,
+    /// Where to write the statistics, ratios or profile (JSON). Required except with --profile
+    /// (default `profile.json`).
     #[arg(short, long)]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -84,6 +113,27 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     args.threads.apply()?;
+    let fit_options = args.fit_indicator.is_some() || args.fit_degree != 4;
+    if fit_options && args.fit_teacache.is_none() {
+        bail!("--fit-indicator and --fit-degree apply only to --fit-teacache");
+    }
+    if args.profile || args.fit_teacache.is_some() {
+        let ignored = [
+            (args.every != 1, "--every"),
+            (args.window.is_some(), "--window"),
+            (args.method != "max", "--method"),
+            (args.sensitivity, "--sensitivity"),
+            (args.mag_ratios, "--mag-ratios"),
+        ];
+        if let Some((_, flag)) = ignored.iter().find(|(set, _)| *set) {
+            bail!("{flag} does not apply to --profile (the profile comes from every step of a full run)");
+        }
+        return run_profile(args);
+    }
+    let output = args
+        .output
+        .as_deref()
+        .context("-o/--output is required (where to write the statistics)")?;
     if args.mag_ratios {
         let ignored = [
             (args.every != 1, "--every"),
@@ -94,7 +144,7 @@ pub fn run(args: &Args) -> Result<()> {
         if let Some((_, flag)) = ignored.iter().find(|(set, _)| *set) {
             bail!("{flag} does not apply to --mag-ratios (the ratios come from every step of a full run)");
         }
-        return run_mag_ratios(args);
+        return run_mag_ratios(args, output);
     }
     let method = range_method(args)?;
     let filter = step_filter(args)?;
@@ -192,21 +242,27 @@ pub fn run(args: &Args) -> Result<()> {
             );
         }
     }
-    write_file_atomically(
-        &args.output,
-        serde_json::to_string_pretty(&stats)?.as_bytes(),
-    )?;
+    write_file_atomically(output, serde_json::to_string_pretty(&stats)?.as_bytes())?;
     eprintln!(
         "wrote {}: {} activations over {} model calls",
-        args.output.display(),
+        output.display(),
         stats.tensors.len(),
         stats.samples
     );
     Ok(())
 }
 
-/// `--mag-ratios`: MagCache calibration along the recipe's sampler and guidance.
-fn run_mag_ratios(args: &Args) -> Result<()> {
+/// What a full run (`--mag-ratios`, `--profile`) needs: the sampler, the cases, the model, its io and
+/// the guidance with its input resolved.
+struct FullRunSetup {
+    sampler: Sampler,
+    cases: Vec<Vec<Tensor>>,
+    model: Model,
+    io: ModelIo,
+    guidance: Option<Guidance>,
+}
+
+fn full_run_setup(args: &Args) -> Result<FullRunSetup> {
     let recipe = Recipe::load(&args.recipe, &args.set)?;
     let sampler = recipe
         .sampler
@@ -220,6 +276,7 @@ fn run_mag_ratios(args: &Args) -> Result<()> {
         .map(|c| select_case(&all, c).with_context(|| format!("case {c}")))
         .collect::<Result<Vec<_>>>()?;
     let model = crate::models::read_model_or_checkpoint(&args.model, &args.shapes)?;
+    crate::finite::check_model(&args.model, &model, !args.no_progress)?;
     let io = detect_io(&model)?;
     let guidance = match &recipe.guidance {
         Some(g) => {
@@ -236,6 +293,24 @@ fn run_mag_ratios(args: &Args) -> Result<()> {
         }
         None => None,
     };
+    Ok(FullRunSetup {
+        sampler,
+        cases,
+        model,
+        io,
+        guidance,
+    })
+}
+
+/// `--mag-ratios`: MagCache calibration along the recipe's sampler and guidance.
+fn run_mag_ratios(args: &Args, output: &Path) -> Result<()> {
+    let FullRunSetup {
+        sampler,
+        cases,
+        model,
+        io,
+        guidance,
+    } = full_run_setup(args)?;
     let calibration = Calibration {
         model: &model,
         io: &io,
@@ -249,10 +324,7 @@ fn run_mag_ratios(args: &Args) -> Result<()> {
         ),
     };
     let ratios = calibrate(&calibration, &cases, !args.no_progress)?;
-    write_file_atomically(
-        &args.output,
-        serde_json::to_string_pretty(&ratios)?.as_bytes(),
-    )?;
+    write_file_atomically(output, serde_json::to_string_pretty(&ratios)?.as_bytes())?;
     let toml_list = |v: &[f64]| {
         v.iter()
             .map(|r| format!("{r}"))
@@ -266,12 +338,157 @@ fn run_mag_ratios(args: &Args) -> Result<()> {
     }
     eprintln!(
         "wrote {}: {} steps, {} branch(es), {} case(s)",
-        args.output.display(),
+        output.display(),
         ratios.steps,
         1 + ratios.uncond.is_some() as usize,
         cases.len()
     );
     Ok(())
+}
+
+/// Where the drift picture of the profile at `output` goes: `<stem>.drift.svg` beside it.
+pub fn drift_picture_path(output: &Path) -> PathBuf {
+    let stem = output
+        .file_stem()
+        .map_or_else(|| "profile".into(), |s| s.to_string_lossy().into_owned());
+    output.with_file_name(format!("{stem}.drift.svg"))
+}
+
+/// `--profile` (and `--fit-teacache`): the drift profile, its picture, and the fitted preset.
+fn run_profile(args: &Args) -> Result<()> {
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("profile.json"));
+    let picture = drift_picture_path(&output);
+    // The output folders are made (or refused) before the long run.
+    let mut staging = Staging::new(parent_dir(&output))?;
+    let mut fit_staging = match &args.fit_teacache {
+        Some(p) if parent_dir(p) != parent_dir(&output) => Some(Staging::new(parent_dir(p))?),
+        _ => None,
+    };
+    let setup = full_run_setup(args)?;
+    let (quantities, left_out) = find_quantities(&setup.model, &setup.io.prediction);
+    // Choose the indicator before the (long) run, so a wrong name fails at once.
+    let indicator = match (&args.fit_teacache, &args.fit_indicator) {
+        (None, _) => None,
+        (Some(_), Some(name)) => Some(name.clone()),
+        (Some(_), None) if quantities.iter().any(|q| q.name == "timestep_embedding") => {
+            Some("timestep_embedding".to_string())
+        }
+        (Some(_), None) => Some("modulated_input".to_string()),
+    };
+    if let Some(name) = &indicator {
+        if !quantities.iter().any(|q| &q.name == name) {
+            let have: Vec<&str> = quantities.iter().map(|q| q.name.as_str()).collect();
+            bail!("--fit-indicator {name}: the model has no such quantity (it has {have:?})");
+        }
+    }
+    let calibration = Calibration {
+        model: &setup.model,
+        io: &setup.io,
+        sampler: &setup.sampler,
+        guidance: setup.guidance.as_ref(),
+        source: format!(
+            "ditc calibrate --profile {} on cases {:?} of {}",
+            args.model.display(),
+            args.cases,
+            args.inputs.display()
+        ),
+    };
+    let profiled = profile(
+        &calibration,
+        &quantities,
+        left_out,
+        &setup.cases,
+        &args.cases,
+        !args.no_progress,
+    )?;
+    let fitted = match (&args.fit_teacache, &indicator) {
+        (Some(path), Some(name)) => {
+            let fit = fit_teacache(&profiled, name, args.fit_degree)?;
+            Some((path, fit))
+        }
+        _ => None,
+    };
+    let svg = crate::plot::drift_svg(&profiled)?;
+    // Everything is computed before anything is written, and written all together.
+    staging.write(
+        &file_name(&output)?,
+        serde_json::to_string_pretty(&profiled)?.as_bytes(),
+    )?;
+    staging.write(&file_name(&picture)?, svg.as_bytes())?;
+    if let Some((path, fit)) = &fitted {
+        let preset = preset_toml(fit, &calibration.source);
+        fit_staging
+            .as_mut()
+            .unwrap_or(&mut staging)
+            .write(&file_name(path)?, preset.as_bytes())?;
+    }
+    if let Some(s) = fit_staging {
+        s.commit()?;
+    }
+    staging.commit()?;
+    print_profile_summary(&profiled);
+    eprintln!(
+        "wrote {} ({} quantities, {} steps, {} branch(es), {} case(s)) and {}",
+        output.display(),
+        profiled.quantities.len(),
+        profiled.steps,
+        profiled.branches.len(),
+        profiled.cases.len(),
+        picture.display()
+    );
+    if let Some((path, fit)) = fitted {
+        if fit.indicator == "modulated_input" {
+            eprintln!("note: policy \"tea-cache\" reads Wan's timestep embedding only; this fit (on the modulated input) is for a runtime that computes that indicator");
+        }
+        eprintln!(
+            "wrote {}: TeaCache coefficients of degree {} on {} ({} pairs, R^2 {:.4}): {:?}",
+            path.display(),
+            args.fit_degree,
+            fit.indicator,
+            fit.points,
+            fit.r_squared,
+            fit.coefficients
+        );
+    }
+    Ok(())
+}
+
+/// The folder a file is written into (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn file_name(path: &Path) -> Result<String> {
+    Ok(path
+        .file_name()
+        .with_context(|| format!("'{}' is not a file path", path.display()))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// One line per quantity: its mean change per branch over the steps that have one.
+fn print_profile_summary(p: &Profile) {
+    for q in &p.quantities {
+        let means: Vec<String> = p
+            .branches
+            .iter()
+            .map(|&b| {
+                let v: Vec<f64> = q.mean_over_cases(b).into_iter().flatten().collect();
+                let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                format!("{b} {mean:.4e}")
+            })
+            .collect();
+        eprintln!("  {:<30} mean {}  ({})", q.name, means.join(", "), q.what);
+    }
+    for l in &p.left_out {
+        eprintln!("  {:<30} left out: {}", l.name, l.reason);
+    }
 }
 
 fn range_method(args: &Args) -> Result<RangeMethod> {

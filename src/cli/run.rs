@@ -45,6 +45,10 @@ pub struct Args {
     /// "groups": {...}}, "uncond": {...}}]}`.
     #[arg(long, value_name = "FILE.json")]
     pub trace: Option<PathBuf>,
+    /// Draw the run's decision timeline to this SVG file: one row per cached value (group, attention
+    /// site, MLP) and branch, one cell per step, computed or reused.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// Do not draw progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -148,7 +152,19 @@ struct Trace<'a> {
 
 fn run_bundle(args: &Args) -> Result<()> {
     let (latent, report) = sample_bundle(args)?;
+    let timeline = match &args.plot {
+        Some(_) => {
+            let manifest = crate::manifest::read(&args.model)?;
+            let rows = crate::plot::timeline_rows(&report.scheduled, &manifest);
+            let title = format!("{}: decisions", args.model.display());
+            Some(crate::plot::timeline_svg(&title, &rows)?)
+        }
+        None => None,
+    };
     write_safetensors(&args.output, &[latent])?;
+    if let (Some(path), Some(svg)) = (&args.plot, &timeline) {
+        crate::output::write_file_atomically(path, svg.as_bytes())?;
+    }
     if let Some(path) = &args.trace {
         let trace = Trace {
             steps: &report.scheduled.trace,

@@ -26,7 +26,8 @@
 //! shift 0) included, and the means in f64, where TeaCache runs them in f32 on the GPU; a decision
 //! could differ only where the accumulated value lies within float rounding of the threshold.
 //! Coefficients must be given (`coefficients`, or a preset of `schedules/teacache/`): the published
-//! ones are per model; fitting them for another model is not implemented yet.
+//! ones are per model; `ditc calibrate --fit-teacache` fits them for another model
+//! ([`crate::calibration::teacache_fit`]).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

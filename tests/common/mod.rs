@@ -256,6 +256,7 @@ pub fn run_bundle(
         compare_full,
         json: true,
         trace: None,
+        plot: None,
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),
