@@ -312,6 +312,12 @@ fn graph_to_proto(g: &Graph, external: &ExternalLookup) -> proto::GraphProto {
     }
 }
 
+/// Nodes as ONNX protos with every tensor inline (for the bodies of local functions, which hold no
+/// initializers of their own).
+pub fn nodes_to_proto(nodes: &[Node]) -> Vec<proto::NodeProto> {
+    nodes.iter().map(|n| node_to_proto(n, &|_| None)).collect()
+}
+
 fn node_to_proto(n: &Node, external: &ExternalLookup) -> proto::NodeProto {
     proto::NodeProto {
         input: n.inputs.clone(),

@@ -45,6 +45,15 @@ impl TractRunner {
             .map(|i| i.name.clone())
             .collect();
         let outputs: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+        // tract-onnx does not read local functions (`ModelProto.functions`): their calls (ditc's
+        // `ai.ditc` ops) run as their bodies, inlined into this copy of the graph.
+        let inlined;
+        let model = if model.functions.is_empty() {
+            model
+        } else {
+            inlined = crate::ir::functions::inline_local_functions(model)?;
+            &inlined
+        };
         // tract has no FLOAT8: FP8 Q/DQ run as their exact f32 emulation.
         let emulated;
         let model = if crate::fp8::needs_emulation(model) {
