@@ -280,6 +280,19 @@ fn from_tract(name: &str, v: &TValue) -> Result<Tensor> {
         DatumType::U32 => DataType::U32,
         DatumType::U64 => DataType::U64,
         DatumType::Bool => DataType::Bool,
+        // tract computes int64 values derived from shapes as dimensions: concrete ones are integers.
+        DatumType::TDim => {
+            let ints = v
+                .cast_to_dt(DatumType::I64)
+                .map_err(|e| anyhow!("output '{name}': {}", describe(&e)))?;
+            let dims = ints.shape().iter().map(|&d| d as i64).collect();
+            return Tensor::from_raw(
+                name,
+                DataType::I64,
+                dims,
+                Bytes::copy_from_slice(ints.as_bytes()),
+            );
+        }
         other => bail!("output '{name}' has type {other:?}, which ditc cannot store"),
     };
     let dims = v.shape().iter().map(|&d| d as i64).collect();
