@@ -529,7 +529,7 @@ fn local_functions_are_inlined_with_caller_and_default_attributes() {
         attribute_proto: vec![proto::AttributeProto {
             name: "alpha".into(),
             r#type: proto::attribute_type::FLOAT,
-            f: 2.0,
+            f: Some(2.0),
             ..Default::default()
         }],
         node: ditc::onnx::nodes_to_proto(&body),
@@ -785,4 +785,26 @@ fn wan_small_fidelity_rows_of_the_readme_table() {
             None => assert!((kept - 0.983).abs() < 0.002, "{sets:?}: kept {kept}"),
         }
     }
+}
+
+/// onnx.proto is proto2: an attribute whose value is 0 must still be written (onnx's checker refuses
+/// a `Constant` whose `value_int` / `value_float` field is absent, which a proto3 writer drops).
+#[test]
+fn zero_valued_attributes_are_written() {
+    use prost::Message;
+    let node = Node::new("c", "Constant", &[], &["zero"])
+        .with_attr("value_int", AttrValue::Int(0));
+    let f = Node::new("d", "Constant", &[], &["zero_f"])
+        .with_attr("value_float", AttrValue::Float(0.0));
+    let vi = |n: &str, t: DataType| ValueInfo::tensor(n, t, vec![]);
+    let graph = Graph {
+        outputs: vec![vi("zero", DataType::I64), vi("zero_f", DataType::F32)],
+        nodes: vec![node, f],
+        ..Graph::default()
+    };
+    let bytes = ditc::onnx::model_to_bytes_inline(&Model::new(graph, 17)).unwrap();
+    let proto = ditc::onnx::proto::ModelProto::decode(&bytes[..]).unwrap();
+    let g = proto.graph.unwrap();
+    assert_eq!(g.node[0].attribute[0].i, Some(0));
+    assert_eq!(g.node[1].attribute[0].f, Some(0.0));
 }

@@ -178,8 +178,8 @@ fn attribute_from_proto(
         });
     }
     let value = match a.r#type {
-        t::FLOAT => AttrValue::Float(a.f),
-        t::INT => AttrValue::Int(a.i),
+        t::FLOAT => AttrValue::Float(a.f.unwrap_or(0.0)),
+        t::INT => AttrValue::Int(a.i.unwrap_or(0)),
         t::STRING => AttrValue::String(a.s),
         t::TENSOR => match a.t {
             Some(tp) => AttrValue::Tensor(tensor_from_proto(tp, external)?),

@@ -342,8 +342,8 @@ fn attribute_to_proto(a: &Attribute, external: &ExternalLookup) -> proto::Attrib
         ..Default::default()
     };
     match &a.value {
-        AttrValue::Float(f) => (p.r#type, p.f) = (t::FLOAT, *f),
-        AttrValue::Int(i) => (p.r#type, p.i) = (t::INT, *i),
+        AttrValue::Float(f) => (p.r#type, p.f) = (t::FLOAT, Some(*f)),
+        AttrValue::Int(i) => (p.r#type, p.i) = (t::INT, Some(*i)),
         AttrValue::String(s) => (p.r#type, p.s) = (t::STRING, s.clone()),
         AttrValue::Tensor(tensor) => {
             (p.r#type, p.t) = (t::TENSOR, Some(tensor_to_proto(tensor, None)))

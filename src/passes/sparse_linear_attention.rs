@@ -910,7 +910,11 @@ pub fn function(opset: i64) -> proto::FunctionProto {
 
     let zero_f = b.f32(0.0);
     let use_mass = b.bin("Greater", &mass, &zero_f);
-    let mask = b.op("Where", &[&use_mass, &mass_mask, &top_mask], vec![]);
+    // (Where on bools is not in every runtime: onnxruntime has no bool Where kernel.)
+    let use_topk = b.op("Not", &[&use_mass], vec![]);
+    let by_mass = b.bin("And", &use_mass, &mass_mask);
+    let by_topk = b.bin("And", &use_topk, &top_mask);
+    let mask = b.bin("Or", &by_mass, &by_topk);
     // Dense warm-up: every block at the first dense_steps steps.
     let dense = b.bin("Less", step, &dense_steps);
     let mask = b.bin("Or", &mask, &dense);
