@@ -16,7 +16,16 @@ fn convert(root: &Path, recipe: &str, sets: &[String], out: &Path) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ditc"));
     cmd.arg("convert")
         .arg(root.join("examples/wan-small/ckpt"))
-        .args(["--frames", "8", "--height", "16", "--width", "16", "--text-len", "4"])
+        .args([
+            "--frames",
+            "8",
+            "--height",
+            "16",
+            "--width",
+            "16",
+            "--text-len",
+            "4",
+        ])
         .arg("--recipe")
         .arg(root.join(recipe))
         .arg("-o")

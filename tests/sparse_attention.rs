@@ -98,7 +98,12 @@ fn op_model(c: &Case) -> Model {
         ValueInfo::tensor(
             name,
             DataType::F32,
-            vec![Dim::Value(b), Dim::Value(h), Dim::Value(l as i64), Dim::Value(d)],
+            vec![
+                Dim::Value(b),
+                Dim::Value(h),
+                Dim::Value(l as i64),
+                Dim::Value(d),
+            ],
         )
     };
     let mut node = Node::new(
@@ -168,11 +173,7 @@ fn run_op(c: &Case, x: &Data) -> (Vec<f32>, i64) {
 
 fn rows(x: &[f32], l: usize, d: usize, bh: usize) -> Vec<Vec<f64>> {
     (0..l)
-        .map(|t| {
-            (0..d)
-                .map(|j| x[(bh * l + t) * d + j] as f64)
-                .collect()
-        })
+        .map(|t| (0..d).map(|j| x[(bh * l + t) * d + j] as f64).collect())
         .collect()
 }
 
@@ -427,7 +428,9 @@ fn linear_branch_matches_a_direct_f64_computation() {
         &without.iter().map(|v| *v as f32).collect::<Vec<_>>(),
         &expected,
     );
-    println!("sparse + linear branch vs f64: {err:.2e} (the branch moves the output by {moved:.2e})");
+    println!(
+        "sparse + linear branch vs f64: {err:.2e} (the branch moves the output by {moved:.2e})"
+    );
     assert!(err <= 1e-5, "{err}");
     assert!(moved > 1e-2, "{moved}");
 }
@@ -461,7 +464,10 @@ fn the_function_body_matches_the_f64_reference_for_both_selections() {
     let kept: usize = mask.iter().flatten().flatten().filter(|&&m| m).count();
     let total = c.b * c.h * c.nq() * c.nk();
     println!("mass 0.6: {kept} of {total} blocks kept");
-    assert!(kept > total / 3 && kept < total, "the case exercises the selection: {kept}/{total}");
+    assert!(
+        kept > total / 3 && kept < total,
+        "the case exercises the selection: {kept}/{total}"
+    );
     // The guard decides some blocks: with every block counted as self-similar the mask differs.
     let mut unguarded = c.clone();
     unguarded.sim_threshold = -1.0;
@@ -563,7 +569,13 @@ fn local_functions_are_inlined_with_caller_and_default_attributes() {
     assert_eq!(model.functions.len(), 1);
     let x = Tensor::from_f32("x", vec![3], &[1.0, -2.0, 0.5]);
     let out = ditc::runtime::run_once(&model, &[x]).unwrap();
-    let get = |n: &str| out.iter().find(|t| t.name == n).unwrap().to_f32_vec().unwrap();
+    let get = |n: &str| {
+        out.iter()
+            .find(|t| t.name == n)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+    };
     assert_eq!(get("by3"), vec![3.0, -6.0, 1.5]);
     assert_eq!(get("by2"), vec![2.0, -4.0, 1.0]);
 }
@@ -597,8 +609,14 @@ fn on_latte_tiny_the_pass_emits_one_plugin_node_per_site_and_topk_one_is_the_den
         ]);
         out
     };
-    let dense = convert("topk = 1.0\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]", "dense");
-    let sparse = convert("topk = 0.25\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]", "sparse");
+    let dense = convert(
+        "topk = 1.0\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]",
+        "dense",
+    );
+    let sparse = convert(
+        "topk = 0.25\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]",
+        "sparse",
+    );
 
     let bundle = ditc::onnx::read_model(&sparse.join("model.onnx")).unwrap();
     let ops: Vec<&Node> = bundle
@@ -610,7 +628,10 @@ fn on_latte_tiny_the_pass_emits_one_plugin_node_per_site_and_topk_one_is_the_den
     assert_eq!(ops.len(), 4, "one node per spatial site");
     assert_eq!(bundle.functions.len(), 1);
     assert_eq!(
-        (bundle.functions[0].domain.as_str(), bundle.functions[0].name.as_str()),
+        (
+            bundle.functions[0].domain.as_str(),
+            bundle.functions[0].name.as_str()
+        ),
         (DOMAIN, OP)
     );
     assert!(bundle.opsets.iter().any(|(d, v)| d == DOMAIN && *v == 1));
@@ -625,14 +646,47 @@ fn on_latte_tiny_the_pass_emits_one_plugin_node_per_site_and_topk_one_is_the_den
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(sparse.join("manifest.json")).unwrap()).unwrap();
     assert!(ditc::manifest::validate_schema(&manifest).is_empty());
-    assert_eq!(manifest["tensorrt"]["plugins"][0]["nodes"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        manifest["tensorrt"]["plugins"][0]["nodes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
     assert!(manifest["tensorrt"]["build_command"]
         .as_str()
         .unwrap()
         .contains("--staticPlugins=libditc_plugins.so"));
     let sites = manifest["sparse_attention"]["sites"].as_array().unwrap();
     assert_eq!(sites.len(), 4);
-    assert!(sites.iter().all(|s| s["kind"] == "spatial" && s["key_blocks"] == 4));
+    assert!(sites
+        .iter()
+        .all(|s| s["kind"] == "spatial" && s["key_blocks"] == 4));
+    // `ditc inspect` finds the sparse nodes as sites (spatial, as before) with the cost model's
+    // estimate at their static kept fraction (64 keys: below the 1024 where the model gives no gain).
+    let report: serde_json::Value = serde_json::from_slice(&ditc_ok(&[
+        "inspect",
+        sparse.join("model.onnx").to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let sparse_sites: Vec<&serde_json::Value> = report["attention"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["anchor"].as_str().unwrap().starts_with("ditc.sla."))
+        .collect();
+    assert_eq!(sparse_sites.len(), 4);
+    assert!(sparse_sites.iter().all(|s| s["kind"] == "spatial"));
+    let estimates = report["h100_estimate"].as_array().unwrap();
+    let kept: Vec<f64> = estimates
+        .iter()
+        .filter_map(|e| e["kept_fraction"].as_f64())
+        .collect();
+    assert_eq!(kept, vec![0.25; 4]);
+    assert!(estimates
+        .iter()
+        .all(|e| e["estimated_ms"].as_f64() == e["dense_ms"].as_f64()));
     // A node without its function is an unsupported op for TensorRT.
     let mut stripped = bundle.clone();
     stripped.functions.clear();
@@ -653,9 +707,8 @@ fn on_latte_tiny_the_pass_emits_one_plugin_node_per_site_and_topk_one_is_the_den
             "--tolerance",
             "1",
         ]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!("{e}: {}", String::from_utf8_lossy(&out.stderr))
-        });
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
         v[0]["rel_l2"].as_f64().unwrap()
     };
     let (same, moved) = (verify(&dense), verify(&sparse));
@@ -676,8 +729,14 @@ fn bad_options_are_refused_before_any_work() {
         ("mass = 1.2", &["mass = 1.2"]),
         ("kinds = [\"cross\"]", &["cross-attention"]),
         ("sites = [\"attn2\"]", &["'attn2'", "cross-attention site"]),
-        ("sites = [\"nowhere\"]", &["'nowhere' names no attention site"]),
-        ("dense_steps = 11", &["dense_steps = 11", "beyond the sampler's 10 steps"]),
+        (
+            "sites = [\"nowhere\"]",
+            &["'nowhere' names no attention site"],
+        ),
+        (
+            "dense_steps = 11",
+            &["dense_steps = 11", "beyond the sampler's 10 steps"],
+        ),
         (
             "kinds = [\"temporal\"]\nblock_k = 16",
             &["block_k = 16", "larger than its sequence", "8 keys"],
@@ -718,7 +777,12 @@ pub fn wan_small_row(sets: &[&str], full: &[f32], dir: &std::path::Path) -> (f64
         false,
     );
     let f = ditc::metrics::compare(&latent, full);
-    (f.psnr_db, f.cosine, f.rel_l2, report.attention_flops_kept_fraction)
+    (
+        f.psnr_db,
+        f.cosine,
+        f.rel_l2,
+        report.attention_flops_kept_fraction,
+    )
 }
 
 /// The attention FLOPs kept fraction a top-k run must report, from the manifest alone: sparse sites
@@ -731,7 +795,10 @@ fn expected_kept_fraction(m: &serde_json::Value, steps: f64, dense_steps: f64) -
         .iter()
         .map(|s| {
             let f = s["keep_blocks"].as_f64().unwrap() / s["key_blocks"].as_f64().unwrap();
-            (s["site"].as_u64().unwrap(), (dense_steps + (steps - dense_steps) * f) / steps)
+            (
+                s["site"].as_u64().unwrap(),
+                (dense_steps + (steps - dense_steps) * f) / steps,
+            )
         })
         .collect();
     let (mut kept, mut total) = (0.0, 0.0);
@@ -757,29 +824,56 @@ fn wan_small_fidelity_rows_of_the_readme_table() {
     );
     // (overrides, the README's PSNR, cosine, rel-L2; dense warm-up steps for the kept fraction)
     let rows: &[(&[&str], f64, f64, f64, Option<f64>)] = &[
-        (&["sparse-linear-attention.topk=0.5"], 10.59, 0.86649, 0.5195, Some(0.0)),
         (
-            &["sparse-linear-attention.topk=0.5", "sparse-linear-attention.dense_steps=10"],
+            &["sparse-linear-attention.topk=0.5"],
+            10.59,
+            0.86649,
+            0.5195,
+            Some(0.0),
+        ),
+        (
+            &[
+                "sparse-linear-attention.topk=0.5",
+                "sparse-linear-attention.dense_steps=10",
+            ],
             11.94,
             0.90235,
             0.4444,
             Some(10.0),
         ),
-        (&["sparse-linear-attention.mass=0.9"], 24.84, 0.99493, 0.1007, None),
+        (
+            &["sparse-linear-attention.mass=0.9"],
+            24.84,
+            0.99493,
+            0.1007,
+            None,
+        ),
     ];
     for (i, (sets, psnr_table, cos_table, rel_table, warm)) in rows.iter().enumerate() {
         let dir = tmp.path().join(format!("r{i}"));
         let (psnr, cosine, rel, kept) = wan_small_row(sets, &full, &dir);
         println!("{sets:?}: PSNR {psnr:.2} dB, cosine {cosine:.5}, rel-L2 {rel:.4}, attention FLOPs kept {:.1}%", 100.0 * kept);
-        assert!((psnr - psnr_table).abs() <= 0.3, "{sets:?}: PSNR {psnr} vs {psnr_table}");
-        assert!((cosine - cos_table).abs() <= 0.005, "{sets:?}: cosine {cosine} vs {cos_table}");
-        assert!((rel - rel_table).abs() <= 0.01, "{sets:?}: rel-L2 {rel} vs {rel_table}");
+        assert!(
+            (psnr - psnr_table).abs() <= 0.3,
+            "{sets:?}: PSNR {psnr} vs {psnr_table}"
+        );
+        assert!(
+            (cosine - cos_table).abs() <= 0.005,
+            "{sets:?}: cosine {cosine} vs {cos_table}"
+        );
+        assert!(
+            (rel - rel_table).abs() <= 0.01,
+            "{sets:?}: rel-L2 {rel} vs {rel_table}"
+        );
         let m: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
         match warm {
             Some(w) => {
                 let expected = expected_kept_fraction(&m, 50.0, *w);
-                assert!((kept - expected).abs() < 1e-9, "{sets:?}: kept {kept} vs {expected}");
+                assert!(
+                    (kept - expected).abs() < 1e-9,
+                    "{sets:?}: kept {kept} vs {expected}"
+                );
             }
             // Mass mode: value dependent; the table's 98.3%.
             None => assert!((kept - 0.983).abs() < 0.002, "{sets:?}: kept {kept}"),
@@ -792,8 +886,7 @@ fn wan_small_fidelity_rows_of_the_readme_table() {
 #[test]
 fn zero_valued_attributes_are_written() {
     use prost::Message;
-    let node = Node::new("c", "Constant", &[], &["zero"])
-        .with_attr("value_int", AttrValue::Int(0));
+    let node = Node::new("c", "Constant", &[], &["zero"]).with_attr("value_int", AttrValue::Int(0));
     let f = Node::new("d", "Constant", &[], &["zero_f"])
         .with_attr("value_float", AttrValue::Float(0.0));
     let vi = |n: &str, t: DataType| ValueInfo::tensor(n, t, vec![]);

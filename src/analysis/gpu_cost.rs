@@ -31,7 +31,8 @@ pub fn dense_ms(flops: u64) -> f64 {
 pub fn sparse_speedup(kept: f64, key_len: i64) -> f64 {
     let kept = kept.clamp(1e-6, 1.0);
     let skipped = 1.0 - kept;
-    let points = std::iter::once((0.0, 1.0)).chain(MEASURED.iter().map(|&(s, x)| (s, x * (1.0 - s))));
+    let points =
+        std::iter::once((0.0, 1.0)).chain(MEASURED.iter().map(|&(s, x)| (s, x * (1.0 - s))));
     let points: Vec<(f64, f64)> = points.collect();
     let efficiency = match points.iter().position(|&(s, _)| s >= skipped) {
         Some(0) => 1.0,
@@ -42,7 +43,8 @@ pub fn sparse_speedup(kept: f64, key_len: i64) -> f64 {
         None => points.last().expect("measured points").1,
     };
     let curve = (efficiency / kept).max(1.0);
-    let t = ((key_len as f64 / NO_GAIN_KEYS).ln() / (CURVE_KEYS / NO_GAIN_KEYS).ln()).clamp(0.0, 1.0);
+    let t =
+        ((key_len as f64 / NO_GAIN_KEYS).ln() / (CURVE_KEYS / NO_GAIN_KEYS).ln()).clamp(0.0, 1.0);
     1.0 + (curve - 1.0) * t
 }
 
@@ -59,7 +61,10 @@ mod tests {
     fn reproduces_the_measured_points_at_wan_shapes() {
         for (skipped, speedup) in MEASURED {
             let got = sparse_speedup(1.0 - skipped, 32760);
-            assert!((got - speedup).abs() < 1e-9, "{skipped}: {got} vs {speedup}");
+            assert!(
+                (got - speedup).abs() < 1e-9,
+                "{skipped}: {got} vs {speedup}"
+            );
         }
         assert!((sparse_speedup(1.0, 32760) - 1.0).abs() < 1e-12);
         // No gain at Latte's 1024-token attention, whatever is skipped.

@@ -114,7 +114,10 @@ fn expand_call(call: &Node, f: &proto::FunctionProto) -> Result<Vec<Node>> {
     let mut rename: HashMap<String, String> = HashMap::new();
     for (i, formal) in f.input.iter().enumerate() {
         // An input the caller leaves out is the empty name: optional inputs stay omitted inside.
-        rename.insert(formal.clone(), call.inputs.get(i).cloned().unwrap_or_default());
+        rename.insert(
+            formal.clone(),
+            call.inputs.get(i).cloned().unwrap_or_default(),
+        );
     }
     for (i, formal) in f.output.iter().enumerate() {
         let actual = call.outputs.get(i).cloned().unwrap_or_default();

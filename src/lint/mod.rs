@@ -82,7 +82,9 @@ fn collect_plugins(model: &Model, graph: &Graph, out: &mut Vec<PluginUse>) {
                 out.push(PluginUse {
                     node: n.name.clone(),
                     plugin: n.op_type.clone(),
-                    version: n.attr_string("plugin_version").unwrap_or_else(|| "1".into()),
+                    version: n
+                        .attr_string("plugin_version")
+                        .unwrap_or_else(|| "1".into()),
                     namespace,
                     has_function: has_function(model, n),
                 });

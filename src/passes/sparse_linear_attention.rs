@@ -223,7 +223,12 @@ impl Pass for SparseLinearAttention {
             .iter()
             .map(|s| {
                 plan_site(&model.graph, &types, s, o, block_of(cx, s.id)).with_context(|| {
-                    format!("attention site {} ({}, {})", s.id, s.kind.as_str(), s.anchor)
+                    format!(
+                        "attention site {} ({}, {})",
+                        s.id,
+                        s.kind.as_str(),
+                        s.anchor
+                    )
                 })
             })
             .collect::<Result<_>>()?;
@@ -343,7 +348,15 @@ fn select_sites<'a>(o: &SlaOptions, cx: &'a PassContext) -> Result<Vec<&'a Atten
     if selected.is_empty() {
         let have: Vec<String> = all
             .iter()
-            .map(|s| format!("{} {} ({}x{})", s.id, s.kind.as_str(), s.query_len, s.key_len))
+            .map(|s| {
+                format!(
+                    "{} {} ({}x{})",
+                    s.id,
+                    s.kind.as_str(),
+                    s.query_len,
+                    s.key_len
+                )
+            })
             .collect();
         bail!(
             "no attention site matches (kinds {:?}, min_seq_len {}, dense_blocks {}); the model's sites: {}",
@@ -440,7 +453,10 @@ fn constant_scalar(graph: &Graph, value: &str) -> Option<f32> {
 }
 
 fn producer<'a>(graph: &'a Graph, value: &str) -> Option<&'a Node> {
-    graph.nodes.iter().find(|n| n.outputs.iter().any(|o| o == value))
+    graph
+        .nodes
+        .iter()
+        .find(|n| n.outputs.iter().any(|o| o == value))
 }
 
 /// `value` = `x * c` (or `c * x`) with a scalar constant `c`: `(x, c)`.
@@ -492,7 +508,11 @@ fn plan_site(
                 n.label()
             );
         };
-        scale = if n.op_type == "Mul" { scale * c } else { scale / c };
+        scale = if n.op_type == "Mul" {
+            scale * c
+        } else {
+            scale / c
+        };
         value = n.inputs[0].clone();
     }
     if pv.inputs[0] != softmax.outputs[0] {
@@ -526,7 +546,9 @@ fn plan_site(
         bail!("Q is {dtype:?}: the op is defined on float32");
     }
     if qs[..2] != ks[..2] || qs[..2] != vs[..2] || ks[3] != vs[2] || qs[3] != ks[2] {
-        bail!("Q {qs:?}, Kᵀ {ks:?} and V {vs:?} do not agree (no broadcasting over batch or heads)");
+        bail!(
+            "Q {qs:?}, Kᵀ {ks:?} and V {vs:?} do not agree (no broadcasting over batch or heads)"
+        );
     }
     if o.linear && vs[3] != qs[3] {
         bail!(
@@ -614,7 +636,10 @@ fn rewrite_site(
         ("sim_threshold", AttrValue::Float(o.sim_threshold as f32)),
         ("linear", AttrValue::Int(o.linear as i64)),
         ("dense_steps", AttrValue::Int(o.dense_steps as i64)),
-        ("kind", AttrValue::String(plan.kind.as_str().as_bytes().to_vec().into())),
+        (
+            "kind",
+            AttrValue::String(plan.kind.as_str().as_bytes().to_vec().into()),
+        ),
     ];
     for (name, value) in attrs {
         node.attributes.push(Attribute {
@@ -623,7 +648,10 @@ fn rewrite_site(
         });
     }
     if o.plugin {
-        for (name, value) in [("plugin_namespace", DOMAIN), ("plugin_version", PLUGIN_VERSION)] {
+        for (name, value) in [
+            ("plugin_namespace", DOMAIN),
+            ("plugin_version", PLUGIN_VERSION),
+        ] {
             node.attributes.push(Attribute {
                 name: name.into(),
                 value: AttrValue::String(value.as_bytes().to_vec().into()),
@@ -727,7 +755,11 @@ impl Body {
     }
 
     fn cast(&mut self, x: &str, to: DataType) -> String {
-        self.op("Cast", &[x], vec![("to", AttrValue::Int(to.onnx_code() as i64))])
+        self.op(
+            "Cast",
+            &[x],
+            vec![("to", AttrValue::Int(to.onnx_code() as i64))],
+        )
     }
 
     fn sum(&mut self, x: &str, axes: &[i64], keep: bool) -> String {
@@ -745,7 +777,11 @@ impl Body {
     }
 
     fn transpose_last(&mut self, x: &str) -> String {
-        self.op("Transpose", &[x], vec![("perm", AttrValue::Ints(vec![0, 1, 3, 2]))])
+        self.op(
+            "Transpose",
+            &[x],
+            vec![("perm", AttrValue::Ints(vec![0, 1, 3, 2]))],
+        )
     }
 
     fn bin(&mut self, op: &str, a: &str, b: &str) -> String {
@@ -763,7 +799,11 @@ struct Blocks {
 fn blocks(b: &mut Body, x: &str, block: &str) -> Blocks {
     let (zero, one, minus2) = (b.i64(0), b.i64(1), b.i64(-2));
     let shape = b.op("Shape", &[x], vec![]);
-    let len = b.op("Gather", &[&shape, &minus2], vec![("axis", AttrValue::Int(0))]);
+    let len = b.op(
+        "Gather",
+        &[&shape, &minus2],
+        vec![("axis", AttrValue::Int(0))],
+    );
     let tokens = b.op("Range", &[&zero, &len, &one], vec![]);
     let token_block = b.bin("Div", &tokens, block);
     let block_minus_one = b.bin("Sub", block, &one);
@@ -822,7 +862,11 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let k_sum = b.sum(k, &[-2], true);
     let k_shape = b.op("Shape", &[k], vec![]);
     let minus2 = b.i64(-2);
-    let k_len = b.op("Gather", &[&k_shape, &minus2], vec![("axis", AttrValue::Int(0))]);
+    let k_len = b.op(
+        "Gather",
+        &[&k_shape, &minus2],
+        vec![("axis", AttrValue::Int(0))],
+    );
     let k_len = b.cast(&k_len, DataType::F32);
     let k_mean = b.bin("Div", &k_sum, &k_len);
     let k_smooth = b.bin("Sub", k, &k_mean);
@@ -951,7 +995,11 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let eps = b.f32(1e-5);
     let denominator = b.bin("Add", &dots, &eps);
     let linear_out = b.bin("Div", &numerator, &denominator);
-    let w_t = b.op("Transpose", &[w], vec![("perm", AttrValue::Ints(vec![1, 0]))]);
+    let w_t = b.op(
+        "Transpose",
+        &[w],
+        vec![("perm", AttrValue::Ints(vec![1, 0]))],
+    );
     let projected = b.bin("MatMul", &linear_out, &w_t);
     let projected = b.bin("Add", &projected, bias);
     let gate = b.cast(&linear, DataType::F32);
@@ -961,7 +1009,11 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let o_name = b.nodes.last().expect("output").outputs[0].clone();
 
     // Scores computed: Σ over kept block pairs of (query tokens x key tokens).
-    let kc_t = b.op("Transpose", &[&kb.counts], vec![("perm", AttrValue::Ints(vec![1, 0]))]);
+    let kc_t = b.op(
+        "Transpose",
+        &[&kb.counts],
+        vec![("perm", AttrValue::Ints(vec![1, 0]))],
+    );
     let pair_tokens = b.bin("MatMul", &qb.counts, &kc_t);
     let pair_tokens = b.cast(&pair_tokens, DataType::I64);
     let mask_i = b.cast(&mask, DataType::I64);
