@@ -901,3 +901,36 @@ fn zero_valued_attributes_are_written() {
     assert_eq!(g.node[0].attribute[0].i, Some(0));
     assert_eq!(g.node[1].attribute[0].f, Some(0.0));
 }
+
+#[test]
+fn sparse_attention_and_a_schedule_are_not_combined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = demo().join("model.onnx");
+    let sla = "[[passes]]\nname = \"sparse-linear-attention\"\n[passes.options]\ntopk = 0.5\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]\n";
+    let pab = "[[passes]]\nname = \"broadcast-static\"\n[passes.options]\nspatial = { period = 2, window = [0, 1000] }\n";
+    let sampler = "name = \"x\"\nversion = 1\n[sampler]\nkind = \"ddim\"\nsteps = 10\nnum_train_timesteps = 1000\nbeta_schedule = \"linear\"\nbeta_start = 0.0001\nbeta_end = 0.02\n";
+    for (i, (passes, expect)) in [
+        (format!("{sla}{pab}"), "a schedule cannot be baked over them yet"),
+        (format!("{pab}{sla}"), "cannot be combined yet"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = tmp.path().join(format!("r{i}.toml"));
+        std::fs::write(&r, format!("{sampler}{passes}")).unwrap();
+        let out = tmp.path().join(format!("out{i}"));
+        assert_refused(
+            &[
+                "convert",
+                model.to_str().unwrap(),
+                "--recipe",
+                r.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--no-progress",
+            ],
+            &[expect],
+        );
+        assert!(!out.exists());
+    }
+}

@@ -161,12 +161,9 @@ fn add_decision_tables(
     steps: usize,
     used: &BTreeMap<Group, Vec<usize>>,
 ) {
-    // An earlier pass (sparse-linear-attention's dense warm-up) may already read the step.
-    if !graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
-        graph
-            .inputs
-            .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
-    }
+    graph
+        .inputs
+        .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
     for (group, table) in tables.iter().filter(|(g, _)| used.contains_key(g)) {
         let name = format!("ditc.table.{}", group.as_str());
         let raw: Vec<u8> = table.iter().map(|&c| c as u8).collect();

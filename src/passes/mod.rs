@@ -79,6 +79,9 @@ impl PassContext {
                 other.policy
             );
         }
+        if self.sparse_attention.is_some() {
+            bail!("the graph has sparse attention sites (sparse-linear-attention, whose nodes report their kept scores as graph outputs): a schedule cannot be baked over them yet");
+        }
         if crate::analysis::has_symbolic_inputs(&model.graph) {
             bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
         }

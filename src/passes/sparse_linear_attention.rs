@@ -19,7 +19,7 @@
 //! 0, and its kernel then divides by an empty sum; ditc keeps at least one block (a deliberate
 //! difference).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -209,6 +209,12 @@ impl Pass for SparseLinearAttention {
         o.check_steps(cx.sampler.as_ref().map(|(_, s)| s.steps()))?;
         if cx.sparse_attention.is_some() {
             bail!("the graph already has sparse attention from an earlier pass");
+        }
+        if let Some(s) = &cx.schedule {
+            bail!(
+                "a '{}' schedule is already baked (it moved attention sites into If branches): sparse attention and a schedule pass cannot be combined yet",
+                s.policy
+            );
         }
         if model.default_opset() < 13 {
             bail!(
@@ -787,6 +793,17 @@ impl Body {
     fn bin(&mut self, op: &str, a: &str, b: &str) -> String {
         self.op(op, &[a, b], vec![])
     }
+
+    /// Give the value `from` the name `to` (a formal output of the function).
+    fn rename(&mut self, from: &str, to: &str) {
+        for n in &mut self.nodes {
+            for v in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
+                if v == from {
+                    *v = to.to_string();
+                }
+            }
+        }
+    }
 }
 
 /// Per-block bookkeeping of one sequence: token -> block index, one-hot [N, L] and token counts [N, 1].
@@ -1005,8 +1022,6 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let gate = b.cast(&linear, DataType::F32);
     let projected = b.bin("Mul", &projected, &gate);
     let out = b.bin("Add", &sparse, &projected);
-    b.op("Identity", &[&out], vec![]);
-    let o_name = b.nodes.last().expect("output").outputs[0].clone();
 
     // Scores computed: Σ over kept block pairs of (query tokens x key tokens).
     let kc_t = b.op(
@@ -1019,25 +1034,8 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let mask_i = b.cast(&mask, DataType::I64);
     let kept = b.bin("Mul", &mask_i, &pair_tokens);
     let kept = b.sum(&kept, &[0, 1, 2, 3], false);
-    let kept_name = kept;
-
-    // Formal outputs are the last values: rename them to O and kept.
-    for n in &mut b.nodes {
-        for i in n.inputs.iter_mut() {
-            if *i == o_name {
-                *i = "O".into();
-            } else if *i == kept_name {
-                *i = "kept".into();
-            }
-        }
-        for out in n.outputs.iter_mut() {
-            if *out == o_name {
-                *out = "O".into();
-            } else if *out == kept_name {
-                *out = "kept".into();
-            }
-        }
-    }
+    b.rename(&out, "O");
+    b.rename(&kept, "kept");
     proto::FunctionProto {
         name: OP.into(),
         domain: DOMAIN.into(),
@@ -1052,12 +1050,4 @@ pub fn function(opset: i64) -> proto::FunctionProto {
         doc_string: "ditc's SparseLinearAttention: block-sparse softmax attention (SLA top-k or SpargeAttn cumulative mass) plus SLA's linear branch; see ditc's README".into(),
         ..Default::default()
     }
-}
-
-/// Per-site attribute values of a node of the op, for reports.
-pub fn node_attributes(node: &Node) -> BTreeMap<String, serde_json::Value> {
-    node.attributes
-        .iter()
-        .map(|a| (a.name.clone(), attr_json(&a.value)))
-        .collect()
 }
