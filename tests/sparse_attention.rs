@@ -295,36 +295,36 @@ fn reference_mask(c: &Case, x: &Data) -> Vec<Vec<Vec<bool>>> {
 fn reference_attention(c: &Case, x: &Data, mask: &[Vec<Vec<bool>>]) -> (Vec<f64>, i64) {
     let mut out = vec![0.0; c.b * c.h * c.lq * c.d];
     let mut kept = 0i64;
-    for bh in 0..c.b * c.h {
+    for (bh, blocks) in mask.iter().enumerate() {
         let (q, k, v) = (
             rows(&x.q, c.lq, c.d, bh),
             rows(&x.k, c.lk, c.d, bh),
             rows(&x.v, c.lk, c.d, bh),
         );
         let phi_k: Vec<Vec<f64>> = k.iter().map(|r| softmax(r)).collect();
-        for t in 0..c.lq {
-            let i = t / c.block_q;
-            let keys: Vec<usize> = (0..c.lk).filter(|&s| mask[bh][i][s / c.block_k]).collect();
+        for (t, qt) in q.iter().enumerate() {
+            let row = &blocks[t / c.block_q];
+            let keys: Vec<usize> = (0..c.lk).filter(|&s| row[s / c.block_k]).collect();
             kept += keys.len() as i64;
             let logits: Vec<f64> = keys
                 .iter()
-                .map(|&s| dot(&q[t], &k[s]) * c.scale as f64)
+                .map(|&s| dot(qt, &k[s]) * c.scale as f64)
                 .collect();
             let p = softmax(&logits);
             let mut o = vec![0.0; c.d];
             for (w, &s) in p.iter().zip(&keys) {
-                for j in 0..c.d {
-                    o[j] += w * v[s][j];
+                for (oj, vj) in o.iter_mut().zip(&v[s]) {
+                    *oj += w * vj;
                 }
             }
             if c.linear {
-                let phi_q = softmax(&q[t]);
+                let phi_q = softmax(qt);
                 let weights: Vec<f64> = phi_k.iter().map(|pk| dot(&phi_q, pk)).collect();
                 let denominator = 1e-5 + weights.iter().sum::<f64>();
                 let mut ol = vec![0.0; c.d];
                 for (w, vs) in weights.iter().zip(&v) {
-                    for j in 0..c.d {
-                        ol[j] += w * vs[j] / denominator;
+                    for (l, vj) in ol.iter_mut().zip(vs) {
+                        *l += w * vj / denominator;
                     }
                 }
                 for (j, oj) in o.iter_mut().enumerate() {
@@ -823,7 +823,8 @@ fn wan_small_fidelity_rows_of_the_readme_table() {
         false,
     );
     // (overrides, the README's PSNR, cosine, rel-L2; dense warm-up steps for the kept fraction)
-    let rows: &[(&[&str], f64, f64, f64, Option<f64>)] = &[
+    type Row<'a> = (&'a [&'a str], f64, f64, f64, Option<f64>);
+    let rows: &[Row] = &[
         (
             &["sparse-linear-attention.topk=0.5"],
             10.59,
@@ -910,7 +911,10 @@ fn sparse_attention_and_a_schedule_are_not_combined() {
     let pab = "[[passes]]\nname = \"broadcast-static\"\n[passes.options]\nspatial = { period = 2, window = [0, 1000] }\n";
     let sampler = "name = \"x\"\nversion = 1\n[sampler]\nkind = \"ddim\"\nsteps = 10\nnum_train_timesteps = 1000\nbeta_schedule = \"linear\"\nbeta_start = 0.0001\nbeta_end = 0.02\n";
     for (i, (passes, expect)) in [
-        (format!("{sla}{pab}"), "a schedule cannot be baked over them yet"),
+        (
+            format!("{sla}{pab}"),
+            "a schedule cannot be baked over them yet",
+        ),
         (format!("{pab}{sla}"), "cannot be combined yet"),
     ]
     .iter()
