@@ -114,7 +114,7 @@ fn lint_domains(model: &Model, graph: &Graph, out: &mut Vec<Violation>) {
             let hint = if n.domain == DITC_DOMAIN {
                 "a ditc op without its local function: TensorRT can build it only from the ditc plugin, and nothing else can run it"
             } else {
-                "TensorRT's parser knows no such op and the model carries no local function for it"
+                "no local function for it: TensorRT's parser can only look it up as a plugin of that name (none of ditc's), and other runtimes cannot run it"
             };
             out.push(v(
                 "unsupported-op",
