@@ -687,6 +687,30 @@ fn on_latte_tiny_the_pass_emits_one_plugin_node_per_site_and_topk_one_is_the_den
     assert!(estimates
         .iter()
         .all(|e| e["estimated_ms"].as_f64() == e["dense_ms"].as_f64()));
+    // Without the plugin TensorRT builds the function bodies: they pass the lint too, in both modes;
+    // unmarked nodes need no plugin and the build command loads none.
+    let inlined = ditc::ir::functions::inline_local_functions(&bundle).unwrap();
+    assert!(
+        inlined.functions.is_empty() && !inlined.graph.nodes.iter().any(|n| n.domain == DOMAIN)
+    );
+    let v = ditc::lint::lint(&inlined, ditc::lint::Target::Trt10, None);
+    assert!(v.is_empty(), "{v:?}");
+    let portable = convert(
+        "mass = 0.9\nplugin = false\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]",
+        "portable",
+    );
+    let mass_bundle = ditc::onnx::read_model(&portable.join("model.onnx")).unwrap();
+    assert!(ditc::lint::plugin_nodes(&mass_bundle).is_empty());
+    let inlined = ditc::ir::functions::inline_local_functions(&mass_bundle).unwrap();
+    let v = ditc::lint::lint(&inlined, ditc::lint::Target::Trt10, None);
+    assert!(v.is_empty(), "{v:?}");
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(portable.join("manifest.json")).unwrap()).unwrap();
+    assert!(!m["tensorrt"]["build_command"]
+        .as_str()
+        .unwrap()
+        .contains("--staticPlugins"));
+    assert!(m["tensorrt"].get("plugins").is_none());
     // A node without its function is an unsupported op for TensorRT.
     let mut stripped = bundle.clone();
     stripped.functions.clear();
