@@ -850,13 +850,6 @@ fn wan_small_fidelity_rows_of_the_readme_table() {
     type Row<'a> = (&'a [&'a str], f64, f64, f64, Option<f64>);
     let rows: &[Row] = &[
         (
-            &["sparse-linear-attention.topk=0.5"],
-            10.59,
-            0.86649,
-            0.5195,
-            Some(0.0),
-        ),
-        (
             &[
                 "sparse-linear-attention.topk=0.5",
                 "sparse-linear-attention.dense_steps=10",

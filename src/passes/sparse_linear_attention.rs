@@ -238,23 +238,7 @@ impl Pass for SparseLinearAttention {
                 })
             })
             .collect::<Result<_>>()?;
-        let step = if o.dense_steps > 0 {
-            if !model.graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
-                model
-                    .graph
-                    .inputs
-                    .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
-            }
-            cx.step_input = Some(STEP_INPUT.to_string());
-            STEP_INPUT.to_string()
-        } else {
-            let name = "ditc.sla.step_unused".to_string();
-            model
-                .graph
-                .initializers
-                .push(Tensor::from_i64(&name, vec![], &[0]));
-            name
-        };
+        let step = step_value(model, cx, o.dense_steps);
         let mut sites = Vec::new();
         let mut plugin_nodes = Vec::new();
         let mut zero_proj: HashSet<i64> = HashSet::new();
@@ -297,6 +281,27 @@ impl Pass for SparseLinearAttention {
         }
         Ok(())
     }
+}
+
+/// The value the nodes read as `step`: the graph's `ditc.step` input (added if needed) with a dense
+/// warm-up, else a constant 0 (no step input for the runtime to feed).
+fn step_value(model: &mut Model, cx: &mut PassContext, dense_steps: usize) -> String {
+    if dense_steps > 0 {
+        if !model.graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
+            model
+                .graph
+                .inputs
+                .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
+        }
+        cx.step_input = Some(STEP_INPUT.to_string());
+        return STEP_INPUT.to_string();
+    }
+    let name = "ditc.sla.no_warmup_step".to_string();
+    model
+        .graph
+        .initializers
+        .push(Tensor::from_i64(&name, vec![], &[0]));
+    name
 }
 
 fn attr_json(v: &AttrValue) -> serde_json::Value {
