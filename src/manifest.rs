@@ -48,6 +48,67 @@ pub struct Manifest {
     pub precision: Option<Precision>,
     /// The DiT map of the source graph (as `ditc inspect --json` reports it).
     pub dit_map: serde_json::Value,
+    /// The attention sites made block-sparse (`sparse-linear-attention`), absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_attention: Option<SparseAttention>,
+}
+
+/// What `sparse-linear-attention` did: the op, its options and every site it replaced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SparseAttention {
+    /// `SparseLinearAttention` in domain `ai.ditc` (a node per site, plus its local function).
+    pub op: String,
+    pub domain: String,
+    /// The pass options.
+    pub options: serde_json::Value,
+    pub sites: Vec<SparseSite>,
+}
+
+/// One attention site replaced by the sparse op.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SparseSite {
+    /// The DiT map's site id, and the node that now computes it.
+    pub site: usize,
+    pub node: String,
+    pub kind: String,
+    pub block: Option<usize>,
+    pub batch: i64,
+    pub heads: i64,
+    pub query_len: i64,
+    pub key_len: i64,
+    pub head_dim: i64,
+    pub v_head_dim: i64,
+    pub query_blocks: i64,
+    pub key_blocks: i64,
+    /// Key blocks kept per query block (top-k mode; null in mass mode, where it is value dependent).
+    pub keep_blocks: Option<i64>,
+    /// Graph output (int64 scalar): the (query, key) scores this call computed.
+    pub kept_output: String,
+    /// Scores of the dense site per call (batch x heads x queries x keys).
+    pub scores_dense: u64,
+    /// Score and value product FLOPs of the dense site per call.
+    pub flops_dense: u64,
+    /// Cost model (README "Cost model"): estimated H100 milliseconds per call, dense and as sparse
+    /// (top-k mode at a sparse step; null in mass mode).
+    pub h100_ms_dense: f64,
+    pub h100_ms_estimated: Option<f64>,
+}
+
+/// A TensorRT plugin the graph needs, and the nodes that use it with their attributes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginRequirement {
+    pub name: String,
+    pub version: String,
+    pub namespace: String,
+    /// The shared library trtexec loads (`--staticPlugins`).
+    pub library: String,
+    pub nodes: Vec<PluginNode>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginNode {
+    pub node: String,
+    pub attributes: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +268,9 @@ pub struct TensorRt {
     /// The GPU generation and TensorRT version the bundle was converted for (`--target`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<crate::target::DeployTarget>,
+    /// Plugins the engine build needs (their library is named in `build_command`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<PluginRequirement>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -414,8 +478,17 @@ pub fn trtexec_command(
             .collect::<Vec<_>>()
             .join(",")
     };
+    // Nodes marked for a plugin (`plugin_namespace`) need its library loaded at build and run time.
+    let plugins = if crate::lint::plugin_nodes(model).is_empty() {
+        String::new()
+    } else {
+        format!(
+            " --staticPlugins={}",
+            crate::passes::sparse_linear_attention::PLUGIN_LIBRARY
+        )
+    };
     format!(
-        "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4 --minShapes={} --optShapes={} --maxShapes={}  # build on the target GPU: {} (compute capability {}+), TensorRT {}",
+        "trtexec --onnx=model.onnx --saveEngine=model.plan --stronglyTyped --builderOptimizationLevel=4{plugins} --minShapes={} --optShapes={} --maxShapes={}  # build on the target GPU: {} (compute capability {}+), TensorRT {}",
         shapes(|r| r.0),
         shapes(|r| r.1),
         shapes(|r| r.2),

@@ -699,6 +699,8 @@ fn bad_options_and_models_are_refused() {
         step_input: None,
         branch_input: None,
         precision: None,
+        sparse_attention: None,
+        plugins: Vec::new(),
     };
     let options = ditc::schedule::first_block_cache::FbcOptions::default();
     let e = ditc::schedule::first_block_cache::bake(&mut model, &mut cx, &options).unwrap_err();

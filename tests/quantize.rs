@@ -54,6 +54,8 @@ fn quantize(m: &mut Model, stats_json: &str, extra: &[(&str, toml::Value)]) -> P
         step_input: None,
         branch_input: None,
         precision: None,
+        sparse_attention: None,
+        plugins: Vec::new(),
     };
     run_pipeline(m, &[pass], &mut cx).unwrap();
     cx

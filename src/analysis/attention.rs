@@ -283,10 +283,11 @@ pub fn find_sites(ctx: &Context, order: &HashMap<&str, usize>) -> Vec<AttentionS
         .graph
         .nodes
         .iter()
-        .filter(|n| n.is_onnx())
-        .filter_map(|n| match n.op_type.as_str() {
-            "Softmax" => decomposed_site(ctx, n),
-            "Attention" => fused_site(ctx, n),
+        .filter_map(|n| match (n.is_onnx(), n.op_type.as_str()) {
+            (true, "Softmax") => decomposed_site(ctx, n),
+            (true, "Attention") => fused_site(ctx, n),
+            // ditc's own op (a converted bundle): Q [B, H, Lq, D], K [B, H, Lk, D], V as Attention's.
+            (false, "SparseLinearAttention") if n.domain == "ai.ditc" => fused_site(ctx, n),
             _ => None,
         })
         .collect();

@@ -45,7 +45,8 @@ pub fn node_flops(node: &Node, types: &TypeMap) -> u64 {
             }
             Some(2u64.saturating_mul(product(&sizes.values().copied().collect::<Vec<_>>())))
         })(),
-        "Attention" => (|| {
+        // ditc's SparseLinearAttention counts as the dense attention it computes at most.
+        "Attention" | "SparseLinearAttention" => (|| {
             let (q, k, v) = (shape(0)?, shape(1)?, shape(2)?);
             if q.len() != 4 || k.len() != 4 || v.len() != 4 {
                 return None;

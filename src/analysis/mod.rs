@@ -4,6 +4,7 @@ pub mod attention;
 pub mod axes;
 pub mod blocks;
 pub mod flops;
+pub mod gpu_cost;
 pub mod stack;
 
 use std::collections::{BTreeMap, HashMap};

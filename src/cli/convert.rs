@@ -103,6 +103,11 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|c| c.plan().map(|s| (c, s)))
         .transpose()
         .context("invalid [sampler]")?;
+    let steps = sampler.as_ref().map(|(_, s)| s.steps());
+    for (pass, p) in pass_list.iter().zip(&recipe.passes) {
+        pass.check_sampler(steps)
+            .with_context(|| format!("pass '{}'", p.name))?;
+    }
 
     for name in &args.dump_after {
         if !recipe.passes.iter().any(|p| &p.name == name) {
@@ -138,6 +143,8 @@ pub fn run(args: &Args) -> Result<()> {
         step_input: None,
         branch_input: None,
         precision: None,
+        sparse_attention: None,
+        plugins: Vec::new(),
     };
     let mut dumps: Vec<(String, Vec<u8>)> = Vec::new();
     passes::run_pipeline_with(&mut model, &pass_list, &mut cx, &mut |name, m| {
@@ -205,6 +212,7 @@ pub fn run(args: &Args) -> Result<()> {
                 args.target,
             ),
             target: Some(args.target),
+            plugins: cx.plugins.clone(),
         },
         provenance: Provenance {
             recipe: recipe.path.as_ref().map(|p| p.display().to_string()),
@@ -222,6 +230,7 @@ pub fn run(args: &Args) -> Result<()> {
         },
         precision: cx.precision.clone(),
         dit_map: serde_json::to_value(&cx.dit_map)?,
+        sparse_attention: cx.sparse_attention.clone(),
     };
     for (name, bytes) in &dumps {
         staging.write(name, bytes)?;

@@ -39,6 +39,30 @@ pub struct Report {
     pub blocks: Vec<crate::analysis::Block>,
     pub attention: Vec<crate::analysis::AttentionSite>,
     pub flops: crate::analysis::FlopSummary,
+    /// Cost model (README "Cost model"): estimated H100 time of each attention site per call.
+    pub h100_estimate: Vec<SiteEstimate>,
+}
+
+/// Estimated H100 milliseconds of one attention site per call: dense, and for a block-sparse site
+/// (`ai.ditc` `SparseLinearAttention`, top-k mode) at its kept fraction.
+#[derive(Debug, Serialize)]
+pub struct SiteEstimate {
+    pub id: usize,
+    pub dense_ms: f64,
+    /// Kept fraction of the score blocks (top-k: keep_blocks / key_blocks), null for dense sites
+    /// and for mass mode (value dependent: `ditc run` measures it).
+    pub kept_fraction: Option<f64>,
+    pub estimated_ms: f64,
+}
+
+/// The static kept fraction of a `SparseLinearAttention` node in top-k mode.
+fn static_kept(model: &Model, anchor: &str) -> Option<f64> {
+    let n = model.graph.nodes.iter().find(|n| n.name == anchor)?;
+    if n.domain != "ai.ditc" || n.attr_float("mass").is_some_and(|m| m > 0.0) {
+        return None;
+    }
+    let (keep, blocks) = (n.attr_int("keep_blocks")?, n.attr_int("key_blocks")?);
+    Some(keep as f64 / blocks.max(1) as f64)
 }
 
 #[derive(Debug, Serialize)]
@@ -115,6 +139,22 @@ pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
         parameters,
         ops,
         blocks: map.blocks,
+        h100_estimate: map
+            .attention
+            .iter()
+            .map(|s| {
+                let kept_fraction = static_kept(model, &s.anchor);
+                let dense_ms = crate::analysis::gpu_cost::dense_ms(s.flops);
+                SiteEstimate {
+                    id: s.id,
+                    dense_ms,
+                    kept_fraction,
+                    estimated_ms: kept_fraction.map_or(dense_ms, |k| {
+                        crate::analysis::gpu_cost::sparse_ms(s.flops, k, s.key_len)
+                    }),
+                }
+            })
+            .collect(),
         attention: map.attention,
         flops: map.flops,
     }
@@ -221,12 +261,16 @@ fn print_text(r: &Report) {
     }
     println!();
     println!(
-        "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10}  anchor",
-        "id", "kind", "heads", "dim", "batch", "q_len", "k_len", "flops"
+        "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10} {:>11}  anchor",
+        "id", "kind", "heads", "dim", "batch", "q_len", "k_len", "flops", "H100 µs"
     );
-    for s in &r.attention {
+    for (s, e) in r.attention.iter().zip(&r.h100_estimate) {
+        let time = match e.kept_fraction {
+            Some(k) => format!("{:.2} ({:.0}% kept)", 1e3 * e.estimated_ms, 100.0 * k),
+            None => format!("{:.2}", 1e3 * e.dense_ms),
+        };
         println!(
-            "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10}  {}{}",
+            "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10} {:>11}  {}{}",
             s.id,
             s.kind.as_str(),
             s.heads,
@@ -235,6 +279,7 @@ fn print_text(r: &Report) {
             s.query_len,
             s.key_len,
             human_flops(s.flops),
+            time,
             s.anchor,
             if s.traced {
                 ""

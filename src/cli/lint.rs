@@ -27,10 +27,12 @@ pub fn run(args: &Args) -> Result<bool> {
     let bytes = std::fs::metadata(&args.model).ok().map(|m| m.len());
     let mut violations = lint(&model, args.target.tensorrt, bytes);
     violations.extend(lint_gpu(&model, args.target.gpu));
+    let plugins = crate::lint::plugin_nodes(&model);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&violations)?);
     } else {
         print(&violations);
+        print_plugins(&plugins);
         if violations.is_empty() {
             println!(
                 "{}: conforms to the TensorRT rules for {}",
@@ -40,6 +42,25 @@ pub fn run(args: &Args) -> Result<bool> {
         }
     }
     Ok(violations.is_empty())
+}
+
+/// Plugin requirements (not violations): the node, the plugin, and what TensorRT does without it.
+pub fn print_plugins(plugins: &[crate::lint::PluginUse]) {
+    for p in plugins {
+        let fallback = if p.has_function {
+            "its local function is the portable fallback"
+        } else {
+            "no local function: the plugin is required"
+        };
+        println!(
+            "plugin: node '{}' needs TensorRT plugin {} (version {}, namespace {}) from {} ({fallback})",
+            p.node,
+            p.plugin,
+            p.version,
+            p.namespace,
+            crate::passes::sparse_linear_attention::PLUGIN_LIBRARY
+        );
+    }
 }
 
 pub fn print(violations: &[Violation]) {

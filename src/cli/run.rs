@@ -64,6 +64,8 @@ pub struct Args {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The scheduled run's `attention_flops_kept_fraction` (also in `scheduled`), for scripts.
+    pub attention_flops_kept_fraction: f64,
     pub scheduled: RunReport,
     pub full: Option<RunReport>,
     /// Final latent vs the full computation's.
@@ -136,6 +138,7 @@ pub fn sample_bundle(args: &Args) -> Result<(crate::ir::Tensor, Report)> {
     Ok((
         latent,
         Report {
+            attention_flops_kept_fraction: scheduled.attention_flops_kept_fraction,
             scheduled,
             full,
             fidelity,
@@ -218,6 +221,21 @@ fn run_bundle(args: &Args) -> Result<()> {
         pct(s.model_flops, s.model_flops_full),
         s.model_flops_full as f64 / s.model_flops.max(1) as f64
     );
+    if !s.sparse_sites.is_empty() {
+        let (est, dense): (f64, f64) = s
+            .sparse_sites
+            .values()
+            .map(|x| (x.h100_ms_estimated, x.h100_ms_dense))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        println!(
+            "attention score/value FLOPs kept {:.1}% over all sites ({} block-sparse sites); cost model: their H100 attention time {:.1} ms vs {:.1} ms dense ({:.2}x)",
+            100.0 * s.attention_flops_kept_fraction,
+            s.sparse_sites.len(),
+            est,
+            dense,
+            dense / est.max(1e-12)
+        );
+    }
     if let (Some(f), Some(full), Some(speedup)) = (&report.fidelity, &report.full, report.speedup) {
         println!(
             "vs full computation: PSNR {:.2} dB, cosine {:.6}, max-abs {:.3e}, rel-L2 {:.3e}\nsampling time without planning {:.2}s vs {:.2}s for full: speedup {:.2}x",

@@ -3,6 +3,7 @@
 mod check;
 mod dce;
 mod dtype;
+pub mod functions;
 mod graph;
 pub mod infer;
 mod tensor;

@@ -50,7 +50,82 @@ pub fn lint(model: &Model, target: Target, graph_file_bytes: Option<u64>) -> Vec
     }
     let types = infer_types(&model.graph, opset);
     lint_graph(&model.graph, &types, target, &Scope::default(), &mut out);
+    lint_domains(model, &model.graph, &mut out);
     out
+}
+
+/// A node TensorRT builds from a plugin rather than from ONNX ops: a requirement, not a violation.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PluginUse {
+    pub node: String,
+    /// The plugin's name (the node's op type), version and namespace (its attributes).
+    pub plugin: String,
+    pub version: String,
+    pub namespace: String,
+    /// Whether the model carries a local function for the op (TensorRT builds that body when the
+    /// node is not marked for the plugin, or when the plugin is not loaded).
+    pub has_function: bool,
+}
+
+/// Nodes (subgraphs included) that TensorRT maps to a plugin: `ai.ditc` ops marked with a
+/// `plugin_namespace` attribute (onnx-tensorrt's rule for a node that also has a local function).
+pub fn plugin_nodes(model: &Model) -> Vec<PluginUse> {
+    let mut out = Vec::new();
+    collect_plugins(model, &model.graph, &mut out);
+    out
+}
+
+fn collect_plugins(model: &Model, graph: &Graph, out: &mut Vec<PluginUse>) {
+    for n in &graph.nodes {
+        if n.domain == DITC_DOMAIN {
+            if let Some(namespace) = n.attr_string("plugin_namespace") {
+                out.push(PluginUse {
+                    node: n.name.clone(),
+                    plugin: n.op_type.clone(),
+                    version: n
+                        .attr_string("plugin_version")
+                        .unwrap_or_else(|| "1".into()),
+                    namespace,
+                    has_function: has_function(model, n),
+                });
+            }
+        }
+        for g in n.subgraphs() {
+            collect_plugins(model, g, out);
+        }
+    }
+}
+
+const DITC_DOMAIN: &str = "ai.ditc";
+
+fn has_function(model: &Model, n: &Node) -> bool {
+    model
+        .functions
+        .iter()
+        .any(|f| f.domain == n.domain && f.name == n.op_type)
+}
+
+/// Rule `unsupported-op` for other domains: a node of a non-ONNX domain needs a local function
+/// (TensorRT inlines it) or, for ditc's own ops, the plugin.
+fn lint_domains(model: &Model, graph: &Graph, out: &mut Vec<Violation>) {
+    for n in &graph.nodes {
+        let known = n.is_onnx() || has_function(model, n);
+        if !known {
+            let hint = if n.domain == DITC_DOMAIN {
+                "a ditc op without its local function: TensorRT can build it only from the ditc plugin, and nothing else can run it"
+            } else {
+                "no local function for it: TensorRT's parser can only look it up as a plugin of that name (none of ditc's), and other runtimes cannot run it"
+            };
+            out.push(v(
+                "unsupported-op",
+                &n.name,
+                format!("{} (domain '{}'): {hint}", n.op_type, n.domain),
+            ));
+        }
+        for g in n.subgraphs() {
+            lint_domains(model, g, out);
+        }
+    }
 }
 
 /// Rule `gpu-fp8`: FP8 Q/DQ need FP8 tensor cores (Ada or newer); TensorRT refuses them on Ampere.

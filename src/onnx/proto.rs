@@ -143,10 +143,13 @@ pub struct AttributeProto {
     pub doc_string: String,
     #[prost(int32, tag = "20")]
     pub r#type: i32,
-    #[prost(float, tag = "2")]
-    pub f: f32,
-    #[prost(int64, tag = "3")]
-    pub i: i64,
+    // Optional (onnx.proto is proto2): a value of 0 is written, not dropped as proto3's default, so
+    // readers that ask whether the field is present (onnx's checker for `Constant`'s `value_int` /
+    // `value_float`, for instance) see it.
+    #[prost(float, optional, tag = "2")]
+    pub f: Option<f32>,
+    #[prost(int64, optional, tag = "3")]
+    pub i: Option<i64>,
     #[prost(bytes = "bytes", tag = "4")]
     pub s: Bytes,
     #[prost(message, optional, tag = "5")]

@@ -130,6 +130,23 @@ fn graph_from_proto(g: proto::GraphProto, external: &mut ExternalData) -> Result
     })
 }
 
+/// The nodes of a local function's body as IR nodes (attributes that refer to the caller's
+/// attributes stay [`crate::ir::AttrValue::Other`] with their `ref_attr_name`).
+pub fn nodes_from_proto(nodes: &[proto::NodeProto]) -> Result<Vec<Node>> {
+    // A function body holds no initializers, so no tensor of it can be external.
+    let mut external = ExternalData::new(Path::new("."));
+    nodes
+        .iter()
+        .map(|n| node_from_proto(n.clone(), &mut external))
+        .collect()
+}
+
+/// One attribute's value (a function's default attribute value; tensors inline).
+pub fn attribute_value(a: proto::AttributeProto) -> Result<crate::ir::AttrValue> {
+    let mut external = ExternalData::new(Path::new("."));
+    Ok(attribute_from_proto(a, &mut external)?.value)
+}
+
 fn node_from_proto(n: proto::NodeProto, external: &mut ExternalData) -> Result<Node> {
     let label = format!("'{}' ({})", n.name, n.op_type);
     let attributes = n
@@ -161,8 +178,8 @@ fn attribute_from_proto(
         });
     }
     let value = match a.r#type {
-        t::FLOAT => AttrValue::Float(a.f),
-        t::INT => AttrValue::Int(a.i),
+        t::FLOAT => AttrValue::Float(a.f.unwrap_or(0.0)),
+        t::INT => AttrValue::Int(a.i.unwrap_or(0)),
         t::STRING => AttrValue::String(a.s),
         t::TENSOR => match a.t {
             Some(tp) => AttrValue::Tensor(tensor_from_proto(tp, external)?),

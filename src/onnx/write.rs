@@ -312,6 +312,12 @@ fn graph_to_proto(g: &Graph, external: &ExternalLookup) -> proto::GraphProto {
     }
 }
 
+/// Nodes as ONNX protos with every tensor inline (for the bodies of local functions, which hold no
+/// initializers of their own).
+pub fn nodes_to_proto(nodes: &[Node]) -> Vec<proto::NodeProto> {
+    nodes.iter().map(|n| node_to_proto(n, &|_| None)).collect()
+}
+
 fn node_to_proto(n: &Node, external: &ExternalLookup) -> proto::NodeProto {
     proto::NodeProto {
         input: n.inputs.clone(),
@@ -336,8 +342,8 @@ fn attribute_to_proto(a: &Attribute, external: &ExternalLookup) -> proto::Attrib
         ..Default::default()
     };
     match &a.value {
-        AttrValue::Float(f) => (p.r#type, p.f) = (t::FLOAT, *f),
-        AttrValue::Int(i) => (p.r#type, p.i) = (t::INT, *i),
+        AttrValue::Float(f) => (p.r#type, p.f) = (t::FLOAT, Some(*f)),
+        AttrValue::Int(i) => (p.r#type, p.i) = (t::INT, Some(*i)),
         AttrValue::String(s) => (p.r#type, p.s) = (t::STRING, s.clone()),
         AttrValue::Tensor(tensor) => {
             (p.r#type, p.t) = (t::TENSOR, Some(tensor_to_proto(tensor, None)))

@@ -9,6 +9,7 @@ mod broadcast_static;
 pub mod quantize_w8a8;
 pub mod region;
 pub mod smooth_quant;
+pub mod sparse_linear_attention;
 
 use anyhow::{bail, Context, Result};
 
@@ -34,9 +35,33 @@ pub struct PassContext {
     pub branch_input: Option<String>,
     /// What quantization did, for the manifest.
     pub precision: Option<crate::manifest::Precision>,
+    /// The sites made sparse and how (`sparse-linear-attention`), for the manifest.
+    pub sparse_attention: Option<crate::manifest::SparseAttention>,
+    /// TensorRT plugins the graph's nodes need.
+    pub plugins: Vec<crate::manifest::PluginRequirement>,
 }
 
 impl PassContext {
+    /// A context for `model` with its DiT map, the sampler (and guidance) given, nothing baked yet.
+    pub fn new(
+        model: &Model,
+        sampler: Option<(SamplerConfig, Sampler)>,
+        guidance: Option<Guidance>,
+    ) -> PassContext {
+        PassContext {
+            dit_map: crate::analysis::analyse(model),
+            sampler,
+            guidance,
+            schedule: None,
+            state: Vec::new(),
+            step_input: None,
+            branch_input: None,
+            precision: None,
+            sparse_attention: None,
+            plugins: Vec::new(),
+        }
+    }
+
     /// The model calls per step: `cond`, and `uncond` with guidance.
     pub fn branches(&self) -> &'static [Branch] {
         branches(self.guidance.as_ref())
@@ -54,6 +79,9 @@ impl PassContext {
                 other.policy
             );
         }
+        if self.sparse_attention.is_some() {
+            bail!("the graph has sparse attention sites (sparse-linear-attention, whose nodes report their kept scores as graph outputs): a schedule cannot be baked over them yet");
+        }
         if crate::analysis::has_symbolic_inputs(&model.graph) {
             bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
         }
@@ -64,6 +92,11 @@ impl PassContext {
 pub trait Pass {
     fn name(&self) -> &'static str;
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()>;
+    /// Options that depend on the sampler (`steps`: its step count, None without one), checked
+    /// before any model is read.
+    fn check_sampler(&self, _steps: Option<usize>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Every registered pass: name and one line on what it does.
@@ -75,6 +108,10 @@ pub const REGISTRY: &[(&str, &str)] = &[
     (
         "broadcast-static",
         "bake a static attention-broadcast schedule (PAB) into the graph: an If per scheduled attention site, driven by ditc.step",
+    ),
+    (
+        "sparse-linear-attention",
+        "block-sparse attention (SLA top-k or SpargeAttn cumulative mass, dense warm-up) plus SLA's linear branch: one ai.ditc SparseLinearAttention node per site (a TensorRT plugin) with its portable decomposition as an ONNX local function",
     ),
     (
         "broadcast-adaptive",
@@ -92,6 +129,9 @@ pub fn create(name: &str, options: &toml::Table) -> Result<Box<dyn Pass>> {
         "quantize-w8a8" => Ok(Box::new(quantize_w8a8::QuantizeW8A8::from_options(
             options,
         )?)),
+        "sparse-linear-attention" => Ok(Box::new(
+            sparse_linear_attention::SparseLinearAttention::from_options(options)?,
+        )),
         _ => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();
             bail!("unknown pass '{name}' (known passes: {})", known.join(", "))

@@ -103,7 +103,9 @@ impl Bundle {
     /// The unoptimised reference: for a bundle whose precision changed, the float source model (found
     /// at `source.path`) driven by the same sampler; otherwise the bundle itself with every site computing.
     pub fn reference(&self) -> Result<Option<Bundle>> {
-        if self.manifest.precision.is_none() {
+        // Quantized or block-sparse bundles compute something else than the source even with every
+        // site computing: the reference is the source model.
+        if self.manifest.precision.is_none() && self.manifest.sparse_attention.is_none() {
             return Ok(None);
         }
         let source = Path::new(&self.manifest.source.path);
@@ -175,9 +177,33 @@ pub struct RunReport {
     pub model_flops_full: u64,
     pub attention_flops: u64,
     pub attention_flops_full: u64,
+    /// Score and value product FLOPs (projections not counted) over the run, all sites and calls:
+    /// what ran (block-sparse sites: the kept blocks, counted by the graph at run time; sites a
+    /// schedule skipped: nothing) over every site computing densely at every call.
+    pub attention_flops_kept_fraction: f64,
+    /// Per block-sparse site (`sparse-linear-attention`): scores computed over the run.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub sparse_sites: BTreeMap<usize, SparseSiteRun>,
+    #[serde(skip)]
+    score_flops_kept: f64,
+    #[serde(skip)]
+    score_flops_full: u64,
     /// Per step and branch: the decision, the policy's metric and the timestep (`ditc run --trace`).
     #[serde(skip)]
     pub trace: Vec<TraceStep>,
+}
+
+/// What one block-sparse site computed over a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SparseSiteRun {
+    /// (query, key) scores computed, summed over the calls, and the dense count for those calls.
+    pub scores_kept: u64,
+    pub scores_dense: u64,
+    pub kept_fraction: f64,
+    /// Cost model (README): estimated H100 milliseconds of the site over the run, at the measured
+    /// kept fraction of each call, and dense.
+    pub h100_ms_estimated: f64,
+    pub h100_ms_dense: f64,
 }
 
 /// One step of `ditc run --trace`.
@@ -244,6 +270,10 @@ pub fn sample(
         model_flops_full: 0,
         attention_flops: 0,
         attention_flops_full: 0,
+        attention_flops_kept_fraction: 1.0,
+        sparse_sites: BTreeMap::new(),
+        score_flops_kept: 0.0,
+        score_flops_full: 0,
         trace: Vec::new(),
     };
     let site_cost = site_costs(&bundle.manifest);
@@ -310,10 +340,12 @@ pub fn sample(
                 .find(|t| t.name == bundle.io.prediction)
                 .context("no prediction output")?;
             predictions.push(prediction_for(prediction, noise)?);
+            let kept = sparse_kept(&bundle.manifest, outputs)?;
             let call = Call {
                 pattern: &pattern,
                 flops: result.flops,
                 full: full_flops,
+                kept: &kept,
             };
             record(&mut report, bundle, branch, &call, &site_cost);
             let mut traced_call = trace_call(schedule, branch, i, &pattern);
@@ -333,6 +365,11 @@ pub fn sample(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    report.attention_flops_kept_fraction =
+        report.score_flops_kept / report.score_flops_full.max(1) as f64;
+    for site in report.sparse_sites.values_mut() {
+        site.kept_fraction = site.scores_kept as f64 / site.scores_dense.max(1) as f64;
+    }
     report.plans = plans.len();
     report.plan_seconds = plan_seconds;
     report.wall_seconds = start.elapsed().as_secs_f64();
@@ -434,6 +471,9 @@ struct SiteCost {
     kind: Group,
     /// Score/value products plus projections, per call.
     flops: u64,
+    /// Score/value products alone, per call, and the site's key length (for the cost model).
+    score_flops: u64,
+    key_len: i64,
     /// The groups whose tables drive this site (its kind's, the stack's); empty: it always computes.
     groups: Vec<Group>,
 }
@@ -467,6 +507,8 @@ fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
                     SiteCost {
                         kind,
                         flops,
+                        score_flops: s["flops"].as_u64().unwrap_or(0),
+                        key_len: s["key_len"].as_i64().unwrap_or(0),
                         groups: driven_by(id),
                     },
                 );
@@ -482,6 +524,30 @@ struct Call<'a> {
     /// FLOPs of the plan that ran, and of the call with everything computing.
     flops: u64,
     full: u64,
+    /// Block-sparse sites of this call: (scores computed, scores of the dense site).
+    kept: &'a BTreeMap<usize, (u64, u64)>,
+}
+
+/// The scores each block-sparse site computed in a call, read from its `kept` output (absent from
+/// the outputs: the reference model, which has no sparse sites).
+fn sparse_kept(m: &Manifest, outputs: &[Tensor]) -> Result<BTreeMap<usize, (u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for site in m.sparse_attention.iter().flat_map(|s| &s.sites) {
+        let Some(t) = outputs.iter().find(|t| t.name == site.kept_output) else {
+            continue;
+        };
+        let kept = match t.to_i64_vec().as_deref() {
+            Some([k]) if *k >= 0 && *k as u64 <= site.scores_dense => *k as u64,
+            _ => bail!(
+                "'{}' must be an int64 scalar in 0..={} (the scores site {} computed)",
+                site.kept_output,
+                site.scores_dense,
+                site.site
+            ),
+        };
+        out.insert(site.site, (kept, site.scores_dense));
+    }
+    Ok(out)
 }
 
 fn record(
@@ -503,6 +569,23 @@ fn record(
             report.attention_flops += site.flops;
         }
         report.attention_flops_full += site.flops;
+        report.score_flops_full += site.score_flops;
+        let kept_fraction = match call.kept.get(&id) {
+            Some(&(kept, dense)) => {
+                let s = report.sparse_sites.entry(id).or_default();
+                let fraction = kept as f64 / dense.max(1) as f64;
+                s.scores_kept += kept;
+                s.scores_dense += dense;
+                s.h100_ms_dense += crate::analysis::gpu_cost::dense_ms(site.score_flops);
+                s.h100_ms_estimated +=
+                    crate::analysis::gpu_cost::sparse_ms(site.score_flops, fraction, site.key_len);
+                fraction
+            }
+            None => 1.0,
+        };
+        if computed {
+            report.score_flops_kept += site.score_flops as f64 * kept_fraction;
+        }
     }
     if let Some(a) = bundle
         .manifest

@@ -45,6 +45,15 @@ impl TractRunner {
             .map(|i| i.name.clone())
             .collect();
         let outputs: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+        // tract-onnx does not read local functions (`ModelProto.functions`): their calls (ditc's
+        // `ai.ditc` ops) run as their bodies, inlined into this copy of the graph.
+        let inlined;
+        let model = if model.functions.is_empty() {
+            model
+        } else {
+            inlined = crate::ir::functions::inline_local_functions(model)?;
+            &inlined
+        };
         // tract has no FLOAT8: FP8 Q/DQ run as their exact f32 emulation.
         let emulated;
         let model = if crate::fp8::needs_emulation(model) {
@@ -274,6 +283,19 @@ fn from_tract(name: &str, v: &TValue) -> Result<Tensor> {
         DatumType::U32 => DataType::U32,
         DatumType::U64 => DataType::U64,
         DatumType::Bool => DataType::Bool,
+        // tract computes int64 values derived from shapes as dimensions: concrete ones are integers.
+        DatumType::TDim => {
+            let ints = v
+                .cast_to_dt(DatumType::I64)
+                .map_err(|e| anyhow!("output '{name}': {}", describe(&e)))?;
+            let dims = ints.shape().iter().map(|&d| d as i64).collect();
+            return Tensor::from_raw(
+                name,
+                DataType::I64,
+                dims,
+                Bytes::copy_from_slice(ints.as_bytes()),
+            );
+        }
         other => bail!("output '{name}' has type {other:?}, which ditc cannot store"),
     };
     let dims = v.shape().iter().map(|&d| d as i64).collect();

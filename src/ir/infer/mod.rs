@@ -128,6 +128,9 @@ pub fn tensor_info(t: &Tensor) -> TypeInfo {
 
 /// Output types of one node from its input types.
 pub fn infer_node(node: &Node, inputs: &[TypeInfo], opset: i64) -> Vec<TypeInfo> {
+    if node.domain == "ai.ditc" && node.op_type == "SparseLinearAttention" {
+        return sparse_linear_attention(inputs);
+    }
     if !node.is_onnx() {
         return vec![TypeInfo::default(); node.outputs.len()];
     }
@@ -273,6 +276,24 @@ pub fn infer_node(node: &Node, inputs: &[TypeInfo], opset: i64) -> Vec<TypeInfo>
         "If" => if_outputs(node),
         _ => vec![TypeInfo::default(); node.outputs.len()],
     }
+}
+
+/// ditc's `SparseLinearAttention`: O is Q's shape with V's last dim, in Q's type; `kept` an int64 scalar.
+fn sparse_linear_attention(inputs: &[TypeInfo]) -> Vec<TypeInfo> {
+    let input = |i: usize| inputs.get(i).cloned().unwrap_or_default();
+    let (q, v) = (input(0), input(2));
+    let shape = match (&q.shape, &v.shape) {
+        (Some(qs), Some(vs)) if !qs.is_empty() && qs.len() == vs.len() => {
+            let mut s = qs.clone();
+            *s.last_mut().expect("non-empty") = *vs.last().expect("same rank");
+            Some(s)
+        }
+        _ => None,
+    };
+    vec![
+        TypeInfo::of(q.dtype, shape),
+        TypeInfo::of(Some(DataType::I64), Some(vec![])),
+    ]
 }
 
 /// An `If`'s outputs as its branches declare them (a dim both branches do not agree on is unknown).
