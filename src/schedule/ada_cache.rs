@@ -46,12 +46,12 @@ use serde::{Deserialize, Serialize};
 use crate::analysis::stack::{find_stack, Stack};
 use crate::analysis::{AttentionKind, DitMap};
 use crate::ir::{
-    infer_types, sort_topologically, AttrValue, DataType, Dim, Graph, Model, Node, Tensor,
-    ValueInfo,
+    infer_types, sort_topologically, AttrValue, DataType, Dim, Graph, Model, Node, ValueInfo,
 };
 use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
 use crate::passes::broadcast_adaptive::{bake_stack_with, IfExtra};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
+use crate::schedule::emitter::Emitter;
 use crate::schedule::first_block_cache::{DECISION, METRIC};
 use crate::schedule::Group;
 
@@ -297,70 +297,6 @@ fn state_out(v: &str) -> String {
     format!("ditc.state_out.ada.{v}")
 }
 
-/// New nodes and constants, named `ditc.ada.<name>`.
-struct Emitter {
-    nodes: Vec<Node>,
-    constants: Vec<Tensor>,
-    opset: i64,
-}
-
-impl Emitter {
-    fn op(&mut self, op: &str, name: &str, inputs: &[&str]) -> String {
-        let out = format!("ditc.ada.{name}");
-        self.named(op, inputs, &out);
-        out
-    }
-
-    fn named(&mut self, op: &str, inputs: &[&str], output: &str) {
-        self.nodes.push(Node::new(output, op, inputs, &[output]));
-    }
-
-    fn i64(&mut self, name: &str, value: i64) -> String {
-        let full = format!("ditc.ada.{name}");
-        self.constants
-            .push(Tensor::from_i64(&full, vec![], &[value]));
-        full
-    }
-
-    fn i64s(&mut self, name: &str, values: &[i64]) -> String {
-        let full = format!("ditc.ada.{name}");
-        self.constants
-            .push(Tensor::from_i64(&full, vec![values.len() as i64], values));
-        full
-    }
-
-    fn f32(&mut self, name: &str, value: f32) -> String {
-        let full = format!("ditc.ada.{name}");
-        self.constants
-            .push(Tensor::from_f32(&full, vec![], &[value]));
-        full
-    }
-
-    /// `mean(|a|)` over every axis of a rank-`rank` value, 0-D.
-    fn mean_abs(&mut self, name: &str, a: &str, rank: usize) -> String {
-        let abs = self.op("Abs", &format!("{name}.abs"), &[a]);
-        let out = format!("ditc.ada.{name}");
-        let axes: Vec<i64> = (0..rank as i64).collect();
-        let node = if self.opset >= 18 {
-            let axes_name = self.i64s(&format!("{name}.axes"), &axes);
-            Node::new(&out, "ReduceMean", &[&abs, &axes_name], &[&out])
-        } else {
-            Node::new(&out, "ReduceMean", &[&abs], &[&out]).with_attr("axes", AttrValue::Ints(axes))
-        };
-        self.nodes
-            .push(node.with_attr("keepdims", AttrValue::Int(0)));
-        out
-    }
-
-    /// `input[:, start:end]` along axis 1.
-    fn slice1(&mut self, name: &str, input: &str, start: i64, end: i64) -> String {
-        let starts = self.i64s(&format!("{name}.starts"), &[start]);
-        let ends = self.i64s(&format!("{name}.ends"), &[end]);
-        let axes = self.i64s(&format!("{name}.axes"), &[1]);
-        self.op("Slice", name, &[input, &starts, &ends, &axes])
-    }
-}
-
 /// The chosen block's stream after its self-attention residual `Add`: the `Add` reading the block's
 /// input whose other operand is computed from the block's first non-cross attention site.
 fn after_attention(graph: &Graph, map: &DitMap, stack: &Stack, block: usize) -> Result<String> {
@@ -515,11 +451,7 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
             .inputs
             .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
     }
-    let mut e = Emitter {
-        nodes: Vec::new(),
-        constants: Vec::new(),
-        opset,
-    };
+    let mut e = Emitter::new("ada", opset);
     let rule = Rule::new(o, steps)?;
     emit(&mut e, &rule, &latest, per_frame, tokens);
     graph.nodes.extend(e.nodes);

@@ -54,12 +54,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::stack::find_stack;
 use crate::ir::{
-    infer_types, sort_topologically, AttrValue, DataType, Dim, Model, Node, Tensor, TypeMap,
-    ValueInfo,
+    infer_types, sort_topologically, AttrValue, DataType, Dim, Model, Node, TypeMap, ValueInfo,
 };
 use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
 use crate::passes::broadcast_adaptive::{bake_stack, BRANCH_INPUT, FORECAST_WEIGHTS};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
+use crate::schedule::emitter::Emitter;
 use crate::schedule::first_block_cache::{DECISION, METRIC};
 use crate::schedule::forecast::Taylor;
 use crate::schedule::Group;
@@ -192,70 +192,6 @@ fn state_out(v: &str) -> String {
     format!("ditc.state_out.easy.{v}")
 }
 
-/// New nodes and constants, named `ditc.easy.<name>`.
-struct Emitter {
-    nodes: Vec<Node>,
-    constants: Vec<Tensor>,
-    opset: i64,
-}
-
-impl Emitter {
-    fn op(&mut self, op: &str, name: &str, inputs: &[&str]) -> String {
-        let out = format!("ditc.easy.{name}");
-        self.named(op, inputs, &out);
-        out
-    }
-
-    fn named(&mut self, op: &str, inputs: &[&str], output: &str) {
-        self.nodes.push(Node::new(output, op, inputs, &[output]));
-    }
-
-    fn i64(&mut self, name: &str, value: i64) -> String {
-        let full = format!("ditc.easy.{name}");
-        self.constants
-            .push(Tensor::from_i64(&full, vec![], &[value]));
-        full
-    }
-
-    fn i64s_const(&mut self, name: &str, values: &[i64]) -> String {
-        let full = format!("ditc.easy.{name}");
-        self.constants
-            .push(Tensor::from_i64(&full, vec![values.len() as i64], values));
-        full
-    }
-
-    fn f32(&mut self, name: &str, value: f32) -> String {
-        let full = format!("ditc.easy.{name}");
-        self.constants
-            .push(Tensor::from_f32(&full, vec![], &[value]));
-        full
-    }
-
-    /// `mean(|a - b|)` over every axis (rank `rank`), 0-D.
-    fn mean_abs_diff(&mut self, name: &str, a: &str, b: &str, rank: usize) -> String {
-        let diff = self.op("Sub", &format!("{name}.diff"), &[a, b]);
-        self.mean_abs(name, &diff, rank)
-    }
-
-    /// `mean(|a|)` over every axis (rank `rank`), 0-D.
-    fn mean_abs(&mut self, name: &str, a: &str, rank: usize) -> String {
-        let abs = self.op("Abs", &format!("{name}.abs"), &[a]);
-        let out = format!("ditc.easy.{name}");
-        let axes: Vec<i64> = (0..rank as i64).collect();
-        let node = if self.opset >= 18 {
-            let axes_name = format!("{out}.axes");
-            self.constants
-                .push(Tensor::from_i64(&axes_name, vec![rank as i64], &axes));
-            Node::new(&out, "ReduceMean", &[&abs, &axes_name], &[&out])
-        } else {
-            Node::new(&out, "ReduceMean", &[&abs], &[&out]).with_attr("axes", AttrValue::Ints(axes))
-        };
-        self.nodes
-            .push(node.with_attr("keepdims", AttrValue::Int(0)));
-        out
-    }
-}
-
 /// A static f32 shape of `value`, or why not.
 fn f32_shape(types: &TypeMap, value: &str, what: &str) -> Result<Vec<i64>> {
     let info = types.get(value).cloned().unwrap_or_default();
@@ -338,11 +274,7 @@ pub fn bake(
             .inputs
             .push(ValueInfo::tensor(COND_DECISION, DataType::Bool, vec![]));
     }
-    let mut e = Emitter {
-        nodes: Vec::new(),
-        constants: Vec::new(),
-        opset,
-    };
+    let mut e = Emitter::new("easy", opset);
     let ranks = (latent_shape.len(), prediction_shape.len());
     decide(&mut e, o, steps, &io.latent, ranks, follow);
     update(
@@ -575,7 +507,7 @@ fn forecast_weights(e: &mut Emitter, order: usize) {
         let w1 = e.op("Sub", "fc_weight_1_2", &[&weights[1], &both]);
         weights = vec![w0, w1, b_wv];
     }
-    let shape = e.i64s_const("fc_one_element", &[1]);
+    let shape = e.i64s("fc_one_element", &[1]);
     let parts: Vec<String> = weights
         .iter()
         .enumerate()

@@ -69,6 +69,7 @@ use crate::ir::{
 use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
 use crate::passes::region::exclusive_region;
 use crate::passes::{PassContext, STEP_INPUT};
+use crate::schedule::emitter::Emitter;
 use crate::schedule::Group;
 
 /// The policy name in the manifest and in `broadcast-adaptive`'s `policy` option.
@@ -168,50 +169,6 @@ fn state_in(v: &str) -> String {
 
 fn state_out(v: &str) -> String {
     format!("ditc.state_out.fbc.{v}")
-}
-
-/// New nodes and constants, named `ditc.fbc.<name>`.
-#[derive(Default)]
-struct Emitter {
-    nodes: Vec<Node>,
-    constants: Vec<Tensor>,
-}
-
-impl Emitter {
-    fn op(&mut self, op: &str, name: &str, inputs: &[&str]) -> String {
-        let out = format!("ditc.fbc.{name}");
-        self.nodes.push(Node::new(&out, op, inputs, &[&out]));
-        out
-    }
-
-    fn named(&mut self, op: &str, inputs: &[&str], output: &str) {
-        self.nodes.push(Node::new(output, op, inputs, &[output]));
-    }
-
-    fn i64(&mut self, name: &str, value: i64) -> String {
-        let full = format!("ditc.fbc.{name}");
-        self.constants
-            .push(Tensor::from_i64(&full, vec![], &[value]));
-        full
-    }
-
-    /// Mean over every axis of `input` (rank `rank`), as a 0-D value.
-    fn mean_all(&mut self, name: &str, input: &str, rank: usize, opset: i64) -> String {
-        let out = format!("ditc.fbc.{name}");
-        let axes: Vec<i64> = (0..rank as i64).collect();
-        let node = if opset >= 18 {
-            let axes_name = format!("{out}.axes");
-            self.constants
-                .push(Tensor::from_i64(&axes_name, vec![rank as i64], &axes));
-            Node::new(&out, "ReduceMean", &[input, &axes_name], &[&out])
-        } else {
-            Node::new(&out, "ReduceMean", &[input], &[&out])
-                .with_attr("axes", AttrValue::Ints(axes))
-        };
-        self.nodes
-            .push(node.with_attr("keepdims", AttrValue::Int(0)));
-        out
-    }
 }
 
 /// The largest f32 not above `x` (x >= 0): `f > x` for an f32 `f` iff `f > below(x)`.
@@ -370,14 +327,14 @@ fn decide(
     dtype: DataType,
     opset: i64,
 ) -> String {
-    let mut e = Emitter::default();
+    let mut e = Emitter::new("fbc", opset);
     let r_ref = state_in(HEAD_RESIDUAL);
     let residual = e.op("Sub", "head_residual", &[head_out, head_in]);
     let delta = e.op("Sub", "delta", &[&residual, &r_ref]);
     let delta_abs = e.op("Abs", "delta_abs", &[&delta]);
-    let numerator = e.mean_all("delta_mean", &delta_abs, rank, opset);
+    let numerator = e.mean_all("delta_mean", &delta_abs, rank);
     let ref_abs = e.op("Abs", "reference_abs", &[&r_ref]);
-    let denominator = e.mean_all("reference_mean", &ref_abs, rank, opset);
+    let denominator = e.mean_all("reference_mean", &ref_abs, rank);
     if dtype == DataType::F32 {
         e.named("Div", &[&numerator, &denominator], METRIC);
     } else {

@@ -2,6 +2,7 @@
 
 pub mod ada_cache;
 pub mod easy_cache;
+pub mod emitter;
 pub mod first_block_cache;
 pub mod forecast;
 pub mod guidance;

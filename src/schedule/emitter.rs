@@ -1,0 +1,102 @@
+//! The small graphs a cache policy adds to decide inside the graph (first-block-cache, easy-cache,
+//! ada-cache): nodes and constants named `ditc.<policy>.<name>`, and the few composite values their
+//! rules need (means over every axis, a slice along axis 1), written for the model's opset.
+
+use crate::ir::{AttrValue, Node, Tensor};
+
+/// Nodes and constants a policy adds, in the order they were emitted.
+pub struct Emitter {
+    prefix: &'static str,
+    opset: i64,
+    pub nodes: Vec<Node>,
+    pub constants: Vec<Tensor>,
+}
+
+impl Emitter {
+    /// An emitter naming its values `ditc.<prefix>.<name>`, for a model of `opset`.
+    pub fn new(prefix: &'static str, opset: i64) -> Emitter {
+        Emitter {
+            prefix,
+            opset,
+            nodes: Vec::new(),
+            constants: Vec::new(),
+        }
+    }
+
+    fn full(&self, name: &str) -> String {
+        format!("ditc.{}.{name}", self.prefix)
+    }
+
+    /// A node `op(inputs)` whose output is `ditc.<prefix>.<name>`.
+    pub fn op(&mut self, op: &str, name: &str, inputs: &[&str]) -> String {
+        let out = self.full(name);
+        self.named(op, inputs, &out);
+        out
+    }
+
+    /// A node `op(inputs)` whose output (and node name) is `output` as given.
+    pub fn named(&mut self, op: &str, inputs: &[&str], output: &str) {
+        self.nodes.push(Node::new(output, op, inputs, &[output]));
+    }
+
+    /// A 0-D int64 constant.
+    pub fn i64(&mut self, name: &str, value: i64) -> String {
+        let full = self.full(name);
+        self.constants
+            .push(Tensor::from_i64(&full, vec![], &[value]));
+        full
+    }
+
+    /// A 1-D int64 constant.
+    pub fn i64s(&mut self, name: &str, values: &[i64]) -> String {
+        let full = self.full(name);
+        self.constants
+            .push(Tensor::from_i64(&full, vec![values.len() as i64], values));
+        full
+    }
+
+    /// A 0-D f32 constant.
+    pub fn f32(&mut self, name: &str, value: f32) -> String {
+        let full = self.full(name);
+        self.constants
+            .push(Tensor::from_f32(&full, vec![], &[value]));
+        full
+    }
+
+    /// The mean over every axis of `input` (rank `rank`), 0-D: `ReduceMean` with its axes as an
+    /// input from opset 18 on, as an attribute before.
+    pub fn mean_all(&mut self, name: &str, input: &str, rank: usize) -> String {
+        let out = self.full(name);
+        let axes: Vec<i64> = (0..rank as i64).collect();
+        let node = if self.opset >= 18 {
+            let axes_name = self.i64s(&format!("{name}.axes"), &axes);
+            Node::new(&out, "ReduceMean", &[input, &axes_name], &[&out])
+        } else {
+            Node::new(&out, "ReduceMean", &[input], &[&out])
+                .with_attr("axes", AttrValue::Ints(axes))
+        };
+        self.nodes
+            .push(node.with_attr("keepdims", AttrValue::Int(0)));
+        out
+    }
+
+    /// `mean(|a|)` over every axis of a rank-`rank` value, 0-D.
+    pub fn mean_abs(&mut self, name: &str, a: &str, rank: usize) -> String {
+        let abs = self.op("Abs", &format!("{name}.abs"), &[a]);
+        self.mean_all(name, &abs, rank)
+    }
+
+    /// `mean(|a - b|)` over every axis of rank-`rank` values, 0-D.
+    pub fn mean_abs_diff(&mut self, name: &str, a: &str, b: &str, rank: usize) -> String {
+        let diff = self.op("Sub", &format!("{name}.diff"), &[a, b]);
+        self.mean_abs(name, &diff, rank)
+    }
+
+    /// `input[:, start:end]` along axis 1.
+    pub fn slice1(&mut self, name: &str, input: &str, start: i64, end: i64) -> String {
+        let starts = self.i64s(&format!("{name}.starts"), &[start]);
+        let ends = self.i64s(&format!("{name}.ends"), &[end]);
+        let axes = self.i64s(&format!("{name}.axes"), &[1]);
+        self.op("Slice", name, &[input, &starts, &ends, &axes])
+    }
+}
