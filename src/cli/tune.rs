@@ -59,6 +59,10 @@ pub struct Args {
     /// Where to write the tuned recipe; the report of every candidate goes beside it (`.json`).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Policies to search (comma-separated): easy-cache, mag-cache, tea-cache, first-block-cache,
+    /// ada-cache. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
     /// Bisection points per policy threshold.
     #[arg(long, default_value_t = 6)]
     pub iterations: usize,
@@ -437,6 +441,8 @@ pub struct Tuner<'a> {
     pub iterations: usize,
     pub time_limit: Option<f64>,
     pub progress: bool,
+    /// The policies searched (empty: all).
+    pub policies: Vec<String>,
 }
 
 impl Tuner<'_> {
@@ -453,7 +459,14 @@ impl Tuner<'_> {
         let drift = self.measure_drift(steps)?;
         bar.inc(4);
         let families = self.families(&drift, steps);
-        let discrete = discrete_candidates();
+        let families: Vec<Family> = families
+            .into_iter()
+            .filter(|f| self.wants(f.options["policy"].as_str().unwrap_or("")))
+            .collect();
+        let discrete: Vec<_> = discrete_candidates()
+            .into_iter()
+            .filter(|(_, o)| self.wants(o["policy"].as_str().unwrap_or("")))
+            .collect();
         bar.set_length(4 + (families.len() * self.iterations + discrete.len()) as u64);
         let full = self.evaluator.full_flops as f64;
         let mut report = Report {
@@ -537,6 +550,10 @@ impl Tuner<'_> {
         bar.finish_and_clear();
         report.seconds = start.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    fn wants(&self, policy: &str) -> bool {
+        self.policies.is_empty() || self.policies.iter().any(|p| p == policy)
     }
 
     fn out_of_time(&self, start: Instant) -> bool {
@@ -638,8 +655,11 @@ impl Tuner<'_> {
             ("policy", "first-block-cache".into()),
             ("threshold", 0.0.into()),
         ]);
-        drift.first_block = e.traced_drift(&pass(fbc)).unwrap_or_default();
-        if steps > 2 {
+        let wants = |p: &str| self.policies.is_empty() || self.policies.iter().any(|q| q == p);
+        if wants("first-block-cache") {
+            drift.first_block = e.traced_drift(&pass(fbc)).unwrap_or_default();
+        }
+        if steps > 2 && wants("easy-cache") {
             let easy = options(&[
                 ("policy", "easy-cache".into()),
                 ("threshold", 0.0.into()),
@@ -648,12 +668,17 @@ impl Tuner<'_> {
             ]);
             drift.easy_cache = e.traced_drift(&pass(easy)).unwrap_or_default();
         }
-        drift.mag_ratios = mag_ratios(e).unwrap_or_default();
+        if wants("mag-cache") {
+            drift.mag_ratios = mag_ratios(e).unwrap_or_default();
+        }
         let tea = options(&[
             ("policy", "tea-cache".into()),
             ("threshold", 0.0.into()),
             ("coefficients", tea_coefficients(&e.base).into()),
         ]);
+        if !wants("tea-cache") {
+            return Ok(drift);
+        }
         if let Ok((_, m)) = e.convert(Some(&pass(tea))) {
             drift.tea_cache = m
                 .schedule
@@ -829,6 +854,16 @@ pub fn run(args: &Args) -> Result<()> {
     if args.cases.is_empty() || args.cases.iter().any(|c| c.trim().is_empty()) {
         bail!("--cases: the list of calibration cases is empty (e.g. --cases 0,1)");
     }
+    const POLICIES: [&str; 5] = [
+        "easy-cache",
+        "mag-cache",
+        "tea-cache",
+        "first-block-cache",
+        "ada-cache",
+    ];
+    if let Some(p) = args.policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
+        bail!("--policies: unknown policy '{p}' (expected some of {POLICIES:?})");
+    }
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
@@ -890,6 +925,7 @@ fn tune_into(args: &Args, base: &Recipe, budget: Budget, work: &Path) -> Result<
         iterations: args.iterations,
         time_limit: args.time_limit,
         progress: !args.no_progress,
+        policies: args.policies.clone(),
     };
     tuner.tune(
         &args.model.display().to_string(),
