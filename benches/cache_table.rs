@@ -89,7 +89,8 @@ fn main() {
     ];
 
     let tmp = std::env::temp_dir().join(format!("ditc-cache-table-{}", std::process::id()));
-    let mut held = Evaluator::new(&ckpt, &shapes, &base, &inputs, &held_out, &tmp.join("held")).unwrap();
+    let mut held =
+        Evaluator::new(&ckpt, &shapes, &base, &inputs, &held_out, &tmp.join("held")).unwrap();
     println!(
         "wan-small, CFG 5.0, {steps} flow-matching steps; held-out cases {held_out:?} (worst over them); budget {budget_text}\n"
     );
@@ -111,7 +112,15 @@ fn main() {
     if no_tune {
         return;
     }
-    let mut cal = Evaluator::new(&ckpt, &shapes, &base, &inputs, &calibration, &tmp.join("cal")).unwrap();
+    let mut cal = Evaluator::new(
+        &ckpt,
+        &shapes,
+        &base,
+        &inputs,
+        &calibration,
+        &tmp.join("cal"),
+    )
+    .unwrap();
     let mut tuner = Tuner {
         evaluator: &mut cal,
         budget,
@@ -120,7 +129,9 @@ fn main() {
         progress: true,
         policies: Vec::new(),
     };
-    let report = tuner.tune(&ckpt.display().to_string(), "passes/wan-cfg.toml").unwrap();
+    let report = tuner
+        .tune(&ckpt.display().to_string(), "passes/wan-cfg.toml")
+        .unwrap();
     let winner = &report.candidates[report.winner];
     let label = format!(
         "`ditc tune --budget {budget_text}` on case(s) {calibration:?}: {} (threshold {:?}; {} candidates, {:.0} s)",
@@ -132,9 +143,7 @@ fn main() {
     let o = held.evaluate(winner.pass.as_ref(), None).unwrap();
     let meets = print_row(&label, &o, full, &budget);
     println!();
-    let cheapest = meeting
-        .iter()
-        .min_by(|a, b| a.1.total_cmp(&b.1));
+    let cheapest = meeting.iter().min_by(|a, b| a.1.total_cmp(&b.1));
     match cheapest {
         None => println!("no hand-set policy meets {budget_text} on the held-out cases; the tuned one {}", if meets { "does" } else { "does not" }),
         Some((l, f)) => println!(

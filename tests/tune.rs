@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{assert_refused, convert_wan_small, ditc_ok, repo_path, run_bundle, strs, WAN_SMALL_SHAPES};
+use common::{
+    assert_refused, convert_wan_small, ditc_ok, repo_path, run_bundle, strs, WAN_SMALL_SHAPES,
+};
 use ditc::metrics::compare;
 use serde_json::Value;
 
@@ -19,7 +21,9 @@ fn tune_args(out: &std::path::Path, budget: &str, cases: &str, extra: &[&str]) -
         "--recipe",
         repo_path("passes/wan-cfg.toml").to_str().unwrap(),
         "--inputs",
-        repo_path("examples/wan-small/inputs.safetensors").to_str().unwrap(),
+        repo_path("examples/wan-small/inputs.safetensors")
+            .to_str()
+            .unwrap(),
         "--cases",
         cases,
         "--budget",
@@ -46,7 +50,12 @@ fn the_tuned_recipe_meets_the_budget_with_the_fewest_flops() {
         &tuned,
         &budget,
         &CASES.join(","),
-        &["--policies", "first-block-cache,mag-cache", "--iterations", "3"],
+        &[
+            "--policies",
+            "first-block-cache,mag-cache",
+            "--iterations",
+            "3",
+        ],
     )));
     let report: Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join("tuned.json")).unwrap()).unwrap();
@@ -65,27 +74,59 @@ fn the_tuned_recipe_meets_the_budget_with_the_fewest_flops() {
     let inputs = repo_path("examples/wan-small/inputs.safetensors");
     convert_wan_small(&wan, &tuned, &[], &tmp.path().join("tuned"));
     let full_recipe = repo_path("passes/wan-cfg.toml");
-    convert_wan_small(&wan, &full_recipe, &["sampler.steps=10"], &tmp.path().join("full"));
+    convert_wan_small(
+        &wan,
+        &full_recipe,
+        &["sampler.steps=10"],
+        &tmp.path().join("full"),
+    );
     let (mut flops, mut full_flops) = (0.0, 0.0);
     for case in CASES {
         let prefix = format!("{case}.");
-        let (latent, r) = run_bundle(&tmp.path().join("tuned/manifest.json"), &inputs, &prefix, false);
-        let (full, f) = run_bundle(&tmp.path().join("full/manifest.json"), &inputs, &prefix, false);
+        let (latent, r) = run_bundle(
+            &tmp.path().join("tuned/manifest.json"),
+            &inputs,
+            &prefix,
+            false,
+        );
+        let (full, f) = run_bundle(
+            &tmp.path().join("full/manifest.json"),
+            &inputs,
+            &prefix,
+            false,
+        );
         let fidelity = compare(&latent, &full);
-        eprintln!("case {case}: rel-L2 {:.4}, PSNR {:.2} dB", fidelity.rel_l2, fidelity.psnr_db);
-        assert!(fidelity.rel_l2 <= BUDGET, "case {case}: rel-L2 {}", fidelity.rel_l2);
+        eprintln!(
+            "case {case}: rel-L2 {:.4}, PSNR {:.2} dB",
+            fidelity.rel_l2, fidelity.psnr_db
+        );
+        assert!(
+            fidelity.rel_l2 <= BUDGET,
+            "case {case}: rel-L2 {}",
+            fidelity.rel_l2
+        );
         flops += r.scheduled.model_flops as f64 / CASES.len() as f64;
         full_flops += f.scheduled.model_flops as f64 / CASES.len() as f64;
     }
     // The search found something cheaper than the full model (else the FLOPs check is vacuous).
     assert!(flops < 0.95 * full_flops, "{flops} vs full {full_flops}");
     let mut met = 0;
-    for c in candidates.iter().filter(|c| c["meets"] == Value::Bool(true)) {
+    for c in candidates
+        .iter()
+        .filter(|c| c["meets"] == Value::Bool(true))
+    {
         met += 1;
         let theirs = c["flops"].as_f64().unwrap();
-        assert!(flops <= theirs * (1.0 + 1e-12), "candidate {}: {theirs} < tuned {flops}", c["index"]);
+        assert!(
+            flops <= theirs * (1.0 + 1e-12),
+            "candidate {}: {theirs} < tuned {flops}",
+            c["index"]
+        );
     }
-    assert!(met >= 2, "the full model and at least one cached candidate meet the budget");
+    assert!(
+        met >= 2,
+        "the full model and at least one cached candidate meet the budget"
+    );
     // Candidates that missed the budget were measured on real runs: some exist (the search bracketed).
     assert!(candidates.iter().any(|c| c["meets"] == Value::Bool(false)));
 }
@@ -98,12 +139,26 @@ fn bad_budgets_and_case_lists_are_refused() {
         ("rel-l2", "0", &[][..], "expected METRIC=VALUE"),
         ("ssim=0.9", "0", &[][..], "unknown metric 'ssim'"),
         ("psnr=abc", "0", &[][..], "not a finite number"),
-        ("rel-l2=0.1", "", &[][..], "list of calibration cases is empty"),
+        (
+            "rel-l2=0.1",
+            "",
+            &[][..],
+            "list of calibration cases is empty",
+        ),
         ("rel-l2=0.1", "7", &[][..], "no case '7'"),
-        ("rel-l2=0.1", "0", &["--policies", "pab"][..], "unknown policy 'pab'"),
+        (
+            "rel-l2=0.1",
+            "0",
+            &["--policies", "pab"][..],
+            "unknown policy 'pab'",
+        ),
     ] {
         assert_refused(&strs(&tune_args(&out, budget, cases, extra)), &[says]);
         assert!(!out.exists() && !tmp.path().join("tuned.json").exists());
-        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no scratch left");
+        assert_eq!(
+            std::fs::read_dir(tmp.path()).unwrap().count(),
+            0,
+            "no scratch left"
+        );
     }
 }

@@ -105,7 +105,9 @@ impl FromStr for Budget {
             "psnr" => Metric::Psnr,
             "cosine" => Metric::Cosine,
             "rel-l2" => Metric::RelL2,
-            other => bail!("--budget '{s}': unknown metric '{other}' (expected psnr, cosine or rel-l2)"),
+            other => {
+                bail!("--budget '{s}': unknown metric '{other}' (expected psnr, cosine or rel-l2)")
+            }
         };
         let bound: f64 = value
             .trim()
@@ -219,7 +221,10 @@ impl Evaluator {
             .map(|c| {
                 let t = super::select_prefixed(&all, &format!("{c}."));
                 if t.is_empty() {
-                    bail!("'{}' has no case '{c}' (no tensor named '{c}.<name>')", inputs.display());
+                    bail!(
+                        "'{}' has no case '{c}' (no tensor named '{c}.<name>')",
+                        inputs.display()
+                    );
                 }
                 Ok((c.clone(), t))
             })
@@ -343,7 +348,10 @@ fn run_case(bundle: &Bundle, inputs: &[Tensor], name: &str) -> Result<(Vec<f32>,
         .with_context(|| format!("case {name} has no tensor 'noise' (the initial latent)"))?;
     let (latent, report) = sample(bundle, noise, inputs, false, false)
         .with_context(|| format!("sampling case {name}"))?;
-    Ok((latent.to_f32_vec().context("the latent is not f32")?, report))
+    Ok((
+        latent.to_f32_vec().context("the latent is not f32")?,
+        report,
+    ))
 }
 
 fn pass(options: toml::Table) -> PassSpec {
@@ -515,7 +523,8 @@ impl Tuner<'_> {
                 bar.set_message(format!("tune: {} threshold {threshold:.4}", family.label));
                 let mut o = family.options.clone();
                 o.insert("threshold".into(), threshold.into());
-                let tried = self.try_candidate(&family.label, pass(o), family.table, &mut seen, &report)?;
+                let tried =
+                    self.try_candidate(&family.label, pass(o), family.table, &mut seen, &report)?;
                 bar.inc(1);
                 let (meets, flops) = (tried.meets, tried.flops);
                 let best = report.candidates[report.winner].flops;
@@ -636,7 +645,8 @@ impl Tuner<'_> {
             seen.insert(key, tried.index);
         }
         let o = self.evaluator.run(&path, Some(&self.budget))?;
-        tried.meets = o.fidelity.len() == self.evaluator.cases() && o.fidelity.iter().all(|f| self.budget.meets(f));
+        tried.meets = o.fidelity.len() == self.evaluator.cases()
+            && o.fidelity.iter().all(|f| self.budget.meets(f));
         tried.flops = o.flops;
         tried.flops_relative = o.flops / full;
         tried.calls_computed = o.calls_computed;
@@ -726,8 +736,7 @@ impl Tuner<'_> {
         }
         if let Some((lo, hi)) = mag_bounds(&drift.mag_ratios, steps) {
             for order in forecasts {
-                let ratios: Vec<toml::Value> =
-                    drift.mag_ratios.iter().map(|&r| r.into()).collect();
+                let ratios: Vec<toml::Value> = drift.mag_ratios.iter().map(|&r| r.into()).collect();
                 let o = options(&[
                     ("policy", "mag-cache".into()),
                     ("mag_ratios", ratios.into()),
@@ -745,7 +754,10 @@ impl Tuner<'_> {
             for order in forecasts {
                 let o = options(&[
                     ("policy", "tea-cache".into()),
-                    ("coefficients", tea_coefficients(&self.evaluator.base).into()),
+                    (
+                        "coefficients",
+                        tea_coefficients(&self.evaluator.base).into(),
+                    ),
                 ]);
                 out.push(Family {
                     label: format!("tea-cache{}", suffix(order)),
@@ -788,7 +800,12 @@ fn discrete_candidates() -> Vec<(&'static str, toml::Table)> {
 
 /// A threshold below every step's drift computes every call; one above their sum skips all it may.
 fn bounds(drift: &[Option<f64>]) -> Option<(f64, f64)> {
-    let values: Vec<f64> = drift.iter().flatten().copied().filter(|d| *d > 0.0).collect();
+    let values: Vec<f64> = drift
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|d| *d > 0.0)
+        .collect();
     let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
     let hi: f64 = values.iter().sum();
     (lo.is_finite() && hi > lo).then_some((lo, hi))
@@ -819,7 +836,8 @@ fn mag_bounds(ratios: &[f64], steps: usize) -> Option<(f64, f64)> {
 fn tea_coefficients(base: &Recipe) -> Vec<toml::Value> {
     let given = base.passes.iter().find_map(|p| {
         let o = &p.options;
-        (o.get("policy")?.as_str()? == "tea-cache").then(|| o.get("coefficients")?.as_array().cloned())?
+        (o.get("policy")?.as_str()? == "tea-cache")
+            .then(|| o.get("coefficients")?.as_array().cloned())?
     });
     given.unwrap_or_else(|| {
         let preset: toml::Table = include_str!("../../schedules/teacache/wan2.1-t2v-1.3b.toml")
@@ -836,7 +854,11 @@ fn tea_coefficients(base: &Recipe) -> Vec<toml::Value> {
 /// --mag-ratios` does.
 fn mag_ratios(e: &Evaluator) -> Result<Vec<f64>> {
     let bundle = Bundle::open(&e.full_manifest)?;
-    let guidance = bundle.manifest.sampler.as_ref().and_then(|s| s.guidance.clone());
+    let guidance = bundle
+        .manifest
+        .sampler
+        .as_ref()
+        .and_then(|s| s.guidance.clone());
     let calibration = crate::calibration::mag_ratios::Calibration {
         model: &bundle.model,
         io: &bundle.io,
@@ -861,7 +883,11 @@ pub fn run(args: &Args) -> Result<()> {
         "first-block-cache",
         "ada-cache",
     ];
-    if let Some(p) = args.policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
+    if let Some(p) = args
+        .policies
+        .iter()
+        .find(|p| !POLICIES.contains(&p.as_str()))
+    {
         bail!("--policies: unknown policy '{p}' (expected some of {POLICIES:?})");
     }
     if args.iterations == 0 {
@@ -871,7 +897,11 @@ pub fn run(args: &Args) -> Result<()> {
         bail!("--time-limit {l}: expected a positive number of seconds");
     }
     let base = Recipe::load(&args.recipe, &args.set)?;
-    if let Some(p) = base.passes.iter().find(|p| !p.name.starts_with("broadcast-")) {
+    if let Some(p) = base
+        .passes
+        .iter()
+        .find(|p| !p.name.starts_with("broadcast-"))
+    {
         bail!(
             "the base recipe runs '{}': ditc tune searches caching passes only; give a recipe with a sampler and no other passes",
             p.name
@@ -902,7 +932,11 @@ pub fn run(args: &Args) -> Result<()> {
         "tried {} candidates in {:.1}s{}; winner: {} at {:.1}% of full FLOPs",
         report.candidates.len() - 1,
         report.seconds,
-        if report.stopped_by_time_limit { " (time limit reached)" } else { "" },
+        if report.stopped_by_time_limit {
+            " (time limit reached)"
+        } else {
+            ""
+        },
         winner.label,
         100.0 * winner.flops_relative
     );
@@ -912,13 +946,23 @@ pub fn run(args: &Args) -> Result<()> {
             w.psnr_db, w.cosine, w.rel_l2
         );
     }
-    eprintln!("wrote {} and {}", args.output.display(), report_path(&args.output).display());
+    eprintln!(
+        "wrote {} and {}",
+        args.output.display(),
+        report_path(&args.output).display()
+    );
     Ok(())
 }
 
 fn tune_into(args: &Args, base: &Recipe, budget: Budget, work: &Path) -> Result<Report> {
-    let mut evaluator =
-        Evaluator::new(&args.model, &args.shapes, base, &args.inputs, &args.cases, work)?;
+    let mut evaluator = Evaluator::new(
+        &args.model,
+        &args.shapes,
+        base,
+        &args.inputs,
+        &args.cases,
+        work,
+    )?;
     let mut tuner = Tuner {
         evaluator: &mut evaluator,
         budget,
@@ -983,7 +1027,10 @@ mod tests {
 
     #[test]
     fn drift_bounds_bracket_every_step() {
-        assert_eq!(bounds(&[None, Some(0.5), Some(0.25), Some(0.0)]), Some((0.25, 0.75)));
+        assert_eq!(
+            bounds(&[None, Some(0.5), Some(0.25), Some(0.0)]),
+            Some((0.25, 0.75))
+        );
         assert_eq!(bounds(&[None, None]), None);
         // Ratios 0.5 from the retention step (2 of 10) on: step error 0.5; four steps accumulate
         // 0.5 + 0.75 + 0.875 + 0.9375.
