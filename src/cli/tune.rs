@@ -415,6 +415,8 @@ pub struct Tried {
     pub worst: Option<Fidelity>,
     /// Whether every calibration case met the budget (cases after a miss are not run).
     pub meets: bool,
+    /// Not run: its table computes at least the best FLOPs so far, so it cannot win.
+    pub pruned: bool,
     pub seconds: f64,
     /// Why it was not run, or what it repeats.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -503,6 +505,7 @@ impl Tuner<'_> {
                 fidelity: Vec::new(),
                 worst: None,
                 meets: true,
+                pruned: false,
                 seconds: 0.0,
                 note: Some("the reference itself: meets any budget".into()),
                 pass: None,
@@ -526,11 +529,11 @@ impl Tuner<'_> {
                 let tried =
                     self.try_candidate(&family.label, pass(o), family.table, &mut seen, &report)?;
                 bar.inc(1);
-                let (meets, flops) = (tried.meets, tried.flops);
+                let (meets, pruned, flops) = (tried.meets, tried.pruned, tried.flops);
                 let best = report.candidates[report.winner].flops;
                 report.candidates.push(tried);
-                if meets {
-                    if flops < best {
+                if meets || pruned {
+                    if meets && flops < best {
                         report.winner = report.candidates.len() - 1;
                     }
                     lo = threshold.ln();
@@ -599,6 +602,7 @@ impl Tuner<'_> {
             fidelity: Vec::new(),
             worst: None,
             meets: false,
+            pruned: false,
             seconds: 0.0,
             note: None,
             pass: Some(pass.clone()),
@@ -631,15 +635,15 @@ impl Tuner<'_> {
             }
             let best = report.candidates[report.winner].flops;
             if planned >= best {
-                // Whether it meets the budget or not, it cannot win; treating it as meeting it moves
-                // the search to larger thresholds, the only ones that can.
+                // Whether it meets the budget or not, it cannot win: the search moves on to larger
+                // thresholds, the only ones that can.
                 tried.note = Some(format!(
                     "its table computes {:.1}% of full FLOPs, not below the best so far: not run",
                     100.0 * planned / full
                 ));
                 tried.flops = planned;
                 tried.flops_relative = planned / full;
-                tried.meets = true;
+                tried.pruned = true;
                 return Ok(tried);
             }
             seen.insert(key, tried.index);
