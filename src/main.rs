@@ -34,6 +34,8 @@ enum Command {
     Verify(cli::verify::Args),
     /// Sample with a bundle (manifest.json) through its schedule, or run an .onnx once, on CPU.
     Run(cli::run::Args),
+    /// Search caching policies and thresholds for the fewest computed FLOPs within a fidelity budget.
+    Tune(cli::tune::Args),
     /// Check a graph against TensorRT's ONNX rules (quantization, If, TopK, Reduce, opsets, size).
     Lint(cli::lint::Args),
     /// List the passes a recipe can name.
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Command::Calibrate(a) => cli::calibrate::run(a).map(|_| true),
         Command::Verify(a) => cli::verify::run(a),
         Command::Run(a) => cli::run::run(a).map(|_| true),
+        Command::Tune(a) => cli::tune::run(a).map(|_| true),
         Command::Lint(a) => cli::lint::run(a),
         Command::Passes => {
             for (name, what) in ditc::passes::REGISTRY {

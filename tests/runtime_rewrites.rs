@@ -251,7 +251,7 @@ fn rope_score_products_run_in_one_pass_bit_for_bit() {
     let model = graph(
         names
             .iter()
-            .map(|n| ValueInfo::tensor(*n, DataType::F32, dims(&shape(&part))))
+            .map(|n| ValueInfo::tensor(n, DataType::F32, dims(&shape(&part))))
             .collect(),
         &shape(&[h, s, s]),
         vec![concat("q", "q1", "q2"), concat("k", "k1", "k2"), einsum],

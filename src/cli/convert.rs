@@ -81,6 +81,14 @@ fn apply_target_defaults(recipe: &mut Recipe, target: crate::target::DeployTarge
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let manifest = convert(args)?;
+    print_summary(args, &manifest);
+    Ok(())
+}
+
+/// Write the bundle `args` describe and return its manifest, printing nothing (`ditc tune` converts
+/// every candidate through this).
+pub fn convert(args: &Args) -> Result<Manifest> {
     // Options first: a bad option fails before any model is read.
     let mut overrides = args.set.clone();
     if let Some(stats) = &args.calibration_stats {
@@ -240,8 +248,7 @@ pub fn run(args: &Args) -> Result<()> {
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
     )?;
     staging.commit()?;
-    print_summary(args, &manifest);
-    Ok(())
+    Ok(manifest)
 }
 
 /// The recipe's guidance with the model input its negative replaces named (see

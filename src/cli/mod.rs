@@ -5,6 +5,7 @@ pub mod convert;
 pub mod inspect;
 pub mod lint;
 pub mod run;
+pub mod tune;
 pub mod verify;
 
 use std::path::Path;

@@ -1,0 +1,1044 @@
+//! `ditc tune MODEL --recipe BASE --inputs FILE --cases 0,1 --budget rel-l2=0.1 -o tuned.toml`: the
+//! caching schedule with the fewest computed FLOPs whose final latent stays within a fidelity budget of
+//! the full model's on every calibration case.
+//!
+//! Every candidate is a complete recipe (BASE's sampler and guidance plus one caching pass), converted
+//! and sampled exactly as `ditc convert` and `ditc run` do, and compared with the full model's final
+//! latent case by case (a case that misses the budget ends that candidate's run). The search is pruned
+//! by measured drift, not swept: the full model's run with every call computing records, per step and
+//! branch, the change each policy's metric measures (the first-block residual, EasyCache's estimated
+//! output change, MagCache's magnitude ratios, TeaCache's rescaled embedding change). A threshold below
+//! every step's drift computes every call and one above the drift accumulated over the run skips all it
+//! may, so each policy's threshold is bisected (in log space) between those bounds: skipped calls grow
+//! with the threshold and fidelity falls with it, so a candidate that meets the budget moves the lower
+//! bound up and one that misses it moves the upper bound down. A policy's search stops as soon as a
+//! candidate misses the budget while computing at least the FLOPs of the best candidate so far (every
+//! smaller threshold computes more). Table policies (MagCache, TeaCache) know their decisions at
+//! conversion: a table already tried is not run again, and one computing at least the best FLOPs is
+//! not run at all. Everything is deterministic (fixed order, fixed bisection points).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::ir::Tensor;
+use crate::manifest::Manifest;
+use crate::metrics::{compare, Fidelity};
+use crate::recipe::{PassSpec, Recipe};
+use crate::runtime::{sample, Bundle, RunReport};
+use crate::schedule::guidance::Branch;
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  ditc tune examples/wan-small/ckpt --frames 8 --height 16 --width 16 --text-len 4 --recipe passes/wan-cfg.toml --inputs examples/wan-small/inputs.safetensors --cases 0 --budget rel-l2=0.1 -o tuned.toml"
+)]
+pub struct Args {
+    /// The model, as `ditc convert` takes it (an .onnx file or a diffusers checkpoint folder).
+    pub model: PathBuf,
+    /// The base recipe: its sampler and guidance are kept; its passes are replaced by the tuned one.
+    #[arg(long)]
+    pub recipe: PathBuf,
+    /// Override a base recipe option (as for convert), e.g. `sampler.steps=10`. Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Safetensors file with `noise` and the model's condition inputs per case, as `<case>.<name>`.
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Calibration cases (comma-separated prefixes without the dot), e.g. `0,1`. Keep held-out cases
+    /// out.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub cases: Vec<String>,
+    /// The fidelity every calibration case must meet, final latent vs the full model's:
+    /// `rel-l2=X` (at most X), `psnr=DB` (at least), `cosine=C` (at least).
+    #[arg(long)]
+    pub budget: String,
+    /// Where to write the tuned recipe; the report of every candidate goes beside it (`.json`).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Policies to search (comma-separated): easy-cache, mag-cache, tea-cache, first-block-cache,
+    /// ada-cache. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
+    /// Bisection points per policy threshold.
+    #[arg(long, default_value_t = 6)]
+    pub iterations: usize,
+    /// Stop searching after this many seconds (the best candidate so far is written).
+    #[arg(long, value_name = "SECONDS")]
+    pub time_limit: Option<f64>,
+    /// Do not draw progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub shapes: crate::models::BuildOptions,
+    #[command(flatten)]
+    pub threads: super::Threads,
+}
+
+/// The fidelity measure a budget bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Metric {
+    Psnr,
+    Cosine,
+    RelL2,
+}
+
+/// A fidelity budget: `rel-l2=0.1`, `psnr=30`, `cosine=0.99`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Budget {
+    pub metric: Metric,
+    pub bound: f64,
+}
+
+impl FromStr for Budget {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Budget> {
+        let (name, value) = s.split_once('=').with_context(|| {
+            format!("--budget '{s}': expected METRIC=VALUE (rel-l2=0.1, psnr=30 or cosine=0.99)")
+        })?;
+        let metric = match name.trim() {
+            "psnr" => Metric::Psnr,
+            "cosine" => Metric::Cosine,
+            "rel-l2" => Metric::RelL2,
+            other => {
+                bail!("--budget '{s}': unknown metric '{other}' (expected psnr, cosine or rel-l2)")
+            }
+        };
+        let bound: f64 = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|v: &f64| v.is_finite())
+            .with_context(|| format!("--budget '{s}': '{value}' is not a finite number"))?;
+        match metric {
+            Metric::RelL2 if bound < 0.0 => bail!("--budget '{s}': rel-l2 must be >= 0"),
+            Metric::Cosine if !(-1.0..=1.0).contains(&bound) => {
+                bail!("--budget '{s}': cosine must be in [-1, 1]")
+            }
+            _ => Ok(Budget { metric, bound }),
+        }
+    }
+}
+
+impl Budget {
+    pub fn meets(&self, f: &Fidelity) -> bool {
+        match self.metric {
+            Metric::Psnr => f.psnr_db >= self.bound,
+            Metric::Cosine => f.cosine >= self.bound,
+            Metric::RelL2 => f.rel_l2 <= self.bound,
+        }
+    }
+}
+
+/// The worst value of each measure over `cases` (each measure on its own).
+pub fn worst(cases: &[Fidelity]) -> Option<Fidelity> {
+    let first = cases.first()?.clone();
+    Some(cases.iter().skip(1).fold(first, |w, f| Fidelity {
+        max_abs: w.max_abs.max(f.max_abs),
+        max_rel: w.max_rel.max(f.max_rel),
+        rel_l2: w.rel_l2.max(f.rel_l2),
+        cosine: w.cosine.min(f.cosine),
+        psnr_db: w.psnr_db.min(f.psnr_db),
+    }))
+}
+
+/// The text of a complete recipe: `base`'s sampler and guidance, then `pass` (none: the full model).
+pub fn recipe_toml(name: &str, base: &Recipe, pass: Option<&PassSpec>) -> Result<String> {
+    let mut root = toml::Table::new();
+    root.insert("name".into(), name.into());
+    root.insert("version".into(), 1.into());
+    let sampler = base
+        .sampler
+        .as_ref()
+        .context("the base recipe has no [sampler]: tuning needs its sampling loop")?;
+    let mut table = match toml::Value::try_from(sampler)? {
+        toml::Value::Table(t) => t,
+        _ => bail!("the sampler does not serialise as a table"),
+    };
+    if let Some(g) = &base.guidance {
+        table.insert("guidance".into(), toml::Value::try_from(g)?);
+    }
+    root.insert("sampler".into(), table.into());
+    if let Some(p) = pass {
+        let mut spec = toml::Table::new();
+        spec.insert("name".into(), p.name.clone().into());
+        spec.insert("options".into(), p.options.clone().into());
+        root.insert("passes".into(), toml::Value::Array(vec![spec.into()]));
+    }
+    Ok(toml::to_string(&root)?)
+}
+
+/// One candidate's result on the cases it ran.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    /// Computed FLOPs per run (both calls of every step with guidance), mean over the cases run.
+    pub flops: f64,
+    /// Model calls that ran the cached blocks or any scheduled value, per run (mean over the cases).
+    pub calls_computed: f64,
+    pub calls_total: usize,
+    /// Final latent vs the full model's, per case run (in order; the run stops at a case that misses).
+    pub fidelity: Vec<Fidelity>,
+    pub seconds: f64,
+}
+
+/// Converts candidates and samples them on a fixed set of cases against the full model.
+pub struct Evaluator {
+    model: PathBuf,
+    shapes: crate::models::BuildOptions,
+    pub base: Recipe,
+    work: PathBuf,
+    cases: Vec<(String, Vec<Tensor>)>,
+    full: Vec<Vec<f32>>,
+    /// The full model's FLOPs per run.
+    pub full_flops: u64,
+    /// The full model's bundle (for the drift runs' io and sampler).
+    full_manifest: PathBuf,
+    counter: usize,
+}
+
+impl Evaluator {
+    /// Convert the full model with `base`'s sampler and sample it on every case of `inputs` named in
+    /// `cases`, into `work` (created).
+    pub fn new(
+        model: &Path,
+        shapes: &crate::models::BuildOptions,
+        base: &Recipe,
+        inputs: &Path,
+        cases: &[String],
+        work: &Path,
+    ) -> Result<Evaluator> {
+        if cases.is_empty() || cases.iter().any(|c| c.trim().is_empty()) {
+            bail!("--cases: the list of calibration cases is empty (e.g. --cases 0,1)");
+        }
+        let all = crate::tensors::read_safetensors(inputs)?;
+        let cases = cases
+            .iter()
+            .map(|c| {
+                let t = super::select_prefixed(&all, &format!("{c}."));
+                if t.is_empty() {
+                    bail!(
+                        "'{}' has no case '{c}' (no tensor named '{c}.<name>')",
+                        inputs.display()
+                    );
+                }
+                Ok((c.clone(), t))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        std::fs::create_dir_all(work)
+            .with_context(|| format!("cannot create '{}'", work.display()))?;
+        let mut e = Evaluator {
+            model: model.to_path_buf(),
+            shapes: shapes.clone(),
+            base: base.clone(),
+            work: work.to_path_buf(),
+            cases,
+            full: Vec::new(),
+            full_flops: 0,
+            full_manifest: PathBuf::new(),
+            counter: 0,
+        };
+        let (path, _) = e.convert(None)?;
+        let bundle = Bundle::open(&path)?;
+        for (name, inputs) in &e.cases {
+            let (latent, report) = run_case(&bundle, inputs, name)?;
+            e.full_flops = report.model_flops;
+            e.full.push(latent);
+        }
+        e.full_manifest = path;
+        Ok(e)
+    }
+
+    /// Write the recipe of `pass` and convert the model with it; the manifest's path and content.
+    pub fn convert(&mut self, pass: Option<&PassSpec>) -> Result<(PathBuf, Manifest)> {
+        self.counter += 1;
+        let dir = self.work.join(format!("c{}", self.counter));
+        let recipe = self.work.join(format!("c{}.toml", self.counter));
+        std::fs::write(&recipe, recipe_toml("candidate", &self.base, pass)?)?;
+        let args = super::convert::Args {
+            model: self.model.clone(),
+            output: dir.clone(),
+            recipe: Some(recipe),
+            set: Vec::new(),
+            calibration_stats: None,
+            external_threshold: 1024,
+            target: Default::default(),
+            allow_lint_errors: false,
+            dump_after: Vec::new(),
+            no_progress: true,
+            shapes: self.shapes.clone(),
+        };
+        let manifest = super::convert::convert(&args)?;
+        Ok((dir.join("manifest.json"), manifest))
+    }
+
+    /// Sample the bundle at `manifest` on the cases in order, stopping after the first case that
+    /// misses `stop` (when given).
+    pub fn run(&self, manifest: &Path, stop: Option<&Budget>) -> Result<Outcome> {
+        let start = Instant::now();
+        let bundle = Bundle::open(manifest)?;
+        let (mut flops, mut calls, mut total, mut fidelity) = (0u64, 0usize, 0usize, Vec::new());
+        for ((name, inputs), full) in self.cases.iter().zip(&self.full) {
+            let (latent, report) = run_case(&bundle, inputs, name)?;
+            flops += report.model_flops;
+            for b in report.branches.values() {
+                calls += b.model_calls.computed;
+                total += b.model_calls.computed + b.model_calls.skipped;
+            }
+            let f = compare(&latent, full);
+            let missed = stop.is_some_and(|b| !b.meets(&f));
+            fidelity.push(f);
+            if missed {
+                break;
+            }
+        }
+        let n = fidelity.len() as f64;
+        Ok(Outcome {
+            flops: flops as f64 / n,
+            calls_computed: calls as f64 / n,
+            calls_total: total / fidelity.len(),
+            fidelity,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Convert `pass` and run it (see [`Evaluator::run`]).
+    pub fn evaluate(&mut self, pass: Option<&PassSpec>, stop: Option<&Budget>) -> Result<Outcome> {
+        let start = Instant::now();
+        let (path, _) = self.convert(pass)?;
+        let mut outcome = self.run(&path, stop)?;
+        outcome.seconds = start.elapsed().as_secs_f64();
+        Ok(outcome)
+    }
+
+    /// Per step, the largest traced metric over the branches and cases of a run of `pass` (which must
+    /// compute every call), null where no call measured one.
+    fn traced_drift(&mut self, pass: &PassSpec) -> Result<Vec<Option<f64>>> {
+        let (path, _) = self.convert(Some(pass))?;
+        let bundle = Bundle::open(&path)?;
+        let mut drift = vec![None::<f64>; bundle.sampler.steps()];
+        for (name, inputs) in &self.cases {
+            let (_, report) = run_case(&bundle, inputs, name)?;
+            for step in &report.trace {
+                for call in step.branches.values() {
+                    if let Some(m) = call.metric.filter(|m| m.is_finite()) {
+                        let d = &mut drift[step.step];
+                        *d = Some(d.map_or(m, |v| v.max(m)));
+                    }
+                }
+            }
+        }
+        Ok(drift)
+    }
+
+    pub fn cases(&self) -> usize {
+        self.cases.len()
+    }
+}
+
+/// Sample one case (its tensors `noise` and the condition inputs).
+fn run_case(bundle: &Bundle, inputs: &[Tensor], name: &str) -> Result<(Vec<f32>, RunReport)> {
+    let noise = inputs
+        .iter()
+        .find(|t| t.name == "noise")
+        .with_context(|| format!("case {name} has no tensor 'noise' (the initial latent)"))?;
+    let (latent, report) = sample(bundle, noise, inputs, false, false)
+        .with_context(|| format!("sampling case {name}"))?;
+    Ok((
+        latent.to_f32_vec().context("the latent is not f32")?,
+        report,
+    ))
+}
+
+fn pass(options: toml::Table) -> PassSpec {
+    PassSpec {
+        name: "broadcast-adaptive".into(),
+        options,
+    }
+}
+
+fn options(pairs: &[(&str, toml::Value)]) -> toml::Table {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// What each policy's metric measured along the full model's run (see the module doc).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Drift {
+    /// first-block-cache's metric with every call computing: the first block's residual's relative L1
+    /// change from the previous step.
+    pub first_block: Vec<Option<f64>>,
+    /// easy-cache's accumulated estimate with every call computing: the estimated relative change of
+    /// the output over one step.
+    pub easy_cache: Vec<Option<f64>>,
+    /// MagCache's magnitude ratios of the stack residual (the conditional branch's, averaged over the
+    /// cases).
+    pub mag_ratios: Vec<f64>,
+    /// tea-cache's rescaled indicator per step (from the conversion: it depends only on the timestep).
+    pub tea_cache: Vec<Option<f64>>,
+}
+
+/// A policy whose threshold is searched.
+#[derive(Clone, Debug, Serialize)]
+struct Family {
+    label: String,
+    /// The options without `threshold`.
+    #[serde(skip)]
+    options: toml::Table,
+    lo: f64,
+    hi: f64,
+    /// Decisions known at conversion (a table): tried tables are not run twice.
+    table: bool,
+}
+
+/// One candidate of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Tried {
+    pub index: usize,
+    pub label: String,
+    pub policy: String,
+    pub options: serde_json::Value,
+    pub threshold: Option<f64>,
+    /// Computed FLOPs per run relative to the full model's.
+    pub flops_relative: f64,
+    pub flops: f64,
+    pub calls_computed: f64,
+    pub calls_total: usize,
+    /// Per case run, and the worst over them.
+    pub fidelity: Vec<Fidelity>,
+    pub worst: Option<Fidelity>,
+    /// Whether every calibration case met the budget (cases after a miss are not run).
+    pub meets: bool,
+    /// Not run: its table computes at least the best FLOPs so far, so it cannot win.
+    pub pruned: bool,
+    pub seconds: f64,
+    /// Why it was not run, or what it repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    #[serde(skip)]
+    pub pass: Option<PassSpec>,
+}
+
+/// The tuner's report (`tuned.json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub format: &'static str,
+    pub model: String,
+    pub base_recipe: String,
+    pub cases: Vec<String>,
+    pub budget: Budget,
+    pub steps: usize,
+    pub full_flops: u64,
+    pub drift: Drift,
+    pub families: Vec<serde_json::Value>,
+    pub candidates: Vec<Tried>,
+    /// The winner's index in `candidates`.
+    pub winner: usize,
+    pub stopped_by_time_limit: bool,
+    pub seconds: f64,
+}
+
+/// The tuner: search over `evaluator`'s cases for the cheapest candidate meeting `budget`.
+pub struct Tuner<'a> {
+    pub evaluator: &'a mut Evaluator,
+    pub budget: Budget,
+    pub iterations: usize,
+    pub time_limit: Option<f64>,
+    pub progress: bool,
+    /// The policies searched (empty: all).
+    pub policies: Vec<String>,
+}
+
+impl Tuner<'_> {
+    pub fn tune(&mut self, model: &str, base_recipe: &str) -> Result<Report> {
+        let start = Instant::now();
+        let steps = self
+            .evaluator
+            .base
+            .sampler
+            .as_ref()
+            .context("the base recipe has no [sampler]")?
+            .steps();
+        let bar = crate::progress::steps_bar(4, "tune: measuring drift", self.progress);
+        let drift = self.measure_drift(steps)?;
+        bar.inc(4);
+        let families = self.families(&drift, steps);
+        let families: Vec<Family> = families
+            .into_iter()
+            .filter(|f| self.wants(f.options["policy"].as_str().unwrap_or("")))
+            .collect();
+        let discrete: Vec<_> = discrete_candidates()
+            .into_iter()
+            .filter(|(_, o)| self.wants(o["policy"].as_str().unwrap_or("")))
+            .collect();
+        bar.set_length(4 + (families.len() * self.iterations + discrete.len()) as u64);
+        let full = self.evaluator.full_flops as f64;
+        let mut report = Report {
+            format: "ditc-tune-report",
+            model: model.into(),
+            base_recipe: base_recipe.into(),
+            cases: self.evaluator.cases.iter().map(|c| c.0.clone()).collect(),
+            budget: self.budget,
+            steps,
+            full_flops: self.evaluator.full_flops,
+            drift,
+            families: families
+                .iter()
+                .map(|f| serde_json::to_value(f).expect("serialisable"))
+                .collect(),
+            candidates: vec![Tried {
+                index: 0,
+                label: "none (the full model)".into(),
+                policy: "none".into(),
+                options: serde_json::Value::Null,
+                threshold: None,
+                flops_relative: 1.0,
+                flops: full,
+                calls_computed: f64::NAN,
+                calls_total: 0,
+                fidelity: Vec::new(),
+                worst: None,
+                meets: true,
+                pruned: false,
+                seconds: 0.0,
+                note: Some("the reference itself: meets any budget".into()),
+                pass: None,
+            }],
+            winner: 0,
+            stopped_by_time_limit: false,
+            seconds: 0.0,
+        };
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        'families: for family in &families {
+            let (mut lo, mut hi) = (family.lo.ln(), family.hi.ln());
+            for _ in 0..self.iterations {
+                if self.out_of_time(start) {
+                    report.stopped_by_time_limit = true;
+                    break 'families;
+                }
+                let threshold = ((lo + hi) / 2.0).exp();
+                bar.set_message(format!("tune: {} threshold {threshold:.4}", family.label));
+                let mut o = family.options.clone();
+                o.insert("threshold".into(), threshold.into());
+                let tried =
+                    self.try_candidate(&family.label, pass(o), family.table, &mut seen, &report)?;
+                bar.inc(1);
+                let (meets, pruned, flops) = (tried.meets, tried.pruned, tried.flops);
+                let best = report.candidates[report.winner].flops;
+                report.candidates.push(tried);
+                if meets || pruned {
+                    if meets && flops < best {
+                        report.winner = report.candidates.len() - 1;
+                    }
+                    lo = threshold.ln();
+                } else {
+                    hi = threshold.ln();
+                    if flops >= best {
+                        // Every smaller threshold computes at least these FLOPs: none can win.
+                        break;
+                    }
+                }
+            }
+        }
+        for (label, o) in discrete {
+            if report.stopped_by_time_limit || self.out_of_time(start) {
+                report.stopped_by_time_limit = true;
+                break;
+            }
+            bar.set_message(format!("tune: {label}"));
+            let tried = self.try_candidate(label, pass(o), false, &mut seen, &report)?;
+            bar.inc(1);
+            if tried.meets && tried.flops < report.candidates[report.winner].flops {
+                report.winner = report.candidates.len();
+            }
+            report.candidates.push(tried);
+        }
+        bar.finish_and_clear();
+        report.seconds = start.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    fn wants(&self, policy: &str) -> bool {
+        self.policies.is_empty() || self.policies.iter().any(|p| p == policy)
+    }
+
+    fn out_of_time(&self, start: Instant) -> bool {
+        self.time_limit
+            .is_some_and(|l| start.elapsed().as_secs_f64() >= l)
+    }
+
+    /// Convert `pass`; unless its table was tried or cannot beat the best, run it.
+    fn try_candidate(
+        &mut self,
+        label: &str,
+        pass: PassSpec,
+        table: bool,
+        seen: &mut BTreeMap<String, usize>,
+        report: &Report,
+    ) -> Result<Tried> {
+        let start = Instant::now();
+        let full = self.evaluator.full_flops as f64;
+        let mut tried = Tried {
+            index: report.candidates.len(),
+            label: label.into(),
+            policy: pass
+                .options
+                .get("policy")
+                .and_then(|p| p.as_str())
+                .unwrap_or("easy-cache")
+                .into(),
+            options: serde_json::to_value(&pass.options)?,
+            threshold: pass.options.get("threshold").and_then(|t| t.as_float()),
+            flops_relative: f64::NAN,
+            flops: f64::NAN,
+            calls_computed: f64::NAN,
+            calls_total: 0,
+            fidelity: Vec::new(),
+            worst: None,
+            meets: false,
+            pruned: false,
+            seconds: 0.0,
+            note: None,
+            pass: Some(pass.clone()),
+        };
+        let (path, manifest) = match self.evaluator.convert(Some(&pass)) {
+            Ok(c) => c,
+            Err(e) => {
+                tried.note = Some(format!("not applicable to this model: {e:#}"));
+                return Ok(tried);
+            }
+        };
+        if table {
+            let schedule = manifest.schedule.as_ref();
+            let key = format!(
+                "{label}/{}",
+                serde_json::to_string(&schedule.map(|s| (&s.tables, &s.uncond_tables)))?
+            );
+            let planned = manifest.cost.model_flops_scheduled as f64;
+            if let Some(&i) = seen.get(&key) {
+                let same = &report.candidates[i];
+                tried.note = Some(format!("the same table as candidate {i}: not run again"));
+                tried.flops = same.flops;
+                tried.flops_relative = same.flops_relative;
+                tried.calls_computed = same.calls_computed;
+                tried.calls_total = same.calls_total;
+                tried.fidelity = same.fidelity.clone();
+                tried.worst = same.worst.clone();
+                tried.meets = same.meets;
+                return Ok(tried);
+            }
+            let best = report.candidates[report.winner].flops;
+            if planned >= best {
+                // Whether it meets the budget or not, it cannot win: the search moves on to larger
+                // thresholds, the only ones that can.
+                tried.note = Some(format!(
+                    "its table computes {:.1}% of full FLOPs, not below the best so far: not run",
+                    100.0 * planned / full
+                ));
+                tried.flops = planned;
+                tried.flops_relative = planned / full;
+                tried.pruned = true;
+                return Ok(tried);
+            }
+            seen.insert(key, tried.index);
+        }
+        let o = self.evaluator.run(&path, Some(&self.budget))?;
+        tried.meets = o.fidelity.len() == self.evaluator.cases()
+            && o.fidelity.iter().all(|f| self.budget.meets(f));
+        tried.flops = o.flops;
+        tried.flops_relative = o.flops / full;
+        tried.calls_computed = o.calls_computed;
+        tried.calls_total = o.calls_total;
+        tried.worst = worst(&o.fidelity);
+        tried.fidelity = o.fidelity;
+        tried.seconds = start.elapsed().as_secs_f64();
+        Ok(tried)
+    }
+
+    /// The full model's drift as each policy measures it (every call computing).
+    fn measure_drift(&mut self, steps: usize) -> Result<Drift> {
+        let e = &mut *self.evaluator;
+        let mut drift = Drift::default();
+        let fbc = options(&[
+            ("policy", "first-block-cache".into()),
+            ("threshold", 0.0.into()),
+        ]);
+        let wants = |p: &str| self.policies.is_empty() || self.policies.iter().any(|q| q == p);
+        if wants("first-block-cache") {
+            drift.first_block = e.traced_drift(&pass(fbc)).unwrap_or_default();
+        }
+        if steps > 2 && wants("easy-cache") {
+            let easy = options(&[
+                ("policy", "easy-cache".into()),
+                ("threshold", 0.0.into()),
+                ("warmup_steps", 0.into()),
+                ("per_branch", e.base.guidance.is_some().into()),
+            ]);
+            drift.easy_cache = e.traced_drift(&pass(easy)).unwrap_or_default();
+        }
+        if wants("mag-cache") {
+            drift.mag_ratios = mag_ratios(e).unwrap_or_default();
+        }
+        let tea = options(&[
+            ("policy", "tea-cache".into()),
+            ("threshold", 0.0.into()),
+            ("coefficients", tea_coefficients(&e.base).into()),
+        ]);
+        if !wants("tea-cache") {
+            return Ok(drift);
+        }
+        if let Ok((_, m)) = e.convert(Some(&pass(tea))) {
+            drift.tea_cache = m
+                .schedule
+                .and_then(|s| s.metrics)
+                .and_then(|mut m| m.remove(&Branch::Cond))
+                .unwrap_or_default();
+        }
+        Ok(drift)
+    }
+
+    /// The threshold families, each with its bounds from the drift (families without drift, i.e. not
+    /// applicable to this model, are left out).
+    fn families(&self, drift: &Drift, steps: usize) -> Vec<Family> {
+        let forecasts: [Option<i64>; 3] = [None, Some(1), Some(2)];
+        let with_forecast = |mut o: toml::Table, order: Option<i64>| {
+            if let Some(order) = order {
+                o.insert("forecast".into(), "taylor".into());
+                o.insert("order".into(), order.into());
+            }
+            o
+        };
+        let suffix = |order: Option<i64>| match order {
+            None => String::new(),
+            Some(k) => format!(" + taylor {k}"),
+        };
+        let mut out = Vec::new();
+        if let Some((lo, hi)) = bounds(&drift.easy_cache) {
+            let mut warmups = vec![(steps / 5).max(1), (steps / 10).max(1)];
+            warmups.dedup();
+            for warmup in warmups.into_iter().filter(|w| w + 1 < steps) {
+                for order in forecasts {
+                    let o = options(&[
+                        ("policy", "easy-cache".into()),
+                        ("warmup_steps", (warmup as i64).into()),
+                    ]);
+                    out.push(Family {
+                        label: format!("easy-cache warm-up {warmup}{}", suffix(order)),
+                        options: with_forecast(o, order),
+                        lo,
+                        hi,
+                        table: false,
+                    });
+                }
+            }
+        }
+        if let Some((lo, hi)) = mag_bounds(&drift.mag_ratios, steps) {
+            for order in forecasts {
+                let ratios: Vec<toml::Value> = drift.mag_ratios.iter().map(|&r| r.into()).collect();
+                let o = options(&[
+                    ("policy", "mag-cache".into()),
+                    ("mag_ratios", ratios.into()),
+                ]);
+                out.push(Family {
+                    label: format!("mag-cache{}", suffix(order)),
+                    options: with_forecast(o, order),
+                    lo,
+                    hi,
+                    table: true,
+                });
+            }
+        }
+        if let Some((lo, hi)) = bounds(&drift.tea_cache) {
+            for order in forecasts {
+                let o = options(&[
+                    ("policy", "tea-cache".into()),
+                    (
+                        "coefficients",
+                        tea_coefficients(&self.evaluator.base).into(),
+                    ),
+                ]);
+                out.push(Family {
+                    label: format!("tea-cache{}", suffix(order)),
+                    options: with_forecast(o, order),
+                    lo,
+                    hi,
+                    table: true,
+                });
+            }
+        }
+        if let Some((lo, hi)) = bounds(&drift.first_block) {
+            out.push(Family {
+                label: "first-block-cache".into(),
+                options: options(&[("policy", "first-block-cache".into())]),
+                lo,
+                hi,
+                table: false,
+            });
+        }
+        out
+    }
+}
+
+/// AdaCache's codebooks are not a threshold: each preset is one candidate.
+fn discrete_candidates() -> Vec<(&'static str, toml::Table)> {
+    vec![
+        (
+            "ada-cache 30-step slow",
+            options(&[
+                ("policy", "ada-cache".into()),
+                ("codebook", "30-step-slow".into()),
+            ]),
+        ),
+        (
+            "ada-cache default",
+            options(&[("policy", "ada-cache".into())]),
+        ),
+    ]
+}
+
+/// A threshold below every step's drift computes every call; one above their sum skips all it may.
+fn bounds(drift: &[Option<f64>]) -> Option<(f64, f64)> {
+    let values: Vec<f64> = drift
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|d| *d > 0.0)
+        .collect();
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi: f64 = values.iter().sum();
+    (lo.is_finite() && hi > lo).then_some((lo, hi))
+}
+
+/// MagCache's bounds: the smallest per-step error `|1 - ratio|` (from the retention step on) and the
+/// largest error accumulated over the most steps it may skip in a row (3, diffusers' default).
+fn mag_bounds(ratios: &[f64], steps: usize) -> Option<(f64, f64)> {
+    let retention = (0.2 * steps as f64 + 0.5) as usize;
+    let (mut lo, mut hi) = (f64::INFINITY, 0f64);
+    for s in retention..ratios.len() {
+        let step = (1.0 - ratios[s]).abs();
+        if step > 0.0 {
+            lo = lo.min(step);
+        }
+        let (mut acc, mut err) = (1.0, 0.0);
+        for r in ratios.iter().skip(s).take(4) {
+            acc *= r;
+            err += (1.0 - acc).abs();
+        }
+        hi = hi.max(err);
+    }
+    (lo.is_finite() && hi > lo).then_some((lo, hi))
+}
+
+/// TeaCache's coefficients: the base recipe's if it names a tea-cache pass, else the published
+/// Wan2.1-T2V-1.3B ones (TeaCache4Wan2.1; the model family TeaCache's indicator is implemented for).
+fn tea_coefficients(base: &Recipe) -> Vec<toml::Value> {
+    let given = base.passes.iter().find_map(|p| {
+        let o = &p.options;
+        (o.get("policy")?.as_str()? == "tea-cache")
+            .then(|| o.get("coefficients")?.as_array().cloned())?
+    });
+    given.unwrap_or_else(|| {
+        let preset: toml::Table = include_str!("../../schedules/teacache/wan2.1-t2v-1.3b.toml")
+            .parse()
+            .expect("the preset parses");
+        preset["coefficients"]
+            .as_array()
+            .expect("the preset has coefficients")
+            .clone()
+    })
+}
+
+/// MagCache's ratios on the evaluator's cases, measured on the full model as `ditc calibrate
+/// --mag-ratios` does.
+fn mag_ratios(e: &Evaluator) -> Result<Vec<f64>> {
+    let bundle = Bundle::open(&e.full_manifest)?;
+    let guidance = bundle
+        .manifest
+        .sampler
+        .as_ref()
+        .and_then(|s| s.guidance.clone());
+    let calibration = crate::calibration::mag_ratios::Calibration {
+        model: &bundle.model,
+        io: &bundle.io,
+        sampler: &bundle.sampler,
+        guidance: guidance.as_ref(),
+        source: "ditc tune".into(),
+    };
+    let cases: Vec<Vec<Tensor>> = e.cases.iter().map(|c| c.1.clone()).collect();
+    Ok(crate::calibration::mag_ratios::calibrate(&calibration, &cases, false)?.cond)
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    args.threads.apply()?;
+    let budget: Budget = args.budget.parse()?;
+    if args.cases.is_empty() || args.cases.iter().any(|c| c.trim().is_empty()) {
+        bail!("--cases: the list of calibration cases is empty (e.g. --cases 0,1)");
+    }
+    const POLICIES: [&str; 5] = [
+        "easy-cache",
+        "mag-cache",
+        "tea-cache",
+        "first-block-cache",
+        "ada-cache",
+    ];
+    if let Some(p) = args
+        .policies
+        .iter()
+        .find(|p| !POLICIES.contains(&p.as_str()))
+    {
+        bail!("--policies: unknown policy '{p}' (expected some of {POLICIES:?})");
+    }
+    if args.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    if let Some(l) = args.time_limit.filter(|l| !(l.is_finite() && *l > 0.0)) {
+        bail!("--time-limit {l}: expected a positive number of seconds");
+    }
+    let base = Recipe::load(&args.recipe, &args.set)?;
+    if let Some(p) = base
+        .passes
+        .iter()
+        .find(|p| !p.name.starts_with("broadcast-"))
+    {
+        bail!(
+            "the base recipe runs '{}': ditc tune searches caching passes only; give a recipe with a sampler and no other passes",
+            p.name
+        );
+    }
+    let work = tempfile_dir(&args.output)?;
+    let result = tune_into(args, &base, budget, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    let report = result?;
+    let winner = &report.candidates[report.winner];
+    let mut text = format!(
+        "# ditc tune: budget {} on cases {:?} of {} ({} steps); winner: {} ({:.1}% of full FLOPs); report: {}\n",
+        args.budget,
+        args.cases,
+        args.inputs.display(),
+        report.steps,
+        winner.label,
+        100.0 * winner.flops_relative,
+        report_path(&args.output).display()
+    );
+    text.push_str(&recipe_toml("tuned", &base, winner.pass.as_ref())?);
+    crate::output::write_file_atomically(
+        &report_path(&args.output),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    crate::output::write_file_atomically(&args.output, text.as_bytes())?;
+    eprintln!(
+        "tried {} candidates in {:.1}s{}; winner: {} at {:.1}% of full FLOPs",
+        report.candidates.len() - 1,
+        report.seconds,
+        if report.stopped_by_time_limit {
+            " (time limit reached)"
+        } else {
+            ""
+        },
+        winner.label,
+        100.0 * winner.flops_relative
+    );
+    if let Some(w) = &winner.worst {
+        eprintln!(
+            "  worst over the calibration cases: PSNR {:.2} dB, cosine {:.5}, rel-L2 {:.4}",
+            w.psnr_db, w.cosine, w.rel_l2
+        );
+    }
+    eprintln!(
+        "wrote {} and {}",
+        args.output.display(),
+        report_path(&args.output).display()
+    );
+    Ok(())
+}
+
+fn tune_into(args: &Args, base: &Recipe, budget: Budget, work: &Path) -> Result<Report> {
+    let mut evaluator = Evaluator::new(
+        &args.model,
+        &args.shapes,
+        base,
+        &args.inputs,
+        &args.cases,
+        work,
+    )?;
+    let mut tuner = Tuner {
+        evaluator: &mut evaluator,
+        budget,
+        iterations: args.iterations,
+        time_limit: args.time_limit,
+        progress: !args.no_progress,
+        policies: args.policies.clone(),
+    };
+    tuner.tune(
+        &args.model.display().to_string(),
+        &args.recipe.display().to_string(),
+    )
+}
+
+/// `tuned.toml` -> `tuned.json`.
+pub fn report_path(output: &Path) -> PathBuf {
+    output.with_extension("json")
+}
+
+/// A scratch folder beside the output for the candidates' bundles (removed afterwards).
+fn tempfile_dir(output: &Path) -> Result<PathBuf> {
+    let parent = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = parent.join(format!(".ditc-tune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the scratch folder '{}'", dir.display()))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_parse_and_bad_ones_are_refused() {
+        let b: Budget = "rel-l2=0.1".parse().unwrap();
+        assert_eq!((b.metric, b.bound), (Metric::RelL2, 0.1));
+        assert_eq!("psnr=30".parse::<Budget>().unwrap().metric, Metric::Psnr);
+        for (bad, says) in [
+            ("psnr", "expected METRIC=VALUE"),
+            ("ssim=0.9", "unknown metric 'ssim'"),
+            ("rel-l2=abc", "not a finite number"),
+            ("rel-l2=-1", ">= 0"),
+            ("cosine=2", "[-1, 1]"),
+        ] {
+            let e = bad.parse::<Budget>().unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let f = |rel_l2| Fidelity {
+            max_abs: 0.0,
+            max_rel: 0.0,
+            rel_l2,
+            cosine: 1.0 - rel_l2,
+            psnr_db: 30.0 - rel_l2,
+        };
+        assert!(b.meets(&f(0.1)) && !b.meets(&f(0.11)));
+        let w = worst(&[f(0.05), f(0.2)]).unwrap();
+        assert_eq!((w.rel_l2, w.cosine), (0.2, 0.8));
+    }
+
+    #[test]
+    fn drift_bounds_bracket_every_step() {
+        assert_eq!(
+            bounds(&[None, Some(0.5), Some(0.25), Some(0.0)]),
+            Some((0.25, 0.75))
+        );
+        assert_eq!(bounds(&[None, None]), None);
+        // Ratios 0.5 from the retention step (2 of 10) on: step error 0.5; four steps accumulate
+        // 0.5 + 0.75 + 0.875 + 0.9375.
+        let (lo, hi) = mag_bounds(&[0.5; 10], 10).unwrap();
+        assert_eq!((lo, hi), (0.5, 3.0625));
+    }
+}
