@@ -47,6 +47,7 @@ fn sample(root: &Path, bundle: &Path) -> (Vec<f32>, ditc::cli::run::Report) {
         compare_full: false,
         json: true,
         trace: None,
+        plot: None,
         no_progress: true,
         no_verify: false,
         shapes: Default::default(),

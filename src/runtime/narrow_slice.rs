@@ -47,7 +47,9 @@ impl EvalOp for NarrowSlice {
             input.len() == self.rows * self.row,
             "NarrowSlice: input size"
         );
-        let mut out = TractTensor::zero::<f32>(&self.output)?;
+        // SAFETY: every output value is written below (each output's chain, or its copy) before
+        // the tensor is read.
+        let mut out = unsafe { TractTensor::uninitialized::<f32>(&self.output)? };
         {
             let mut plain = out.try_as_plain_ram_mut()?;
             let out = plain.as_slice_mut::<f32>()?;

@@ -64,7 +64,13 @@ impl EvalOp for SmallMatMul {
         let a = inputs[0].try_as_plain_ram()?;
         let b = inputs[1].try_as_plain_ram()?;
         let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
-        let mut out = TractTensor::zero::<f32>(&self.output)?;
+        // The vector kernel writes every output; the scalar one accumulates into zeros.
+        let mut out = if self.vector_rows() {
+            // SAFETY: `one_batch_avx2` writes every output value before the tensor is read.
+            unsafe { TractTensor::uninitialized::<f32>(&self.output)? }
+        } else {
+            TractTensor::zero::<f32>(&self.output)?
+        };
         {
             let mut plain = out.try_as_plain_ram_mut()?;
             let c = plain.as_slice_mut::<f32>()?;

@@ -70,7 +70,9 @@ impl EvalOp for TiledMatMul {
             .iter()
             .map(|t| t.as_slice::<f32>())
             .collect::<TractResult<_>>()?;
-        let mut out = TractTensor::zero::<f32>(&self.output)?;
+        // SAFETY: every output value is written below (each output's chain, or its copy) before
+        // the tensor is read.
+        let mut out = unsafe { TractTensor::uninitialized::<f32>(&self.output)? };
         {
             let mut c = out.try_as_plain_ram_mut()?;
             self.run(&slices, c.as_slice_mut::<f32>()?);
