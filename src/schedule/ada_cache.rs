@@ -48,10 +48,10 @@ use crate::analysis::{AttentionKind, DitMap};
 use crate::ir::{
     infer_types, sort_topologically, AttrValue, DataType, Dim, Graph, Model, Node, ValueInfo,
 };
-use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
+use crate::manifest::{InGraphDecisions, Schedule};
 use crate::passes::broadcast_adaptive::{bake_stack_with, IfExtra};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
-use crate::schedule::emitter::Emitter;
+use crate::schedule::emitter::{zero_state_bindings, Emitter};
 use crate::schedule::first_block_cache::{DECISION, METRIC};
 use crate::schedule::Group;
 
@@ -454,33 +454,13 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
     let mut e = Emitter::new("ada", opset);
     let rule = Rule::new(o, steps)?;
     emit(&mut e, &rule, &latest, per_frame, tokens);
-    graph.nodes.extend(e.nodes);
-    graph.initializers.extend(e.constants);
-    graph
-        .outputs
-        .push(ValueInfo::tensor(METRIC, DataType::F32, vec![]));
-    graph
-        .outputs
-        .push(ValueInfo::tensor(DECISION, DataType::Bool, vec![]));
-    sort_topologically(&mut graph)?;
-    crate::ir::check_graph(&graph).context("the baked graph is invalid (a ditc bug)")?;
+    e.finish(&mut graph)?;
     model.graph = graph;
 
     for b in &mut bindings {
         b.group = Group::Blocks;
     }
-    for (v, (t, s)) in &states {
-        bindings.push(StateBinding {
-            group: Group::Blocks,
-            site: None,
-            block: None,
-            input: state_in(v),
-            output: state_out(v),
-            dtype: t.to_string(),
-            shape: s.clone(),
-            initial: "zeros".into(),
-        });
-    }
+    bindings.extend(zero_state_bindings(&states, state_in, state_out));
     cx.state.extend(bindings);
     cx.step_input = Some(STEP_INPUT.to_string());
     let all: Vec<usize> = stack.blocks.iter().map(|b| b.block).collect();

@@ -56,10 +56,10 @@ use crate::analysis::stack::find_stack;
 use crate::ir::{
     infer_types, sort_topologically, AttrValue, DataType, Dim, Model, Node, TypeMap, ValueInfo,
 };
-use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
+use crate::manifest::{InGraphDecisions, Schedule};
 use crate::passes::broadcast_adaptive::{bake_stack, BRANCH_INPUT, FORECAST_WEIGHTS};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
-use crate::schedule::emitter::Emitter;
+use crate::schedule::emitter::{zero_state_bindings, Emitter};
 use crate::schedule::first_block_cache::{DECISION, METRIC};
 use crate::schedule::forecast::Taylor;
 use crate::schedule::Group;
@@ -287,33 +287,13 @@ pub fn bake(
     if let Some(t) = forecast {
         forecast_weights(&mut e, t.order);
     }
-    graph.nodes.extend(e.nodes);
-    graph.initializers.extend(e.constants);
-    graph
-        .outputs
-        .push(ValueInfo::tensor(METRIC, DataType::F32, vec![]));
-    graph
-        .outputs
-        .push(ValueInfo::tensor(DECISION, DataType::Bool, vec![]));
-    sort_topologically(&mut graph)?;
-    crate::ir::check_graph(&graph).context("the baked graph is invalid (a ditc bug)")?;
+    e.finish(&mut graph)?;
     model.graph = graph;
 
     for b in &mut bindings {
         b.group = Group::Blocks;
     }
-    for (v, (dtype, shape)) in &states {
-        bindings.push(StateBinding {
-            group: Group::Blocks,
-            site: None,
-            block: None,
-            input: state_in(v),
-            output: state_out(v),
-            dtype: dtype.to_string(),
-            shape: shape.clone(),
-            initial: "zeros".into(),
-        });
-    }
+    bindings.extend(zero_state_bindings(&states, state_in, state_out));
     cx.state.extend(bindings);
     cx.step_input = Some(STEP_INPUT.to_string());
     if follow {

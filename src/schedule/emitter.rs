@@ -2,7 +2,12 @@
 //! ada-cache): nodes and constants named `ditc.<policy>.<name>`, and the few composite values their
 //! rules need (means over every axis, a slice along axis 1), written for the model's opset.
 
-use crate::ir::{AttrValue, Node, Tensor};
+use anyhow::{Context, Result};
+
+use crate::ir::{sort_topologically, AttrValue, DataType, Graph, Node, Tensor, ValueInfo};
+use crate::manifest::StateBinding;
+use crate::schedule::first_block_cache::{DECISION, METRIC};
+use crate::schedule::Group;
 
 /// Nodes and constants a policy adds, in the order they were emitted.
 pub struct Emitter {
@@ -99,4 +104,42 @@ impl Emitter {
         let axes = self.i64s(&format!("{name}.axes"), &[1]);
         self.op("Slice", name, &[input, &starts, &ends, &axes])
     }
+
+    /// Add the emitted nodes and constants to `graph` with its 0-D outputs `ditc.metric` (f32)
+    /// and `ditc.decision` (bool), in topological order, and check the result.
+    pub fn finish(self, graph: &mut Graph) -> Result<()> {
+        graph.nodes.extend(self.nodes);
+        graph.initializers.extend(self.constants);
+        graph
+            .outputs
+            .push(ValueInfo::tensor(METRIC, DataType::F32, vec![]));
+        graph
+            .outputs
+            .push(ValueInfo::tensor(DECISION, DataType::Bool, vec![]));
+        sort_topologically(graph)?;
+        crate::ir::check_graph(graph).context("the baked graph is invalid (a ditc bug)")
+    }
+}
+
+/// The manifest's bindings of a policy's states (`(name, (dtype, shape))`, carried from
+/// `state_in(name)` to `state_out(name)`, zeros before a branch's first call), all of the block
+/// stack's group.
+pub fn zero_state_bindings(
+    states: &[(&str, (DataType, Vec<i64>))],
+    state_in: fn(&str) -> String,
+    state_out: fn(&str) -> String,
+) -> Vec<StateBinding> {
+    states
+        .iter()
+        .map(|(v, (dtype, shape))| StateBinding {
+            group: Group::Blocks,
+            site: None,
+            block: None,
+            input: state_in(v),
+            output: state_out(v),
+            dtype: dtype.to_string(),
+            shape: shape.clone(),
+            initial: "zeros".into(),
+        })
+        .collect()
 }
