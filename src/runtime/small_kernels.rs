@@ -81,37 +81,10 @@ impl EvalOp for SmallMatMul {
 }
 
 impl SmallMatMul {
-    /// Every batch; split over the runtime's threads along the output's outermost axis when that
-    /// is a batch axis (its slices of the output are then contiguous and disjoint).
     fn run(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
-        use rayon::prelude::*;
-        let outer = self
-            .batch
-            .iter()
-            .position(|s| s.c * s.extent == c.len() && s.extent > 1);
-        match outer {
-            Some(axis) if rayon::current_num_threads() > 1 => {
-                let s = self.batch[axis];
-                let rest: Vec<Stride> = [&self.batch[..axis], &self.batch[axis + 1..]].concat();
-                c.par_chunks_mut(s.c).enumerate().for_each(|(i, c)| {
-                    self.batches(&rest, &a[i * s.a..], &b[i * s.b..], c);
-                });
-            }
-            _ => self.batches(&self.batch, a, b, c),
-        }
-    }
-
-    fn batches(&self, batch: &[Stride], a: &[f32], b: &[f32], c: &mut [f32]) {
-        let count: usize = batch.iter().map(|s| s.extent).product();
-        for index in 0..count {
-            let (mut oa, mut ob, mut oc, mut rest) = (0, 0, 0, index);
-            for s in batch.iter().rev() {
-                let i = rest % s.extent;
-                rest /= s.extent;
-                (oa, ob, oc) = (oa + i * s.a, ob + i * s.b, oc + i * s.c);
-            }
-            self.one_batch(&a[oa..], &b[ob..], &mut c[oc..]);
-        }
+        for_each_batch(&self.batch, c, &|oa, ob, c| {
+            self.one_batch(&a[oa..], &b[ob..], c)
+        });
     }
 
     fn one_batch(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
@@ -145,6 +118,45 @@ impl SmallMatMul {
         }
         #[cfg(not(target_arch = "x86_64"))]
         false
+    }
+}
+
+/// Call `one(a_offset, b_offset, c)` for every batch of a product over `batch` axes, `c` starting at
+/// the batch's first output; split over the runtime's threads along the output's outermost axis
+/// when that is a batch axis (its slices of the output are then contiguous and disjoint). Each
+/// output is computed by one call whatever the split, so the thread count changes no bits.
+pub(super) fn for_each_batch(
+    batch: &[Stride],
+    c: &mut [f32],
+    one: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
+    use rayon::prelude::*;
+    let outer = batch
+        .iter()
+        .position(|s| s.c * s.extent == c.len() && s.extent > 1);
+    match outer {
+        Some(axis) if rayon::current_num_threads() > 1 => {
+            let s = batch[axis];
+            let rest: Vec<Stride> = [&batch[..axis], &batch[axis + 1..]].concat();
+            c.par_chunks_mut(s.c).enumerate().for_each(|(i, c)| {
+                each_batch(&rest, c, &|oa, ob, c| one(i * s.a + oa, i * s.b + ob, c));
+            });
+        }
+        _ => each_batch(batch, c, one),
+    }
+}
+
+/// [`for_each_batch`] on the calling thread.
+fn each_batch(batch: &[Stride], c: &mut [f32], one: &dyn Fn(usize, usize, &mut [f32])) {
+    let count: usize = batch.iter().map(|s| s.extent).product();
+    for index in 0..count {
+        let (mut oa, mut ob, mut oc, mut rest) = (0, 0, 0, index);
+        for s in batch.iter().rev() {
+            let i = rest % s.extent;
+            rest /= s.extent;
+            (oa, ob, oc) = (oa + i * s.a, ob + i * s.b, oc + i * s.c);
+        }
+        one(oa, ob, &mut c[oc..]);
     }
 }
 

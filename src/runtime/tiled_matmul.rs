@@ -25,7 +25,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math::Add;
 use tract_onnx::tract_core::{as_op, op_as_typed_op, op_out_of_plan};
 
-use super::small_kernels::{plain_product, Product, Stride};
+use super::small_kernels::{for_each_batch, plain_product, Product, Stride};
 
 /// Rows and columns of the output tile the vector kernel keeps in registers.
 const TILE_ROWS: usize = 4;
@@ -92,41 +92,11 @@ impl TypedOp for TiledMatMul {
 type Operands<'a> = Vec<(&'a [f32], &'a [f32])>;
 
 impl TiledMatMul {
-    /// Every batch; split over the runtime's threads along the output's outermost axis when that
-    /// is a batch axis (its slices of the output are then contiguous and disjoint).
+    /// Every batch (see [`for_each_batch`]).
     fn run(&self, inputs: &[&[f32]], c: &mut [f32]) {
-        use rayon::prelude::*;
         let parts: Operands = inputs.chunks(2).map(|p| (p[0], p[1])).collect();
-        let outer = self
-            .batch
-            .iter()
-            .position(|s| s.c * s.extent == c.len() && s.extent > 1);
-        match outer {
-            Some(axis) if rayon::current_num_threads() > 1 => {
-                let s = self.batch[axis];
-                let rest: Vec<Stride> = [&self.batch[..axis], &self.batch[axis + 1..]].concat();
-                c.par_chunks_mut(s.c).enumerate().for_each(|(i, c)| {
-                    let parts: Operands = parts
-                        .iter()
-                        .map(|(a, b)| (&a[i * s.a..], &b[i * s.b..]))
-                        .collect();
-                    self.batches(&rest, &parts, c);
-                });
-            }
-            _ => self.batches(&self.batch, &parts, c),
-        }
-    }
-
-    fn batches(&self, batch: &[Stride], parts: &Operands, c: &mut [f32]) {
-        let count: usize = batch.iter().map(|s| s.extent).product();
-        let mut transposed: Vec<Vec<f32>> = vec![Vec::new(); parts.len()];
-        for index in 0..count {
-            let (mut oa, mut ob, mut oc, mut rest) = (0, 0, 0, index);
-            for s in batch.iter().rev() {
-                let i = rest % s.extent;
-                rest /= s.extent;
-                (oa, ob, oc) = (oa + i * s.a, ob + i * s.b, oc + i * s.c);
-            }
+        for_each_batch(&self.batch, c, &|oa, ob, c| {
+            let mut transposed: Vec<Vec<f32>> = vec![Vec::new(); parts.len()];
             let mut operands = Vec::with_capacity(parts.len());
             for ((a, b), bt) in parts.iter().zip(&mut transposed) {
                 let b = &b[ob..];
@@ -143,8 +113,8 @@ impl TiledMatMul {
                 });
             }
             // SAFETY: a `TiledMatMul` is only placed where the CPU has AVX2 and FMA.
-            unsafe { one_batch(self, &operands, &mut c[oc..]) }
-        }
+            unsafe { one_batch(self, &operands, c) }
+        });
     }
 
     /// `b[n, k]` (rows `n.b` apart, contiguous along k) as `bt[k, n]`, contiguous along n: the
