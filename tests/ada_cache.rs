@@ -9,11 +9,8 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{
-    assert_refused, convert_wan_small, convert_wan_small_args, ditc_ok, repo_path, run_args, strs,
-    StackProbe,
+    assert_refused, convert_wan_small, convert_wan_small_args, repo_path, strs, StackProbe,
 };
 use ditc::ir::{Model, Tensor};
 use ditc::metrics::compare;
@@ -147,38 +144,11 @@ fn the_rule_on_a_recorded_sequence() {
     assert!((rule.prev_moreg - 1.0).abs() < 1e-12);
 }
 
-/// The wan-small example's shapes.
-fn shapes() -> ditc::models::BuildOptions {
-    ditc::models::BuildOptions {
-        frames: Some(8),
-        height: Some(16),
-        width: Some(16),
-        text_len: Some(4),
-        ..Default::default()
-    }
-}
-
-fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .sum::<f64>()
-        / a.len() as f64
-}
-
-fn mean_abs(a: &[f32]) -> f64 {
-    a.iter().map(|x| (*x as f64).abs()).sum::<f64>() / a.len() as f64
-}
-
 /// MoReg's raw motion of a `[1, tokens, channels]` residual over frames of `per_frame` tokens.
 fn motion(r: &[f32], per_frame: usize, channels: usize) -> f64 {
     let shift = per_frame * channels;
     let (later, earlier) = (&r[shift..], &r[..r.len() - shift]);
-    mean_abs_diff(later, earlier) / (mean_abs(later) + mean_abs(earlier))
-}
-
-fn values(outputs: &[Tensor], name: &str) -> Vec<f32> {
-    common::named(outputs, name).to_f32_vec().unwrap()
+    common::mean_abs_diff(later, earlier) / (common::mean_abs(later) + common::mean_abs(earlier))
 }
 
 /// What the hand loop did: per branch the decisions and distances, the measured (distance, motion)
@@ -241,17 +211,27 @@ fn hand_loop(
         for k in 0..2 {
             let step_inputs = inputs(&x, i, texts[k]);
             let out = p.probe.run(&step_inputs).unwrap();
-            let (s_in, s_out) = (values(&out, &p.stack_in), values(&out, &p.stack_out));
+            let (s_in, s_out) = (
+                common::f32_named(&out, &p.stack_in),
+                common::f32_named(&out, &p.stack_out),
+            );
             let (compute, measures) = rules[k].decide(i);
             let mut distance = None;
             let prediction = if compute {
                 let (a, b) = match o.residual {
-                    Residual::Attention => (values(&out, &after_attn), values(&out, &block_in)),
-                    Residual::CrossMlp => (values(&out, &block_out), values(&out, &after_attn)),
+                    Residual::Attention => (
+                        common::f32_named(&out, &after_attn),
+                        common::f32_named(&out, &block_in),
+                    ),
+                    Residual::CrossMlp => (
+                        common::f32_named(&out, &block_out),
+                        common::f32_named(&out, &after_attn),
+                    ),
                 };
                 let r: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a - b).collect();
                 let measured = measures.then(|| {
-                    let change = mean_abs_diff(&references[k], &r) / mean_abs(&references[k]);
+                    let change = common::mean_abs_diff(&references[k], &r)
+                        / common::mean_abs(&references[k]);
                     (change, motion(&r, per_frame, channels))
                 });
                 if let (0, Some(m)) = (k, measured) {
@@ -265,7 +245,7 @@ fn hand_loop(
                 }
                 references[k] = r;
                 residuals[k] = s_out.iter().zip(&s_in).map(|(a, b)| a - b).collect();
-                values(&out, "sample")
+                common::f32_named(&out, "sample")
             } else {
                 p.reuse(&step_inputs, &s_in, &residuals[k])
             };
@@ -280,17 +260,6 @@ fn hand_loop(
     run
 }
 
-/// Case 0 of the wan-small example: noise, caption, negative caption.
-fn case_inputs(example: &Path) -> (Tensor, Tensor, Tensor) {
-    let tensors = ditc::tensors::read_safetensors(&example.join("inputs.safetensors")).unwrap();
-    let get = |name: &str| common::named(&tensors, &format!("0.{name}")).clone();
-    (
-        get("noise"),
-        get("encoder_hidden_states"),
-        get("negative_encoder_hidden_states"),
-    )
-}
-
 /// Convert with `sets`, run `ditc run --trace --compare-full --json`, run the hand loop, compare every
 /// decision and distance and the final latent. Returns the run's report (JSON) and the hand run.
 fn check_against_hand_loop(label: &str, sets: &[&str], o: &AdaCacheOptions) -> (Value, HandRun) {
@@ -300,27 +269,16 @@ fn check_against_hand_loop(label: &str, sets: &[&str], o: &AdaCacheOptions) -> (
     let manifest = convert_wan_small(&example, &repo_path("passes/wan-adacache.toml"), sets, &out);
     assert_eq!(manifest["schedule"]["policy"], "ada-cache");
     let block = manifest["schedule"]["options"]["block"].as_u64().unwrap() as usize;
-    let trace = tmp.path().join("trace.json");
-    let sample = tmp.path().join("s.safetensors");
-    let stdout = ditc_ok(&strs(&run_args(
-        &out.join("manifest.json"),
-        &example.join("inputs.safetensors"),
-        "0.",
-        &sample,
-        &[
-            "--trace",
-            trace.to_str().unwrap(),
-            "--compare-full",
-            "--json",
-        ],
-    )));
-    let report: Value = serde_json::from_slice(&stdout).unwrap();
-    let t: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
-    let steps = t["steps"].as_array().unwrap();
+    let (report, steps) =
+        common::run_traced_case0(&out.join("manifest.json"), &example, tmp.path());
 
     let bundle = Bundle::open(&out.join("manifest.json")).unwrap();
-    let plain = ditc::models::read_model_or_checkpoint(&example.join("ckpt"), &shapes()).unwrap();
-    let (noise, text, negative) = case_inputs(&example);
+    let plain = ditc::models::read_model_or_checkpoint(
+        &example.join("ckpt"),
+        &common::wan_small_build_options(),
+    )
+    .unwrap();
+    let (noise, text, negative) = common::wan_small_case0(&example);
     let hand = hand_loop(&bundle, &plain, o, block, [&text, &negative], &noise);
 
     let mut worst = 0.0f64;
@@ -349,7 +307,7 @@ fn check_against_hand_loop(label: &str, sets: &[&str], o: &AdaCacheOptions) -> (
             }
         }
     }
-    let latent = ditc::tensors::read_safetensors(&sample).unwrap();
+    let latent = ditc::tensors::read_safetensors(&tmp.path().join("s.safetensors")).unwrap();
     let f = compare(&common::f32_named(&latent, "sample"), &hand.latent);
     eprintln!("{label}: traced distance vs hand loop worst relative {worst:.2e}; final latent vs hand loop rel-L2 {:.2e}", f.rel_l2);
     // MoReg's 8th power multiplies the f32 motion's relative rounding by 8.

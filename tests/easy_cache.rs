@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{
     assert_refused, convert_wan_small, convert_wan_small_args, ditc_ok, repo_path, run_args, strs,
     StackProbe,
@@ -150,33 +148,6 @@ fn the_rule_on_a_recorded_sequence() {
     assert!((rule.k - 5.087898e-2 / 3.176662e-2).abs() < 1e-5);
 }
 
-/// The wan-small example's shapes.
-fn shapes() -> ditc::models::BuildOptions {
-    ditc::models::BuildOptions {
-        frames: Some(8),
-        height: Some(16),
-        width: Some(16),
-        text_len: Some(4),
-        ..Default::default()
-    }
-}
-
-fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .sum::<f64>()
-        / a.len() as f64
-}
-
-fn mean_abs(a: &[f32]) -> f64 {
-    a.iter().map(|x| (*x as f64).abs()).sum::<f64>() / a.len() as f64
-}
-
-fn values(outputs: &[Tensor], name: &str) -> Vec<f32> {
-    common::named(outputs, name).to_f32_vec().unwrap()
-}
-
 /// One guidance branch of the hand loop.
 #[derive(Default)]
 struct BranchState {
@@ -247,16 +218,19 @@ fn hand_loop(
         for (k, b) in branches.iter_mut().enumerate() {
             let step_inputs = inputs(&x, i, texts[k]);
             let out = p.probe.run(&step_inputs).unwrap();
-            let (s_in, s_out) = (values(&out, &p.stack_in), values(&out, &p.stack_out));
+            let (s_in, s_out) = (
+                common::f32_named(&out, &p.stack_in),
+                common::f32_named(&out, &p.stack_out),
+            );
             let input_change = if b.prev_in.is_empty() {
                 f64::NAN
             } else {
-                mean_abs_diff(&x, &b.prev_in)
+                common::mean_abs_diff(&x, &b.prev_in)
             };
             let output_norm = if b.prev_out.is_empty() {
                 f64::NAN
             } else {
-                mean_abs(&b.prev_out)
+                common::mean_abs(&b.prev_out)
             };
             let (compute, metric) = if follow && k == 1 {
                 // What this branch's own rule would decide (the graph's unused own decision).
@@ -279,13 +253,13 @@ fn hand_loop(
             }
             b.prev_in = x.clone();
             let prediction = if compute {
-                let prediction = values(&out, "sample");
+                let prediction = common::f32_named(&out, "sample");
                 let (output_change, computed_change) = if b.prev_out.is_empty() {
                     (f64::NAN, f64::NAN)
                 } else {
                     (
-                        mean_abs_diff(&prediction, &b.prev_out),
-                        mean_abs_diff(&x, &b.computed_in),
+                        common::mean_abs_diff(&prediction, &b.prev_out),
+                        common::mean_abs_diff(&x, &b.computed_in),
                     )
                 };
                 if k == 0 {
@@ -337,17 +311,6 @@ fn hand_loop(
     run
 }
 
-/// Case 0 of the wan-small example: noise, caption, negative caption.
-fn case_inputs(example: &Path) -> (Tensor, Tensor, Tensor) {
-    let tensors = ditc::tensors::read_safetensors(&example.join("inputs.safetensors")).unwrap();
-    let get = |name: &str| common::named(&tensors, &format!("0.{name}")).clone();
-    (
-        get("noise"),
-        get("encoder_hidden_states"),
-        get("negative_encoder_hidden_states"),
-    )
-}
-
 /// Convert with `sets`, run `ditc run --trace --compare-full --json`, run the hand loop, and compare
 /// every decision and metric and the final latent. Returns the run's report (JSON) and the hand run.
 fn check_against_hand_loop(
@@ -372,27 +335,16 @@ fn check_against_hand_loop(
         follow,
         "{label}"
     );
-    let trace = tmp.path().join("trace.json");
-    let sample = tmp.path().join("s.safetensors");
-    let stdout = ditc_ok(&strs(&run_args(
-        &out.join("manifest.json"),
-        &example.join("inputs.safetensors"),
-        "0.",
-        &sample,
-        &[
-            "--trace",
-            trace.to_str().unwrap(),
-            "--compare-full",
-            "--json",
-        ],
-    )));
-    let report: Value = serde_json::from_slice(&stdout).unwrap();
-    let t: Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
-    let steps = t["steps"].as_array().unwrap();
+    let (report, steps) =
+        common::run_traced_case0(&out.join("manifest.json"), &example, tmp.path());
 
     let bundle = Bundle::open(&out.join("manifest.json")).unwrap();
-    let plain = ditc::models::read_model_or_checkpoint(&example.join("ckpt"), &shapes()).unwrap();
-    let (noise, text, negative) = case_inputs(&example);
+    let plain = ditc::models::read_model_or_checkpoint(
+        &example.join("ckpt"),
+        &common::wan_small_build_options(),
+    )
+    .unwrap();
+    let (noise, text, negative) = common::wan_small_case0(&example);
     let hand = hand_loop(
         &bundle,
         &plain,
@@ -430,7 +382,7 @@ fn check_against_hand_loop(
             }
         }
     }
-    let latent = ditc::tensors::read_safetensors(&sample).unwrap();
+    let latent = ditc::tensors::read_safetensors(&tmp.path().join("s.safetensors")).unwrap();
     let f = compare(&common::f32_named(&latent, "sample"), &hand.latent);
     eprintln!("{label}: traced metric vs hand loop worst relative {worst:.2e}; final latent vs hand loop rel-L2 {:.2e}", f.rel_l2);
     assert!(worst < 1e-4, "{label}: metric differs by {worst:.2e}");

@@ -460,3 +460,65 @@ impl StackProbe {
         f32_named(&self.rest.run(&rest_inputs).unwrap(), "sample")
     }
 }
+
+/// The shapes wan-small is built at (`WAN_SMALL_SHAPES` as build options).
+pub fn wan_small_build_options() -> ditc::models::BuildOptions {
+    ditc::models::BuildOptions {
+        frames: Some(8),
+        height: Some(16),
+        width: Some(16),
+        text_len: Some(4),
+        ..Default::default()
+    }
+}
+
+/// `mean(|a - b|)` in f64.
+pub fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+/// `mean(|a|)` in f64.
+pub fn mean_abs(a: &[f32]) -> f64 {
+    a.iter().map(|x| (*x as f64).abs()).sum::<f64>() / a.len() as f64
+}
+
+/// Case 0 of wan-small's `inputs.safetensors` in `example`: noise, text and negative text.
+pub fn wan_small_case0(example: &Path) -> (Tensor, Tensor, Tensor) {
+    let tensors = ditc::tensors::read_safetensors(&example.join("inputs.safetensors")).unwrap();
+    let get = |name: &str| named(&tensors, &format!("0.{name}")).clone();
+    (
+        get("noise"),
+        get("encoder_hidden_states"),
+        get("negative_encoder_hidden_states"),
+    )
+}
+
+/// `ditc run --trace --compare-full --json` of the bundle `manifest` on case 0 of `example`'s
+/// inputs, files in `dir`: the run's JSON report and the trace's steps.
+pub fn run_traced_case0(
+    manifest: &Path,
+    example: &Path,
+    dir: &Path,
+) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let trace = dir.join("trace.json");
+    let sample = dir.join("s.safetensors");
+    let stdout = ditc_ok(&strs(&run_args(
+        manifest,
+        &example.join("inputs.safetensors"),
+        "0.",
+        &sample,
+        &[
+            "--trace",
+            trace.to_str().unwrap(),
+            "--compare-full",
+            "--json",
+        ],
+    )));
+    let report: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    (report, t["steps"].as_array().unwrap().clone())
+}
