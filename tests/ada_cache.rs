@@ -38,10 +38,6 @@ fn drive(rule: &mut Rule, steps: usize, measured: &[(f64, f64)]) -> (Vec<bool>, 
     (decisions, distances)
 }
 
-fn show(d: &[bool]) -> String {
-    d.iter().map(|&c| if c { 'C' } else { '-' }).collect()
-}
-
 #[test]
 fn the_rule_on_a_hand_worked_sequence() {
     // 16 steps, codebook {0.25: 4, 0.5: 2, 1.0: 1}, MoReg in 1-based steps [4, 12], norm 0.5,
@@ -76,7 +72,7 @@ fn the_rule_on_a_hand_worked_sequence() {
     ];
     let (d, m) = drive(&mut rule, 16, &measured);
     // n = 1 computes (no reference), 2 = 1 + rate 1, 6 = 2 + 4, 10 = 6 + 4, 12 = 10 + 2, 14, 15, 16.
-    assert_eq!(show(&d), "CC---C---C-C-CCC");
+    assert_eq!(common::show_decisions(&d), "CC---C---C-C-CCC");
     let got: Vec<f64> = m.iter().flatten().copied().collect();
     assert_eq!(got, [0.125, 0.0546875, 0.296875, 0.25, 1.5, 0.25, 0.125]);
     assert_eq!(m[0], None, "the first step measures nothing");
@@ -120,7 +116,7 @@ fn the_rule_on_a_recorded_sequence() {
     //        g = 10 (1 - 1.5472e-4) / 6 = 1.666409: d = 0.267651: < 0.32: rate 3.
     // n = 50: d = 0.359084 / 3 = 0.119695, m = 1, g = 0: rate 5.
     assert_eq!(
-        show(&d),
+        common::show_decisions(&d),
         "CC-----C-----C-----C-----C-----C-----C-----C----CC"
     );
     let got: Vec<f64> = m.iter().flatten().copied().collect();
@@ -281,32 +277,7 @@ fn check_against_hand_loop(label: &str, sets: &[&str], o: &AdaCacheOptions) -> (
     let (noise, text, negative) = common::wan_small_case0(&example);
     let hand = hand_loop(&bundle, &plain, o, block, [&text, &negative], &noise);
 
-    let mut worst = 0.0f64;
-    for (k, branch) in ["cond", "uncond"].iter().enumerate() {
-        let traced: Vec<bool> = steps
-            .iter()
-            .map(|s| s[branch]["computed"].as_bool().unwrap())
-            .collect();
-        eprintln!("{label} {branch}: ditc {}", show(&traced));
-        eprintln!("{label} {branch}: hand {}", show(&hand.decisions[k]));
-        assert_eq!(
-            traced, hand.decisions[k],
-            "{label} {branch}: decisions per step"
-        );
-        for (n, (s, want)) in steps.iter().zip(&hand.distances[k]).enumerate() {
-            let got = s[branch]["metric"].as_f64();
-            match want {
-                None => assert!(
-                    got.is_none(),
-                    "{label} {branch} step {n}: traced {got:?}, the rule measured nothing"
-                ),
-                Some(want) => {
-                    let got = got.unwrap_or_else(|| panic!("{label} {branch} step {n}: no metric"));
-                    worst = worst.max((got - want).abs() / want.abs().max(1e-30));
-                }
-            }
-        }
-    }
+    let worst = common::traced_metrics_worst(label, &steps, &hand.decisions, &hand.distances);
     let latent = ditc::tensors::read_safetensors(&tmp.path().join("s.safetensors")).unwrap();
     let f = compare(&common::f32_named(&latent, "sample"), &hand.latent);
     eprintln!("{label}: traced distance vs hand loop worst relative {worst:.2e}; final latent vs hand loop rel-L2 {:.2e}", f.rel_l2);

@@ -355,33 +355,7 @@ fn check_against_hand_loop(
         forecast,
     );
 
-    let show = |d: &[bool]| -> String { d.iter().map(|&c| if c { 'C' } else { '-' }).collect() };
-    let mut worst = 0.0f64;
-    for (k, branch) in ["cond", "uncond"].iter().enumerate() {
-        let traced: Vec<bool> = steps
-            .iter()
-            .map(|s| s[branch]["computed"].as_bool().unwrap())
-            .collect();
-        eprintln!("{label} {branch}: ditc {}", show(&traced));
-        eprintln!("{label} {branch}: hand {}", show(&hand.decisions[k]));
-        assert_eq!(
-            traced, hand.decisions[k],
-            "{label} {branch}: decisions per step"
-        );
-        for (n, (s, want)) in steps.iter().zip(&hand.metrics[k]).enumerate() {
-            let got = s[branch]["metric"].as_f64();
-            match want {
-                None => assert!(
-                    got.is_none(),
-                    "{label} {branch} step {n}: traced metric {got:?}, the rule has none"
-                ),
-                Some(want) => {
-                    let got = got.unwrap_or_else(|| panic!("{label} {branch} step {n}: no metric"));
-                    worst = worst.max((got - want).abs() / want.abs());
-                }
-            }
-        }
-    }
+    let worst = common::traced_metrics_worst(label, &steps, &hand.decisions, &hand.metrics);
     let latent = ditc::tensors::read_safetensors(&tmp.path().join("s.safetensors")).unwrap();
     let f = compare(&common::f32_named(&latent, "sample"), &hand.latent);
     eprintln!("{label}: traced metric vs hand loop worst relative {worst:.2e}; final latent vs hand loop rel-L2 {:.2e}", f.rel_l2);

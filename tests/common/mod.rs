@@ -522,3 +522,43 @@ pub fn run_traced_case0(
     let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
     (report, t["steps"].as_array().unwrap().clone())
 }
+
+/// Decisions as a line of `C` (computed) and `-` (reused), for test logs.
+pub fn show_decisions(d: &[bool]) -> String {
+    d.iter().map(|&c| if c { 'C' } else { '-' }).collect()
+}
+
+/// Check a `--trace`'s steps against a hand loop's per-branch (cond, uncond) decisions and metrics:
+/// every decision equal, a metric traced exactly where the hand loop measured one. Returns the
+/// worst relative difference of the traced metrics.
+pub fn traced_metrics_worst(
+    label: &str,
+    steps: &[serde_json::Value],
+    decisions: &[Vec<bool>; 2],
+    metrics: &[Vec<Option<f64>>; 2],
+) -> f64 {
+    let mut worst = 0.0f64;
+    for (k, branch) in ["cond", "uncond"].iter().enumerate() {
+        let traced: Vec<bool> = steps
+            .iter()
+            .map(|s| s[branch]["computed"].as_bool().unwrap())
+            .collect();
+        eprintln!("{label} {branch}: ditc {}", show_decisions(&traced));
+        eprintln!("{label} {branch}: hand {}", show_decisions(&decisions[k]));
+        assert_eq!(traced, decisions[k], "{label} {branch}: decisions per step");
+        for (n, (s, want)) in steps.iter().zip(&metrics[k]).enumerate() {
+            let got = s[branch]["metric"].as_f64();
+            match want {
+                None => assert!(
+                    got.is_none(),
+                    "{label} {branch} step {n}: traced metric {got:?}, the rule measured none"
+                ),
+                Some(want) => {
+                    let got = got.unwrap_or_else(|| panic!("{label} {branch} step {n}: no metric"));
+                    worst = worst.max((got - want).abs() / want.abs().max(1e-30));
+                }
+            }
+        }
+    }
+    worst
+}
