@@ -45,13 +45,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::stack::{find_stack, Stack};
 use crate::analysis::{AttentionKind, DitMap};
-use crate::ir::{
-    infer_types, sort_topologically, AttrValue, DataType, Dim, Graph, Model, Node, ValueInfo,
-};
+use crate::ir::{infer_types, sort_topologically, AttrValue, DataType, Graph, Model, Node};
 use crate::manifest::{InGraphDecisions, Schedule};
 use crate::passes::broadcast_adaptive::{bake_stack_with, IfExtra};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
-use crate::schedule::emitter::{zero_state_bindings, Emitter};
+use crate::schedule::emitter::{declare_states, zero_state_bindings, Emitter};
 use crate::schedule::first_block_cache::{DECISION, METRIC};
 use crate::schedule::Group;
 
@@ -437,20 +435,7 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
         (PREV_MOREG, (DataType::F32, Vec::new())),
         (MOREG_SEEN, (DataType::Bool, Vec::new())),
     ];
-    let dims = |s: &[i64]| s.iter().map(|&d| Dim::Value(d)).collect::<Vec<_>>();
-    for (v, (t, s)) in &states {
-        graph
-            .inputs
-            .push(ValueInfo::tensor(&state_in(v), *t, dims(s)));
-        graph
-            .outputs
-            .push(ValueInfo::tensor(&state_out(v), *t, dims(s)));
-    }
-    if !graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
-        graph
-            .inputs
-            .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
-    }
+    declare_states(&mut graph, &states, state_in, state_out);
     let mut e = Emitter::new("ada", opset);
     let rule = Rule::new(o, steps)?;
     emit(&mut e, &rule, &latest, per_frame, tokens);

@@ -54,12 +54,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::stack::find_stack;
 use crate::ir::{
-    infer_types, sort_topologically, AttrValue, DataType, Dim, Model, Node, TypeMap, ValueInfo,
+    infer_types, sort_topologically, AttrValue, DataType, Model, Node, TypeMap, ValueInfo,
 };
 use crate::manifest::{InGraphDecisions, Schedule};
 use crate::passes::broadcast_adaptive::{bake_stack, BRANCH_INPUT, FORECAST_WEIGHTS};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
-use crate::schedule::emitter::{zero_state_bindings, Emitter};
+use crate::schedule::emitter::{declare_states, zero_state_bindings, Emitter};
 use crate::schedule::first_block_cache::{DECISION, METRIC};
 use crate::schedule::forecast::Taylor;
 use crate::schedule::Group;
@@ -252,20 +252,7 @@ pub fn bake(
                 .map(|v| (*v, (DataType::I64, Vec::new()))),
         );
     }
-    let dims = |shape: &[i64]| shape.iter().map(|&d| Dim::Value(d)).collect::<Vec<_>>();
-    for (v, (dtype, shape)) in &states {
-        graph
-            .inputs
-            .push(ValueInfo::tensor(&state_in(v), *dtype, dims(shape)));
-        graph
-            .outputs
-            .push(ValueInfo::tensor(&state_out(v), *dtype, dims(shape)));
-    }
-    if !graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
-        graph
-            .inputs
-            .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
-    }
+    declare_states(&mut graph, &states, state_in, state_out);
     if follow {
         graph
             .inputs

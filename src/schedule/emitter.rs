@@ -4,8 +4,9 @@
 
 use anyhow::{Context, Result};
 
-use crate::ir::{sort_topologically, AttrValue, DataType, Graph, Node, Tensor, ValueInfo};
+use crate::ir::{sort_topologically, AttrValue, DataType, Dim, Graph, Node, Tensor, ValueInfo};
 use crate::manifest::StateBinding;
+use crate::passes::STEP_INPUT;
 use crate::schedule::first_block_cache::{DECISION, METRIC};
 use crate::schedule::Group;
 
@@ -142,4 +143,28 @@ pub fn zero_state_bindings(
             initial: "zeros".into(),
         })
         .collect()
+}
+
+/// Declare a policy's states (`(name, (dtype, shape))`) as graph inputs `state_in(name)` and
+/// outputs `state_out(name)`, and the step input `ditc.step` unless the graph has it.
+pub fn declare_states(
+    graph: &mut Graph,
+    states: &[(&str, (DataType, Vec<i64>))],
+    state_in: fn(&str) -> String,
+    state_out: fn(&str) -> String,
+) {
+    let dims = |shape: &[i64]| shape.iter().map(|&d| Dim::Value(d)).collect::<Vec<_>>();
+    for (v, (dtype, shape)) in states {
+        graph
+            .inputs
+            .push(ValueInfo::tensor(&state_in(v), *dtype, dims(shape)));
+        graph
+            .outputs
+            .push(ValueInfo::tensor(&state_out(v), *dtype, dims(shape)));
+    }
+    if !graph.inputs.iter().any(|i| i.name == STEP_INPUT) {
+        graph
+            .inputs
+            .push(ValueInfo::tensor(STEP_INPUT, DataType::I64, vec![]));
+    }
 }
