@@ -181,16 +181,9 @@ fn convert(ckpt: &Path, recipe: &Path, threshold: Option<f64>, out: &Path) {
         "-o",
         out.to_str().unwrap(),
         "--no-progress",
-        "--frames",
-        "8",
-        "--height",
-        "16",
-        "--width",
-        "16",
-        "--text-len",
-        "4",
     ]
     .iter()
+    .chain(&common::WAN_SMALL_SHAPES)
     .map(|s| s.to_string())
     .collect();
     if let Some(t) = threshold {

@@ -136,16 +136,7 @@ fn wan_small(root: &Path, tmp: &Path) -> Case {
     let ckpt = root.join("examples/wan-small/ckpt");
     let status = Command::new(env!("CARGO_BIN_EXE_ditc"))
         .args(["convert", ckpt.to_str().unwrap()])
-        .args([
-            "--frames",
-            "8",
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--text-len",
-            "4",
-        ])
+        .args(common::WAN_SMALL_SHAPES)
         .arg("--recipe")
         .arg(root.join("passes/wan-cfg.toml"))
         .arg("-o")

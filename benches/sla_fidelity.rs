@@ -12,20 +12,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn convert(root: &Path, recipe: &str, sets: &[String], out: &Path) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ditc"));
     cmd.arg("convert")
         .arg(root.join("examples/wan-small/ckpt"))
-        .args([
-            "--frames",
-            "8",
-            "--height",
-            "16",
-            "--width",
-            "16",
-            "--text-len",
-            "4",
-        ])
+        .args(common::WAN_SMALL_SHAPES)
         .arg("--recipe")
         .arg(root.join(recipe))
         .arg("-o")

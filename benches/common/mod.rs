@@ -1,5 +1,6 @@
 //! Helpers shared by the benches (each bench is its own crate and includes this with `mod common;`):
-//! command-line values, PASS/FAIL lines for bounds, and running the ditc binary with its peak RSS.
+//! command-line values, PASS/FAIL lines for bounds, running the ditc binary with its peak RSS, and
+//! wan-small's shape flags.
 #![allow(dead_code)]
 
 use std::process::Command;
@@ -49,3 +50,15 @@ pub fn kilobytes(rss: &str) -> u64 {
         .parse()
         .unwrap_or(u64::MAX)
 }
+
+/// The `ditc convert` shape flags wan-small (examples/wan-small) is built at.
+pub const WAN_SMALL_SHAPES: [&str; 8] = [
+    "--frames",
+    "8",
+    "--height",
+    "16",
+    "--width",
+    "16",
+    "--text-len",
+    "4",
+];
