@@ -47,6 +47,8 @@ pub struct SmallMatMul {
     n: Stride,
     k: Stride,
     output: Vec<usize>,
+    /// Whether [`vector::one_batch_avx2`] computes it (decided once, at placement).
+    vector: bool,
 }
 
 impl Op for SmallMatMul {
@@ -65,7 +67,7 @@ impl EvalOp for SmallMatMul {
         let b = inputs[1].try_as_plain_ram()?;
         let (a, b) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
         // The vector kernel writes every output; the scalar one accumulates into zeros.
-        let mut out = if self.vector_rows() {
+        let mut out = if self.vector {
             // SAFETY: `one_batch_avx2` writes every output value before the tensor is read.
             unsafe { TractTensor::uninitialized::<f32>(&self.output)? }
         } else {
@@ -89,8 +91,8 @@ impl SmallMatMul {
 
     fn one_batch(&self, a: &[f32], b: &[f32], c: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if self.vector_rows() {
-            // SAFETY: `vector_rows` checked the CPU and the layout `one_batch_avx2` needs.
+        if self.vector {
+            // SAFETY: `vector_rows` checked the CPU and the layout `one_batch_avx2` needs (at placement).
             unsafe { vector::one_batch_avx2(self, a, b, c) };
             return;
         }
@@ -104,21 +106,19 @@ impl SmallMatMul {
     }
 }
 
-impl SmallMatMul {
-    /// Whether [`vector::one_batch_avx2`] computes this product: rows of 4, 8 or 16 outputs
-    /// contiguous in `c`, `b` contiguous along n or along k, on a CPU with AVX2 and FMA.
-    fn vector_rows(&self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let layout = self.n.c == 1 && (self.n.b == 1 || self.k.b == 1);
-            layout
-                && matches!(self.n.extent, 4 | 8 | 16)
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        false
+/// Whether [`vector::one_batch_avx2`] computes a product of these axes: rows of 4, 8 or 16 outputs
+/// contiguous in `c`, `b` contiguous along n or along k, on a CPU with AVX2 and FMA.
+fn vector_rows(n: &Stride, k: &Stride) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let layout = n.c == 1 && (n.b == 1 || k.b == 1);
+        layout
+            && matches!(n.extent, 4 | 8 | 16)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Call `one(a_offset, b_offset, c)` for every batch of a product over `batch` axes, `c` starting at
@@ -224,7 +224,7 @@ mod vector {
     const MAX_ROW: usize = 16;
 
     /// # Safety
-    /// The CPU must have AVX2 and FMA, and `op` the layout [`SmallMatMul::vector_rows`] checks.
+    /// The CPU must have AVX2 and FMA, and `op` the layout [`vector_rows`] checks.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn one_batch_avx2(op: &SmallMatMul, a: &[f32], b: &[f32], c: &mut [f32]) {
         let (m, n, k) = (op.m, op.n, op.k);
@@ -394,16 +394,20 @@ fn small_matmul_for(model: &TypedModel, node: &TypedNode) -> TractResult<Option<
     if k.extent > SMALL_DEPTH || !contiguous {
         return Ok(None);
     }
-    let op = SmallMatMul {
+    let vector = vector_rows(&n, &k);
+    // The vector rows kernel takes any number of rows (Latte's cross-attention values: 64 rows
+    // of 16 over 4 tokens); the scalar one only small tiles.
+    if m.extent * n.extent > SMALL_TILE && !vector {
+        return Ok(None);
+    }
+    Ok(Some(SmallMatMul {
         batch,
         m,
         n,
         k,
         output,
-    };
-    // The vector rows kernel takes any number of rows (Latte's cross-attention values: 64 rows
-    // of 16 over 4 tokens); the scalar one only small tiles.
-    Ok((m.extent * n.extent <= SMALL_TILE || op.vector_rows()).then_some(op))
+        vector,
+    }))
 }
 
 /// A batched matrix product's axes as they lie in memory: `c[batch, m, n] = Σ_k a[batch, m, k] ·
