@@ -462,3 +462,93 @@ fn narrow_slices_copy_every_value_where_the_slice_says() {
         }
     }
 }
+
+/// A DiT block's element-wise strings: the tanh GELU of the feed-forward (`h` used four times),
+/// then adaLN's `y * (1 + scale) + shift` with per-frame `[F, 1, C]` operands broadcast over the
+/// tokens, an `Abs` (a unary op run through tract's generic in-place evaluation) and a division.
+/// The runtime runs each string as one `FusedElementwise` (two groups:
+/// the GELU output also leaves the graph), bit for bit what tract's own ops give, and against f64.
+#[test]
+fn element_wise_strings_run_fused_bit_for_bit() {
+    let (f, n, c) = (3usize, 37usize, 24usize);
+    let full = [f as i64, n as i64, c as i64];
+    let per_frame = [f as i64, 1, c as i64];
+    let h: Vec<f32> = values(f * n * c, 5).iter().map(|v| v * 4.0).collect();
+    let scale = values(f * c, 17);
+    let shift = values(f * c, 19);
+    let scalar = |name: &str, v: f32| Tensor::from_f32(name, vec![], &[v]);
+    let mut model = graph(
+        vec![
+            ValueInfo::tensor("h", DataType::F32, dims(&full)),
+            ValueInfo::tensor("scale", DataType::F32, dims(&per_frame)),
+            ValueInfo::tensor("shift", DataType::F32, dims(&per_frame)),
+        ],
+        &full,
+        vec![
+            Node::new("sq", "Mul", &["h", "h"], &["h2"]),
+            Node::new("cube", "Mul", &["h", "h2"], &["h3"]),
+            Node::new("k", "Mul", &["c0", "h3"], &["t"]),
+            Node::new("inner", "Add", &["h", "t"], &["a"]),
+            Node::new("s", "Mul", &["c1", "a"], &["b"]),
+            Node::new("tanh", "Tanh", &["b"], &["th"]),
+            Node::new("one", "Add", &["c2", "th"], &["u"]),
+            Node::new("hu", "Mul", &["h", "u"], &["w"]),
+            Node::new("half", "Mul", &["c3", "w"], &["gelu"]),
+            Node::new("onep", "Add", &["scale", "c2"], &["sc1"]),
+            Node::new("mod", "Mul", &["gelu", "sc1"], &["m"]),
+            Node::new("add_shift", "Add", &["m", "shift"], &["ms"]),
+            Node::new("abs", "Abs", &["ms"], &["ams"]),
+            Node::new("div", "Div", &["ams", "c4"], &["y"]),
+        ],
+        vec![
+            scalar("c0", 0.044715),
+            scalar("c1", 0.797_884_6),
+            scalar("c2", 1.0),
+            scalar("c3", 0.5),
+            scalar("c4", 3.0),
+        ],
+    );
+    model
+        .graph
+        .outputs
+        .push(ValueInfo::tensor("gelu", DataType::F32, dims(&full)));
+    let feed = [
+        Tensor::from_f32("h", full.to_vec(), &h),
+        Tensor::from_f32("scale", per_frame.to_vec(), &scale),
+        Tensor::from_f32("shift", per_frame.to_vec(), &shift),
+    ];
+    let runner = TractRunner::new(&model, &feed).unwrap();
+    let ops = runner.plan_ops();
+    let fused = ops.iter().filter(|o| *o == "FusedElementwise").count();
+    assert_eq!(fused, 2, "{ops:?}");
+    assert!(!ops.iter().any(|o| o == "Tanh"), "{ops:?}");
+    let got = runner.run(&feed).unwrap();
+    let reference = TractRunner::without_rewrites(&model, &feed)
+        .unwrap()
+        .run(&feed)
+        .unwrap();
+    for (g, r) in got.iter().zip(&reference) {
+        let (g, r) = (g.to_f32_vec().unwrap(), r.to_f32_vec().unwrap());
+        let differing = g
+            .iter()
+            .zip(&r)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differing, 0, "{differing} of {} values differ", g.len());
+    }
+    let (y, gelu) = (got[0].to_f32_vec().unwrap(), got[1].to_f32_vec().unwrap());
+    for (flat, ix) in indices(&[f, n, c]).iter().enumerate() {
+        let x = h[flat] as f64;
+        let want_gelu = 0.5
+            * x
+            * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh());
+        let pf = at(&[f, 1, c], ix);
+        let want = (want_gelu * (1.0 + scale[pf] as f64) + shift[pf] as f64).abs() / 3.0;
+        assert!((gelu[flat] as f64 - want_gelu).abs() < 1e-5, "gelu {ix:?}");
+        assert!(
+            (y[flat] as f64 - want).abs() < 1e-5,
+            "y {ix:?}: {} vs {want}",
+            y[flat]
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Running graphs on CPU: the verifier every claim is measured with.
 
 pub mod conditional;
+mod fused_elementwise;
 mod narrow_slice;
 mod rewrite;
 pub mod sampling;

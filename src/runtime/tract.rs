@@ -13,7 +13,7 @@ use tract_onnx::prelude::{
     Tensor as TractTensor, TypedRunnableModel,
 };
 
-use super::{narrow_slice, rewrite, short_softmax, small_kernels, tiled_matmul};
+use super::{fused_elementwise, narrow_slice, rewrite, short_softmax, small_kernels, tiled_matmul};
 use crate::ir::{DataType, Model, Tensor};
 use crate::onnx::model_to_bytes_inline;
 
@@ -103,11 +103,14 @@ impl TractRunner {
         let mut typed = tract_model.into_typed().map_err(cannot_run)?;
         typed.declutter().map_err(cannot_run)?;
         if rewrites {
-            rewrite::expand_broadcast_operands(&mut typed)?;
             tiled_matmul::use_tiled_matmuls(&mut typed).map_err(cannot_run)?;
             small_kernels::use_small_matmuls(&mut typed).map_err(cannot_run)?;
             short_softmax::use_short_softmaxes(&mut typed).map_err(cannot_run)?;
             narrow_slice::use_narrow_slices(&mut typed).map_err(cannot_run)?;
+            // After the product kernels (which match patterns that include element-wise ops) and
+            // before broadcasts are expanded (a group reads broadcast operands in place).
+            fused_elementwise::use_fused_elementwise(&mut typed).map_err(cannot_run)?;
+            rewrite::expand_broadcast_operands(&mut typed)?;
         }
         // `optimize`, not `into_optimized`: the latter would declutter again.
         let plan = typed
