@@ -144,8 +144,8 @@ impl EvalOp for FusedElementwise {
         {
             let mut plain = out.try_as_plain_ram_mut()?;
             let c = plain.as_slice_mut::<f32>()?;
-            let threads = rayon::current_num_threads();
-            if c.len() >= PARALLEL_OUTPUTS && threads > 1 {
+            if c.len() >= PARALLEL_OUTPUTS && super::tract::split_over_threads() {
+                let threads = rayon::current_num_threads();
                 let per_task = c.len().div_ceil(4 * threads).div_ceil(CHUNK) * CHUNK;
                 c.par_chunks_mut(per_task)
                     .enumerate()

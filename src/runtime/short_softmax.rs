@@ -59,8 +59,13 @@ impl EvalOp for ShortSoftmax {
         {
             let mut plain = output.try_as_plain_ram_mut()?;
             let data = plain.as_slice_mut::<f32>()?;
-            data.par_chunks_mut(self.row * ROWS_PER_TASK)
-                .try_for_each(|rows| self.rows(rows))?;
+            if super::tract::split_over_threads() {
+                data.par_chunks_mut(self.row * ROWS_PER_TASK)
+                    .try_for_each(|rows| self.rows(rows))?;
+            } else {
+                data.chunks_mut(self.row * ROWS_PER_TASK)
+                    .try_for_each(|rows| self.rows(rows))?;
+            }
         }
         Ok(tvec!(output.into_tvalue()))
     }

@@ -135,7 +135,7 @@ pub(super) fn for_each_batch(
         .iter()
         .position(|s| s.c * s.extent == c.len() && s.extent > 1);
     match outer {
-        Some(axis) if rayon::current_num_threads() > 1 => {
+        Some(axis) if super::tract::split_over_threads() => {
             let s = batch[axis];
             let rest: Vec<Stride> = [&batch[..axis], &batch[axis + 1..]].concat();
             c.par_chunks_mut(s.c).enumerate().for_each(|(i, c)| {

@@ -356,6 +356,14 @@ pub fn set_threads(threads: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether the runtime's own kernels split work over threads: only when `--threads` asked for more
+/// than one (then a call runs inside the runtime's pool). rayon's `current_num_threads` alone
+/// would answer for its global pool on a single-threaded run.
+pub(super) fn split_over_threads() -> bool {
+    use tract_linalg::multithread::{current_tract_executor, Executor};
+    matches!(current_tract_executor(), Executor::MultiThread(p) if p.current_num_threads() > 1)
+}
+
 /// Run `f` on one of the pool's threads when there is a pool: tract's parallel kernels then split
 /// work from inside the pool instead of handing each kernel over to it and waiting (a wake-up and a
 /// sleep per kernel, which cost more than the kernels of small models gain).
