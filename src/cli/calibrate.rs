@@ -1,4 +1,5 @@
-//! `ditc calibrate MODEL --recipe R --inputs IN --cases 1,2 -o stats.json`: activation ranges for W8A8.
+//! `ditc calibrate MODEL --recipe R --inputs IN --cases 1,2 -o stats.json`: activation ranges for W8A8
+//! (and, with `quantize-attention` in format `fp8` in the recipe, Q, Kᵀ, P and V of its attention sites).
 //! With `--mag-ratios`: MagCache's magnitude ratios per guidance branch instead
 //! ([`crate::calibration::mag_ratios`]), written as the ratios file `mag_ratios` can name. With
 //! `--profile`: the drift profile of every cached quantity ([`crate::calibration::profile`]) and its
