@@ -8,6 +8,11 @@
 //! the dense run (`passes/wan-cfg.toml`), the attention FLOPs kept (score and value products over
 //! all sites and calls, counted by the graph at run time), and the relative L2 error of one
 //! conditional call on case 0's noise at timestep 500 (step 25) against the dense graph's.
+//!
+//! Quantized attention rows (`quantize-attention`): `fp8` (`passes/wan-fp8-attention.toml`, amax
+//! calibrated by `ditc calibrate` on case 1) and `sage` per_thread and per_block
+//! (`passes/wan-sage.toml`), same columns. `-- --only quantized` runs just those rows, `-- --only
+//! sparse` just the sparse ones.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +34,23 @@ fn convert(root: &Path, recipe: &str, sets: &[String], out: &Path) {
     }
     let status = cmd.status().expect("ditc runs");
     assert!(status.success(), "convert {sets:?}");
+}
+
+/// `ditc calibrate` wan-small with `recipe` on case 1 into `out` (stats.json).
+fn calibrate(root: &Path, recipe: &str, out: &Path) {
+    let status = Command::new(env!("CARGO_BIN_EXE_ditc"))
+        .arg("calibrate")
+        .arg(root.join("examples/wan-small/ckpt"))
+        .args(common::WAN_SMALL_SHAPES)
+        .arg("--recipe")
+        .arg(root.join(recipe))
+        .arg("--inputs")
+        .arg(root.join("examples/wan-small/inputs.safetensors"))
+        .args(["--cases", "1", "--no-progress", "-o"])
+        .arg(out)
+        .status()
+        .expect("ditc runs");
+    assert!(status.success(), "calibrate {recipe}");
 }
 
 fn sample(root: &Path, bundle: &Path) -> (Vec<f32>, ditc::cli::run::Report) {
@@ -78,8 +100,32 @@ fn one_call(root: &Path, bundle: &Path) -> Vec<f32> {
     out[0].to_f32_vec().expect("f32")
 }
 
+/// One table row: convert `recipe` with `sets`, sample case 0, compare with the dense run.
+fn row(
+    root: &Path,
+    recipe: &str,
+    sets: &[String],
+    out: &Path,
+    full: &[f32],
+    full_call: &[f32],
+) -> String {
+    convert(root, recipe, sets, out);
+    let (latent, report) = sample(root, out);
+    let f = ditc::metrics::compare(&latent, full);
+    let call = ditc::metrics::compare(&one_call(root, out), full_call);
+    format!(
+        "{:.2} | {:.5} | {:.4} | {:.1}% | {:.2e} |",
+        f.psnr_db,
+        f.cosine,
+        f.rel_l2,
+        100.0 * report.attention_flops_kept_fraction,
+        call.rel_l2
+    )
+}
+
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let only = common::arg("--only");
     let tmp = tempfile::tempdir().expect("temp dir");
     let dense = tmp.path().join("dense");
     convert(&root, "passes/wan-cfg.toml", &[], &dense);
@@ -87,6 +133,48 @@ fn main() {
     let full_call = one_call(&root, &dense);
     println!("| selection | dense warm-up | PSNR (dB) | cosine | rel-L2 | attention FLOPs kept | one call: rel-L2 |");
     println!("|---|---|---|---|---|---|---|");
+    if only.as_deref() != Some("quantized") {
+        sparse_rows(&root, tmp.path(), &full, &full_call);
+    }
+    if only.as_deref() != Some("sparse") {
+        let stats = tmp.path().join("stats.json");
+        calibrate(&root, "passes/wan-fp8-attention.toml", &stats);
+        let set = format!(
+            "quantize-attention.calibration_stats={}",
+            toml_string(&stats)
+        );
+        let out = tmp.path().join("fp8");
+        let cells = row(
+            &root,
+            "passes/wan-fp8-attention.toml",
+            &[set],
+            &out,
+            &full,
+            &full_call,
+        );
+        println!("| `quantize-attention` `fp8` | none | {cells}");
+        for g in ["per_thread", "per_block"] {
+            let out = tmp.path().join(g);
+            let sets = [format!("quantize-attention.granularity={g}")];
+            let cells = row(
+                &root,
+                "passes/wan-sage.toml",
+                &sets,
+                &out,
+                &full,
+                &full_call,
+            );
+            println!("| `quantize-attention` `sage` `{g}` | none | {cells}");
+        }
+    }
+}
+
+/// `path` as a TOML string (for `--set`).
+fn toml_string(path: &Path) -> String {
+    toml::Value::String(path.display().to_string()).to_string()
+}
+
+fn sparse_rows(root: &Path, tmp: &Path, full: &[f32], full_call: &[f32]) {
     let selections = [
         "topk=0.5",
         "topk=0.3",
@@ -97,25 +185,15 @@ fn main() {
     ];
     for (i, selection) in selections.iter().enumerate() {
         for warm in [0, 10] {
-            let out = tmp.path().join(format!("row{i}-{warm}"));
+            let out = tmp.join(format!("row{i}-{warm}"));
             let mut sets: Vec<String> = selection
                 .split(' ')
                 .map(|s| format!("sparse-linear-attention.{s}"))
                 .collect();
             sets.push(format!("sparse-linear-attention.dense_steps={warm}"));
-            convert(&root, "passes/wan-sla.toml", &sets, &out);
-            let (latent, report) = sample(&root, &out);
-            let f = ditc::metrics::compare(&latent, &full);
-            let call = ditc::metrics::compare(&one_call(&root, &out), &full_call);
-            println!(
-                "| `{selection}` | {} | {:.2} | {:.5} | {:.4} | {:.1}% | {:.2e} |",
-                if warm > 0 { "10 steps" } else { "none" },
-                f.psnr_db,
-                f.cosine,
-                f.rel_l2,
-                100.0 * report.attention_flops_kept_fraction,
-                call.rel_l2
-            );
+            let cells = row(root, "passes/wan-sla.toml", &sets, &out, full, full_call);
+            let warm = if warm > 0 { "10 steps" } else { "none" };
+            println!("| `{selection}` | {warm} | {cells}");
         }
     }
 }

@@ -11,6 +11,20 @@
 //! value beyond), and scaled by the sequence length: no gain at 1024 keys or fewer, the full curve at
 //! Wan's 32,760 keys and above, log-linear in between (an assumption: nothing between was measured).
 
+/// Quantized attention over BF16 attention (the same FLOPs), an assumption from published peaks, not
+/// measured by this project: FlashAttention-3 reports up to ~1.2 PFLOP/s in FP8 against up to
+/// ~740 TFLOP/s in BF16 on an H100 (Shah et al. 2024), a factor ~1.6. SageAttention2's INT8 Q·Kᵀ and
+/// FP8 P·V run on tensor cores whose dense INT8 and FP8 peaks are equal on an H100 (1979 TOPS and
+/// TFLOP/s, SXM), so the same factor is assumed for it.
+pub const FP8_ATTENTION_FACTOR: f64 = 1.6;
+pub const SAGE_ATTENTION_FACTOR: f64 = 1.6;
+
+/// Estimated milliseconds of `flops` score/value FLOPs of quantized attention (`factor` one of the
+/// constants above).
+pub fn quantized_ms(flops: u64, factor: f64) -> f64 {
+    dense_ms(flops) / factor
+}
+
 /// Dense SDPA throughput at Wan's shapes on an H100 (TFLOP/s).
 pub const DENSE_TFLOPS: f64 = 602.0;
 
@@ -72,7 +86,8 @@ mod tests {
         // Between the measured points: monotone.
         let (a, b) = (sparse_speedup(0.15, 32760), sparse_speedup(0.12, 32760));
         assert!(2.39 < a && a < b && b < 4.30, "{a} {b}");
-        // 602 TFLOP/s: 602e9 FLOPs take 1 ms.
+        // 602 TFLOP/s: 602e9 FLOPs take 1 ms; FP8 attention 1.6x faster.
         assert!((dense_ms(602_000_000_000) - 1.0).abs() < 1e-12);
+        assert!((quantized_ms(602_000_000_000, FP8_ATTENTION_FACTOR) - 0.625).abs() < 1e-12);
     }
 }

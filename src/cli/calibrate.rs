@@ -1,4 +1,5 @@
-//! `ditc calibrate MODEL --recipe R --inputs IN --cases 1,2 -o stats.json`: activation ranges for W8A8.
+//! `ditc calibrate MODEL --recipe R --inputs IN --cases 1,2 -o stats.json`: activation ranges for W8A8
+//! (and, with `quantize-attention` in format `fp8` in the recipe, Q, Kᵀ, P and V of its attention sites).
 //! With `--mag-ratios`: MagCache's magnitude ratios per guidance branch instead
 //! ([`crate::calibration::mag_ratios`]), written as the ratios file `mag_ratios` can name. With
 //! `--profile`: the drift profile of every cached quantity ([`crate::calibration::profile`]) and its
@@ -179,13 +180,23 @@ pub fn run(args: &Args) -> Result<()> {
     let map = analyse(&model);
     let io = detect_io(&model)?;
     let (targets, _) = select_targets(&model, &map, &options);
-    if targets.is_empty() {
+    // quantize-attention (fp8) in the recipe: Q, Kᵀ, P and V of its sites too.
+    let attention = match recipe
+        .passes
+        .iter()
+        .find(|p| p.name == "quantize-attention")
+    {
+        Some(p) => crate::passes::quantize_attention::calibration_values(&model, &map, &p.options)?,
+        None => Vec::new(),
+    };
+    if targets.is_empty() && attention.is_empty() {
         bail!(
             "no layer to quantize was found in '{}'",
             args.model.display()
         );
     }
     let mut activations: Vec<String> = targets.iter().map(|t| t.activation.clone()).collect();
+    activations.extend(attention);
     activations.sort();
     activations.dedup();
 

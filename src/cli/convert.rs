@@ -80,6 +80,13 @@ fn apply_target_defaults(recipe: &mut Recipe, target: crate::target::DeployTarge
     Ok(())
 }
 
+/// True if the recipe file at `path` lists the pass `name` (an unreadable recipe: false; loading it
+/// reports the error).
+fn recipe_has_pass(path: Option<&std::path::Path>, name: &str) -> bool {
+    path.and_then(|p| Recipe::load(p, &[]).ok())
+        .is_some_and(|r| r.passes.iter().any(|p| p.name == name))
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let manifest = convert(args)?;
     print_summary(args, &manifest);
@@ -93,7 +100,15 @@ pub fn convert(args: &Args) -> Result<Manifest> {
     let mut overrides = args.set.clone();
     if let Some(stats) = &args.calibration_stats {
         let text = toml::Value::String(stats.display().to_string()).to_string();
-        overrides.push(format!("quantize-w8a8.calibration_stats={text}"));
+        // The passes that read statistics: quantize-w8a8 (its error when the recipe has neither).
+        let recipe = args.recipe.as_deref();
+        let attention = recipe_has_pass(recipe, "quantize-attention");
+        if !attention || recipe_has_pass(recipe, "quantize-w8a8") {
+            overrides.push(format!("quantize-w8a8.calibration_stats={text}"));
+        }
+        if attention {
+            overrides.push(format!("quantize-attention.calibration_stats={text}"));
+        }
     }
     let mut recipe = match &args.recipe {
         Some(path) => Recipe::load(path, &overrides)?,

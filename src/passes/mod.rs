@@ -6,6 +6,7 @@
 
 pub mod broadcast_adaptive;
 mod broadcast_static;
+pub mod quantize_attention;
 pub mod quantize_w8a8;
 pub mod region;
 pub mod smooth_quant;
@@ -114,6 +115,10 @@ pub const REGISTRY: &[(&str, &str)] = &[
         "block-sparse attention (SLA top-k or SpargeAttn cumulative mass, dense warm-up) plus SLA's linear branch: one ai.ditc SparseLinearAttention node per site (a TensorRT plugin) with its portable decomposition as an ONNX local function",
     ),
     (
+        "quantize-attention",
+        "quantized attention: format = \"fp8\" puts calibrated per-tensor FP8 Q/DQ on Q, K, V and the softmax output (TensorRT's FP8 MHA pattern); format = \"sage\" makes each site one ai.ditc SageAttention node (SageAttention2's INT8 Q·Kᵀ with K smoothing, FP8 P and V; a TensorRT plugin) with its fake-quant emulation as an ONNX local function",
+    ),
+    (
         "broadcast-adaptive",
         "bake a step cache that skips transformer blocks (policy = \"easy-cache\", the default: EasyCache's estimated output change decides inside the graph whether the block stack runs; policy = \"ada-cache\": AdaCache + MoReg, the steps to reuse from a codebook of one block's residual change; policy = \"mag-cache\": the whole block stack, a static table per step and branch; policy = \"first-block-cache\": the head blocks' residual change decides inside the graph, per call and branch, whether the other blocks run)",
     ),
@@ -131,6 +136,9 @@ pub fn create(name: &str, options: &toml::Table) -> Result<Box<dyn Pass>> {
         )?)),
         "sparse-linear-attention" => Ok(Box::new(
             sparse_linear_attention::SparseLinearAttention::from_options(options)?,
+        )),
+        "quantize-attention" => Ok(Box::new(
+            quantize_attention::QuantizeAttention::from_options(options)?,
         )),
         _ => {
             let known: Vec<&str> = REGISTRY.iter().map(|(n, _)| *n).collect();

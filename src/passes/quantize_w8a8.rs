@@ -476,7 +476,7 @@ fn insert_weight_dequantize(
 
 /// FP8 Q/DQ needs opset 19. Raise an older model's opset, moving `axes` of Reduce ops (attributes
 /// before opset 18) to inputs; refuse ops whose meaning changed otherwise.
-fn raise_opset_to_19(model: &mut Model) -> Result<()> {
+pub(crate) fn raise_opset_to_19(model: &mut Model) -> Result<()> {
     let opset = model.default_opset();
     if opset >= 19 {
         return Ok(());
@@ -489,6 +489,24 @@ fn raise_opset_to_19(model: &mut Model) -> Result<()> {
         }
         if changed.contains(&n.op_type.as_str()) && n.is_onnx() {
             bail!("raising opset {opset} -> 19 for FP8: node {} changed meaning; export the model at opset 19", n.label());
+        }
+        // Split: sizes are an input from opset 13; from 18 a split into equal parts must say how
+        // many (`num_outputs`).
+        if n.op_type == "Split" && n.is_onnx() {
+            if let Some(sizes) = n.attr_ints("split").map(|a| a.to_vec()) {
+                let name = format!("{}.split", n.name);
+                extra.push(Tensor::from_i64(&name, vec![sizes.len() as i64], &sizes));
+                n.attributes.retain(|a| a.name != "split");
+                n.inputs.truncate(1);
+                n.inputs.push(name);
+            }
+            let sizes_given = n.inputs.get(1).is_some_and(|s| !s.is_empty());
+            if !sizes_given && n.attr("num_outputs").is_none() {
+                n.attributes.push(crate::ir::Attribute {
+                    name: "num_outputs".into(),
+                    value: AttrValue::Int(n.outputs.len() as i64),
+                });
+            }
         }
         if n.op_type.starts_with("Reduce") && n.op_type != "ReduceSum" {
             if let Some(axes) = n.attr_ints("axes").map(|a| a.to_vec()) {
@@ -515,7 +533,12 @@ fn scalar_f32(graph: &mut Graph, name: &str, v: f32) {
         .push(Tensor::from_f32(name, vec![], &[v]));
 }
 
-fn quantize_activation(graph: &mut Graph, value: &str, scale: f32, format: Format) -> String {
+pub(crate) fn quantize_activation(
+    graph: &mut Graph,
+    value: &str,
+    scale: f32,
+    format: Format,
+) -> String {
     let (s, z) = (format!("{value}.act_scale"), format!("{value}.act_zero"));
     scalar_f32(graph, &s, scale);
     graph.initializers.push(format.zero(&z));

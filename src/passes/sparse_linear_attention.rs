@@ -210,6 +210,9 @@ impl Pass for SparseLinearAttention {
         if cx.sparse_attention.is_some() {
             bail!("the graph already has sparse attention from an earlier pass");
         }
+        if super::quantize_attention::already_quantized(model, &cx.dit_map) {
+            bail!("the attention sites were quantized by quantize-attention: sparse quantized attention (SageSLA) is not implemented yet");
+        }
         if let Some(s) = &cx.schedule {
             bail!(
                 "a '{}' schedule is already baked (it moved attention sites into If branches): sparse attention and a schedule pass cannot be combined yet",
@@ -304,7 +307,7 @@ fn step_value(model: &mut Model, cx: &mut PassContext, dense_steps: usize) -> St
     name
 }
 
-fn attr_json(v: &AttrValue) -> serde_json::Value {
+pub(crate) fn attr_json(v: &AttrValue) -> serde_json::Value {
     match v {
         AttrValue::Float(f) => serde_json::json!(f),
         AttrValue::Int(i) => serde_json::json!(i),
@@ -316,7 +319,7 @@ fn attr_json(v: &AttrValue) -> serde_json::Value {
 }
 
 /// The DiT-map block holding each site.
-fn block_of(cx: &PassContext, site: usize) -> Option<usize> {
+pub(crate) fn block_of(cx: &PassContext, site: usize) -> Option<usize> {
     cx.dit_map
         .blocks
         .iter()
@@ -394,23 +397,23 @@ fn select_sites<'a>(o: &SlaOptions, cx: &'a PassContext) -> Result<Vec<&'a Atten
 }
 
 /// What rewriting one site needs, found and checked before the graph changes.
-struct SitePlan {
-    id: usize,
-    kind: AttentionKind,
-    block: Option<usize>,
-    name: String,
-    q: String,
-    k_t: String,
-    v: String,
-    out: String,
-    scale: f32,
-    batch: i64,
-    heads: i64,
-    query_len: i64,
-    key_len: i64,
-    head_dim: i64,
-    v_head_dim: i64,
-    flops: u64,
+pub(crate) struct SitePlan {
+    pub(crate) id: usize,
+    pub(crate) kind: AttentionKind,
+    pub(crate) block: Option<usize>,
+    pub(crate) name: String,
+    pub(crate) q: String,
+    pub(crate) k_t: String,
+    pub(crate) v: String,
+    pub(crate) out: String,
+    pub(crate) scale: f32,
+    pub(crate) batch: i64,
+    pub(crate) heads: i64,
+    pub(crate) query_len: i64,
+    pub(crate) key_len: i64,
+    pub(crate) head_dim: i64,
+    pub(crate) v_head_dim: i64,
+    pub(crate) flops: u64,
 }
 
 impl SitePlan {
@@ -463,7 +466,7 @@ fn constant_scalar(graph: &Graph, value: &str) -> Option<f32> {
     }
 }
 
-fn producer<'a>(graph: &'a Graph, value: &str) -> Option<&'a Node> {
+pub(crate) fn producer<'a>(graph: &'a Graph, value: &str) -> Option<&'a Node> {
     graph
         .nodes
         .iter()
@@ -486,7 +489,7 @@ fn scaled_by_constant(graph: &Graph, value: &str) -> Option<(String, f32)> {
     }
 }
 
-fn plan_site(
+pub(crate) fn plan_site(
     graph: &Graph,
     types: &crate::ir::TypeMap,
     s: &AttentionSite,
@@ -702,16 +705,21 @@ pub const ATTRIBUTES: &[&str] = &[
 ];
 
 /// Builder of the function body: nodes with generated names.
-struct Body {
-    nodes: Vec<Node>,
+pub(crate) struct Body {
+    pub(crate) nodes: Vec<Node>,
 }
 
 impl Body {
-    fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, AttrValue)>) -> String {
+    pub(crate) fn op(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, AttrValue)>,
+    ) -> String {
         self.op_n(op, inputs, attrs, 1).remove(0)
     }
 
-    fn op_n(
+    pub(crate) fn op_n(
         &mut self,
         op: &str,
         inputs: &[&str],
@@ -729,24 +737,24 @@ impl Body {
         outs
     }
 
-    fn tensor(&mut self, t: Tensor) -> String {
+    pub(crate) fn tensor(&mut self, t: Tensor) -> String {
         self.op("Constant", &[], vec![("value", AttrValue::Tensor(t))])
     }
 
-    fn i64s(&mut self, v: &[i64]) -> String {
+    pub(crate) fn i64s(&mut self, v: &[i64]) -> String {
         self.tensor(Tensor::from_i64("", vec![v.len() as i64], v))
     }
 
-    fn i64(&mut self, v: i64) -> String {
+    pub(crate) fn i64(&mut self, v: i64) -> String {
         self.tensor(Tensor::from_i64("", vec![], &[v]))
     }
 
-    fn f32(&mut self, v: f32) -> String {
+    pub(crate) fn f32(&mut self, v: f32) -> String {
         self.tensor(Tensor::from_f32("", vec![], &[v]))
     }
 
     /// A `Constant` taking the caller's attribute `attr` (`value_int` or `value_float`).
-    fn attribute(&mut self, attr: &str, int: bool) -> String {
+    pub(crate) fn attribute(&mut self, attr: &str, int: bool) -> String {
         let (field, ty) = if int {
             ("value_int", proto::attribute_type::INT)
         } else {
@@ -765,7 +773,7 @@ impl Body {
         )
     }
 
-    fn cast(&mut self, x: &str, to: DataType) -> String {
+    pub(crate) fn cast(&mut self, x: &str, to: DataType) -> String {
         self.op(
             "Cast",
             &[x],
@@ -773,7 +781,7 @@ impl Body {
         )
     }
 
-    fn sum(&mut self, x: &str, axes: &[i64], keep: bool) -> String {
+    pub(crate) fn sum(&mut self, x: &str, axes: &[i64], keep: bool) -> String {
         let axes = self.i64s(axes);
         self.op(
             "ReduceSum",
@@ -782,12 +790,12 @@ impl Body {
         )
     }
 
-    fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
+    pub(crate) fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> String {
         let axes = self.i64s(axes);
         self.op("Unsqueeze", &[x, &axes], vec![])
     }
 
-    fn transpose_last(&mut self, x: &str) -> String {
+    pub(crate) fn transpose_last(&mut self, x: &str) -> String {
         self.op(
             "Transpose",
             &[x],
@@ -795,12 +803,12 @@ impl Body {
         )
     }
 
-    fn bin(&mut self, op: &str, a: &str, b: &str) -> String {
+    pub(crate) fn bin(&mut self, op: &str, a: &str, b: &str) -> String {
         self.op(op, &[a, b], vec![])
     }
 
     /// Give the value `from` the name `to` (a formal output of the function).
-    fn rename(&mut self, from: &str, to: &str) {
+    pub(crate) fn rename(&mut self, from: &str, to: &str) {
         for n in &mut self.nodes {
             for v in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
                 if v == from {
