@@ -17,7 +17,7 @@ use ditc::ir::{Model, Tensor};
 use ditc::metrics::compare;
 use ditc::runtime::sampling::Bundle;
 use ditc::schedule::easy_cache::{EasyCacheOptions, Rule};
-use ditc::schedule::forecast::{coefficients, Taylor};
+use ditc::schedule::forecast::Taylor;
 use ditc::schedule::guidance::combine;
 use serde_json::Value;
 
@@ -152,13 +152,11 @@ fn the_rule_on_a_recorded_sequence() {
 #[derive(Default)]
 struct BranchState {
     rule: Rule,
-    residual: Vec<f32>,
     prev_in: Vec<f32>,
     computed_in: Vec<f32>,
     prev_out: Vec<f32>,
-    /// With a forecast: the last computed residuals (newest first) and every decision so far.
-    stored: Vec<Vec<f32>>,
-    history: Vec<bool>,
+    /// The cached residual (forecast or reused).
+    cache: common::Forecaster,
 }
 
 /// What the hand loop did: per branch the decisions and metrics; the final latent; the conditional
@@ -204,6 +202,7 @@ fn hand_loop(
     let mut branches: [BranchState; 2] = Default::default();
     for b in &mut branches {
         b.rule = Rule::new(o.clone(), steps);
+        b.cache = common::Forecaster::new(forecast);
     }
     let mut run = HandRun {
         decisions: Default::default(),
@@ -267,11 +266,8 @@ fn hand_loop(
                         .push((input_change, output_norm, output_change, computed_change));
                 }
                 b.rule.computed(output_change, computed_change);
-                b.residual = s_out.iter().zip(&s_in).map(|(a, b)| a - b).collect();
-                if let Some(t) = forecast {
-                    b.stored.insert(0, b.residual.clone());
-                    b.stored.truncate(t.order + 1);
-                }
+                let residual: Vec<f32> = s_out.iter().zip(&s_in).map(|(a, b)| a - b).collect();
+                b.cache.computed(&residual);
                 b.prev_out = prediction.clone();
                 b.computed_in = x.clone();
                 prediction
@@ -280,26 +276,8 @@ fn hand_loop(
                     run.recorded
                         .push((input_change, output_norm, f64::NAN, f64::NAN));
                 }
-                match forecast {
-                    None => p.reuse(&step_inputs, &s_in, &b.residual),
-                    Some(t) => {
-                        // TaylorSeer's weights for this step (the library's closed-form-tested
-                        // table function, fed the decisions so far), summed as the graph sums.
-                        let mut history = b.history.clone();
-                        history.push(false);
-                        let w = coefficients(&history, t)[i].clone();
-                        let mut sum = vec![0f32; b.residual.len()];
-                        for (j, r) in b.stored.iter().enumerate() {
-                            for (s, v) in sum.iter_mut().zip(r) {
-                                let term = v * w[j] as f32;
-                                *s = if j == 0 { term } else { *s + term };
-                            }
-                        }
-                        p.reuse(&step_inputs, &s_in, &sum)
-                    }
-                }
+                p.reuse(&step_inputs, &s_in, &b.cache.skipped(i))
             };
-            b.history.push(compute);
             run.decisions[k].push(compute);
             run.metrics[k].push(metric);
             predictions.push(prediction);

@@ -69,6 +69,16 @@ impl Emitter {
         full
     }
 
+    /// `Cast(input, to = dtype)`.
+    pub fn cast(&mut self, name: &str, input: &str, dtype: DataType) -> String {
+        let out = self.full(name);
+        self.nodes.push(
+            Node::new(&out, "Cast", &[input], &[&out])
+                .with_attr("to", AttrValue::Int(dtype.onnx_code() as i64)),
+        );
+        out
+    }
+
     /// The mean over every axis of `input` (rank `rank`), 0-D: `ReduceMean` with its axes as an
     /// input from opset 18 on, as an attribute before.
     pub fn mean_all(&mut self, name: &str, input: &str, rank: usize) -> String {
