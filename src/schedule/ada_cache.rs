@@ -374,6 +374,9 @@ pub fn bake(
     let stack = find_stack(&graph, &cx.dit_map, &types).map_err(|e| {
         e.context("ada-cache caches the block stack's residual (per-block caching for blocks that do not form one stream, such as Latte's, is not implemented)")
     })?;
+    if !stack.one_layout {
+        bail!("ada-cache measures one block's residual and its motion over frames on a [batch, frames x tokens, channels] stream; this model's blocks alternate layouts (Latte's spatial blocks see frames as the batch, its temporal blocks tokens as the batch), and per-block caching in other layouts is not implemented");
+    }
     let blocks = stack.blocks.len();
     let block = o.block.unwrap_or((blocks - 1) / 2);
     if block >= blocks {

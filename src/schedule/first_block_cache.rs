@@ -149,12 +149,16 @@ impl FbcOptions {
 }
 
 /// The residual stream at every block boundary of the DiT map: entry `k` is the value entering block
-/// `k`, entry `k + 1` the value it returns (N + 1 values for N blocks), from
+/// `k`, entry `N` the stack's output (N + 1 values for N blocks; on Wan entry `k + 1` is block `k`'s
+/// output, on Latte a temporal block's input is the spatial block's output in another layout), from
 /// [`crate::analysis::stack::find_stack`].
 pub fn residual_stream(graph: &Graph, map: &DitMap, types: &TypeMap) -> Result<Vec<String>> {
     let stack = find_stack(graph, map, types)?;
-    Ok(std::iter::once(stack.input().to_string())
-        .chain(stack.blocks.iter().map(|b| b.output.clone()))
+    Ok(stack
+        .blocks
+        .iter()
+        .map(|b| b.input.clone())
+        .chain(std::iter::once(stack.output().to_string()))
         .collect())
 }
 
@@ -220,7 +224,7 @@ pub fn bake(
             .is_some_and(|t| t.dtype == Some(dtype) && t.shape.as_ref() == Some(&shape))
     };
     if !same(head_in) || !same(middle_out) {
-        bail!("the residual stream changes type or shape between '{head_in}', '{head_out}' and '{middle_out}'");
+        bail!("the residual stream changes type or shape between '{head_in}', '{head_out}' and '{middle_out}' (blocks in another layout, as Latte's temporal blocks: choose compute_first and compute_last so that the head and the tail end in the input's layout, e.g. compute_first = 2 on Latte)");
     }
     if forecast.is_some() && dtype != DataType::F32 {
         bail!("first-block-cache forecast = \"taylor\" needs a float32 residual stream ('{head_out}' is {dtype})");
