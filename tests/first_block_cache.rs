@@ -694,14 +694,15 @@ fn bad_options_and_models_are_refused() {
         assert_refused(&args, expect);
         assert!(!out.exists(), "{sets:?}: nothing may be written");
     }
-    // latte-tiny's temporal blocks start from the spatial blocks' output plus a positional embedding.
+    // latte-tiny's temporal blocks read the spatial blocks' output in another layout: block 0 alone
+    // cannot be the head (compute_first = 2, a spatial and a temporal block, can).
     let onnx = common::demo().join("model.onnx");
     let args = convert_args(
         onnx.to_str().unwrap(),
         out.to_str().unwrap(),
         recipe.to_str().unwrap(),
     );
-    assert_refused(&args[..7], &["do not form one residual stream"]);
+    assert_refused(&args[..7], &["changes type or shape", "compute_first = 2"]);
     assert!(!out.exists());
     // A graph without transformer blocks.
     let plain = {
