@@ -265,9 +265,7 @@ impl Evaluator {
             counter: 0,
         };
         let (path, manifest) = e.convert(None)?;
-        e.full_blocks = manifest.dit_map["blocks"]
-            .as_array()
-            .map_or(0, |b| b.len());
+        e.full_blocks = manifest.dit_map["blocks"].as_array().map_or(0, |b| b.len());
         let bundle = Bundle::open(&path)?;
         for (name, inputs) in &e.cases {
             let (latent, report) = run_case(&bundle, inputs, name)?;
@@ -700,8 +698,8 @@ impl Tuner<'_> {
         }
         let budget = report.budget;
         let o = self.evaluator.run(&path, Some(&budget))?;
-        tried.meets =
-            o.fidelity.len() == self.evaluator.cases() && o.fidelity.iter().all(|f| budget.meets(f));
+        tried.meets = o.fidelity.len() == self.evaluator.cases()
+            && o.fidelity.iter().all(|f| budget.meets(f));
         tried.flops = o.flops;
         tried.flops_relative = o.flops / full;
         tried.calls_computed = o.calls_computed;
@@ -915,10 +913,7 @@ fn ada_ladders(blocks: usize) -> Vec<Ladder> {
 
 /// The published PAB presets (`schedules/pab/`), one candidate each.
 const PAB_PRESETS: [(&str, &str); 6] = [
-    (
-        "latte",
-        include_str!("../../schedules/pab/latte.toml"),
-    ),
+    ("latte", include_str!("../../schedules/pab/latte.toml")),
     (
         "open-sora",
         include_str!("../../schedules/pab/open-sora.toml"),
@@ -1239,6 +1234,49 @@ mod tests {
         assert!(b.meets(&f(0.1)) && !b.meets(&f(0.11)));
         let w = worst(&[f(0.05), f(0.2)]).unwrap();
         assert_eq!((w.rel_l2, w.cosine), (0.2, 0.8));
+    }
+
+    #[test]
+    fn a_margin_scales_the_error() {
+        let m = |b: &str, margin| b.parse::<Budget>().unwrap().with_margin(margin).bound;
+        assert!((m("rel-l2=0.15", 0.8) - 0.12).abs() < 1e-15);
+        // 20 log10(0.5) = -6.0206 dB; 1 - (1 - 0.99) * 0.25 = 0.9975.
+        assert!((m("psnr=30", 0.5) - 36.0206).abs() < 1e-4);
+        assert!((m("cosine=0.99", 0.5) - 0.9975).abs() < 1e-12);
+        assert_eq!(m("psnr=30", 1.0), 30.0);
+    }
+
+    #[test]
+    fn ladders_skip_more_at_every_rung() {
+        // wan-small's 6 blocks: the middle block 2 and block 4; two residuals; with and without a
+        // forecast: 8 codebook ladders, then the defaults.
+        let ada = ada_ladders(6);
+        assert_eq!(ada.len(), 9);
+        assert_eq!(
+            ada[0].rungs[0].0,
+            "ada-cache 30-step-slow, block 2 attention, no MoReg"
+        );
+        assert_eq!(
+            ada[7].rungs[2].0,
+            "ada-cache 100-step, block 4 cross-mlp, no MoReg + taylor 1"
+        );
+        let pab = pab_ladders();
+        assert_eq!(pab.len(), PAB_PRESETS.len() + 2);
+        let pyramid = &pab.last().unwrap().rungs;
+        let period =
+            |i: usize, kind: &str| pyramid[i].1.options[kind]["period"].as_integer().unwrap();
+        for i in 1..pyramid.len() {
+            for kind in ["spatial", "temporal", "cross"] {
+                assert!(period(i, kind) > period(i - 1, kind));
+            }
+        }
+        for l in &pab {
+            for (_, p) in &l.rungs {
+                let o: crate::schedule::pab::PabOptions =
+                    toml::Value::Table(p.options.clone()).try_into().unwrap();
+                o.validate().unwrap();
+            }
+        }
     }
 
     #[test]
