@@ -664,8 +664,15 @@ impl Tuner<'_> {
         };
         if table {
             let schedule = manifest.schedule.as_ref();
+            // PAB presets that give the same tables are the same schedule; a forecast changes what a
+            // table policy's same table computes, so there the label (which names it) is the key.
+            let family = if pass.name == "broadcast-static" {
+                PAB
+            } else {
+                label
+            };
             let key = format!(
-                "{label}/{}",
+                "{family}/{}",
                 serde_json::to_string(&schedule.map(|s| (&s.tables, &s.uncond_tables)))?
             );
             let planned = manifest.cost.model_flops_scheduled as f64;
@@ -1044,7 +1051,7 @@ fn tea_coefficients(base: &Recipe) -> Vec<toml::Value> {
 
 /// MagCache's ratios on the evaluator's cases, measured on the full model as `ditc calibrate
 /// --mag-ratios` does.
-fn mag_ratios(e: &Evaluator) -> Result<Vec<f64>> {
+pub fn mag_ratios(e: &Evaluator) -> Result<Vec<f64>> {
     let bundle = Bundle::open(&e.full_manifest)?;
     let guidance = bundle
         .manifest
