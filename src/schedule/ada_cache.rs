@@ -37,8 +37,14 @@
 //!   `cache_loc = [13]`); MoReg over one frame stride (the reference's default `moreg_strides = [1]`).
 //! - Open-Sora runs both guidance branches as one batch (one decision); ditc's runtime makes two calls,
 //!   and each branch decides on its own state.
-//! - Models whose blocks do not form one residual stream (Latte's spatial/temporal pairs) are refused:
-//!   caching per block there is not implemented.
+//! - Models whose blocks alternate layouts (Latte's spatial/temporal pairs) are refused: one block's
+//!   residual is not a `[batch, frames x tokens, channels]` tensor there, and caching per block in
+//!   other layouts is not implemented.
+//!
+//! `forecast = "taylor"` ([`crate::schedule::forecast`]): on a skipped step the cached stack residual
+//! (the sum of every block's residuals, so this forecasts each and sums them: the forecast is linear)
+//! is extrapolated from the last computed ones, with weights computed in the graph from the steps of
+//! those calls (states `computed_calls`, `update_step`, ...).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -369,6 +375,8 @@ pub fn bake(
     let io = crate::manifest::detect_io(model)?;
     let mut graph = model.graph.clone();
     sort_topologically(&mut graph)?;
+    // Constants stay constants in every part of a graph split at the If (Latte's export).
+    crate::schedule::emitter::constants_to_initializers(&mut graph);
     let opset = model.default_opset();
     let types = infer_types(&graph, opset);
     let stack = find_stack(&graph, &cx.dit_map, &types).map_err(|e| {

@@ -215,6 +215,8 @@ pub fn bake(
     let io = crate::manifest::detect_io(model)?;
     let mut graph = model.graph.clone();
     sort_topologically(&mut graph)?;
+    // Constants stay constants in every part of a graph split at the If (Latte's export).
+    crate::schedule::emitter::constants_to_initializers(&mut graph);
     let opset = model.default_opset();
     let types = infer_types(&graph, opset);
     let latent_shape = f32_shape(&types, &io.latent, "latent input")?;

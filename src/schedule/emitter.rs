@@ -132,6 +132,31 @@ impl Emitter {
     }
 }
 
+/// Turn every top-level `Constant` node whose value is a tensor into an initializer of its output's
+/// name. Exporters (torch's) write reshape shapes as `Constant` nodes; a runtime that splits the graph
+/// at a policy's `If` (the CPU runtime: a prefix, then the taken outcome) would feed their values to an
+/// outcome as inputs, where a shape is no longer known to be constant. Initializers stay constants in
+/// every part. Values and names are unchanged.
+pub fn constants_to_initializers(graph: &mut Graph) {
+    let outputs: std::collections::HashSet<String> =
+        graph.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut kept = Vec::with_capacity(graph.nodes.len());
+    for node in std::mem::take(&mut graph.nodes) {
+        let value = (node.op_type == "Constant" && node.outputs.len() == 1)
+            .then(|| node.attr_tensor("value").cloned())
+            .flatten()
+            .filter(|_| !outputs.contains(&node.outputs[0]));
+        match value {
+            Some(mut t) => {
+                t.name = node.outputs[0].clone();
+                graph.initializers.push(t);
+            }
+            None => kept.push(node),
+        }
+    }
+    graph.nodes = kept;
+}
+
 /// The manifest's bindings of a policy's states (`(name, (dtype, shape))`, carried from
 /// `state_in(name)` to `state_out(name)`, zeros before a branch's first call), all of the block
 /// stack's group.

@@ -18,6 +18,11 @@
 //! S[N - compute_last] = M, then the tail blocks and the rest of the model as before.
 //! ```
 //!
+//! With `forecast = "taylor"` (order 1 or 2; [`crate::schedule::forecast`]) a skipped call adds the
+//! forecast of the last `order + 1` computed tail residuals (states `tail_residual`, `.1`, `.2`) with
+//! weights computed in the graph from the steps of those calls (states `computed_calls`,
+//! `update_step`, ...) instead of the newest one alone; the decision is unchanged (the head always runs).
+//!
 //! `compute` is the 0-D bool output `ditc.decision`. `step` is the `ditc.step` input (the sampler's step
 //! index, the same for both calls of a CFG step, as cache-dit's `executed_steps`). Every value carried
 //! between calls is a state binding `ditc.state.fbc.<v>` / `ditc.state_out.fbc.<v>`, one set per CFG
@@ -206,6 +211,8 @@ pub fn bake(
     // Rewrite a copy (initializers share their bytes): a refusal leaves the model as it was.
     let mut rewritten = model.graph.clone();
     sort_topologically(&mut rewritten)?;
+    // Constants stay constants in every part of a graph split at the If (Latte's export).
+    crate::schedule::emitter::constants_to_initializers(&mut rewritten);
     let opset = model.default_opset();
     let types = infer_types(&rewritten, opset);
     let stream = residual_stream(&rewritten, &cx.dit_map, &types)?;
