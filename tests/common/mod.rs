@@ -415,7 +415,22 @@ impl StackProbe {
             .rfind(|n| n.name.ends_with(".ffn/residual"))
             .expect("the Wan builder names each block's last residual add");
         let stack_out = last.outputs[0].clone();
-        let types = infer_types(&plain.graph, 17);
+        StackProbe::at(plain, example, &stack_in, &stack_out, probes)
+    }
+
+    /// For any graph whose block stack enters at `stack_in` and leaves at `stack_out`.
+    pub fn at(
+        plain: &ditc::ir::Model,
+        example: &[Tensor],
+        stack_in: &str,
+        stack_out: &str,
+        probes: &[&str],
+    ) -> StackProbe {
+        use ditc::ir::{
+            infer_types, remove_dead_nodes, remove_unused_inputs, DataType, Dim, ValueInfo,
+        };
+        let (stack_in, stack_out) = (stack_in.to_string(), stack_out.to_string());
+        let types = infer_types(&plain.graph, plain.default_opset());
         let dims = types[&stack_out].shape.clone().unwrap();
         let shape: Vec<Dim> = dims.iter().map(|&d| Dim::Value(d)).collect();
         let mut probe = plain.clone();
