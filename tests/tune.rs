@@ -176,7 +176,7 @@ fn ada_cache_and_pab_ladders_with_a_margin() {
     assert!(candidates.iter().any(|c| c["policy"] == "pab"));
     assert!(candidates.iter().any(|c| c["policy"] == "ada-cache"));
     // Rungs of one ada-cache ladder share the label after the codebook: after a miss, none follows.
-    let ladder = |label: &str| label.splitn(2, ", ").nth(1).unwrap_or("").to_string();
+    let ladder = |label: &str| label.split_once(", ").map_or("", |x| x.1).to_string();
     let mut missed: Vec<String> = Vec::new();
     for c in candidates.iter().filter(|c| c["policy"] == "ada-cache") {
         let l = ladder(c["label"].as_str().unwrap());

@@ -398,9 +398,6 @@ impl StackProbe {
     /// For `plain`, the Wan builder's graph (its node names: `blocks.0.attn1/residual`, the last
     /// block's `ffn/residual`), planned for inputs like `example`.
     pub fn new(plain: &ditc::ir::Model, example: &[Tensor], probes: &[&str]) -> StackProbe {
-        use ditc::ir::{
-            infer_types, remove_dead_nodes, remove_unused_inputs, DataType, Dim, ValueInfo,
-        };
         let first = plain
             .graph
             .nodes
