@@ -4,6 +4,8 @@
 //! classifier that looked at sequence lengths (or names, which are meaningless here) could not tell
 //! spatial from temporal attention.
 
+use std::path::Path;
+
 use ditc::analysis::{analyse, AttentionKind};
 use ditc::ir::{AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo};
 use ditc::runtime::run_once;
@@ -258,4 +260,43 @@ fn image_latent_attention_is_spatial() {
     let x = b.reshape(&t, &[1, H * W * F, C]);
     let o = b.attention(&x, &x, 1, H * W * F, H * W * F);
     assert_eq!(kinds_of(&b.finish(&[&o], 17)), vec![AttentionKind::Spatial]);
+}
+
+/// latte-tiny (diffusers' `LatteTransformer3DModel`, TorchScript export): spatial blocks see
+/// `[frames, tokens, channels]`, temporal blocks `[tokens, frames, channels]`; between them the export
+/// reshapes and transposes the stream (and adds the temporal positional embedding `/m/Add` before the
+/// first temporal block). The stack (names read from the graph by hand): it enters block 0 at the
+/// patch embedding's output, each temporal block reads the spatial block's output re-laid-out, and it
+/// leaves at the reshape after the last temporal block back to `[frames, tokens, channels]`.
+#[test]
+fn latte_blocks_form_one_stack_across_layouts() {
+    let model = ditc::onnx::read_model(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/latte-tiny/model.onnx"),
+    )
+    .unwrap();
+    let map = analyse(&model);
+    let types = ditc::ir::infer_types(&model.graph, model.default_opset());
+    let stack = ditc::analysis::stack::find_stack(&model.graph, &map, &types).unwrap();
+    assert_eq!(stack.blocks.len(), 8);
+    assert!(!stack.one_layout);
+    assert_eq!(stack.input(), "/m/pos_embed/Cast_output_0");
+    assert_eq!(
+        stack.blocks[0].output,
+        "/m/transformer_blocks.0/Add_8_output_0"
+    );
+    assert_eq!(stack.blocks[1].input, "/m/Add_output_0");
+    assert_eq!(
+        stack.blocks[1].output,
+        "/m/temporal_transformer_blocks.0/Add_7_output_0"
+    );
+    assert_eq!(stack.blocks[2].input, "/m/Reshape_8_output_0");
+    assert_eq!(stack.output(), "/m/Reshape_20_output_0");
+    assert_eq!(
+        stack.shape,
+        types["/m/pos_embed/Cast_output_0"].shape.clone().unwrap()
+    );
+    assert_ne!(
+        Some(stack.shape.clone()),
+        types["/m/temporal_transformer_blocks.3/Add_7_output_0"].shape
+    );
 }

@@ -154,8 +154,11 @@ fn bad_forecast_options_are_refused() {
         ),
         (
             "passes/fbc-wan-cfg.toml",
-            &["broadcast-adaptive.forecast=taylor"],
-            &["not implemented yet", "first-block-cache"],
+            &[
+                "broadcast-adaptive.forecast=taylor",
+                "broadcast-adaptive.order=3",
+            ],
+            &["order must be 1 or 2"],
         ),
     ];
     for (recipe, sets, expect) in cases {

@@ -385,8 +385,7 @@ fn bad_options_and_unfit_models_are_refused() {
         );
         assert!(!out.exists());
     }
-    // A model without a single stream of blocks: Latte's spatial and temporal blocks read reshaped
-    // hidden states; a graph without attention has no blocks at all.
+    // A graph without attention has no blocks at all.
     let latte_recipe = tmp.path().join("latte.toml");
     std::fs::write(
         &latte_recipe,
@@ -406,11 +405,11 @@ fn bad_options_and_unfit_models_are_refused() {
     };
     let args = convert(&latte, &latte_recipe);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_refused(
-        &args,
-        &["broadcast-adaptive", "do not form one residual stream"],
-    );
-    assert!(!out.exists());
+    // Latte's spatial and temporal blocks alternate layouts; the stack is followed across them
+    // (`tests/analysis.rs` checks where), so MagCache bakes there.
+    common::ditc_ok(&args);
+    assert!(out.join("manifest.json").exists());
+    std::fs::remove_dir_all(&out).unwrap();
     let plain = tmp.path().join("plain.onnx");
     std::fs::write(
         &plain,

@@ -69,44 +69,44 @@ fn the_tuned_recipe_meets_the_budget_with_the_fewest_flops() {
         winner["flops_relative"]
     );
 
+    check_tuned(tmp.path(), &tuned, &CASES, candidates, BUDGET);
+    // Candidates that missed the budget were measured on real runs: some exist (the search bracketed).
+    assert!(candidates.iter().any(|c| c["meets"] == Value::Bool(false)));
+}
+
+/// Independently of the report: the recipe at `tuned` converts as it is, and so does the full
+/// model; sampled on every calibration case, the tuned one stays within rel-L2 `bound` of the full
+/// one, computes fewer FLOPs, and at most the FLOPs of every candidate the report says met the budget.
+fn check_tuned(
+    dir: &std::path::Path,
+    tuned: &std::path::Path,
+    cases: &[&str],
+    candidates: &[Value],
+    bound: f64,
+) {
     // Independently of the report: the written recipe converts as it is, and so does the full model.
     let wan = repo_path("examples/wan-small");
     let inputs = repo_path("examples/wan-small/inputs.safetensors");
-    convert_wan_small(&wan, &tuned, &[], &tmp.path().join("tuned"));
+    convert_wan_small(&wan, tuned, &[], &dir.join("tuned"));
     let full_recipe = repo_path("passes/wan-cfg.toml");
-    convert_wan_small(
-        &wan,
-        &full_recipe,
-        &["sampler.steps=10"],
-        &tmp.path().join("full"),
-    );
+    convert_wan_small(&wan, &full_recipe, &["sampler.steps=10"], &dir.join("full"));
     let (mut flops, mut full_flops) = (0.0, 0.0);
-    for case in CASES {
+    for &case in cases {
         let prefix = format!("{case}.");
-        let (latent, r) = run_bundle(
-            &tmp.path().join("tuned/manifest.json"),
-            &inputs,
-            &prefix,
-            false,
-        );
-        let (full, f) = run_bundle(
-            &tmp.path().join("full/manifest.json"),
-            &inputs,
-            &prefix,
-            false,
-        );
+        let (latent, r) = run_bundle(&dir.join("tuned/manifest.json"), &inputs, &prefix, false);
+        let (full, f) = run_bundle(&dir.join("full/manifest.json"), &inputs, &prefix, false);
         let fidelity = compare(&latent, &full);
         eprintln!(
             "case {case}: rel-L2 {:.4}, PSNR {:.2} dB",
             fidelity.rel_l2, fidelity.psnr_db
         );
         assert!(
-            fidelity.rel_l2 <= BUDGET,
+            fidelity.rel_l2 <= bound,
             "case {case}: rel-L2 {}",
             fidelity.rel_l2
         );
-        flops += r.scheduled.model_flops as f64 / CASES.len() as f64;
-        full_flops += f.scheduled.model_flops as f64 / CASES.len() as f64;
+        flops += r.scheduled.model_flops as f64 / cases.len() as f64;
+        full_flops += f.scheduled.model_flops as f64 / cases.len() as f64;
     }
     // The search found something cheaper than the full model (else the FLOPs check is vacuous).
     assert!(flops < 0.95 * full_flops, "{flops} vs full {full_flops}");
@@ -127,8 +127,65 @@ fn the_tuned_recipe_meets_the_budget_with_the_fewest_flops() {
         met >= 2,
         "the full model and at least one cached candidate meet the budget"
     );
-    // Candidates that missed the budget were measured on real runs: some exist (the search bracketed).
-    assert!(candidates.iter().any(|c| c["meets"] == Value::Bool(false)));
+}
+
+/// AdaCache's and PAB's ladders, tuned with a margin: every candidate is checked against the budget
+/// scaled by the margin (rel-L2 0.35 x 0.8 = 0.28), the winner meets it when recomputed here, PAB's
+/// static tables are searched (presets and period pyramids), and no ladder runs a rung after one
+/// that missed.
+#[test]
+fn ada_cache_and_pab_ladders_with_a_margin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tuned = tmp.path().join("tuned.toml");
+    let budget = format!("rel-l2={BUDGET}");
+    ditc_ok(&strs(&tune_args(
+        &tuned,
+        &budget,
+        "0",
+        &["--policies", "ada-cache,pab", "--margin", "0.8"],
+    )));
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("tuned.json")).unwrap()).unwrap();
+    let tightened = BUDGET * 0.8;
+    assert!((report["budget"]["bound"].as_f64().unwrap() - tightened).abs() < 1e-12);
+    assert_eq!(report["target"]["bound"].as_f64().unwrap(), BUDGET);
+    let candidates = report["candidates"].as_array().unwrap();
+    let winner = &candidates[report["winner"].as_u64().unwrap() as usize];
+    eprintln!(
+        "{} candidates; winner {} at {:.3} of full FLOPs",
+        candidates.len() - 1,
+        winner["label"],
+        winner["flops_relative"]
+    );
+    for c in &candidates[1..] {
+        eprintln!(
+            "  {} {}: meets {} pruned {} flops {:.3} worst rel-L2 {}",
+            c["index"],
+            c["label"],
+            c["meets"],
+            c["pruned"],
+            c["flops_relative"],
+            c["worst"]["rel_l2"]
+        );
+        let policy = c["policy"].as_str().unwrap();
+        assert!(policy == "ada-cache" || policy == "pab", "{policy}");
+        if c["meets"] == Value::Bool(true) {
+            assert!(c["worst"]["rel_l2"].as_f64().unwrap() <= tightened);
+        }
+    }
+    assert!(candidates.iter().any(|c| c["policy"] == "pab"));
+    assert!(candidates.iter().any(|c| c["policy"] == "ada-cache"));
+    // Rungs of one ada-cache ladder share the label after the codebook: after a miss, none follows.
+    let ladder = |label: &str| label.split_once(", ").map_or("", |x| x.1).to_string();
+    let mut missed: Vec<String> = Vec::new();
+    for c in candidates.iter().filter(|c| c["policy"] == "ada-cache") {
+        let l = ladder(c["label"].as_str().unwrap());
+        assert!(!missed.contains(&l), "a rung after a miss: {}", c["label"]);
+        if c["meets"] == Value::Bool(false) && c["pruned"] == Value::Bool(false) {
+            missed.push(l);
+        }
+    }
+    check_tuned(tmp.path(), &tuned, &["0"], candidates, tightened);
 }
 
 #[test]
@@ -149,8 +206,20 @@ fn bad_budgets_and_case_lists_are_refused() {
         (
             "rel-l2=0.1",
             "0",
-            &["--policies", "pab"][..],
-            "unknown policy 'pab'",
+            &["--policies", "nope"][..],
+            "unknown policy 'nope'",
+        ),
+        (
+            "rel-l2=0.1",
+            "0",
+            &["--margin", "0"][..],
+            "expected a factor in (0, 1]",
+        ),
+        (
+            "rel-l2=0.1",
+            "0",
+            &["--margin", "1.5"][..],
+            "expected a factor in (0, 1]",
         ),
     ] {
         assert_refused(&strs(&tune_args(&out, budget, cases, extra)), &[says]);

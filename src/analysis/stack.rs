@@ -7,7 +7,12 @@
 //! depends on (the stream `h` of `h + gate * ffn(norm(h))`). Its input is found by walking back from
 //! the output along the skip operand of each residual `Add` (the operand the other one depends on)
 //! until the value no longer depends on any of the block's attention sites. The blocks form one stack
-//! when each block's input is the previous block's output.
+//! when each block's input is the previous block's output, or is computed from it by layout ops and
+//! constant additions only ([`LINK`]: Latte's spatial and temporal blocks read the stream reshaped
+//! and transposed between `[batch x frames, tokens, channels]` and `[batch x tokens, frames,
+//! channels]`, plus a positional embedding before the first temporal block). The stack's output is
+//! then the last block's output carried by layout ops back to the input's shape (Latte's final
+//! reshape), so `output - input` is the whole stack's residual element by element.
 
 use std::collections::{HashMap, HashSet};
 
@@ -29,8 +34,14 @@ pub struct BlockSpan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stack {
     pub blocks: Vec<BlockSpan>,
-    /// Shape of the stream (the same at every block boundary).
+    /// Shape of the stream at the stack's input and output.
     pub shape: Vec<i64>,
+    /// The hidden states leaving the stack, in the input's layout: the last block's output, or the
+    /// value layout ops carry it to (Latte).
+    pub exit: String,
+    /// Whether every block reads the previous block's output itself (one layout throughout, as Wan);
+    /// false where blocks are linked by [`LINK`] ops (Latte).
+    pub one_layout: bool,
 }
 
 impl Stack {
@@ -39,11 +50,33 @@ impl Stack {
         &self.blocks[0].input
     }
 
-    /// The hidden states leaving the last block.
+    /// The hidden states leaving the stack, in the input's layout.
     pub fn output(&self) -> &str {
-        &self.blocks.last().expect("a stack has blocks").output
+        &self.exit
     }
 }
+
+/// Ops that may link one block's output to the next block's input: layout changes, and `Add` of a
+/// constant (a positional embedding).
+const LINK: &[&str] = &[
+    "Reshape",
+    "Transpose",
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+    "Add",
+];
+
+/// Ops that may carry the last block's output back to the input's layout.
+const LAYOUT: &[&str] = &[
+    "Reshape",
+    "Transpose",
+    "Identity",
+    "Squeeze",
+    "Unsqueeze",
+    "Flatten",
+];
 
 /// Ops allowed between an FFN's result and the residual `Add` that closes its block.
 const TO_RESIDUAL: &[&str] = &[
@@ -63,6 +96,7 @@ pub fn find_stack(graph: &Graph, map: &DitMap, types: &TypeMap) -> Result<Stack>
     }
     let index = Index::new(graph);
     let mut blocks: Vec<BlockSpan> = Vec::with_capacity(map.blocks.len());
+    let mut one_layout = true;
     for b in &map.blocks {
         let what = format!("block {} ({})", b.index, b.name);
         let ffn = b.ffn_output.as_deref().with_context(|| {
@@ -80,7 +114,9 @@ pub fn find_stack(graph: &Graph, map: &DitMap, types: &TypeMap) -> Result<Stack>
             .stream_input(&output, &anchors)
             .with_context(|| format!("{what}: cannot follow its residual stream back"))?;
         if let Some(previous) = blocks.last() {
-            if previous.output != input {
+            if previous.output != input && index.linked(&previous.output, &input) {
+                one_layout = false;
+            } else if previous.output != input {
                 bail!(
                     "{what} reads the hidden states '{input}', not block {}'s output '{}': the blocks do not form one residual stream",
                     previous.block,
@@ -99,10 +135,22 @@ pub fn find_stack(graph: &Graph, map: &DitMap, types: &TypeMap) -> Result<Stack>
     let (Some(a), Some(b)) = (shape_of(first), shape_of(last)) else {
         bail!("the shapes of the block stack's input '{first}' and output '{last}' are unknown");
     };
-    if a != b {
-        bail!("the block stack's input '{first}' {a:?} and output '{last}' {b:?} differ in shape");
-    }
-    Ok(Stack { blocks, shape: a })
+    let exit = if a == b {
+        last.clone()
+    } else {
+        match index.back_to_shape(last, &a, types) {
+            Some(exit) if !one_layout => exit,
+            _ => bail!(
+                "the block stack's input '{first}' {a:?} and output '{last}' {b:?} differ in shape"
+            ),
+        }
+    };
+    Ok(Stack {
+        blocks,
+        shape: a,
+        exit,
+        one_layout,
+    })
 }
 
 /// Producers and consumers of the top-level graph's values.
@@ -177,6 +225,70 @@ impl<'a> Index<'a> {
                 }
             }
             frontier = next;
+        }
+        None
+    }
+
+    /// Whether `to` is computed from `from` by [`LINK`] ops alone (each `Add`'s other operand a
+    /// constant: an initializer or a `Constant` node's output).
+    fn linked(&self, from: &str, to: &str) -> bool {
+        let mut v = to;
+        for _ in 0..16 {
+            if v == from {
+                return true;
+            }
+            let Some(&i) = self.producer.get(v) else {
+                return false;
+            };
+            let node = &self.graph.nodes[i];
+            if !LINK.contains(&node.op_type.as_str()) {
+                return false;
+            }
+            let Some(stream) = node.inputs.first() else {
+                return false;
+            };
+            if node.op_type == "Add" {
+                let operands: Vec<&str> = node.present_inputs().collect();
+                let [a, b] = operands[..] else {
+                    return false;
+                };
+                let (stream, other) = if self.is_constant(b) { (a, b) } else { (b, a) };
+                if !self.is_constant(other) {
+                    return false;
+                }
+                v = stream;
+            } else {
+                v = stream;
+            }
+        }
+        false
+    }
+
+    fn is_constant(&self, v: &str) -> bool {
+        self.graph.initializer(v).is_some()
+            || self
+                .producer
+                .get(v)
+                .is_some_and(|&i| self.graph.nodes[i].op_type == "Constant")
+    }
+
+    /// The value of shape `shape` that [`LAYOUT`] ops carry `from` to (each value on the way read by
+    /// one layout op only), if any within 8 ops.
+    fn back_to_shape(&self, from: &str, shape: &[i64], types: &TypeMap) -> Option<String> {
+        let mut v = from.to_string();
+        for _ in 0..8 {
+            let consumers = self.consumers.get(v.as_str())?;
+            let [i] = consumers[..] else {
+                return None;
+            };
+            let node = &self.graph.nodes[i];
+            if !LAYOUT.contains(&node.op_type.as_str()) || node.inputs.first() != Some(&v) {
+                return None;
+            }
+            v = node.outputs.first()?.clone();
+            if types.get(&v).and_then(|t| t.shape.as_deref()) == Some(shape) {
+                return Some(v);
+            }
         }
         None
     }

@@ -60,9 +60,13 @@ pub struct Args {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Policies to search (comma-separated): easy-cache, mag-cache, tea-cache, first-block-cache,
-    /// ada-cache. Default: all.
+    /// ada-cache, pab. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub policies: Vec<String>,
+    /// Tune to the budget's error scaled by this factor on the calibration cases (in (0, 1]; e.g.
+    /// 0.8 tunes `rel-l2=0.15` to 0.12), a safety margin for held-out inputs.
+    #[arg(long, default_value_t = 1.0)]
+    pub margin: f64,
     /// Bisection points per policy threshold.
     #[arg(long, default_value_t = 6)]
     pub iterations: usize,
@@ -126,6 +130,22 @@ impl FromStr for Budget {
 }
 
 impl Budget {
+    /// The budget with its error scaled by `margin` (in (0, 1]): rel-L2 `X * margin`, PSNR
+    /// `DB - 20 log10(margin)` (the same error ratio in decibels), cosine `1 - (1 - C) * margin^2`
+    /// (`1 - cos` grows as the square of a small relative error). Tuning to it on the calibration
+    /// cases leaves headroom for held-out inputs, whose trajectories differ.
+    pub fn with_margin(&self, margin: f64) -> Budget {
+        let bound = match self.metric {
+            Metric::RelL2 => self.bound * margin,
+            Metric::Psnr => self.bound - 20.0 * margin.log10(),
+            Metric::Cosine => 1.0 - (1.0 - self.bound) * margin * margin,
+        };
+        Budget {
+            metric: self.metric,
+            bound,
+        }
+    }
+
     pub fn meets(&self, f: &Fidelity) -> bool {
         match self.metric {
             Metric::Psnr => f.psnr_db >= self.bound,
@@ -198,6 +218,7 @@ pub struct Evaluator {
     pub full_flops: u64,
     /// The full model's bundle (for the drift runs' io and sampler).
     full_manifest: PathBuf,
+    full_blocks: usize,
     counter: usize,
 }
 
@@ -240,9 +261,11 @@ impl Evaluator {
             full: Vec::new(),
             full_flops: 0,
             full_manifest: PathBuf::new(),
+            full_blocks: 0,
             counter: 0,
         };
-        let (path, _) = e.convert(None)?;
+        let (path, manifest) = e.convert(None)?;
+        e.full_blocks = manifest.dit_map["blocks"].as_array().map_or(0, |b| b.len());
         let bundle = Bundle::open(&path)?;
         for (name, inputs) in &e.cases {
             let (latent, report) = run_case(&bundle, inputs, name)?;
@@ -338,6 +361,11 @@ impl Evaluator {
     pub fn cases(&self) -> usize {
         self.cases.len()
     }
+
+    /// The number of transformer blocks of the model (from the full model's bundle).
+    pub fn blocks(&self) -> usize {
+        self.full_blocks
+    }
 }
 
 /// Sample one case (its tensors `noise` and the condition inputs).
@@ -432,7 +460,10 @@ pub struct Report {
     pub model: String,
     pub base_recipe: String,
     pub cases: Vec<String>,
+    /// What every candidate was checked against: `target` scaled by `margin`.
     pub budget: Budget,
+    pub target: Budget,
+    pub margin: f64,
     pub steps: usize,
     pub full_flops: u64,
     pub drift: Drift,
@@ -447,7 +478,10 @@ pub struct Report {
 /// The tuner: search over `evaluator`'s cases for the cheapest candidate meeting `budget`.
 pub struct Tuner<'a> {
     pub evaluator: &'a mut Evaluator,
+    /// The user's budget; candidates are checked against it scaled by `margin`.
     pub budget: Budget,
+    /// See [`Budget::with_margin`] (1: the budget itself).
+    pub margin: f64,
     pub iterations: usize,
     pub time_limit: Option<f64>,
     pub progress: bool,
@@ -473,18 +507,22 @@ impl Tuner<'_> {
             .into_iter()
             .filter(|f| self.wants(f.options["policy"].as_str().unwrap_or("")))
             .collect();
-        let discrete: Vec<_> = discrete_candidates()
+        let ladders: Vec<Ladder> = self
+            .ladders()
             .into_iter()
-            .filter(|(_, o)| self.wants(o["policy"].as_str().unwrap_or("")))
+            .filter(|l| self.wants(l.policy))
             .collect();
-        bar.set_length(4 + (families.len() * self.iterations + discrete.len()) as u64);
+        let rungs: usize = ladders.iter().map(|l| l.rungs.len()).sum();
+        bar.set_length(4 + (families.len() * self.iterations + rungs) as u64);
         let full = self.evaluator.full_flops as f64;
         let mut report = Report {
             format: "ditc-tune-report",
             model: model.into(),
             base_recipe: base_recipe.into(),
             cases: self.evaluator.cases.iter().map(|c| c.0.clone()).collect(),
-            budget: self.budget,
+            budget: self.budget.with_margin(self.margin),
+            target: self.budget,
+            margin: self.margin,
             steps,
             full_flops: self.evaluator.full_flops,
             drift,
@@ -546,22 +584,37 @@ impl Tuner<'_> {
                 }
             }
         }
-        for (label, o) in discrete {
-            if report.stopped_by_time_limit || self.out_of_time(start) {
-                report.stopped_by_time_limit = true;
-                break;
+        'ladders: for ladder in &ladders {
+            for (label, pass) in &ladder.rungs {
+                if report.stopped_by_time_limit || self.out_of_time(start) {
+                    report.stopped_by_time_limit = true;
+                    break 'ladders;
+                }
+                bar.set_message(format!("tune: {label}"));
+                let tried =
+                    self.try_candidate(label, pass.clone(), ladder.table, &mut seen, &report)?;
+                bar.inc(1);
+                let (meets, pruned) = (tried.meets, tried.pruned);
+                if meets && tried.flops < report.candidates[report.winner].flops {
+                    report.winner = report.candidates.len();
+                }
+                report.candidates.push(tried);
+                if !meets && !pruned {
+                    // The next rungs skip more: they would miss too (or the policy does not apply).
+                    continue 'ladders;
+                }
             }
-            bar.set_message(format!("tune: {label}"));
-            let tried = self.try_candidate(label, pass(o), false, &mut seen, &report)?;
-            bar.inc(1);
-            if tried.meets && tried.flops < report.candidates[report.winner].flops {
-                report.winner = report.candidates.len();
-            }
-            report.candidates.push(tried);
         }
         bar.finish_and_clear();
         report.seconds = start.elapsed().as_secs_f64();
         Ok(report)
+    }
+
+    /// The discrete searches, each a ladder of candidates that skip more and more (see [`Ladder`]).
+    fn ladders(&self) -> Vec<Ladder> {
+        let mut out = ada_ladders(self.evaluator.blocks());
+        out.extend(pab_ladders());
+        out
     }
 
     fn wants(&self, policy: &str) -> bool {
@@ -587,12 +640,7 @@ impl Tuner<'_> {
         let mut tried = Tried {
             index: report.candidates.len(),
             label: label.into(),
-            policy: pass
-                .options
-                .get("policy")
-                .and_then(|p| p.as_str())
-                .unwrap_or("easy-cache")
-                .into(),
+            policy: policy_of(&pass).into(),
             options: serde_json::to_value(&pass.options)?,
             threshold: pass.options.get("threshold").and_then(|t| t.as_float()),
             flops_relative: f64::NAN,
@@ -616,8 +664,15 @@ impl Tuner<'_> {
         };
         if table {
             let schedule = manifest.schedule.as_ref();
+            // PAB presets that give the same tables are the same schedule; a forecast changes what a
+            // table policy's same table computes, so there the label (which names it) is the key.
+            let family = if pass.name == "broadcast-static" {
+                PAB
+            } else {
+                label
+            };
             let key = format!(
-                "{label}/{}",
+                "{family}/{}",
                 serde_json::to_string(&schedule.map(|s| (&s.tables, &s.uncond_tables)))?
             );
             let planned = manifest.cost.model_flops_scheduled as f64;
@@ -648,9 +703,10 @@ impl Tuner<'_> {
             }
             seen.insert(key, tried.index);
         }
-        let o = self.evaluator.run(&path, Some(&self.budget))?;
+        let budget = report.budget;
+        let o = self.evaluator.run(&path, Some(&budget))?;
         tried.meets = o.fidelity.len() == self.evaluator.cases()
-            && o.fidelity.iter().all(|f| self.budget.meets(f));
+            && o.fidelity.iter().all(|f| budget.meets(f));
         tried.flops = o.flops;
         tried.flops_relative = o.flops / full;
         tried.calls_computed = o.calls_computed;
@@ -785,21 +841,160 @@ impl Tuner<'_> {
     }
 }
 
-/// AdaCache's codebooks are not a threshold: each preset is one candidate.
-fn discrete_candidates() -> Vec<(&'static str, toml::Table)> {
-    vec![
-        (
-            "ada-cache 30-step slow",
-            options(&[
-                ("policy", "ada-cache".into()),
-                ("codebook", "30-step-slow".into()),
-            ]),
-        ),
-        (
-            "ada-cache default",
-            options(&[("policy", "ada-cache".into())]),
-        ),
-    ]
+/// The `policy` a report names for `pass`: `pab` for `broadcast-static`, else its `policy` option
+/// (easy-cache, the default, when absent).
+fn policy_of(pass: &PassSpec) -> &str {
+    if pass.name == "broadcast-static" {
+        return PAB;
+    }
+    pass.options
+        .get("policy")
+        .and_then(|p| p.as_str())
+        .unwrap_or("easy-cache")
+}
+
+/// The name `--policies` gives PAB (`broadcast-static`).
+const PAB: &str = "pab";
+
+/// A discrete search: candidates ordered from the one that skips least to the one that skips most, run
+/// in order until one misses the budget (the rest skip more, so they would miss too) or does not
+/// apply. With `table` (decisions known at conversion: PAB), a candidate whose table computes at
+/// least the best FLOPs so far is not run, nor one whose table was already tried.
+struct Ladder {
+    policy: &'static str,
+    table: bool,
+    rungs: Vec<(String, PassSpec)>,
+}
+
+/// AdaCache: the codebook is not a threshold. Per measured block (the middle one, the reference's
+/// default, and the last-but-one) and residual (self-attention, cross-attention + MLP), with and
+/// without forecasting (order 1), the paper's codebooks from the slowest to the fastest, MoReg off;
+/// then the defaults (MoReg on) alone.
+fn ada_ladders(blocks: usize) -> Vec<Ladder> {
+    let mut measured = vec![(blocks.max(1) - 1) / 2];
+    if blocks >= 3 && blocks - 2 != measured[0] {
+        measured.push(blocks - 2);
+    }
+    let mut out = Vec::new();
+    for &block in &measured {
+        for residual in ["attention", "cross-mlp"] {
+            for order in [None, Some(1i64)] {
+                let rungs = ["30-step-slow", "30-step-fast", "100-step"]
+                    .iter()
+                    .map(|codebook| {
+                        let mut o = options(&[
+                            ("policy", "ada-cache".into()),
+                            ("codebook", (*codebook).into()),
+                            ("block", (block as i64).into()),
+                            ("residual", residual.into()),
+                            ("moreg", false.into()),
+                        ]);
+                        let mut label =
+                            format!("ada-cache {codebook}, block {block} {residual}, no MoReg");
+                        if let Some(k) = order {
+                            o.insert("forecast".into(), "taylor".into());
+                            o.insert("order".into(), k.into());
+                            label.push_str(&format!(" + taylor {k}"));
+                        }
+                        (label, pass(o))
+                    })
+                    .collect();
+                out.push(Ladder {
+                    policy: "ada-cache",
+                    table: false,
+                    rungs,
+                });
+            }
+        }
+    }
+    out.push(Ladder {
+        policy: "ada-cache",
+        table: false,
+        rungs: vec![(
+            "ada-cache defaults (MoReg)".into(),
+            pass(options(&[("policy", "ada-cache".into())])),
+        )],
+    });
+    out
+}
+
+/// The published PAB presets (`schedules/pab/`), one candidate each.
+const PAB_PRESETS: [(&str, &str); 6] = [
+    ("latte", include_str!("../../schedules/pab/latte.toml")),
+    (
+        "open-sora",
+        include_str!("../../schedules/pab/open-sora.toml"),
+    ),
+    (
+        "open-sora-plan-v1.1",
+        include_str!("../../schedules/pab/open-sora-plan-v1.1.toml"),
+    ),
+    (
+        "open-sora-plan-v1.2",
+        include_str!("../../schedules/pab/open-sora-plan-v1.2.toml"),
+    ),
+    (
+        "cogvideox",
+        include_str!("../../schedules/pab/cogvideox.toml"),
+    ),
+    (
+        "vchitect",
+        include_str!("../../schedules/pab/vchitect.toml"),
+    ),
+];
+
+/// PAB (`broadcast-static`): the published presets, then per timestep window (PAB's (100, 800), and
+/// (100, 950)) the pyramid of periods at levels 1-4: spatial (and full) attention `k + 1`, temporal
+/// `k + 2`, cross `2 (k + 1)`; the kinds a model lacks are ignored. Every PAB schedule is a static
+/// table: one that cannot beat the best FLOPs is not run.
+fn pab_ladders() -> Vec<Ladder> {
+    let static_pass = |options: toml::Table| PassSpec {
+        name: "broadcast-static".into(),
+        options,
+    };
+    let mut out: Vec<Ladder> = PAB_PRESETS
+        .iter()
+        .map(|(name, text)| Ladder {
+            policy: PAB,
+            table: true,
+            rungs: vec![(
+                format!("pab preset {name}"),
+                static_pass(text.parse().expect("the preset parses")),
+            )],
+        })
+        .collect();
+    for window in [[100.0, 800.0], [100.0, 950.0]] {
+        let rungs = (1..=4i64)
+            .map(|k| {
+                let kind = |period: i64| -> toml::Value {
+                    let w: Vec<toml::Value> = window.iter().map(|&x| x.into()).collect();
+                    options(&[("period", period.into()), ("window", w.into())]).into()
+                };
+                let o = options(&[
+                    ("spatial", kind(k + 1)),
+                    ("temporal", kind(k + 2)),
+                    ("cross", kind(2 * (k + 1))),
+                ]);
+                (
+                    format!(
+                        "pab periods spatial {}, temporal {}, cross {} in ({}, {})",
+                        k + 1,
+                        k + 2,
+                        2 * (k + 1),
+                        window[0],
+                        window[1]
+                    ),
+                    static_pass(o),
+                )
+            })
+            .collect();
+        out.push(Ladder {
+            policy: PAB,
+            table: true,
+            rungs,
+        });
+    }
+    out
 }
 
 /// A threshold below every step's drift computes every call; one above their sum skips all it may.
@@ -856,7 +1051,7 @@ fn tea_coefficients(base: &Recipe) -> Vec<toml::Value> {
 
 /// MagCache's ratios on the evaluator's cases, measured on the full model as `ditc calibrate
 /// --mag-ratios` does.
-fn mag_ratios(e: &Evaluator) -> Result<Vec<f64>> {
+pub fn mag_ratios(e: &Evaluator) -> Result<Vec<f64>> {
     let bundle = Bundle::open(&e.full_manifest)?;
     let guidance = bundle
         .manifest
@@ -880,12 +1075,13 @@ pub fn run(args: &Args) -> Result<()> {
     if args.cases.is_empty() || args.cases.iter().any(|c| c.trim().is_empty()) {
         bail!("--cases: the list of calibration cases is empty (e.g. --cases 0,1)");
     }
-    const POLICIES: [&str; 5] = [
+    const POLICIES: [&str; 6] = [
         "easy-cache",
         "mag-cache",
         "tea-cache",
         "first-block-cache",
         "ada-cache",
+        PAB,
     ];
     if let Some(p) = args
         .policies
@@ -896,6 +1092,12 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
+    }
+    if !(args.margin > 0.0 && args.margin <= 1.0) {
+        bail!(
+            "--margin {}: expected a factor in (0, 1] (1: tune to the budget itself)",
+            args.margin
+        );
     }
     if let Some(l) = args.time_limit.filter(|l| !(l.is_finite() && *l > 0.0)) {
         bail!("--time-limit {l}: expected a positive number of seconds");
@@ -917,8 +1119,11 @@ pub fn run(args: &Args) -> Result<()> {
     let report = result?;
     let winner = &report.candidates[report.winner];
     let mut text = format!(
-        "# ditc tune: budget {} on cases {:?} of {} ({} steps); winner: {} ({:.1}% of full FLOPs); report: {}\n",
+        "# ditc tune: budget {} (margin {}: tuned to {} {}) on cases {:?} of {} ({} steps); winner: {} ({:.1}% of full FLOPs); report: {}\n",
         args.budget,
+        args.margin,
+        metric_name(report.budget.metric),
+        report.budget.bound,
         args.cases,
         args.inputs.display(),
         report.steps,
@@ -970,6 +1175,7 @@ fn tune_into(args: &Args, base: &Recipe, budget: Budget, work: &Path) -> Result<
     let mut tuner = Tuner {
         evaluator: &mut evaluator,
         budget,
+        margin: args.margin,
         iterations: args.iterations,
         time_limit: args.time_limit,
         progress: !args.no_progress,
@@ -979,6 +1185,14 @@ fn tune_into(args: &Args, base: &Recipe, budget: Budget, work: &Path) -> Result<
         &args.model.display().to_string(),
         &args.recipe.display().to_string(),
     )
+}
+
+fn metric_name(m: Metric) -> &'static str {
+    match m {
+        Metric::Psnr => "psnr",
+        Metric::Cosine => "cosine",
+        Metric::RelL2 => "rel-l2",
+    }
 }
 
 /// `tuned.toml` -> `tuned.json`.
@@ -1027,6 +1241,49 @@ mod tests {
         assert!(b.meets(&f(0.1)) && !b.meets(&f(0.11)));
         let w = worst(&[f(0.05), f(0.2)]).unwrap();
         assert_eq!((w.rel_l2, w.cosine), (0.2, 0.8));
+    }
+
+    #[test]
+    fn a_margin_scales_the_error() {
+        let m = |b: &str, margin| b.parse::<Budget>().unwrap().with_margin(margin).bound;
+        assert!((m("rel-l2=0.15", 0.8) - 0.12).abs() < 1e-15);
+        // 20 log10(0.5) = -6.0206 dB; 1 - (1 - 0.99) * 0.25 = 0.9975.
+        assert!((m("psnr=30", 0.5) - 36.0206).abs() < 1e-4);
+        assert!((m("cosine=0.99", 0.5) - 0.9975).abs() < 1e-12);
+        assert_eq!(m("psnr=30", 1.0), 30.0);
+    }
+
+    #[test]
+    fn ladders_skip_more_at_every_rung() {
+        // wan-small's 6 blocks: the middle block 2 and block 4; two residuals; with and without a
+        // forecast: 8 codebook ladders, then the defaults.
+        let ada = ada_ladders(6);
+        assert_eq!(ada.len(), 9);
+        assert_eq!(
+            ada[0].rungs[0].0,
+            "ada-cache 30-step-slow, block 2 attention, no MoReg"
+        );
+        assert_eq!(
+            ada[7].rungs[2].0,
+            "ada-cache 100-step, block 4 cross-mlp, no MoReg + taylor 1"
+        );
+        let pab = pab_ladders();
+        assert_eq!(pab.len(), PAB_PRESETS.len() + 2);
+        let pyramid = &pab.last().unwrap().rungs;
+        let period =
+            |i: usize, kind: &str| pyramid[i].1.options[kind]["period"].as_integer().unwrap();
+        for i in 1..pyramid.len() {
+            for kind in ["spatial", "temporal", "cross"] {
+                assert!(period(i, kind) > period(i - 1, kind));
+            }
+        }
+        for l in &pab {
+            for (_, p) in &l.rungs {
+                let o: crate::schedule::pab::PabOptions =
+                    toml::Value::Table(p.options.clone()).try_into().unwrap();
+                o.validate().unwrap();
+            }
+        }
     }
 
     #[test]

@@ -19,8 +19,9 @@
 //! embedding) depends only on the timestep, so its decisions are a static table too, computed at
 //! conversion from the checkpoint's embedder weights and baked exactly as MagCache's.
 //!
-//! `forecast = "taylor"` (and `order`, 1 or 2), with the table policies and easy-cache: on a skipped step the stack's
-//! residual is extrapolated from the last computed ones (TaylorSeer, [`crate::schedule::forecast`]).
+//! `forecast = "taylor"` (and `order`, 1 or 2), with every policy: on a skipped step the cached
+//! residual is extrapolated from the last computed ones (TaylorSeer, [`crate::schedule::forecast`]);
+//! the table policies gather the weights from a table, the in-graph ones compute them.
 //!
 //! `policy = "easy-cache"` ([`crate::schedule::easy_cache`], the default: it needs no calibration):
 //! EasyCache's rule (the input's change scaled by the transformation rate measured between computed
@@ -89,16 +90,10 @@ impl BroadcastAdaptive {
         let policy: Box<dyn AdaptivePolicy> = match name.as_str() {
             "mag-cache" => Box::new(MagCache(MagCacheOptions::from_table(&options)?, forecast)),
             first_block_cache::POLICY => {
-                if forecast.is_some() {
-                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for first-block-cache (only for mag-cache, tea-cache and easy-cache)");
-                }
-                Box::new(FirstBlockCache(FbcOptions::from_table(&options)?))
+                Box::new(FirstBlockCache(FbcOptions::from_table(&options)?, forecast))
             }
             ada_cache::POLICY => {
-                if forecast.is_some() {
-                    bail!("broadcast-adaptive: forecast = \"taylor\" is not implemented yet for ada-cache (only for mag-cache, tea-cache and easy-cache)");
-                }
-                Box::new(AdaCache(AdaCacheOptions::from_table(&options)?))
+                Box::new(AdaCache(AdaCacheOptions::from_table(&options)?, forecast))
             }
             easy_cache::POLICY => {
                 Box::new(EasyCache(EasyCacheOptions::from_table(&options)?, forecast))
@@ -127,11 +122,11 @@ impl Pass for BroadcastAdaptive {
 }
 
 /// FirstBlockCache / DBCache: decided inside the graph at every call.
-struct FirstBlockCache(FbcOptions);
+struct FirstBlockCache(FbcOptions, Option<Taylor>);
 
 impl AdaptivePolicy for FirstBlockCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
-        first_block_cache::bake(model, cx, &self.0)
+        first_block_cache::bake(model, cx, &self.0, self.1)
     }
 }
 
@@ -145,11 +140,11 @@ impl AdaptivePolicy for EasyCache {
 }
 
 /// AdaCache + MoReg: the steps to reuse from a codebook of the measured distance, decided in the graph.
-struct AdaCache(AdaCacheOptions);
+struct AdaCache(AdaCacheOptions, Option<Taylor>);
 
 impl AdaptivePolicy for AdaCache {
     fn bake(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
-        ada_cache::bake(model, cx, &self.0)
+        ada_cache::bake(model, cx, &self.0, self.1)
     }
 }
 
@@ -446,7 +441,7 @@ pub fn bake_stack_with(
 
 /// Nodes (appended to `nodes`, inside the else-branch) computing `Σ_j w_j · state_j` for `j` in
 /// `0..=older`, `w` = `ditc.forecast.weights`; the index constants go into `graph`. Returns the sum.
-fn forecast_nodes(
+pub fn forecast_nodes(
     graph: &mut Graph,
     nodes: &mut Vec<Node>,
     older: usize,

@@ -37,20 +37,27 @@
 //!   `cache_loc = [13]`); MoReg over one frame stride (the reference's default `moreg_strides = [1]`).
 //! - Open-Sora runs both guidance branches as one batch (one decision); ditc's runtime makes two calls,
 //!   and each branch decides on its own state.
-//! - Models whose blocks do not form one residual stream (Latte's spatial/temporal pairs) are refused:
-//!   caching per block there is not implemented.
+//! - Models whose blocks alternate layouts (Latte's spatial/temporal pairs) are refused: one block's
+//!   residual is not a `[batch, frames x tokens, channels]` tensor there, and caching per block in
+//!   other layouts is not implemented.
+//!
+//! `forecast = "taylor"` ([`crate::schedule::forecast`]): on a skipped step the cached stack residual
+//! (the sum of every block's residuals, so this forecasts each and sums them: the forecast is linear)
+//! is extrapolated from the last computed ones, with weights computed in the graph from the steps of
+//! those calls (states `computed_calls`, `update_step`, ...).
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::stack::{find_stack, Stack};
 use crate::analysis::{AttentionKind, DitMap};
-use crate::ir::{infer_types, sort_topologically, AttrValue, DataType, Graph, Model, Node};
+use crate::ir::{infer_types, sort_topologically, DataType, Graph, Model, Node};
 use crate::manifest::{InGraphDecisions, Schedule};
 use crate::passes::broadcast_adaptive::{bake_stack_with, IfExtra};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
 use crate::schedule::emitter::{declare_states, zero_state_bindings, Emitter};
 use crate::schedule::first_block_cache::{DECISION, METRIC};
+use crate::schedule::forecast::{self, Taylor};
 use crate::schedule::Group;
 
 /// The policy name in the manifest and in `broadcast-adaptive`'s `policy` option.
@@ -354,7 +361,12 @@ fn after_attention(graph: &Graph, map: &DitMap, stack: &Stack, block: usize) -> 
 }
 
 /// Rewrite `model` so that each call decides in the graph whether the block stack runs (module doc).
-pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Result<()> {
+pub fn bake(
+    model: &mut Model,
+    cx: &mut PassContext,
+    o: &AdaCacheOptions,
+    forecast: Option<Taylor>,
+) -> Result<()> {
     let steps = cx.sampler.as_ref().expect("checked").1.steps();
     let codebook = o.codebook_for(steps)?;
     if steps < 3 {
@@ -363,11 +375,16 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
     let io = crate::manifest::detect_io(model)?;
     let mut graph = model.graph.clone();
     sort_topologically(&mut graph)?;
+    // Constants stay constants in every part of a graph split at the If (Latte's export).
+    crate::schedule::emitter::constants_to_initializers(&mut graph);
     let opset = model.default_opset();
     let types = infer_types(&graph, opset);
     let stack = find_stack(&graph, &cx.dit_map, &types).map_err(|e| {
         e.context("ada-cache caches the block stack's residual (per-block caching for blocks that do not form one stream, such as Latte's, is not implemented)")
     })?;
+    if !stack.one_layout {
+        bail!("ada-cache measures one block's residual and its motion over frames on a [batch, frames x tokens, channels] stream; this model's blocks alternate layouts (Latte's spatial blocks see frames as the batch, its temporal blocks tokens as the batch), and per-block caching in other layouts is not implemented");
+    }
     let blocks = stack.blocks.len();
     let block = o.block.unwrap_or((blocks - 1) / 2);
     if block >= blocks {
@@ -426,19 +443,28 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
         .iter()
         .map(|&id| cx.dit_map.attention[id].anchor.clone())
         .collect();
-    let mut bindings = bake_stack_with(&mut graph, &stack, &anchors, &types, None, &[extra])?;
+    let mut bindings = bake_stack_with(&mut graph, &stack, &anchors, &types, forecast, &[extra])?;
 
-    let states = [
+    let mut states = vec![
         (REFERENCE, (DataType::F32, shape.clone())),
         (RATE, (DataType::I64, Vec::new())),
         (LAST, (DataType::I64, Vec::new())),
         (PREV_MOREG, (DataType::F32, Vec::new())),
         (MOREG_SEEN, (DataType::Bool, Vec::new())),
     ];
+    if let Some(t) = forecast {
+        states.push((forecast::COMPUTED_CALLS, (DataType::I64, Vec::new())));
+        states.extend(forecast::update_step_states(t.order));
+    }
     declare_states(&mut graph, &states, state_in, state_out);
     let mut e = Emitter::new("ada", opset);
     let rule = Rule::new(o, steps)?;
     emit(&mut e, &rule, &latest, per_frame, tokens);
+    if let Some(t) = forecast {
+        let calls = state_in(forecast::COMPUTED_CALLS);
+        forecast::emit_weights(&mut e, t.order, &calls, state_in, state_out);
+        forecast::emit_call_count(&mut e, &calls, &state_out(forecast::COMPUTED_CALLS));
+    }
     e.finish(&mut graph)?;
     model.graph = graph;
 
@@ -454,6 +480,10 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, o: &AdaCacheOptions) -> Res
     options["codebook"] = serde_json::to_value(&codebook)?;
     options["block"] = block.into();
     options["moreg_steps"] = serde_json::to_value(o.moreg_window(steps))?;
+    if let Some(t) = forecast {
+        options["forecast"] = "taylor".into();
+        options["order"] = t.order.into();
+    }
     cx.schedule = Some(Schedule {
         policy: POLICY.into(),
         options,
@@ -501,11 +531,7 @@ fn emit(e: &mut Emitter, rule: &Rule, latest: &str, per_frame: i64, tokens: i64)
     let change = e.mean_abs("change_mean", &diff, 3);
     let size = e.mean_abs("reference_mean", &reference, 3);
     let relative = e.op("Div", "relative_change", &[&change, &size]);
-    let rate_f = "ditc.ada.rate_f32".to_string();
-    e.nodes.push(
-        Node::new(&rate_f, "Cast", &[&rate], &[&rate_f])
-            .with_attr("to", AttrValue::Int(DataType::F32.onnx_code() as i64)),
-    );
+    let rate_f = e.cast("rate_f32", &rate, DataType::F32);
     let mut distance = e.op("Div", "distance", &[&relative, &rate_f]);
     let seen = state_in(MOREG_SEEN);
     if let Some(([lo, hi], norm, power, mul)) = rule.moreg {

@@ -38,7 +38,7 @@
 //!
 //! `forecast = "taylor"` (order 1 or 2): on a skipped call the stack's residual is forecast from the
 //! last `order + 1` computed ones, as [`crate::schedule::forecast`] does for the table policies; the
-//! weights are computed in the graph from the steps of those calls (`forecast_weights`, state
+//! weights are computed in the graph from the steps of those calls ([`forecast::emit_weights`], state
 //! `update_step`, `.1`, `.2`), since the steps are known only at run time.
 //!
 //! Deliberate differences from the reference: (1) the cached value is the whole block stack's residual
@@ -53,15 +53,13 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::stack::find_stack;
-use crate::ir::{
-    infer_types, sort_topologically, AttrValue, DataType, Model, Node, TypeMap, ValueInfo,
-};
+use crate::ir::{infer_types, sort_topologically, DataType, Model, TypeMap, ValueInfo};
 use crate::manifest::{InGraphDecisions, Schedule};
-use crate::passes::broadcast_adaptive::{bake_stack, BRANCH_INPUT, FORECAST_WEIGHTS};
+use crate::passes::broadcast_adaptive::{bake_stack, BRANCH_INPUT};
 use crate::passes::{condition_name, PassContext, STEP_INPUT};
 use crate::schedule::emitter::{declare_states, zero_state_bindings, Emitter};
 use crate::schedule::first_block_cache::{DECISION, METRIC};
-use crate::schedule::forecast::Taylor;
+use crate::schedule::forecast::{self, Taylor};
 use crate::schedule::Group;
 
 /// The policy name in the manifest and in `broadcast-adaptive`'s `policy` option.
@@ -181,8 +179,6 @@ const PREV_OUTPUT: &str = "prev_output";
 const RATE: &str = "k";
 const ACCUMULATED: &str = "accumulated";
 const CALLS: &str = "computed_calls";
-/// With a forecast: the step of the newest, the previous and the one before computed call.
-const UPDATE_STEPS: [&str; 3] = ["update_step", "update_step.1", "update_step.2"];
 
 fn state_in(v: &str) -> String {
     format!("ditc.state.easy.{v}")
@@ -219,6 +215,8 @@ pub fn bake(
     let io = crate::manifest::detect_io(model)?;
     let mut graph = model.graph.clone();
     sort_topologically(&mut graph)?;
+    // Constants stay constants in every part of a graph split at the If (Latte's export).
+    crate::schedule::emitter::constants_to_initializers(&mut graph);
     let opset = model.default_opset();
     let types = infer_types(&graph, opset);
     let latent_shape = f32_shape(&types, &io.latent, "latent input")?;
@@ -246,11 +244,7 @@ pub fn bake(
     ];
     if let Some(t) = forecast {
         // The steps of the last order + 1 computed calls (newest first), for the forecast's weights.
-        states.extend(
-            UPDATE_STEPS[..=t.order]
-                .iter()
-                .map(|v| (*v, (DataType::I64, Vec::new()))),
-        );
+        states.extend(forecast::update_step_states(t.order));
     }
     declare_states(&mut graph, &states, state_in, state_out);
     if follow {
@@ -272,7 +266,7 @@ pub fn bake(
         prediction_shape.len(),
     );
     if let Some(t) = forecast {
-        forecast_weights(&mut e, t.order);
+        forecast::emit_weights(&mut e, t.order, &state_in(CALLS), state_in, state_out);
     }
     e.finish(&mut graph)?;
     model.graph = graph;
@@ -413,91 +407,6 @@ fn update(
         &[DECISION, &plus_one, &state_in(CALLS)],
         &state_out(CALLS),
     );
-}
-
-/// `ditc.forecast.weights` (f32 `[order + 1]`, newest residual first) from the steps of the last
-/// computed calls, as [`crate::schedule::forecast::coefficients`] gives them for a static table
-/// (cache-dit's calibrator: a difference only from the second update on and where that update's
-/// `c = step - 1 > 1`), and the update steps' state outputs (shifted on a computed call).
-///
-/// With `s0 > s1 > s2` the steps of the newest updates, `w = s0 - s1`, `v = s1 - s2`, `e = step - s0`:
-/// `F1 = (Y0 - Y1) / w`, `F2 = (F1 - (Y1 - Y2) / v) / w`, forecast `Y0 + a F1 + b F2` with
-/// `a = e` where F1 exists and `b = e^2 / 2` where F2 exists, else 0.
-fn forecast_weights(e: &mut Emitter, order: usize) {
-    let cast = |e: &mut Emitter, name: &str, v: &str| {
-        let out = format!("ditc.easy.{name}");
-        e.nodes.push(
-            Node::new(&out, "Cast", &[v], &[&out])
-                .with_attr("to", AttrValue::Int(DataType::F32.onnx_code() as i64)),
-        );
-        out
-    };
-    let steps: Vec<String> = UPDATE_STEPS[..=order].iter().map(|v| state_in(v)).collect();
-    let calls = state_in(CALLS);
-    let (two, three) = (e.i64("fc_two", 2), e.i64("fc_three", 3));
-    let one_f = e.f32("fc_one", 1.0);
-    let zero_f = e.f32("fc_zero", 0.0);
-    let elapsed = e.op("Sub", "fc_elapsed", &[STEP_INPUT, &steps[0]]);
-    let elapsed = cast(e, "fc_elapsed_f32", &elapsed);
-    // F1 exists: two updates, the newest at c > 1 (step > 2).
-    let two_updates = e.op("GreaterOrEqual", "fc_two_updates", &[&calls, &two]);
-    let newest_late = e.op("Greater", "fc_newest_late", &[&steps[0], &two]);
-    let has_f1 = e.op("And", "fc_has_f1", &[&two_updates, &newest_late]);
-    let spacing = e.op("Sub", "fc_spacing", &[&steps[0], &steps[1]]);
-    let spacing = cast(e, "fc_spacing_f32", &spacing);
-    let w = e.op("Where", "fc_w", &[&has_f1, &spacing, &one_f]);
-    let a = e.op("Where", "fc_a", &[&has_f1, &elapsed, &zero_f]);
-    let a_w = e.op("Div", "fc_a_over_w", &[&a, &w]);
-    let mut weights = vec![
-        e.op("Add", "fc_weight_0", &[&one_f, &a_w]),
-        e.op("Neg", "fc_weight_1", &[&a_w]),
-    ];
-    if order == 2 {
-        // F2 exists: F1 exists and existed at the previous update (three updates, it at c > 1).
-        let three_updates = e.op("GreaterOrEqual", "fc_three_updates", &[&calls, &three]);
-        let previous_late = e.op("Greater", "fc_previous_late", &[&steps[1], &two]);
-        let earlier = e.op("And", "fc_f1_before", &[&three_updates, &previous_late]);
-        let has_f2 = e.op("And", "fc_has_f2", &[&has_f1, &earlier]);
-        let older = e.op("Sub", "fc_older_spacing", &[&steps[1], &steps[2]]);
-        let older = cast(e, "fc_older_spacing_f32", &older);
-        let v = e.op("Where", "fc_v", &[&has_f2, &older, &one_f]);
-        let half = e.f32("fc_half", 0.5);
-        let square = e.op("Mul", "fc_elapsed_squared", &[&elapsed, &elapsed]);
-        let half_square = e.op("Mul", "fc_half_square", &[&square, &half]);
-        let b = e.op("Where", "fc_b", &[&has_f2, &half_square, &zero_f]);
-        // b F2 = b / w * ((Y0 - Y1) / w - (Y1 - Y2) / v).
-        let b_w = e.op("Div", "fc_b_over_w", &[&b, &w]);
-        let b_ww = e.op("Div", "fc_b_over_ww", &[&b_w, &w]);
-        let b_wv = e.op("Div", "fc_b_over_wv", &[&b_w, &v]);
-        let w0 = e.op("Add", "fc_weight_0_2", &[&weights[0], &b_ww]);
-        let both = e.op("Add", "fc_b_sum", &[&b_ww, &b_wv]);
-        let w1 = e.op("Sub", "fc_weight_1_2", &[&weights[1], &both]);
-        weights = vec![w0, w1, b_wv];
-    }
-    let shape = e.i64s("fc_one_element", &[1]);
-    let parts: Vec<String> = weights
-        .iter()
-        .enumerate()
-        .map(|(j, w)| e.op("Reshape", &format!("fc_part_{j}"), &[w, &shape]))
-        .collect();
-    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-    e.nodes.push(
-        Node::new(FORECAST_WEIGHTS, "Concat", &refs, &[FORECAST_WEIGHTS])
-            .with_attr("axis", AttrValue::Int(0)),
-    );
-    // Shift the update steps on a computed call.
-    for j in (0..=order).rev() {
-        let newer = if j == 0 {
-            STEP_INPUT.to_string()
-        } else {
-            steps[j - 1].clone()
-        };
-        e.named(
-            "Where",
-            &[DECISION, &newer, &steps[j]],
-            &state_out(UPDATE_STEPS[j]),
-        );
-    }
 }
 
 #[cfg(test)]

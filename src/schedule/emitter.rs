@@ -69,6 +69,16 @@ impl Emitter {
         full
     }
 
+    /// `Cast(input, to = dtype)`.
+    pub fn cast(&mut self, name: &str, input: &str, dtype: DataType) -> String {
+        let out = self.full(name);
+        self.nodes.push(
+            Node::new(&out, "Cast", &[input], &[&out])
+                .with_attr("to", AttrValue::Int(dtype.onnx_code() as i64)),
+        );
+        out
+    }
+
     /// The mean over every axis of `input` (rank `rank`), 0-D: `ReduceMean` with its axes as an
     /// input from opset 18 on, as an attribute before.
     pub fn mean_all(&mut self, name: &str, input: &str, rank: usize) -> String {
@@ -120,6 +130,31 @@ impl Emitter {
         sort_topologically(graph)?;
         crate::ir::check_graph(graph).context("the baked graph is invalid (a ditc bug)")
     }
+}
+
+/// Turn every top-level `Constant` node whose value is a tensor into an initializer of its output's
+/// name. Exporters (torch's) write reshape shapes as `Constant` nodes; a runtime that splits the graph
+/// at a policy's `If` (the CPU runtime: a prefix, then the taken outcome) would feed their values to an
+/// outcome as inputs, where a shape is no longer known to be constant. Initializers stay constants in
+/// every part. Values and names are unchanged.
+pub fn constants_to_initializers(graph: &mut Graph) {
+    let outputs: std::collections::HashSet<String> =
+        graph.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut kept = Vec::with_capacity(graph.nodes.len());
+    for node in std::mem::take(&mut graph.nodes) {
+        let value = (node.op_type == "Constant" && node.outputs.len() == 1)
+            .then(|| node.attr_tensor("value").cloned())
+            .flatten()
+            .filter(|_| !outputs.contains(&node.outputs[0]));
+        match value {
+            Some(mut t) => {
+                t.name = node.outputs[0].clone();
+                graph.initializers.push(t);
+            }
+            None => kept.push(node),
+        }
+    }
+    graph.nodes = kept;
 }
 
 /// The manifest's bindings of a policy's states (`(name, (dtype, shape))`, carried from

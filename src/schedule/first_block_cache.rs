@@ -18,6 +18,11 @@
 //! S[N - compute_last] = M, then the tail blocks and the rest of the model as before.
 //! ```
 //!
+//! With `forecast = "taylor"` (order 1 or 2; [`crate::schedule::forecast`]) a skipped call adds the
+//! forecast of the last `order + 1` computed tail residuals (states `tail_residual`, `.1`, `.2`) with
+//! weights computed in the graph from the steps of those calls (states `computed_calls`,
+//! `update_step`, ...) instead of the newest one alone; the decision is unchanged (the head always runs).
+//!
 //! `compute` is the 0-D bool output `ditc.decision`. `step` is the `ditc.step` input (the sampler's step
 //! index, the same for both calls of a CFG step, as cache-dit's `executed_steps`). Every value carried
 //! between calls is a state binding `ditc.state.fbc.<v>` / `ditc.state_out.fbc.<v>`, one set per CFG
@@ -67,9 +72,11 @@ use crate::ir::{
     ValueInfo,
 };
 use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
+use crate::passes::broadcast_adaptive::forecast_nodes;
 use crate::passes::region::exclusive_region;
 use crate::passes::{PassContext, STEP_INPUT};
 use crate::schedule::emitter::Emitter;
+use crate::schedule::forecast::{self, Taylor};
 use crate::schedule::Group;
 
 /// The policy name in the manifest and in `broadcast-adaptive`'s `policy` option.
@@ -147,12 +154,16 @@ impl FbcOptions {
 }
 
 /// The residual stream at every block boundary of the DiT map: entry `k` is the value entering block
-/// `k`, entry `k + 1` the value it returns (N + 1 values for N blocks), from
+/// `k`, entry `N` the stack's output (N + 1 values for N blocks; on Wan entry `k + 1` is block `k`'s
+/// output, on Latte a temporal block's input is the spatial block's output in another layout), from
 /// [`crate::analysis::stack::find_stack`].
 pub fn residual_stream(graph: &Graph, map: &DitMap, types: &TypeMap) -> Result<Vec<String>> {
     let stack = find_stack(graph, map, types)?;
-    Ok(std::iter::once(stack.input().to_string())
-        .chain(stack.blocks.iter().map(|b| b.output.clone()))
+    Ok(stack
+        .blocks
+        .iter()
+        .map(|b| b.input.clone())
+        .chain(std::iter::once(stack.output().to_string()))
         .collect())
 }
 
@@ -162,6 +173,8 @@ const TAIL_RESIDUAL: &str = "tail_residual";
 const CACHED_CALLS: &str = "cached_calls";
 const CONTINUOUS: &str = "continuous";
 const LAST_CACHED: &str = "last_cached";
+/// With a forecast: the tail residuals of the previous and the one before computed calls.
+const OLDER_TAIL_RESIDUALS: [&str; 2] = ["tail_residual.1", "tail_residual.2"];
 
 fn state_in(v: &str) -> String {
     format!("ditc.state.fbc.{v}")
@@ -183,7 +196,12 @@ fn f32_at_or_below(x: f64) -> f32 {
 
 /// Rewrite `model` so that each call decides in the graph whether the cached blocks run (module doc).
 /// `broadcast-adaptive` has checked what every schedule pass needs ([`PassContext::schedule_sampler`]).
-pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Result<()> {
+pub fn bake(
+    model: &mut Model,
+    cx: &mut PassContext,
+    options: &FbcOptions,
+    forecast: Option<Taylor>,
+) -> Result<()> {
     options.validate()?;
     let blocks = cx.dit_map.blocks.len();
     if blocks == 0 {
@@ -193,6 +211,8 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
     // Rewrite a copy (initializers share their bytes): a refusal leaves the model as it was.
     let mut rewritten = model.graph.clone();
     sort_topologically(&mut rewritten)?;
+    // Constants stay constants in every part of a graph split at the If (Latte's export).
+    crate::schedule::emitter::constants_to_initializers(&mut rewritten);
     let opset = model.default_opset();
     let types = infer_types(&rewritten, opset);
     let stream = residual_stream(&rewritten, &cx.dit_map, &types)?;
@@ -211,7 +231,10 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
             .is_some_and(|t| t.dtype == Some(dtype) && t.shape.as_ref() == Some(&shape))
     };
     if !same(head_in) || !same(middle_out) {
-        bail!("the residual stream changes type or shape between '{head_in}', '{head_out}' and '{middle_out}'");
+        bail!("the residual stream changes type or shape between '{head_in}', '{head_out}' and '{middle_out}' (blocks in another layout, as Latte's temporal blocks: choose compute_first and compute_last so that the head and the tail end in the input's layout, e.g. compute_first = 2 on Latte)");
+    }
+    if forecast.is_some() && dtype != DataType::F32 {
+        bail!("first-block-cache forecast = \"taylor\" needs a float32 residual stream ('{head_out}' is {dtype})");
     }
     let dims: Vec<Dim> = shape.iter().map(|&d| Dim::Value(d)).collect();
     let scalar = |dtype| (dtype, Vec::<i64>::new());
@@ -225,6 +248,16 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
     if options.max_continuous_cached_steps.is_some() {
         states.push((CONTINUOUS, scalar(DataType::I64)));
         states.push((LAST_CACHED, scalar(DataType::I64)));
+    }
+    let older = forecast.map_or(0, |t| t.order);
+    if let Some(t) = forecast {
+        // The older computed tail residuals (newest first after `tail_residual`), the count of
+        // computed calls and their steps, for the forecast's weights.
+        for name in &OLDER_TAIL_RESIDUALS[..older] {
+            states.push((*name, (dtype, shape.clone())));
+        }
+        states.push((forecast::COMPUTED_CALLS, scalar(DataType::I64)));
+        states.extend(forecast::update_step_states(t.order));
     }
 
     let graph = &mut rewritten;
@@ -240,12 +273,30 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
             .push(ValueInfo::tensor(&state_in(v), *dtype, dims));
     }
     let residual = decide(graph, options, head_in, head_out, shape.len(), dtype, opset);
+    let mut reuse_nodes = Vec::new();
+    let estimate = match forecast {
+        None => state_in(TAIL_RESIDUAL),
+        Some(t) => {
+            let mut e = Emitter::new("fbc", opset);
+            let calls = state_in(forecast::COMPUTED_CALLS);
+            forecast::emit_weights(&mut e, t.order, &calls, state_in, state_out);
+            forecast::emit_call_count(&mut e, &calls, &state_out(forecast::COMPUTED_CALLS));
+            graph.nodes.extend(e.nodes);
+            graph.initializers.extend(e.constants);
+            forecast_nodes(graph, &mut reuse_nodes, older, &|j| state_in(tail_state(j)))
+        }
+    };
 
     let region = exclusive_region(graph, middle_out, &HashSet::new())
         .with_context(|| format!("cannot isolate the nodes computing '{middle_out}'"))?;
     check_region(graph, &region, &cx.dit_map, first..cached_end)?;
+    let reuse = Reuse {
+        nodes: reuse_nodes,
+        estimate,
+        older,
+    };
     let if_node = cached_blocks_if(
-        graph, &region, middle_out, head_out, &residual, dtype, &dims,
+        graph, &region, middle_out, head_out, &residual, dtype, &dims, reuse,
     );
     let in_region: HashSet<usize> = region.iter().copied().collect();
     let kept: Vec<Node> = std::mem::take(&mut graph.nodes)
@@ -295,6 +346,10 @@ pub fn bake(model: &mut Model, cx: &mut PassContext, options: &FbcOptions) -> Re
         options: {
             let mut o = serde_json::to_value(options)?;
             o["policy"] = POLICY.into();
+            if let Some(t) = forecast {
+                o["forecast"] = "taylor".into();
+                o["order"] = t.order.into();
+            }
             o
         },
         tables: Default::default(),
@@ -466,6 +521,23 @@ fn check_region(
 
 /// The `If` on `ditc.decision`: then runs the region (the cached blocks) and returns the new tail
 /// residual and head reference; else adds the cached tail residual and keeps both states.
+/// What a skipped call adds to the head's output: `estimate` (the newest tail residual, or the
+/// forecast computed by `nodes` from it and the `older` older ones).
+struct Reuse {
+    nodes: Vec<Node>,
+    estimate: String,
+    older: usize,
+}
+
+/// The state holding the `j`-th newest computed tail residual.
+fn tail_state(j: usize) -> &'static str {
+    match j {
+        0 => TAIL_RESIDUAL,
+        j => OLDER_TAIL_RESIDUALS[j - 1],
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn cached_blocks_if(
     graph: &Graph,
     region: &[usize],
@@ -474,6 +546,7 @@ fn cached_blocks_if(
     residual: &str,
     dtype: DataType,
     dims: &[Dim],
+    reuse: Reuse,
 ) -> Node {
     let computed = format!("{middle_out}.computed");
     let mut moved: Vec<Node> = region.iter().map(|&i| graph.nodes[i].clone()).collect();
@@ -497,54 +570,75 @@ fn cached_blocks_if(
         &[reference_new],
     ));
     let tensor = |name: &str| ValueInfo::tensor(name, dtype, dims.to_vec());
-    let then_branch = Graph {
-        name: "ditc.fbc.compute".into(),
-        nodes: moved,
-        outputs: vec![tensor(&computed), tensor(tail_new), tensor(reference_new)],
-        ..Graph::default()
-    };
+    let mut then_outputs = vec![tensor(&computed), tensor(tail_new), tensor(reference_new)];
     let (reused, tail_kept, reference_kept) = (
         "ditc.fbc.middle.reused",
         "ditc.fbc.tail_residual.kept",
         "ditc.fbc.head_residual.kept",
     );
-    let else_branch = Graph {
-        name: "ditc.fbc.reuse".into(),
-        nodes: vec![
-            Node::new(
-                reused,
-                "Add",
-                &[head_out, &state_in(TAIL_RESIDUAL)],
-                &[reused],
-            ),
-            Node::new(
-                tail_kept,
-                "Identity",
-                &[&state_in(TAIL_RESIDUAL)],
-                &[tail_kept],
-            ),
-            Node::new(
-                reference_kept,
-                "Identity",
-                &[&state_in(HEAD_RESIDUAL)],
-                &[reference_kept],
-            ),
-        ],
-        outputs: vec![tensor(reused), tensor(tail_kept), tensor(reference_kept)],
+    let mut else_nodes = vec![
+        Node::new(
+            tail_kept,
+            "Identity",
+            &[&state_in(TAIL_RESIDUAL)],
+            &[tail_kept],
+        ),
+        Node::new(
+            reference_kept,
+            "Identity",
+            &[&state_in(HEAD_RESIDUAL)],
+            &[reference_kept],
+        ),
+    ];
+    else_nodes.extend(reuse.nodes);
+    else_nodes.push(Node::new(
+        reused,
+        "Add",
+        &[head_out, &reuse.estimate],
+        &[reused],
+    ));
+    let mut else_outputs = vec![tensor(reused), tensor(tail_kept), tensor(reference_kept)];
+    let mut if_outputs = vec![
+        middle_out.to_string(),
+        state_out(TAIL_RESIDUAL),
+        state_out(HEAD_RESIDUAL),
+    ];
+    // With a forecast, a computed call shifts the older tail residuals by one.
+    for j in 1..=reuse.older {
+        let shifted = format!("ditc.fbc.{}.shifted", tail_state(j));
+        moved.push(Node::new(
+            &shifted,
+            "Identity",
+            &[&state_in(tail_state(j - 1))],
+            &[&shifted],
+        ));
+        then_outputs.push(tensor(&shifted));
+        let kept = format!("ditc.fbc.{}.kept", tail_state(j));
+        else_nodes.push(Node::new(
+            &kept,
+            "Identity",
+            &[&state_in(tail_state(j))],
+            &[&kept],
+        ));
+        else_outputs.push(tensor(&kept));
+        if_outputs.push(state_out(tail_state(j)));
+    }
+    let then_branch = Graph {
+        name: "ditc.fbc.compute".into(),
+        nodes: moved,
+        outputs: then_outputs,
         ..Graph::default()
     };
-    Node::new(
-        "ditc.fbc.cached_blocks",
-        "If",
-        &[DECISION],
-        &[
-            middle_out,
-            &state_out(TAIL_RESIDUAL),
-            &state_out(HEAD_RESIDUAL),
-        ],
-    )
-    .with_attr("then_branch", AttrValue::Graph(then_branch))
-    .with_attr("else_branch", AttrValue::Graph(else_branch))
+    let else_branch = Graph {
+        name: "ditc.fbc.reuse".into(),
+        nodes: else_nodes,
+        outputs: else_outputs,
+        ..Graph::default()
+    };
+    let outputs: Vec<&str> = if_outputs.iter().map(String::as_str).collect();
+    Node::new("ditc.fbc.cached_blocks", "If", &[DECISION], &outputs)
+        .with_attr("then_branch", AttrValue::Graph(then_branch))
+        .with_attr("else_branch", AttrValue::Graph(else_branch))
 }
 
 #[cfg(test)]

@@ -398,9 +398,6 @@ impl StackProbe {
     /// For `plain`, the Wan builder's graph (its node names: `blocks.0.attn1/residual`, the last
     /// block's `ffn/residual`), planned for inputs like `example`.
     pub fn new(plain: &ditc::ir::Model, example: &[Tensor], probes: &[&str]) -> StackProbe {
-        use ditc::ir::{
-            infer_types, remove_dead_nodes, remove_unused_inputs, DataType, Dim, ValueInfo,
-        };
         let first = plain
             .graph
             .nodes
@@ -415,7 +412,22 @@ impl StackProbe {
             .rfind(|n| n.name.ends_with(".ffn/residual"))
             .expect("the Wan builder names each block's last residual add");
         let stack_out = last.outputs[0].clone();
-        let types = infer_types(&plain.graph, 17);
+        StackProbe::at(plain, example, &stack_in, &stack_out, probes)
+    }
+
+    /// For any graph whose block stack enters at `stack_in` and leaves at `stack_out`.
+    pub fn at(
+        plain: &ditc::ir::Model,
+        example: &[Tensor],
+        stack_in: &str,
+        stack_out: &str,
+        probes: &[&str],
+    ) -> StackProbe {
+        use ditc::ir::{
+            infer_types, remove_dead_nodes, remove_unused_inputs, DataType, Dim, ValueInfo,
+        };
+        let (stack_in, stack_out) = (stack_in.to_string(), stack_out.to_string());
+        let types = infer_types(&plain.graph, plain.default_opset());
         let dims = types[&stack_out].shape.clone().unwrap();
         let shape: Vec<Dim> = dims.iter().map(|&d| Dim::Value(d)).collect();
         let mut probe = plain.clone();
@@ -561,4 +573,49 @@ pub fn traced_metrics_worst(
         }
     }
     worst
+}
+
+/// A hand loop's cached residual with TaylorSeer forecasting (or plain reuse without one), per
+/// guidance branch: the last `order + 1` computed residuals (newest first) and the branch's decisions
+/// so far; the weights of a skipped call come from `forecast::coefficients` (the static-table
+/// function, tested on closed forms) over those decisions, summed in f32 as the graph sums them.
+#[derive(Clone, Debug, Default)]
+pub struct Forecaster {
+    pub taylor: Option<ditc::schedule::forecast::Taylor>,
+    stored: Vec<Vec<f32>>,
+    history: Vec<bool>,
+}
+
+impl Forecaster {
+    pub fn new(taylor: Option<ditc::schedule::forecast::Taylor>) -> Forecaster {
+        Forecaster {
+            taylor,
+            ..Default::default()
+        }
+    }
+
+    /// A computed call and the residual it cached.
+    pub fn computed(&mut self, residual: &[f32]) {
+        self.stored.insert(0, residual.to_vec());
+        self.stored.truncate(self.taylor.map_or(1, |t| t.order + 1));
+        self.history.push(true);
+    }
+
+    /// A skipped call at `step` (the branch's `step`-th call): the residual it adds.
+    pub fn skipped(&mut self, step: usize) -> Vec<f32> {
+        self.history.push(false);
+        assert_eq!(self.history.len(), step + 1, "one decision per step");
+        let Some(t) = self.taylor else {
+            return self.stored[0].clone();
+        };
+        let w = &ditc::schedule::forecast::coefficients(&self.history, t)[step];
+        let mut sum = vec![0f32; self.stored[0].len()];
+        for (j, r) in self.stored.iter().enumerate() {
+            for (s, v) in sum.iter_mut().zip(r) {
+                let term = v * w[j] as f32;
+                *s = if j == 0 { term } else { *s + term };
+            }
+        }
+        sum
+    }
 }
