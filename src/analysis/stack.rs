@@ -8,7 +8,7 @@
 //! the output along the skip operand of each residual `Add` (the operand the other one depends on)
 //! until the value no longer depends on any of the block's attention sites. The blocks form one stack
 //! when each block's input is the previous block's output, or is computed from it by layout ops and
-//! constant additions only ([`LINK`]: Latte's spatial and temporal blocks read the stream reshaped
+//! constant additions only ([`is_link`]: Latte's spatial and temporal blocks read the stream reshaped
 //! and transposed between `[batch x frames, tokens, channels]` and `[batch x tokens, frames,
 //! channels]`, plus a positional embedding before the first temporal block). The stack's output is
 //! then the last block's output carried by layout ops back to the input's shape (Latte's final
@@ -40,7 +40,7 @@ pub struct Stack {
     /// value layout ops carry it to (Latte).
     pub exit: String,
     /// Whether every block reads the previous block's output itself (one layout throughout, as Wan);
-    /// false where blocks are linked by [`LINK`] ops (Latte).
+    /// false where blocks are linked by [`is_link`] ops (Latte).
     pub one_layout: bool,
 }
 
@@ -56,18 +56,6 @@ impl Stack {
     }
 }
 
-/// Ops that may link one block's output to the next block's input: layout changes, and `Add` of a
-/// constant (a positional embedding).
-const LINK: &[&str] = &[
-    "Reshape",
-    "Transpose",
-    "Identity",
-    "Squeeze",
-    "Unsqueeze",
-    "Flatten",
-    "Add",
-];
-
 /// Ops that may carry the last block's output back to the input's layout.
 const LAYOUT: &[&str] = &[
     "Reshape",
@@ -77,6 +65,12 @@ const LAYOUT: &[&str] = &[
     "Unsqueeze",
     "Flatten",
 ];
+
+/// Whether an op may link one block's output to the next block's input: a layout change
+/// ([`LAYOUT`]), or an `Add` of a constant (a positional embedding).
+fn is_link(op: &str) -> bool {
+    LAYOUT.contains(&op) || op == "Add"
+}
 
 /// Ops allowed between an FFN's result and the residual `Add` that closes its block.
 const TO_RESIDUAL: &[&str] = &[
@@ -229,7 +223,7 @@ impl<'a> Index<'a> {
         None
     }
 
-    /// Whether `to` is computed from `from` by [`LINK`] ops alone (each `Add`'s other operand a
+    /// Whether `to` is computed from `from` by [`is_link`] ops alone (each `Add`'s other operand a
     /// constant: an initializer or a `Constant` node's output).
     fn linked(&self, from: &str, to: &str) -> bool {
         let mut v = to;
@@ -241,7 +235,7 @@ impl<'a> Index<'a> {
                 return false;
             };
             let node = &self.graph.nodes[i];
-            if !LINK.contains(&node.op_type.as_str()) {
+            if !is_link(&node.op_type) {
                 return false;
             }
             let Some(stream) = node.inputs.first() else {

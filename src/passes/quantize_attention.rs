@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 
 use super::quantize_w8a8::{quantize_activation, raise_opset_to_19, scale_for, Format};
 use super::sparse_linear_attention::{
-    attr_json, plan_site, Body, SitePlan, SlaOptions, DOMAIN, PLUGIN_LIBRARY, PLUGIN_VERSION,
+    attr_json, plan_sites, Body, SitePlan, SlaOptions, DOMAIN, PLUGIN_LIBRARY, PLUGIN_VERSION,
 };
 use super::{Pass, PassContext};
 use crate::analysis::{AttentionKind, AttentionSite, DitMap};
@@ -446,19 +446,8 @@ fn rewrite_sage(
     }
     let types = infer_types(&model.graph, model.default_opset());
     let sla: SlaOptions = toml::Table::new().try_into().expect("defaults");
-    let plans: Vec<SitePlan> = sites
-        .iter()
-        .map(|s| {
-            plan_site(&model.graph, &types, s, &sla, None).with_context(|| {
-                format!(
-                    "attention site {} ({}, {})",
-                    s.id,
-                    s.kind.as_str(),
-                    s.anchor
-                )
-            })
-        })
-        .collect::<Result<_>>()?;
+    let sites: Vec<&AttentionSite> = sites.iter().collect();
+    let plans = plan_sites(&model.graph, &types, &sites, &sla, |_| None)?;
     let mut plugin_nodes = Vec::new();
     for plan in &plans {
         let node = replace_site(&mut model.graph, plan, granularity, plugin);

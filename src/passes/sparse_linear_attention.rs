@@ -228,19 +228,7 @@ impl Pass for SparseLinearAttention {
         let selected = select_sites(o, cx)?;
         // Everything is checked for every site before the graph changes.
         let types = infer_types(&model.graph, model.default_opset());
-        let plans: Vec<SitePlan> = selected
-            .iter()
-            .map(|s| {
-                plan_site(&model.graph, &types, s, o, block_of(cx, s.id)).with_context(|| {
-                    format!(
-                        "attention site {} ({}, {})",
-                        s.id,
-                        s.kind.as_str(),
-                        s.anchor
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
+        let plans = plan_sites(&model.graph, &types, &selected, o, |s| block_of(cx, s))?;
         let step = step_value(model, cx, o.dense_steps);
         let mut sites = Vec::new();
         let mut plugin_nodes = Vec::new();
@@ -487,6 +475,29 @@ fn scaled_by_constant(graph: &Graph, value: &str) -> Option<(String, f32)> {
         (Some(c), None) => Some((n.inputs[1].clone(), c)),
         _ => None,
     }
+}
+
+/// [`plan_site`] for every site, each error naming its site; `block` gives a site's block index.
+pub(crate) fn plan_sites(
+    graph: &Graph,
+    types: &crate::ir::TypeMap,
+    sites: &[&AttentionSite],
+    o: &SlaOptions,
+    block: impl Fn(usize) -> Option<usize>,
+) -> Result<Vec<SitePlan>> {
+    sites
+        .iter()
+        .map(|s| {
+            plan_site(graph, types, s, o, block(s.id)).with_context(|| {
+                format!(
+                    "attention site {} ({}, {})",
+                    s.id,
+                    s.kind.as_str(),
+                    s.anchor
+                )
+            })
+        })
+        .collect()
 }
 
 pub(crate) fn plan_site(
