@@ -42,16 +42,13 @@ use serde::{Deserialize, Serialize};
 
 use super::quantize_w8a8::{quantize_activation, raise_opset_to_19, scale_for, Format};
 use super::sparse_linear_attention::{
-    attr_json, plan_sites, Body, SitePlan, SlaOptions, DOMAIN, PLUGIN_LIBRARY, PLUGIN_VERSION,
+    install_op, plan_sites, plugin_node, plugin_requirement, Body, SitePlan, SlaOptions, DOMAIN,
+    PLUGIN_VERSION,
 };
 use super::{Pass, PassContext};
 use crate::analysis::{AttentionKind, AttentionSite, DitMap};
 use crate::calibration::CalibrationStats;
-use crate::ir::{
-    infer_types, remove_dead_nodes, remove_unused_initializers, sort_topologically, AttrValue,
-    DataType, Graph, Model, Node,
-};
-use crate::manifest::{PluginNode, PluginRequirement};
+use crate::ir::{infer_types, sort_topologically, AttrValue, DataType, Graph, Model, Node};
 use crate::onnx::proto;
 
 pub const OP: &str = "SageAttention";
@@ -451,33 +448,11 @@ fn rewrite_sage(
     let mut plugin_nodes = Vec::new();
     for plan in &plans {
         let node = replace_site(&mut model.graph, plan, granularity, plugin);
-        plugin_nodes.push(PluginNode {
-            node: node.name.clone(),
-            attributes: node
-                .attributes
-                .iter()
-                .map(|a| (a.name.clone(), attr_json(&a.value)))
-                .collect(),
-        });
+        plugin_nodes.push(plugin_node(&node));
     }
-    if !model.opsets.iter().any(|(d, _)| d == DOMAIN) {
-        model.opsets.push((DOMAIN.to_string(), 1));
-    }
-    model
-        .functions
-        .retain(|f| !(f.domain == DOMAIN && f.name == OP));
-    model.functions.push(function(model.default_opset()));
-    sort_topologically(&mut model.graph)?;
-    remove_dead_nodes(&mut model.graph);
-    remove_unused_initializers(&mut model.graph);
+    install_op(model, function(model.default_opset()))?;
     if plugin {
-        cx.plugins.push(PluginRequirement {
-            name: OP.into(),
-            version: PLUGIN_VERSION.into(),
-            namespace: DOMAIN.into(),
-            library: PLUGIN_LIBRARY.into(),
-            nodes: plugin_nodes,
-        });
+        cx.plugins.push(plugin_requirement(OP, plugin_nodes));
     }
     Ok(())
 }

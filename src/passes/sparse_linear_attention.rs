@@ -236,25 +236,10 @@ impl Pass for SparseLinearAttention {
         for plan in &plans {
             let (w, b) = zero_projection(&mut model.graph, plan.head_dim, &mut zero_proj);
             let node = rewrite_site(&mut model.graph, plan, o, &step, &w, &b);
-            plugin_nodes.push(PluginNode {
-                node: node.name.clone(),
-                attributes: node
-                    .attributes
-                    .iter()
-                    .map(|a| (a.name.clone(), attr_json(&a.value)))
-                    .collect(),
-            });
+            plugin_nodes.push(plugin_node(&node));
             sites.push(plan.manifest_site(o));
         }
-        model.opsets.retain(|(d, _)| d != DOMAIN);
-        model.opsets.push((DOMAIN.to_string(), 1));
-        model
-            .functions
-            .retain(|f| !(f.domain == DOMAIN && f.name == OP));
-        model.functions.push(function(model.default_opset()));
-        sort_topologically(&mut model.graph)?;
-        remove_dead_nodes(&mut model.graph);
-        remove_unused_initializers(&mut model.graph);
+        install_op(model, function(model.default_opset()))?;
         cx.sparse_attention = Some(SparseAttention {
             op: OP.into(),
             domain: DOMAIN.into(),
@@ -262,16 +247,50 @@ impl Pass for SparseLinearAttention {
             sites,
         });
         if o.plugin {
-            cx.plugins.push(PluginRequirement {
-                name: OP.into(),
-                version: PLUGIN_VERSION.into(),
-                namespace: DOMAIN.into(),
-                library: PLUGIN_LIBRARY.into(),
-                nodes: plugin_nodes,
-            });
+            cx.plugins.push(plugin_requirement(OP, plugin_nodes));
         }
         Ok(())
     }
+}
+
+/// The manifest's entry for one plugin node: its name and every attribute as JSON.
+pub(crate) fn plugin_node(node: &Node) -> PluginNode {
+    PluginNode {
+        node: node.name.clone(),
+        attributes: node
+            .attributes
+            .iter()
+            .map(|a| (a.name.clone(), attr_json(&a.value)))
+            .collect(),
+    }
+}
+
+/// What a TensorRT engine of this graph needs for ditc op `op` at `nodes`: the op from ditc's
+/// plugin library.
+pub(crate) fn plugin_requirement(op: &str, nodes: Vec<PluginNode>) -> PluginRequirement {
+    PluginRequirement {
+        name: op.into(),
+        version: PLUGIN_VERSION.into(),
+        namespace: DOMAIN.into(),
+        library: PLUGIN_LIBRARY.into(),
+        nodes,
+    }
+}
+
+/// Finish a rewrite that put a ditc op in the graph: declare the ditc domain, make `body` the op's
+/// only local function (replacing one of the same name), and tidy the graph (topological order,
+/// dead nodes, unused initializers).
+pub(crate) fn install_op(model: &mut Model, body: proto::FunctionProto) -> Result<()> {
+    model.opsets.retain(|(d, _)| d != DOMAIN);
+    model.opsets.push((DOMAIN.to_string(), 1));
+    model
+        .functions
+        .retain(|f| !(f.domain == body.domain && f.name == body.name));
+    model.functions.push(body);
+    sort_topologically(&mut model.graph)?;
+    remove_dead_nodes(&mut model.graph);
+    remove_unused_initializers(&mut model.graph);
+    Ok(())
 }
 
 /// The value the nodes read as `step`: the graph's `ditc.step` input (added if needed) with a dense

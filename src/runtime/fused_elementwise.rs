@@ -376,14 +376,17 @@ pub fn use_fused_elementwise(model: &mut TypedModel) -> TractResult<()> {
     let order = model.eval_order()?;
     let mut taken = vec![false; model.nodes.len()];
     for &root in order.iter().rev() {
-        if taken[root] || member_shape(model, root).is_none() {
+        if taken[root] {
             continue;
         }
-        let group = group_from(model, root);
+        let Some(shape) = member_shape(model, root) else {
+            continue;
+        };
+        let group = group_from(model, root, &shape);
         if group.len() < 2 {
             continue;
         }
-        let Some(patch) = fused_patch(model, root, &group, &order)? else {
+        let Some(patch) = fused_patch(model, root, shape, &group, &order)? else {
             continue;
         };
         for &id in &group {
@@ -453,8 +456,7 @@ fn binary_of(op: &dyn tract_onnx::tract_core::ops::binary::BinMiniOp) -> Option<
 
 /// The group ending at `root`: `root` and, repeatedly, every producer of a member's operand that
 /// is an op a group can take over the same shape, is no model output, and feeds only members.
-fn group_from(model: &TypedModel, root: usize) -> Vec<usize> {
-    let shape = member_shape(model, root);
+fn group_from(model: &TypedModel, root: usize, shape: &[usize]) -> Vec<usize> {
     let outputs = model
         .output_outlets()
         .map(|o| o.to_vec())
@@ -466,7 +468,7 @@ fn group_from(model: &TypedModel, root: usize) -> Vec<usize> {
         for member in group.clone() {
             for input in &model.nodes[member].inputs {
                 let p = input.node;
-                if group.contains(&p) || member_shape(model, p) != shape {
+                if group.contains(&p) || member_shape(model, p).as_deref() != Some(shape) {
                     continue;
                 }
                 let feeds_only_members = model.nodes[p].outputs[0]
@@ -483,15 +485,16 @@ fn group_from(model: &TypedModel, root: usize) -> Vec<usize> {
     group
 }
 
-/// The patch putting one [`FusedElementwise`] in place of `group` (ending at `root`), or `None`
-/// when an operand does not broadcast to the output as ONNX broadcasting says.
+/// The patch putting one [`FusedElementwise`] in place of `group` (ending at `root`, whose output
+/// has shape `output`), or `None` when an operand does not broadcast to the output as ONNX
+/// broadcasting says.
 fn fused_patch(
     model: &TypedModel,
     root: usize,
+    output: Vec<usize>,
     group: &[usize],
     order: &[usize],
 ) -> TractResult<Option<TypedModelPatch>> {
-    let output: Vec<usize> = member_shape(model, root).unwrap_or_default();
     let mut members = group.to_vec();
     members.sort_by_key(|id| order.iter().position(|o| o == id));
     let mut externals: Vec<OutletId> = vec![];

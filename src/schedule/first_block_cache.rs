@@ -71,13 +71,12 @@ use crate::ir::{
     infer_types, sort_topologically, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap,
     ValueInfo,
 };
-use crate::manifest::{InGraphDecisions, Schedule, StateBinding};
+use crate::manifest::{InGraphDecisions, Schedule};
 use crate::passes::broadcast_adaptive::forecast_nodes;
 use crate::passes::region::exclusive_region;
 use crate::passes::{PassContext, STEP_INPUT};
-use crate::schedule::emitter::Emitter;
+use crate::schedule::emitter::{self, Emitter};
 use crate::schedule::forecast::{self, Taylor};
-use crate::schedule::Group;
 
 /// The policy name in the manifest and in `broadcast-adaptive`'s `policy` option.
 pub const POLICY: &str = "first-block-cache";
@@ -212,7 +211,7 @@ pub fn bake(
     let mut rewritten = model.graph.clone();
     sort_topologically(&mut rewritten)?;
     // Constants stay constants in every part of a graph split at the If (Latte's export).
-    crate::schedule::emitter::constants_to_initializers(&mut rewritten);
+    emitter::constants_to_initializers(&mut rewritten);
     let opset = model.default_opset();
     let types = infer_types(&rewritten, opset);
     let stream = residual_stream(&rewritten, &cx.dit_map, &types)?;
@@ -324,18 +323,8 @@ pub fn bake(
     model.graph = rewritten;
 
     cx.step_input = Some(STEP_INPUT.to_string());
-    for (v, (dtype, shape)) in &states {
-        cx.state.push(StateBinding {
-            group: Group::Blocks,
-            site: None,
-            block: None,
-            input: state_in(v),
-            output: state_out(v),
-            dtype: dtype.to_string(),
-            shape: shape.clone(),
-            initial: "zeros".into(),
-        });
-    }
+    cx.state
+        .extend(emitter::zero_state_bindings(&states, state_in, state_out));
     let cached: Vec<usize> = (first..cached_end).collect();
     let sites: Vec<usize> = cx.dit_map.blocks[first..cached_end]
         .iter()
