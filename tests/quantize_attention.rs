@@ -404,6 +404,7 @@ fn sage_reference_head(
     v: &[Vec<f32>],
     scale: f32,
     g: Granularity,
+    keep: &dyn Fn(usize) -> bool,
 ) -> Vec<Vec<f64>> {
     let (lk, d) = (k.len(), k[0].len());
     let mean: Vec<f32> = (0..d)
@@ -467,12 +468,16 @@ fn sage_reference_head(
             .collect();
         let (mut m, mut l, mut acc) = (f64::NEG_INFINITY, 0f64, vec![0f64; dv]);
         for t0 in (0..lk).step_by(tile) {
-            let keys = t0..(t0 + tile).min(lk);
-            let m_new = keys.clone().map(|j| s[j]).fold(m, f64::max);
+            // Block-sparse (SageSLA): the kernel never sees a key that is not kept.
+            let keys: Vec<usize> = (t0..(t0 + tile).min(lk)).filter(|&j| keep(j)).collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let m_new = keys.iter().map(|&j| s[j]).fold(m, f64::max);
             let rescale = (m - m_new).exp2();
             l *= rescale;
             acc.iter_mut().for_each(|a| *a *= rescale);
-            for j in keys {
+            for &j in &keys {
                 let p = (s[j] - m_new + P_OFFSET as f64).exp2();
                 l += p;
                 let p8 = e4m3(p);
@@ -504,7 +509,7 @@ fn sage_reference(c: &SageCase, g: Granularity, q: &[f32], k: &[f32], v: &[f32])
         heads(v, c.h, c.lk, c.d),
     );
     (0..c.h)
-        .flat_map(|h| sage_reference_head(&qh[h], &kh[h], &vh[h], c.scale, g))
+        .flat_map(|h| sage_reference_head(&qh[h], &kh[h], &vh[h], c.scale, g, &|_| true))
         .flatten()
         .collect()
 }
@@ -859,4 +864,148 @@ fn wan_small_sage_and_fp8_sample_through_ditc_run() {
         f.psnr_db, f.cosine, f.rel_l2
     );
     assert_table_row("fp8", &f, FP8_ROW);
+}
+
+// ---- SageSLA: sparse-linear-attention, then quantize-attention (sage) ---------------------------
+
+/// One `SageSparseLinearAttention` node over one query block and `lk / block_k` key blocks, keeping
+/// `keep` of them per query block (top-k), no linear branch, no warm-up.
+fn sage_sla_model(c: &SageCase, g: Granularity, block_k: i64, keep: i64, opset: i64) -> Model {
+    use ditc::passes::sage_sparse_attention as sage_sla;
+    let t = |name: &str, l: usize| {
+        ValueInfo::tensor(
+            name,
+            DataType::F32,
+            vec![
+                Dim::Value(1),
+                Dim::Value(c.h as i64),
+                Dim::Value(l as i64),
+                Dim::Value(c.d as i64),
+            ],
+        )
+    };
+    let nk = (c.lk as i64 + block_k - 1) / block_k;
+    let mut node = Node::new(
+        "sage_sla",
+        sage_sla::OP,
+        &["Q", "K", "V", "step", "w", "b"],
+        &["O", "kept"],
+    );
+    node.domain = DOMAIN.into();
+    let sla_attrs = [
+        ("scale", AttrValue::Float(c.scale)),
+        ("block_q", AttrValue::Int(c.lq as i64)),
+        ("block_k", AttrValue::Int(block_k)),
+        ("topk", AttrValue::Float(keep as f32 / nk as f32)),
+        ("keep_blocks", AttrValue::Int(keep)),
+        ("query_blocks", AttrValue::Int(1)),
+        ("key_blocks", AttrValue::Int(nk)),
+        ("mass", AttrValue::Float(0.0)),
+        ("sim_threshold", AttrValue::Float(0.6)),
+        ("linear", AttrValue::Int(0)),
+        ("dense_steps", AttrValue::Int(0)),
+    ];
+    for (name, value) in sla_attrs {
+        node = node.with_attr(name, value);
+    }
+    for (name, value) in sage_attributes(c.scale, g) {
+        if name != "scale" {
+            node = node.with_attr(name, value);
+        }
+    }
+    let d = c.d as i64;
+    let graph = Graph {
+        name: "sage_sla".into(),
+        inputs: vec![t("Q", c.lq), t("K", c.lk), t("V", c.lk)],
+        outputs: vec![
+            t("O", c.lq),
+            ValueInfo::tensor("kept", DataType::I64, vec![]),
+        ],
+        initializers: vec![
+            Tensor::from_i64("step", vec![], &[0]),
+            Tensor::from_f32("w", vec![d, d], &vec![0.0; (d * d) as usize]),
+            Tensor::from_f32("b", vec![d], &vec![0.0; d as usize]),
+        ],
+        nodes: vec![node],
+        ..Graph::default()
+    };
+    let mut model = Model::new(graph, opset);
+    model.opsets.push((DOMAIN.into(), 1));
+    model.functions.push(sage_sla::function(opset));
+    model
+}
+
+#[test]
+fn sage_sla_quantizes_exactly_the_kept_key_blocks() {
+    // 4 key blocks of 64: Q points along channel 0, key block b is offset by C[b] along it, so the
+    // pooled scores (after K smoothing) rank the blocks as C does: top-2 keeps blocks 1 and 3.
+    const C: [f32; 4] = [0.0, 2.0, -1.0, 1.0];
+    let c = SageCase {
+        h: 2,
+        lq: 96,
+        lk: 256,
+        d: 16,
+        scale: 0.25,
+    };
+    let q: Vec<f32> = pseudo_random("sla.q", c.h * c.lq * c.d)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x + if i % c.d == 0 { 3.0 } else { 0.0 })
+        .collect();
+    let k: Vec<f32> = pseudo_random("sla.k", c.h * c.lk * c.d)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let row = (i / c.d) % c.lk;
+            x + if i % c.d == 0 { C[row / 64] } else { 0.0 }
+        })
+        .collect();
+    let v: Vec<f32> = pseudo_random("sla.v", c.h * c.lk * c.d)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * (1 + i % 3) as f32)
+        .collect();
+    let dims = |l: usize| vec![1, c.h as i64, l as i64, c.d as i64];
+    let inputs = [
+        Tensor::from_f32("Q", dims(c.lq), &q),
+        Tensor::from_f32("K", dims(c.lk), &k),
+        Tensor::from_f32("V", dims(c.lk), &v),
+    ];
+    for g in [Granularity::PerThread, Granularity::PerBlock] {
+        let out = ditc::runtime::run_once(&sage_sla_model(&c, g, 64, 2, 19), &inputs).unwrap();
+        let got = out[0].to_f32_vec().unwrap();
+        let kept = out[1].to_i64_vec().unwrap();
+        assert_eq!(
+            kept,
+            [(c.h * c.lq * 2 * 64) as i64],
+            "{g:?}: scores computed"
+        );
+        let (qh, kh, vh) = (
+            heads(&q, c.h, c.lq, c.d),
+            heads(&k, c.h, c.lk, c.d),
+            heads(&v, c.h, c.lk, c.d),
+        );
+        let keep = |j: usize| j / 64 == 1 || j / 64 == 3;
+        let want: Vec<f64> = (0..c.h)
+            .flat_map(|h| sage_reference_head(&qh[h], &kh[h], &vh[h], c.scale, g, &keep))
+            .flatten()
+            .collect();
+        let rows = rows_off(&got, &want, c.d);
+        let err = rel_l2(&got, &want);
+        println!("{g:?}: SageSLA body vs the kernel loop over blocks 1 and 3: rel-L2 {err:.2e}, {rows} rows off");
+        assert!(
+            rows * 100 <= c.h * c.lq && err < 1e-4,
+            "{g:?}: {rows} rows, rel-L2 {err}"
+        );
+        // Every block kept: exactly SageAttention's body.
+        let all = ditc::runtime::run_once(&sage_sla_model(&c, g, 64, 4, 19), &inputs).unwrap();
+        let dense = run_sage(&c, g, 19, &q, &k, &v);
+        let worst = all[0]
+            .to_f32_vec()
+            .unwrap()
+            .iter()
+            .zip(&dense)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= 1e-6, "{g:?}: top-k 1.0 vs SageAttention: {worst}");
+    }
 }

@@ -46,13 +46,18 @@ pub fn node_flops(node: &Node, types: &TypeMap) -> u64 {
             Some(2u64.saturating_mul(product(&sizes.values().copied().collect::<Vec<_>>())))
         })(),
         // ditc's SparseLinearAttention counts as the dense attention it computes at most.
-        "Attention" | "SparseLinearAttention" => (|| {
-            let (q, k, v) = (shape(0)?, shape(1)?, shape(2)?);
-            if q.len() != 4 || k.len() != 4 || v.len() != 4 {
-                return None;
-            }
-            Some(product(&[2, q[0], q[1], q[2], k[2]]).saturating_mul((q[3] + v[3]).max(0) as u64))
-        })(),
+        "Attention" | "SparseLinearAttention" | "SageAttention" | "SageSparseLinearAttention" => {
+            (|| {
+                let (q, k, v) = (shape(0)?, shape(1)?, shape(2)?);
+                if q.len() != 4 || k.len() != 4 || v.len() != 4 {
+                    return None;
+                }
+                Some(
+                    product(&[2, q[0], q[1], q[2], k[2]])
+                        .saturating_mul((q[3] + v[3]).max(0) as u64),
+                )
+            })()
+        }
         _ => None,
     };
     flops.unwrap_or(0)

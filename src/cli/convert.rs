@@ -87,6 +87,17 @@ fn recipe_has_pass(path: Option<&std::path::Path>, name: &str) -> bool {
         .is_some_and(|r| r.passes.iter().any(|p| p.name == name))
 }
 
+/// True if the recipe at `path` quantizes attention in a format that reads statistics (`fp8`).
+fn recipe_has_fp8_attention(path: Option<&std::path::Path>) -> bool {
+    path.and_then(|p| Recipe::load(p, &[]).ok())
+        .is_some_and(|r| {
+            r.passes.iter().any(|p| {
+                p.name == "quantize-attention"
+                    && p.options.get("format").and_then(|f| f.as_str()) == Some("fp8")
+            })
+        })
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let manifest = convert(args)?;
     print_summary(args, &manifest);
@@ -102,7 +113,7 @@ pub fn convert(args: &Args) -> Result<Manifest> {
         let text = toml::Value::String(stats.display().to_string()).to_string();
         // The passes that read statistics: quantize-w8a8 (its error when the recipe has neither).
         let recipe = args.recipe.as_deref();
-        let attention = recipe_has_pass(recipe, "quantize-attention");
+        let attention = recipe_has_fp8_attention(recipe);
         if !attention || recipe_has_pass(recipe, "quantize-w8a8") {
             overrides.push(format!("quantize-w8a8.calibration_stats={text}"));
         }

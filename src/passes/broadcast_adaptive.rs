@@ -115,6 +115,10 @@ impl Pass for BroadcastAdaptive {
         "broadcast-adaptive"
     }
 
+    fn bakes_schedule(&self) -> bool {
+        true
+    }
+
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
         cx.schedule_sampler(model)?;
         self.policy.bake(model, cx)

@@ -56,6 +56,10 @@ impl Pass for BroadcastStatic {
         "broadcast-static"
     }
 
+    fn bakes_schedule(&self) -> bool {
+        true
+    }
+
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
         let sampler = cx.schedule_sampler(model)?;
         let steps = sampler.steps();

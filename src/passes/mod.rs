@@ -6,9 +6,11 @@
 
 pub mod broadcast_adaptive;
 mod broadcast_static;
+pub mod counters;
 pub mod quantize_attention;
 pub mod quantize_w8a8;
 pub mod region;
+pub mod sage_sparse_attention;
 pub mod smooth_quant;
 pub mod sparse_linear_attention;
 
@@ -80,9 +82,6 @@ impl PassContext {
                 other.policy
             );
         }
-        if self.sparse_attention.is_some() {
-            bail!("the graph has sparse attention sites (sparse-linear-attention, whose nodes report their kept scores as graph outputs): a schedule cannot be baked over them yet");
-        }
         if crate::analysis::has_symbolic_inputs(&model.graph) {
             bail!("needs static input shapes (the state carried between steps is sized by them): build the graph without --dynamic-batch");
         }
@@ -97,6 +96,11 @@ pub trait Pass {
     /// before any model is read.
     fn check_sampler(&self, _steps: Option<usize>) -> Result<()> {
         Ok(())
+    }
+    /// True for the passes that bake a schedule (they move nodes into `If` branches): run-time
+    /// counters are carried through their `If`s ([`counters`]).
+    fn bakes_schedule(&self) -> bool {
+        false
     }
 }
 
@@ -165,7 +169,12 @@ pub fn run_pipeline_with(
     after: &mut dyn FnMut(&str, &Model) -> Result<()>,
 ) -> Result<()> {
     for pass in passes {
+        let counters = match pass.bakes_schedule() {
+            true => counters::detach(&mut model.graph),
+            false => Vec::new(),
+        };
         pass.run(model, cx)
+            .and_then(|_| counters::reattach(&mut model.graph, &counters))
             .with_context(|| format!("pass '{}'", pass.name()))?;
         sort_topologically(&mut model.graph)
             .and_then(|_| check_graph(&model.graph))

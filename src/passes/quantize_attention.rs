@@ -32,8 +32,9 @@
 //! - V in FP8 E4M3 per channel: `scale = max over tokens |V| / 448`;
 //! - `O = Σ_j 2^(m_j - m) P8_j · V8_j / l · v_scale`.
 //!
-//! Composition: a graph whose sites `sparse-linear-attention` already made sparse is refused (not
-//! implemented yet), in both orders.
+//! Composition: after `sparse-linear-attention`, `sage` turns the sparse nodes into SageSLA nodes
+//! ([`super::sage_sparse_attention`]); `fp8` is refused there (its Q/DQ need the decomposed products),
+//! and `sparse-linear-attention` after this pass is refused (the order is sparse, then quantize).
 
 use std::path::PathBuf;
 
@@ -42,8 +43,8 @@ use serde::{Deserialize, Serialize};
 
 use super::quantize_w8a8::{quantize_activation, raise_opset_to_19, scale_for, Format};
 use super::sparse_linear_attention::{
-    install_op, plan_sites, plugin_node, plugin_requirement, Body, SitePlan, SlaOptions, DOMAIN,
-    PLUGIN_VERSION,
+    install_op, plan_sites, plugin_node, plugin_requirement, retarget_site, Body, SitePlan,
+    SlaOptions, DOMAIN, PLUGIN_VERSION,
 };
 use super::{Pass, PassContext};
 use crate::analysis::{AttentionKind, AttentionSite, DitMap};
@@ -292,7 +293,18 @@ impl Pass for QuantizeAttention {
             );
         }
         if cx.sparse_attention.is_some() {
-            bail!("the attention sites were made sparse by sparse-linear-attention: quantized sparse attention (SageSLA) is not implemented yet");
+            // SageSLA: the sparse nodes take SageAttention's numerics.
+            return match &self.mode {
+                Mode::Sage { granularity } => super::sage_sparse_attention::quantize_sparse_sites(
+                    model,
+                    cx,
+                    &self.options.kinds,
+                    *granularity,
+                ),
+                Mode::Fp8 { .. } => bail!(
+                    "format = \"fp8\" puts Q/DQ on the products of a decomposed site, and sparse-linear-attention already fused the sites into one op: use format = \"sage\" (SageSLA) with sparse attention"
+                ),
+            };
         }
         if let Some(s) = &cx.schedule {
             bail!(
@@ -448,6 +460,7 @@ fn rewrite_sage(
     let mut plugin_nodes = Vec::new();
     for plan in &plans {
         let node = replace_site(&mut model.graph, plan, granularity, plugin);
+        retarget_site(cx, plan.id, &node.name);
         plugin_nodes.push(plugin_node(&node));
     }
     install_op(model, function(model.default_opset()))?;
@@ -618,89 +631,7 @@ fn round_e4m3(b: &mut Body, x: &str) -> String {
 pub fn function(opset: i64) -> proto::FunctionProto {
     let mut b = Body { nodes: Vec::new() };
     let (q, k, v) = ("Q", "K", "V");
-    let q_window = b.attribute("q_window", true);
-    let q_groups = b.attribute("q_groups", true);
-    let k_window = b.attribute("k_window", true);
-    let k_groups = b.attribute("k_groups", true);
-    let eps = b.attribute("scale_eps", false);
-    let q_prescale = b.attribute("q_prescale", false);
-    let score_scale = b.attribute("score_scale", false);
-    let p_offset = b.attribute("p_offset", false);
-    let v_max = b.attribute("v_max", false);
-
-    // K smoothing: subtract the mean over tokens.
-    let k_sum = b.sum(k, &[-2], true);
-    let k_len = seq_len(&mut b, k);
-    let k_len_f = b.cast(&k_len, DataType::F32);
-    let k_mean = b.bin("Div", &k_sum, &k_len_f);
-    let k_smooth = b.bin("Sub", k, &k_mean);
-
-    // INT8 Q and K, scores in the log2 domain.
-    let q_in = b.bin("Mul", q, &q_prescale);
-    let (q8, q_scale) = quantize_int8(&mut b, opset, &q_in, &q_window, &q_groups, &eps);
-    let (k8, k_scale) = quantize_int8(&mut b, opset, &k_smooth, &k_window, &k_groups, &eps);
-    let k8_t = b.transpose_last(&k8);
-    let s_int = b.bin("MatMul", &q8, &k8_t);
-    let k_scale_t = b.transpose_last(&k_scale);
-    let scales = b.bin("Mul", &q_scale, &k_scale_t);
-    let s = b.bin("Mul", &s_int, &scales);
-    let s = b.bin("Mul", &s, &score_scale); // [B, H, Lq, Lk]
-
-    // Running max over tiles of k_window keys (the kernel's iteration over key blocks).
-    let (zero, one) = (b.i64(0), b.i64(1));
-    let keys = b.op("Range", &[&zero, &k_len, &one], vec![]);
-    let key_tile = b.bin("Div", &keys, &k_window);
-    let window_minus_one = b.bin("Sub", &k_window, &one);
-    let padded = b.bin("Add", &k_len, &window_minus_one);
-    let tiles = b.bin("Div", &padded, &k_window);
-    let tile_ids = b.op("Range", &[&zero, &tiles, &one], vec![]);
-    let tile_col = b.unsqueeze(&tile_ids, &[1]);
-    let key_row = b.unsqueeze(&key_tile, &[0]);
-    let in_tile = b.bin("Equal", &tile_col, &key_row); // [T, Lk]
-    let s5 = b.unsqueeze(&s, &[3]); // [B, H, Lq, 1, Lk]
-    let minus_inf = b.f32(f32::NEG_INFINITY);
-    let tile_scores = b.op("Where", &[&in_tile, &s5, &minus_inf], vec![]); // [B, H, Lq, T, Lk]
-    let tile_max = reduce_max(&mut b, opset, &tile_scores, &[-1], false); // [B, H, Lq, T]
-    let later = b.unsqueeze(&tile_ids, &[0]);
-    let upto = b.bin("LessOrEqual", &later, &tile_col); // [T (j), T (j')]: j' <= j
-    let tm5 = b.unsqueeze(&tile_max, &[3]); // [B, H, Lq, 1, T]
-    let seen = b.op("Where", &[&upto, &tm5, &minus_inf], vec![]);
-    let running = reduce_max(&mut b, opset, &seen, &[-1], false); // [B, H, Lq, T]
-    let row_max = reduce_max(&mut b, opset, &tile_max, &[-1], true); // [B, H, Lq, 1]
-    let m = b.op(
-        "Gather",
-        &[&running, &key_tile],
-        vec![("axis", AttrValue::Int(3))],
-    );
-
-    // P = 2^(s - m_j + offset), rounded to FP8; l from the unrounded P; tiles rescaled to the row max.
-    let ln2 = b.f32(std::f32::consts::LN_2);
-    let exponent = b.bin("Sub", &s, &m);
-    let exponent = b.bin("Add", &exponent, &p_offset);
-    let exponent = b.bin("Mul", &exponent, &ln2);
-    let p = b.op("Exp", &[&exponent], vec![]);
-    let p8 = round_e4m3(&mut b, &p);
-    let rescale = b.bin("Sub", &m, &row_max);
-    let rescale = b.bin("Mul", &rescale, &ln2);
-    let rescale = b.op("Exp", &[&rescale], vec![]);
-    let p_rescaled = b.bin("Mul", &p, &rescale);
-    let l = b.sum(&p_rescaled, &[-1], true);
-    let p8_rescaled = b.bin("Mul", &p8, &rescale);
-
-    // V: FP8 per channel, scale max over tokens / 448.
-    let v_abs = b.op("Abs", &[v], vec![]);
-    let v_amax = reduce_max(&mut b, opset, &v_abs, &[-2], true); // [B, H, 1, Dv]
-    let v_scale = b.bin("Div", &v_amax, &v_max);
-    let zero_f = b.f32(0.0);
-    let one_f = b.f32(1.0);
-    let v_zero = b.bin("Equal", &v_scale, &zero_f);
-    let v_scale = b.op("Where", &[&v_zero, &one_f, &v_scale], vec![]);
-    let v_in = b.bin("Div", v, &v_scale);
-    let v8 = round_e4m3(&mut b, &v_in);
-
-    let acc = b.bin("MatMul", &p8_rescaled, &v8);
-    let o = b.bin("Div", &acc, &l);
-    let o = b.bin("Mul", &o, &v_scale);
+    let o = sage_core(&mut b, opset, q, k, v, None);
     b.rename(&o, "O");
     proto::FunctionProto {
         name: OP.into(),
@@ -716,4 +647,112 @@ pub fn function(opset: i64) -> proto::FunctionProto {
         doc_string: "ditc's SageAttention: SageAttention2's INT8 Q·Kᵀ (K smoothed), FP8 P and FP8 V per channel, as a fake-quant emulation; see ditc's README".into(),
         ..Default::default()
     }
+}
+
+/// SageAttention2's numerics (the module docs) on `q`, `k`, `v` from the op's attributes; returns O.
+/// With `mask` ([B, H, Lq, Lk] bool, the block-sparse selection), only the kept keys take part:
+/// their scores alone set the running maxima, the others' P is 0 (SpargeAttn's kernel skips them).
+pub(crate) fn sage_core(
+    b: &mut Body,
+    opset: i64,
+    q: &str,
+    k: &str,
+    v: &str,
+    mask: Option<&str>,
+) -> String {
+    let q_window = b.attribute("q_window", true);
+    let q_groups = b.attribute("q_groups", true);
+    let k_window = b.attribute("k_window", true);
+    let k_groups = b.attribute("k_groups", true);
+    let eps = b.attribute("scale_eps", false);
+    let q_prescale = b.attribute("q_prescale", false);
+    let score_scale = b.attribute("score_scale", false);
+    let p_offset = b.attribute("p_offset", false);
+    let v_max = b.attribute("v_max", false);
+
+    // K smoothing: subtract the mean over tokens.
+    let k_sum = b.sum(k, &[-2], true);
+    let k_len = seq_len(b, k);
+    let k_len_f = b.cast(&k_len, DataType::F32);
+    let k_mean = b.bin("Div", &k_sum, &k_len_f);
+    let k_smooth = b.bin("Sub", k, &k_mean);
+
+    // INT8 Q and K, scores in the log2 domain.
+    let q_in = b.bin("Mul", q, &q_prescale);
+    let (q8, q_scale) = quantize_int8(b, opset, &q_in, &q_window, &q_groups, &eps);
+    let (k8, k_scale) = quantize_int8(b, opset, &k_smooth, &k_window, &k_groups, &eps);
+    let k8_t = b.transpose_last(&k8);
+    let s_int = b.bin("MatMul", &q8, &k8_t);
+    let k_scale_t = b.transpose_last(&k_scale);
+    let scales = b.bin("Mul", &q_scale, &k_scale_t);
+    let s = b.bin("Mul", &s_int, &scales);
+    let s = b.bin("Mul", &s, &score_scale); // [B, H, Lq, Lk]
+    let minus_inf = b.f32(f32::NEG_INFINITY);
+    let s = match mask {
+        Some(mask) => b.op("Where", &[mask, &s, &minus_inf], vec![]),
+        None => s,
+    };
+
+    // Running max over tiles of k_window keys (the kernel's iteration over key blocks).
+    let (zero, one) = (b.i64(0), b.i64(1));
+    let keys = b.op("Range", &[&zero, &k_len, &one], vec![]);
+    let key_tile = b.bin("Div", &keys, &k_window);
+    let window_minus_one = b.bin("Sub", &k_window, &one);
+    let padded = b.bin("Add", &k_len, &window_minus_one);
+    let tiles = b.bin("Div", &padded, &k_window);
+    let tile_ids = b.op("Range", &[&zero, &tiles, &one], vec![]);
+    let tile_col = b.unsqueeze(&tile_ids, &[1]);
+    let key_row = b.unsqueeze(&key_tile, &[0]);
+    let in_tile = b.bin("Equal", &tile_col, &key_row); // [T, Lk]
+    let s5 = b.unsqueeze(&s, &[3]); // [B, H, Lq, 1, Lk]
+    let tile_scores = b.op("Where", &[&in_tile, &s5, &minus_inf], vec![]); // [B, H, Lq, T, Lk]
+    let tile_max = reduce_max(b, opset, &tile_scores, &[-1], false); // [B, H, Lq, T]
+    let later = b.unsqueeze(&tile_ids, &[0]);
+    let upto = b.bin("LessOrEqual", &later, &tile_col); // [T (j), T (j')]: j' <= j
+    let tm5 = b.unsqueeze(&tile_max, &[3]); // [B, H, Lq, 1, T]
+    let seen = b.op("Where", &[&upto, &tm5, &minus_inf], vec![]);
+    let running = reduce_max(b, opset, &seen, &[-1], false); // [B, H, Lq, T]
+    let row_max = reduce_max(b, opset, &tile_max, &[-1], true); // [B, H, Lq, 1]
+    let m = b.op(
+        "Gather",
+        &[&running, &key_tile],
+        vec![("axis", AttrValue::Int(3))],
+    );
+
+    // P = 2^(s - m_j + offset), rounded to FP8; l from the unrounded P; tiles rescaled to the row max.
+    let ln2 = b.f32(std::f32::consts::LN_2);
+    let exponent = b.bin("Sub", &s, &m);
+    let exponent = b.bin("Add", &exponent, &p_offset);
+    let exponent = b.bin("Mul", &exponent, &ln2);
+    let p = b.op("Exp", &[&exponent], vec![]);
+    // A skipped key's exponent is -inf - -inf before the first kept tile of its row: P is 0.
+    let p = match mask {
+        Some(mask) => {
+            let zero = b.f32(0.0);
+            b.op("Where", &[mask, &p, &zero], vec![])
+        }
+        None => p,
+    };
+    let p8 = round_e4m3(b, &p);
+    let rescale = b.bin("Sub", &m, &row_max);
+    let rescale = b.bin("Mul", &rescale, &ln2);
+    let rescale = b.op("Exp", &[&rescale], vec![]);
+    let p_rescaled = b.bin("Mul", &p, &rescale);
+    let l = b.sum(&p_rescaled, &[-1], true);
+    let p8_rescaled = b.bin("Mul", &p8, &rescale);
+
+    // V: FP8 per channel, scale max over tokens / 448.
+    let v_abs = b.op("Abs", &[v], vec![]);
+    let v_amax = reduce_max(b, opset, &v_abs, &[-2], true); // [B, H, 1, Dv]
+    let v_scale = b.bin("Div", &v_amax, &v_max);
+    let zero_f = b.f32(0.0);
+    let one_f = b.f32(1.0);
+    let v_zero = b.bin("Equal", &v_scale, &zero_f);
+    let v_scale = b.op("Where", &[&v_zero, &one_f, &v_scale], vec![]);
+    let v_in = b.bin("Div", v, &v_scale);
+    let v8 = round_e4m3(b, &v_in);
+
+    let acc = b.bin("MatMul", &p8_rescaled, &v8);
+    let o = b.bin("Div", &acc, &l);
+    b.bin("Mul", &o, &v_scale)
 }

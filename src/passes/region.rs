@@ -36,10 +36,12 @@ pub fn exclusive_region(graph: &Graph, output: &str, keep: &HashSet<String>) -> 
     for i in (0..start).rev() {
         let node = &graph.nodes[i];
         let exclusive = node.outputs.iter().filter(|o| !o.is_empty()).all(|o| {
+            // (An output nothing reads, such as a counter a schedule pass detached, does not
+            // keep its node outside.)
             !graph_outputs.contains(o.as_str())
                 && consumers
                     .get(o)
-                    .is_some_and(|c| c.iter().all(|&j| in_region[j]))
+                    .is_none_or(|c| c.iter().all(|&j| in_region[j]))
         });
         let kept = node.outputs.iter().any(|o| keep.contains(o));
         in_region[i] = exclusive && !kept && !node.outputs.is_empty();

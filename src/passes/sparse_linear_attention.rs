@@ -211,7 +211,7 @@ impl Pass for SparseLinearAttention {
             bail!("the graph already has sparse attention from an earlier pass");
         }
         if super::quantize_attention::already_quantized(model, &cx.dit_map) {
-            bail!("the attention sites were quantized by quantize-attention: sparse quantized attention (SageSLA) is not implemented yet");
+            bail!("the attention sites were quantized by an earlier quantize-attention pass: list sparse-linear-attention before quantize-attention (format = \"sage\" then makes the sparse sites SageSLA sites)");
         }
         if let Some(s) = &cx.schedule {
             bail!(
@@ -236,6 +236,7 @@ impl Pass for SparseLinearAttention {
         for plan in &plans {
             let (w, b) = zero_projection(&mut model.graph, plan.head_dim, &mut zero_proj);
             let node = rewrite_site(&mut model.graph, plan, o, &step, &w, &b);
+            retarget_site(cx, plan.id, &node.name);
             plugin_nodes.push(plugin_node(&node));
             sites.push(plan.manifest_site(o));
         }
@@ -250,6 +251,16 @@ impl Pass for SparseLinearAttention {
             cx.plugins.push(plugin_requirement(OP, plugin_nodes));
         }
         Ok(())
+    }
+}
+
+/// Point the DiT map's site `id` at the op node that now computes it (`node`): later passes (a
+/// schedule that must move the site into an `If`) look for its anchor; its products are gone.
+pub(crate) fn retarget_site(cx: &mut PassContext, id: usize, node: &str) {
+    if let Some(site) = cx.dit_map.attention.iter_mut().find(|s| s.id == id) {
+        site.anchor = node.to_string();
+        site.qk_matmul = None;
+        site.pv_matmul = None;
     }
 }
 
@@ -903,10 +914,17 @@ fn self_similar(b: &mut Body, blocks: &Blocks, x: &str, threshold: &str) -> Stri
     b.bin("Greater", &similarity, threshold)
 }
 
-/// The local function `ai.ditc.SparseLinearAttention`: the op's portable decomposition.
-pub fn function(opset: i64) -> proto::FunctionProto {
-    let mut b = Body { nodes: Vec::new() };
-    let (q, k, v, step, w, bias) = ("Q", "K", "V", "step", "proj_weight", "proj_bias");
+/// The key blocks the op keeps per query block, as the body computes them.
+pub(crate) struct Selection {
+    /// [B, H, Nq, Nk] bool: (query block, key block) pairs computed.
+    pub(crate) mask: String,
+    qb: Blocks,
+    kb: Blocks,
+}
+
+/// The op's block selection (top-k or cumulative mass, dense warm-up) from its attributes
+/// `block_q`, `block_k`, `keep_blocks`, `mass`, `sim_threshold`, `scale` and `dense_steps`.
+pub(crate) fn select_blocks(b: &mut Body, q: &str, k: &str, step: &str) -> Selection {
     let scale = b.attribute("scale", false);
     let block_q = b.attribute("block_q", true);
     let block_k = b.attribute("block_k", true);
@@ -914,11 +932,9 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let mass = b.attribute("mass", false);
     let sim = b.attribute("sim_threshold", false);
     let dense_steps = b.attribute("dense_steps", true);
-    let linear = b.attribute("linear", true);
-
     // Blocks, K smoothing, pooled block scores [B, H, Nq, Nk].
-    let qb = blocks(&mut b, q, &block_q);
-    let kb = blocks(&mut b, k, &block_k);
+    let qb = blocks(b, q, &block_q);
+    let kb = blocks(b, k, &block_k);
     let k_sum = b.sum(k, &[-2], true);
     let k_shape = b.op("Shape", &[k], vec![]);
     let minus2 = b.i64(-2);
@@ -930,8 +946,8 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let k_len = b.cast(&k_len, DataType::F32);
     let k_mean = b.bin("Div", &k_sum, &k_len);
     let k_smooth = b.bin("Sub", k, &k_mean);
-    let pooled_q = block_mean(&mut b, &qb, q);
-    let pooled_k = block_mean(&mut b, &kb, &k_smooth);
+    let pooled_q = block_mean(b, &qb, q);
+    let pooled_k = block_mean(b, &kb, &k_smooth);
     let pooled_k_t = b.transpose_last(&pooled_k);
     let scores = b.bin("MatMul", &pooled_q, &pooled_k_t);
     let scores_shape = b.op("Shape", &[&scores], vec![]);
@@ -968,8 +984,8 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     // Cumulative mass (SpargeAttn): softmax of the scaled pooled scores over the self-similar key
     // blocks, sorted; keep the blocks whose running sum stays within `mass` (at least one), plus
     // every block that is not self-similar.
-    let key_ok = self_similar(&mut b, &kb, &k_smooth, &sim);
-    let query_ok = self_similar(&mut b, &qb, q, &sim);
+    let key_ok = self_similar(b, &kb, &k_smooth, &sim);
+    let query_ok = self_similar(b, &qb, q, &sim);
     let key_ok = b.unsqueeze(&key_ok, &[2]);
     let query_ok = b.unsqueeze(&query_ok, &[3]);
     let logits = b.bin("Mul", &scores, &scale);
@@ -1023,26 +1039,54 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let dense = b.bin("Less", step, &dense_steps);
     let mask = b.bin("Or", &mask, &dense);
 
-    // Sparse branch: exact softmax over the kept blocks' keys.
-    let rows = b.op(
-        "Gather",
-        &[&mask, &qb.token_block],
-        vec![("axis", AttrValue::Int(2))],
-    );
-    let token_mask = b.op(
-        "Gather",
-        &[&rows, &kb.token_block],
-        vec![("axis", AttrValue::Int(3))],
-    );
-    let q_scaled = b.bin("Mul", q, &scale);
-    let k_t = b.transpose_last(k);
-    let logits = b.bin("MatMul", &q_scaled, &k_t);
-    let minus_inf = b.f32(f32::NEG_INFINITY);
-    let logits = b.op("Where", &[&token_mask, &logits, &minus_inf], vec![]);
-    let p = b.op("Softmax", &[&logits], vec![("axis", AttrValue::Int(-1))]);
-    let sparse = b.bin("MatMul", &p, v);
+    Selection { mask, qb, kb }
+}
 
-    // Linear branch (SLA): phi = softmax over the head dim, o_l = phi(q)(phi(k)ᵀv) / (1e-5 +
+impl Selection {
+    /// The mask at token level: [B, H, Lq, Lk] bool.
+    pub(crate) fn token_mask(&self, b: &mut Body) -> String {
+        let (mask, qb, kb) = (&self.mask, &self.qb, &self.kb);
+        let rows = b.op(
+            "Gather",
+            &[mask, &qb.token_block],
+            vec![("axis", AttrValue::Int(2))],
+        );
+        let token_mask = b.op(
+            "Gather",
+            &[&rows, &kb.token_block],
+            vec![("axis", AttrValue::Int(3))],
+        );
+        token_mask
+    }
+
+    /// Scores computed: Σ over kept block pairs of (query tokens x key tokens), an int64 scalar.
+    pub(crate) fn kept_scores(&self, b: &mut Body) -> String {
+        let (mask, kb) = (&self.mask, &self.kb);
+        let kc_t = b.op(
+            "Transpose",
+            &[&kb.counts],
+            vec![("perm", AttrValue::Ints(vec![1, 0]))],
+        );
+        let pair_tokens = b.bin("MatMul", &self.qb.counts, &kc_t);
+        let pair_tokens = b.cast(&pair_tokens, DataType::I64);
+        let mask_i = b.cast(mask, DataType::I64);
+        let kept = b.bin("Mul", &mask_i, &pair_tokens);
+        let kept = b.sum(&kept, &[0, 1, 2, 3], false);
+        kept
+    }
+}
+
+/// SLA's linear branch with its projection, gated by the attribute `linear` (0: zero).
+pub(crate) fn linear_branch(
+    b: &mut Body,
+    q: &str,
+    k: &str,
+    v: &str,
+    w: &str,
+    bias: &str,
+) -> String {
+    let linear = b.attribute("linear", true);
+    // SLA: phi = softmax over the head dim, o_l = phi(q)(phi(k)ᵀv) / (1e-5 +
     // phi(q)·Σphi(k)), then proj_l (x Wᵀ + b), gated by `linear`.
     let fq = b.op("Softmax", &[q], vec![("axis", AttrValue::Int(-1))]);
     let fk = b.op("Softmax", &[k], vec![("axis", AttrValue::Int(-1))]);
@@ -1063,20 +1107,27 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let projected = b.bin("MatMul", &linear_out, &w_t);
     let projected = b.bin("Add", &projected, bias);
     let gate = b.cast(&linear, DataType::F32);
-    let projected = b.bin("Mul", &projected, &gate);
-    let out = b.bin("Add", &sparse, &projected);
+    b.bin("Mul", &projected, &gate)
+}
 
-    // Scores computed: Σ over kept block pairs of (query tokens x key tokens).
-    let kc_t = b.op(
-        "Transpose",
-        &[&kb.counts],
-        vec![("perm", AttrValue::Ints(vec![1, 0]))],
-    );
-    let pair_tokens = b.bin("MatMul", &qb.counts, &kc_t);
-    let pair_tokens = b.cast(&pair_tokens, DataType::I64);
-    let mask_i = b.cast(&mask, DataType::I64);
-    let kept = b.bin("Mul", &mask_i, &pair_tokens);
-    let kept = b.sum(&kept, &[0, 1, 2, 3], false);
+/// The local function `ai.ditc.SparseLinearAttention`: the op's portable decomposition.
+pub fn function(opset: i64) -> proto::FunctionProto {
+    let mut b = Body { nodes: Vec::new() };
+    let (q, k, v, step, w, bias) = ("Q", "K", "V", "step", "proj_weight", "proj_bias");
+    let selection = select_blocks(&mut b, q, k, step);
+    let token_mask = selection.token_mask(&mut b);
+    // Sparse branch: exact softmax over the kept blocks' keys.
+    let scale = b.attribute("scale", false);
+    let q_scaled = b.bin("Mul", q, &scale);
+    let k_t = b.transpose_last(k);
+    let logits = b.bin("MatMul", &q_scaled, &k_t);
+    let minus_inf = b.f32(f32::NEG_INFINITY);
+    let logits = b.op("Where", &[&token_mask, &logits, &minus_inf], vec![]);
+    let p = b.op("Softmax", &[&logits], vec![("axis", AttrValue::Int(-1))]);
+    let sparse = b.bin("MatMul", &p, v);
+    let projected = linear_branch(&mut b, q, k, v, w, bias);
+    let out = b.bin("Add", &sparse, &projected);
+    let kept = selection.kept_scores(&mut b);
     b.rename(&out, "O");
     b.rename(&kept, "kept");
     proto::FunctionProto {

@@ -128,8 +128,17 @@ pub fn tensor_info(t: &Tensor) -> TypeInfo {
 
 /// Output types of one node from its input types.
 pub fn infer_node(node: &Node, inputs: &[TypeInfo], opset: i64) -> Vec<TypeInfo> {
-    if node.domain == "ai.ditc" && node.op_type == "SparseLinearAttention" {
-        return sparse_linear_attention(inputs);
+    // ditc's attention ops: O as Q with V's last dim, then (the sparse ones) an int64 count.
+    if node.domain == "ai.ditc" {
+        let mut out = ditc_attention(inputs);
+        match node.op_type.as_str() {
+            "SparseLinearAttention" | "SageSparseLinearAttention" => return out,
+            "SageAttention" => {
+                out.truncate(1);
+                return out;
+            }
+            _ => {}
+        }
     }
     if !node.is_onnx() {
         return vec![TypeInfo::default(); node.outputs.len()];
@@ -279,7 +288,7 @@ pub fn infer_node(node: &Node, inputs: &[TypeInfo], opset: i64) -> Vec<TypeInfo>
 }
 
 /// ditc's `SparseLinearAttention`: O is Q's shape with V's last dim, in Q's type; `kept` an int64 scalar.
-fn sparse_linear_attention(inputs: &[TypeInfo]) -> Vec<TypeInfo> {
+fn ditc_attention(inputs: &[TypeInfo]) -> Vec<TypeInfo> {
     let input = |i: usize| inputs.get(i).cloned().unwrap_or_default();
     let (q, v) = (input(0), input(2));
     let shape = match (&q.shape, &v.shape) {
