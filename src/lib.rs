@@ -26,6 +26,8 @@ pub mod plot;
 pub mod progress;
 pub mod recipe;
 #[cfg(feature = "tract")]
+pub mod report;
+#[cfg(feature = "tract")]
 pub mod runtime;
 pub mod schedule;
 pub mod target;

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 /// How close `a` is to the reference `b` (same length).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct Fidelity {
     pub max_abs: f64,
     /// max|a - b| / max|b|: the relative error the acceptance criteria use.

@@ -37,6 +37,9 @@ pub struct Recipe {
     pub guidance: Option<Guidance>,
     pub passes: Vec<PassSpec>,
     pub overrides: Vec<String>,
+    /// `fidelity_budget = "rel-l2=0.3"` (or `psnr=DB`, `cosine=C`): the final-latent fidelity vs the
+    /// full model the recipe promises; `ditc run --compare-full` reports whether a run meets it.
+    pub fidelity_budget: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +54,7 @@ struct RecipeFile {
     name: Option<String>,
     description: Option<String>,
     version: Option<u32>,
+    fidelity_budget: Option<String>,
     sampler: Option<toml::Table>,
     #[serde(default)]
     passes: Vec<PassFile>,
@@ -74,6 +78,7 @@ impl Recipe {
                 name: None,
                 description: None,
                 version: None,
+                fidelity_budget: None,
                 sampler: None,
                 passes: vec![],
             },
@@ -132,6 +137,7 @@ impl Recipe {
             guidance,
             passes,
             overrides: overrides.to_vec(),
+            fidelity_budget: file.fidelity_budget,
         })
     }
 }

@@ -64,7 +64,113 @@ pub struct Args {
     #[arg(long)]
     pub no_progress: bool,
     #[command(flatten)]
+    pub calibrate: CalibrateFirst,
+    #[command(flatten)]
     pub shapes: crate::models::BuildOptions,
+}
+
+/// `convert --inputs`: calibrate in the same command.
+#[derive(clap::Args, Debug, Clone, Default)]
+#[command(next_help_heading = "Calibrating in the same command")]
+pub struct CalibrateFirst {
+    /// Calibration inputs (as `ditc calibrate --inputs`: `noise` and the condition inputs per case,
+    /// `<case>.<name>`). When the recipe quantizes (quantize-w8a8, or quantize-attention with
+    /// format = "fp8") and no --calibration-stats is given, the activation ranges are recorded on
+    /// these first, along the recipe's sampling trajectories of the full model, and the statistics
+    /// are kept in the bundle (`calibration.json`).
+    #[arg(long, value_name = "FILE")]
+    pub inputs: Option<PathBuf>,
+    /// The cases of --inputs to calibrate on (comma-separated prefixes without the dot). Default:
+    /// every case in the file. Keep the cases you evaluate on out.
+    #[arg(long, value_delimiter = ',', value_name = "CASES", requires = "inputs")]
+    pub calibration_cases: Vec<String>,
+}
+
+/// True if the recipe at `path` (with `overrides`) has a pass that reads calibration statistics and
+/// names none itself.
+fn recipe_needs_stats(path: Option<&std::path::Path>, overrides: &[String]) -> bool {
+    let Some(recipe) = path.and_then(|p| Recipe::load(p, overrides).ok()) else {
+        return false;
+    };
+    recipe.passes.iter().any(|p| {
+        let reads = match p.name.as_str() {
+            "quantize-w8a8" => true,
+            "quantize-attention" => p.options.get("format").and_then(|f| f.as_str()) == Some("fp8"),
+            _ => false,
+        };
+        reads && !p.options.contains_key("calibration_stats")
+    })
+}
+
+/// The cases of an inputs file: every prefix `P` with a tensor `P.noise`.
+fn cases_in(inputs: &std::path::Path) -> Result<Vec<String>> {
+    let all = crate::tensors::read_safetensors(inputs)?;
+    let cases: Vec<String> = all
+        .iter()
+        .filter_map(|t| t.name.strip_suffix(".noise").map(String::from))
+        .collect();
+    if cases.is_empty() {
+        anyhow::bail!(
+            "--inputs '{}' has no '<case>.noise' tensor: nothing to calibrate on",
+            inputs.display()
+        );
+    }
+    Ok(cases)
+}
+
+/// Record the activation ranges the recipe's quantizing passes need (`ditc calibrate` with the same
+/// model, recipe, overrides and target) into a temporary file; None when nothing needs them.
+fn calibrate_first(args: &Args) -> Result<Option<tempfile::TempPath>> {
+    let Some(inputs) = &args.calibrate.inputs else {
+        return Ok(None);
+    };
+    if args.calibration_stats.is_some() || !recipe_needs_stats(args.recipe.as_deref(), &args.set) {
+        return Ok(None);
+    }
+    let recipe = args
+        .recipe
+        .clone()
+        .context("--inputs calibrates for a recipe's passes: give --recipe")?;
+    let cases = match args.calibrate.calibration_cases.is_empty() {
+        true => cases_in(inputs)?,
+        false => args.calibrate.calibration_cases.clone(),
+    };
+    let stats = tempfile::Builder::new()
+        .prefix("ditc-calibration-")
+        .suffix(".json")
+        .tempfile()
+        .context("creating a temporary file for the calibration statistics")?
+        .into_temp_path();
+    eprintln!(
+        "calibrating on {} case(s) of {} ({})",
+        cases.len(),
+        inputs.display(),
+        cases.join(",")
+    );
+    let calibrate = super::calibrate::Args {
+        model: args.model.clone(),
+        recipe,
+        set: args.set.clone(),
+        inputs: inputs.clone(),
+        cases,
+        every: 1,
+        method: "max".into(),
+        percentile: 99.99,
+        window: None,
+        sensitivity: false,
+        target: args.target,
+        mag_ratios: false,
+        profile: false,
+        fit_teacache: None,
+        fit_indicator: None,
+        fit_degree: 4,
+        output: Some(stats.to_path_buf()),
+        no_progress: args.no_progress,
+        shapes: args.shapes.clone(),
+        threads: super::Threads { threads: None },
+    };
+    super::calibrate::run(&calibrate).context("calibrating before the conversion (--inputs)")?;
+    Ok(Some(stats))
 }
 
 /// W8A8's format follows the GPU when the recipe names none (INT8 when it asks for SmoothQuant, which
@@ -109,7 +215,12 @@ pub fn run(args: &Args) -> Result<()> {
 pub fn convert(args: &Args) -> Result<Manifest> {
     // Options first: a bad option fails before any model is read.
     let mut overrides = args.set.clone();
-    if let Some(stats) = &args.calibration_stats {
+    let calibrated = calibrate_first(args)?;
+    let stats_file = args
+        .calibration_stats
+        .clone()
+        .or(calibrated.as_ref().map(|p| p.to_path_buf()));
+    if let Some(stats) = &stats_file {
         let text = toml::Value::String(stats.display().to_string()).to_string();
         // The passes that read statistics: quantize-w8a8 (its error when the recipe has neither).
         let recipe = args.recipe.as_deref();
@@ -126,6 +237,10 @@ pub fn convert(args: &Args) -> Result<Manifest> {
         None => Recipe::empty(&overrides)?,
     };
     apply_target_defaults(&mut recipe, args.target)?;
+    if let Some(b) = &recipe.fidelity_budget {
+        b.parse::<super::tune::Budget>()
+            .context("the recipe's fidelity_budget")?;
+    }
     let pass_list = recipe
         .passes
         .iter()
@@ -269,6 +384,19 @@ pub fn convert(args: &Args) -> Result<Manifest> {
     for (name, bytes) in &dumps {
         staging.write(name, bytes)?;
     }
+    if let Some(stats) = &calibrated {
+        let bytes = std::fs::read(stats).context("reading back the calibration statistics")?;
+        staging.write("calibration.json", &bytes)?;
+    }
+    let report = crate::report::at_conversion(&manifest, recipe.fidelity_budget.clone());
+    staging.write(
+        crate::report::FILE,
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    staging.write(
+        crate::report::SUMMARY_FILE,
+        crate::report::summary(&report).as_bytes(),
+    )?;
     staging.write(
         "manifest.json",
         serde_json::to_string_pretty(&manifest)?.as_bytes(),
@@ -383,6 +511,9 @@ fn print_summary(args: &Args, m: &Manifest) {
         args.output.display(),
         sizes.join(", ")
     );
+    for p in crate::report::pass_changes(m) {
+        eprintln!("  {}: {}", p.name, p.changed);
+    }
     if let Some(s) = &m.schedule {
         if let Some(a) = &s.adaptive {
             eprintln!(

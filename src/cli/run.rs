@@ -177,6 +177,7 @@ fn run_bundle(args: &Args) -> Result<()> {
             serde_json::to_string_pretty(&trace)?.as_bytes(),
         )?;
     }
+    let measured = complete_conversion_report(args, &report)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -243,5 +244,47 @@ fn run_bundle(args: &Args) -> Result<()> {
             s.wall_seconds - s.plan_seconds, full.wall_seconds - full.plan_seconds, speedup
         );
     }
+    if let Some((m, budget)) = measured {
+        println!(
+            "report: {} (fidelity budget {})\n{}\n{}",
+            args.model.with_file_name(crate::report::FILE).display(),
+            budget.as_deref().unwrap_or("none declared"),
+            crate::report::table_header(),
+            crate::report::table_row(&m)
+        );
+    }
     Ok(())
+}
+
+/// With --compare-full, on a bundle that has a conversion report: add what this run measured to
+/// it (`report.json`, `report.md`). Returns the measured section and the declared budget.
+fn complete_conversion_report(
+    args: &Args,
+    report: &Report,
+) -> Result<Option<(crate::report::Measured, Option<String>)>> {
+    let (Some(full), Some(fidelity)) = (&report.full, &report.fidelity) else {
+        return Ok(None);
+    };
+    let Some(mut conversion) = crate::report::read(&args.model)? else {
+        return Ok(None);
+    };
+    let manifest = crate::manifest::read(&args.model)?;
+    let budget = conversion
+        .fidelity_budget
+        .as_deref()
+        .map(str::parse::<super::tune::Budget>)
+        .transpose()
+        .context("the report's fidelity_budget")?;
+    let measured = crate::report::measured(
+        &manifest,
+        &report.scheduled,
+        full,
+        fidelity,
+        budget.as_ref(),
+        &args.inputs,
+        args.prefix.as_deref(),
+    );
+    conversion.measured = Some(measured.clone());
+    crate::report::write(&args.model, &conversion)?;
+    Ok(Some((measured, conversion.fidelity_budget)))
 }

@@ -293,6 +293,7 @@ impl Evaluator {
             allow_lint_errors: false,
             dump_after: Vec::new(),
             no_progress: true,
+            calibrate: Default::default(),
             shapes: self.shapes.clone(),
         };
         let manifest = super::convert::convert(&args)?;

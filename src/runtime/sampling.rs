@@ -184,6 +184,13 @@ pub struct RunReport {
     /// Per block-sparse site (`sparse-linear-attention`): scores computed over the run.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub sparse_sites: BTreeMap<usize, SparseSiteRun>,
+    /// Cost model (README "Compute accounting and the cost model"): estimated H100 milliseconds of
+    /// each attention site's score and value products over the run (computed calls only; a
+    /// block-sparse site at its measured kept fraction of each call), BF16.
+    pub attention_h100_ms: BTreeMap<usize, f64>,
+    /// FLOPs of every call outside the attention sites' score and value products (projections,
+    /// FFNs, ...: what W8A8 quantizes), summed over the run.
+    pub gemm_flops: u64,
     #[serde(skip)]
     score_flops_kept: f64,
     #[serde(skip)]
@@ -272,6 +279,8 @@ pub fn sample(
         attention_flops_full: 0,
         attention_flops_kept_fraction: 1.0,
         sparse_sites: BTreeMap::new(),
+        attention_h100_ms: BTreeMap::new(),
+        gemm_flops: 0,
         score_flops_kept: 0.0,
         score_flops_full: 0,
         trace: Vec::new(),
@@ -558,6 +567,7 @@ fn record(
     sites: &BTreeMap<usize, SiteCost>,
 ) {
     let computes = |g: Group| call.pattern.get(&g).copied().unwrap_or(true);
+    let mut score_flops_computed = 0u64;
     let stack = computes(Group::Stack);
     let b = report.branches.entry(branch).or_default();
     for (&id, site) in sites {
@@ -570,7 +580,8 @@ fn record(
         }
         report.attention_flops_full += site.flops;
         report.score_flops_full += site.score_flops;
-        let kept_fraction = match call.kept.get(&id) {
+        // A site a schedule skipped computed nothing (its counter reads 0): not a sparse call.
+        let kept_fraction = match call.kept.get(&id).filter(|_| computed) {
             Some(&(kept, dense)) => {
                 let s = report.sparse_sites.entry(id).or_default();
                 let fraction = kept as f64 / dense.max(1) as f64;
@@ -583,8 +594,18 @@ fn record(
             }
             None => 1.0,
         };
+        let ms = report.attention_h100_ms.entry(id).or_default();
         if computed {
             report.score_flops_kept += site.score_flops as f64 * kept_fraction;
+            score_flops_computed += site.score_flops;
+            *ms += match call.kept.contains_key(&id) {
+                true => crate::analysis::gpu_cost::sparse_ms(
+                    site.score_flops,
+                    kept_fraction,
+                    site.key_len,
+                ),
+                false => crate::analysis::gpu_cost::dense_ms(site.score_flops),
+            };
         }
     }
     if let Some(a) = bundle
@@ -625,6 +646,7 @@ fn record(
     }
     report.model_flops += call.flops;
     report.model_flops_full += call.full;
+    report.gemm_flops += call.flops.saturating_sub(score_flops_computed);
 }
 
 fn count(calls: &mut BTreeMap<Group, KindCalls>, group: Group, computed: bool) {
