@@ -93,18 +93,32 @@ pub fn needs_emulation(model: &Model) -> bool {
 pub fn emulate(model: &Model) -> Result<Model> {
     let mut m = model.clone();
     let g = &mut m.graph;
-    let is_f8 = |g: &Graph, name: &str| {
-        g.initializer(name)
-            .is_some_and(|t| t.dtype == DataType::F8E4M3FN)
-    };
-    let mut nodes = Vec::with_capacity(g.nodes.len());
     let mut new_inits = Vec::new();
     let old = std::mem::take(&mut g.nodes);
-    for node in old {
+    g.nodes = emulate_nodes(old, g, &mut new_inits)?;
+    g.initializers.extend(new_inits);
+    g.initializers.retain(|t| t.dtype != DataType::F8E4M3FN);
+    crate::ir::remove_unused_initializers(g);
+    crate::ir::check_graph(g)?;
+    Ok(m)
+}
+
+/// The emulation of `nodes` (the top-level graph's or a subgraph's: the FP8 initializers and
+/// scales are the top-level graph's `top`, where the new f32 initializers go too, visible to every
+/// subgraph).
+fn emulate_nodes(old: Vec<Node>, top: &Graph, new_inits: &mut Vec<Tensor>) -> Result<Vec<Node>> {
+    let is_f8 = |name: &str| {
+        top.initializer(name)
+            .is_some_and(|t| t.dtype == DataType::F8E4M3FN)
+    };
+    let mut nodes = Vec::with_capacity(old.len());
+    for mut node in old {
         match node.op_type.as_str() {
-            "DequantizeLinear" if is_f8(g, &node.inputs[0]) => {
-                let w = g.initializer(&node.inputs[0]).expect("checked").clone();
-                let s = g.initializer(&node.inputs[1]).and_then(|t| t.to_f32_vec());
+            "DequantizeLinear" if is_f8(&node.inputs[0]) => {
+                let w = top.initializer(&node.inputs[0]).expect("checked").clone();
+                let s = top
+                    .initializer(&node.inputs[1])
+                    .and_then(|t| t.to_f32_vec());
                 let Some(s) = s.filter(|s| s.len() == 1) else {
                     bail!(
                         "FP8 emulation: node {} needs a constant per-tensor scale",
@@ -115,11 +129,11 @@ pub fn emulate(model: &Model) -> Result<Model> {
                 let values: Vec<f32> = raw.iter().map(|&b| decode(b) * s[0]).collect();
                 new_inits.push(Tensor::from_f32(&node.outputs[0], w.dims.clone(), &values));
             }
-            "QuantizeLinear" if node.inputs.get(2).is_some_and(|z| is_f8(g, z)) => {
+            "QuantizeLinear" if node.inputs.get(2).is_some_and(|z| is_f8(z)) => {
                 // Emitted as the whole fake-quant; the DequantizeLinear reading it becomes an Identity.
-                nodes.extend(fake_quant_nodes(&node, &mut new_inits));
+                nodes.extend(fake_quant_nodes(&node, new_inits));
             }
-            "DequantizeLinear" if node.inputs.get(2).is_some_and(|z| is_f8(g, z)) => {
+            "DequantizeLinear" if node.inputs.get(2).is_some_and(|z| is_f8(z)) => {
                 nodes.push(Node::new(
                     &node.name,
                     "Identity",
@@ -127,15 +141,19 @@ pub fn emulate(model: &Model) -> Result<Model> {
                     &[&node.outputs[0]],
                 ));
             }
-            _ => nodes.push(node),
+            _ => {
+                // If branches (a schedule's) hold quantized layers too.
+                for a in &mut node.attributes {
+                    if let AttrValue::Graph(sub) = &mut a.value {
+                        let inner = std::mem::take(&mut sub.nodes);
+                        sub.nodes = emulate_nodes(inner, top, new_inits)?;
+                    }
+                }
+                nodes.push(node)
+            }
         }
     }
-    g.nodes = nodes;
-    g.initializers.extend(new_inits);
-    g.initializers.retain(|t| t.dtype != DataType::F8E4M3FN);
-    crate::ir::remove_unused_initializers(g);
-    crate::ir::check_graph(g)?;
-    Ok(m)
+    Ok(nodes)
 }
 
 /// `y = s * clip(round(v / q) * q, ±448)` with `v = x / s`, `q = 2^(max(e, -6) - 3)`, `e = floor(log2|v|)`

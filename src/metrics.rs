@@ -11,8 +11,16 @@ pub struct Fidelity {
     /// |a - b|_2 / |b|_2
     pub rel_l2: f64,
     pub cosine: f64,
-    /// 10 log10(peak^2 / MSE), peak = max|b|; infinite when identical.
+    /// 10 log10(peak^2 / MSE), peak = max|b|; infinite when identical (JSON: null, read back as
+    /// infinite).
+    #[serde(deserialize_with = "infinite_if_null")]
     pub psnr_db: f64,
+}
+
+/// JSON has no infinity: serde_json writes it as null.
+fn infinite_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let v: Option<f64> = serde::Deserialize::deserialize(d)?;
+    Ok(v.unwrap_or(f64::INFINITY))
 }
 
 pub fn compare(a: &[f32], b: &[f32]) -> Fidelity {

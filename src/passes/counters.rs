@@ -8,7 +8,7 @@
 //! bakes, and [`reattach`] puts them back afterwards: a counter still computed at the top level is
 //! a graph output again as it was; one whose producer now sits in an `If` branch becomes an output
 //! of that `If` (recursively through nested ones): the branch computing it returns it, the other
-//! branch returns 0 (a skipped call computes no scores), so every call still reports its count.
+//! branch returns 0 (a skipped call computes no scores: the `Size` of an empty tensor), so every call still reports its count.
 //!
 //! Invariant: after [`reattach`] every detached counter is a graph output of type int64 scalar,
 //! computed on every call.
@@ -19,8 +19,8 @@ use crate::ir::{AttrValue, DataType, Graph, Tensor, ValueInfo};
 
 /// Prefix of every counter output (the sparse sites' `kept` outputs).
 pub const COUNTER_PREFIX: &str = "ditc.sla.kept.";
-/// The int64 zero a branch that skips a counter's producer returns.
-const ZERO: &str = "ditc.counter.zero";
+/// An empty int64 tensor: its `Size` is the 0 a branch that skips a counter's producer returns.
+const ZERO: &str = "ditc.counter.empty";
 
 /// Remove the counters from the graph's outputs; returns their names (in output order).
 pub fn detach(graph: &mut Graph) -> Vec<String> {
@@ -87,12 +87,12 @@ fn lift(graph: &mut Graph, name: &str) -> bool {
                     .outputs
                     .push(ValueInfo::tensor(&inner, DataType::I64, vec![]));
             } else {
-                branch.nodes.push(crate::ir::Node::new(
-                    &skipped,
-                    "Identity",
-                    &[ZERO],
-                    &[&skipped],
-                ));
+                // The element count of an empty tensor: an int64 0 that tract, like a count
+                // derived from shapes, types as a TDim (a plain int64 constant would not unify
+                // with the computing branch's count in tract's If).
+                branch
+                    .nodes
+                    .push(crate::ir::Node::new(&skipped, "Size", &[ZERO], &[&skipped]));
                 branch
                     .outputs
                     .push(ValueInfo::tensor(&skipped, DataType::I64, vec![]));
@@ -193,13 +193,17 @@ mod tests {
             .map(|o| o.name.as_str())
             .collect();
         assert_eq!(then_out, ["y.computed", "ditc.sla.kept.site0.computed"]);
-        assert!(branches[0].nodes[1].outputs == ["ditc.sla.kept.site0.computed"]);
+        assert_eq!(
+            branches[0].nodes[1].outputs,
+            ["ditc.sla.kept.site0.computed"]
+        );
         // The skipping branch returns the outer int64 zero.
         let skip = branches[1].nodes.last().unwrap();
         assert_eq!(skip.inputs, [ZERO]);
         assert_eq!(branches[1].outputs.len(), 2);
-        let zero = g.initializers.iter().find(|t| t.name == ZERO).unwrap();
-        assert_eq!(zero.to_i64_vec().unwrap(), [0]);
+        assert_eq!(skip.op_type, "Size");
+        let empty = g.initializers.iter().find(|t| t.name == ZERO).unwrap();
+        assert_eq!(empty.dims, [0]);
         assert_eq!(g.outputs.last().unwrap().name, "ditc.sla.kept.site0");
     }
 
