@@ -27,6 +27,8 @@ struct Row {
     /// A recipe file of the repository, or the text of one pass after Wan's sampler.
     recipe: Recipe,
     sets: Vec<&'static str>,
+    /// `--target` (W8A8's format: FP8 on hopper, the default; INT8 on ampere).
+    target: &'static str,
 }
 
 enum Recipe {
@@ -39,32 +41,38 @@ fn rows() -> Vec<Row> {
         label,
         recipe: Recipe::File("passes/turbo.toml"),
         sets: BLOCKS.iter().chain(extra).copied().collect(),
+        target: "hopper",
     };
     vec![
         Row {
             label: "full (no pass)",
             recipe: Recipe::File("passes/wan-cfg.toml"),
             sets: vec![],
+            target: "hopper",
         },
         Row {
             label: "`quantize-w8a8` alone (FP8, calibrated on case 2)",
             recipe: Recipe::Pass("[[passes]]\nname = \"quantize-w8a8\"\n"),
             sets: vec![],
+            target: "hopper",
         },
         Row {
             label: "`sparse-linear-attention` alone (top-k 0.1, 32-token blocks)",
             recipe: Recipe::Pass("[[passes]]\nname = \"sparse-linear-attention\"\n[passes.options]\ntopk = 0.1\nblock_q = 32\nblock_k = 32\n"),
             sets: vec![],
+            target: "hopper",
         },
         Row {
             label: "`quantize-attention` alone (sage, per_thread)",
             recipe: Recipe::Pass("[[passes]]\nname = \"quantize-attention\"\n[passes.options]\nformat = \"sage\"\n"),
             sets: vec![],
+            target: "hopper",
         },
         Row {
             label: "MagCache alone (`passes/wan-magcache.toml`)",
             recipe: Recipe::File("passes/wan-magcache.toml"),
             sets: vec![],
+            target: "hopper",
         },
         turbo("turbo (default: top-k 0.1)", &[]),
         turbo(
@@ -74,6 +82,16 @@ fn rows() -> Vec<Row> {
         turbo(
             "turbo, `mass = 0.9` (SpargeAttn's selection, guard 0.6)",
             &["sparse-linear-attention.mass=0.9"],
+        ),
+        Row {
+            label: "`quantize-w8a8` alone, INT8 (`format = \"int8\"`)",
+            recipe: Recipe::Pass("[[passes]]\nname = \"quantize-w8a8\"\n[passes.options]\nformat = \"int8\"\n"),
+            sets: vec![],
+            target: "hopper",
+        },
+        turbo(
+            "turbo, `mass = 0.9`, INT8 W8A8 (`format = \"int8\"`)",
+            &["sparse-linear-attention.mass=0.9", "quantize-w8a8.format=\"int8\""],
         ),
     ]
 }
@@ -128,6 +146,8 @@ fn main() {
             inputs.display().to_string(),
             "--calibration-cases".into(),
             "2".into(),
+            "--target".into(),
+            row.target.into(),
         ];
         args.extend(common::WAN_SMALL_SHAPES.map(String::from));
         for s in &row.sets {

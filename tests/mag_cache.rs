@@ -217,7 +217,7 @@ fn calibration_reproduces_diffusers_ratios() {
     assert_eq!(bools(&m["schedule"]["tables"]["stack"]), expected);
 }
 
-/// README command 2's recipe (the preset's ratios, calibrated by ditc on the example's case) decides
+/// README command 3's recipe (the preset's ratios, calibrated by ditc on the example's case) decides
 /// exactly as diffusers' `mag_0.06` run, in both branches.
 #[test]
 #[cfg_attr(not(ditc_fixtures), ignore = "needs ../shared/fixtures")]

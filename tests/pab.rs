@@ -1,7 +1,7 @@
 //! Static attention broadcast end to end on the trained latte-tiny (the demo copy in `examples/`): the
 //! runtime's DDIM trajectories against diffusers' (full and with diffusers' PyramidAttentionBroadcast),
 //! decision by decision; and MLP broadcast, which diffusers lacks, on a one-block graph against the
-//! same sampling loop computed by hand. README command 1 (the Latte PAB preset) runs as the README
+//! same sampling loop computed by hand. README command 2 (the Latte PAB preset) runs as the README
 //! writes it, its fidelity and FLOPs saved checked against the README's Measured row.
 
 mod common;
@@ -192,20 +192,20 @@ fn ddim_trajectories_match_diffusers_full_and_pab() {
     }
 }
 
-/// README command 1 exactly as README.md writes it (its `cargo run -q --` invocations of ditc, with
+/// README command 2 exactly as README.md writes it (its `cargo run -q --` invocations of ditc, with
 /// `out/` moved into `tmp`), the run given `--json`. Returns the run's report.
-fn run_readme_command_1(tmp: &Path) -> serde_json::Value {
+fn run_readme_command_2(tmp: &Path) -> serde_json::Value {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
     let line = readme
         .lines()
         .find(|l| l.starts_with("cargo run -q -- convert examples/latte-tiny/model.onnx"))
-        .expect("README command 1 (convert of the demo model) is in README.md");
+        .expect("README command 2 (convert of the demo model) is in README.md");
     let mut stdout = Vec::new();
     for (i, command) in line.split(" && ").enumerate() {
         let args = command
             .strip_prefix("cargo run -q -- ")
-            .unwrap_or_else(|| panic!("README command 1 part {i} is not a ditc run: {command}"));
+            .unwrap_or_else(|| panic!("README command 2 part {i} is not a ditc run: {command}"));
         let mut args: Vec<String> = args
             .split_whitespace()
             .map(|a| match a.strip_prefix("out/") {
@@ -241,15 +241,15 @@ fn pab_computes(timesteps: &[i64], period: usize, (lo, hi): (i64, i64)) -> Vec<b
         .collect()
 }
 
-/// README command 1 (Latte's PAB preset, schedules/pab/latte.toml: spatial 2, temporal 3, cross 6 in
+/// README command 2 (Latte's PAB preset, schedules/pab/latte.toml: spatial 2, temporal 3, cross 6 in
 /// (100, 800), MLP reused for 2 steps after 720, 640, 560, 480, 400) on case 0 of the demo model:
 /// fidelity against the full computation within the README row's bounds; calls per kind as PAB's rule
 /// gives over diffusers' recorded timesteps; FLOPs saved equal to the closed form from latte-tiny's
 /// config, and the percentages the README row states.
 #[test]
-fn readme_command_1_latte_pab_preset() {
+fn readme_command_2_latte_pab_preset() {
     let tmp = tempfile::tempdir().unwrap();
-    let report = run_readme_command_1(tmp.path());
+    let report = run_readme_command_2(tmp.path());
     let f = &report["fidelity"];
     let (psnr, cosine, rel_l2) = (
         f["psnr_db"].as_f64().unwrap(),
@@ -257,7 +257,7 @@ fn readme_command_1_latte_pab_preset() {
         f["rel_l2"].as_f64().unwrap(),
     );
     eprintln!(
-        "README command 1: PSNR {psnr:.2} dB, cosine {cosine:.5}, rel-L2 {rel_l2:.2e} vs full"
+        "README command 2: PSNR {psnr:.2} dB, cosine {cosine:.5}, rel-L2 {rel_l2:.2e} vs full"
     );
     assert!(
         psnr >= 50.0 && cosine >= 0.997 && rel_l2 <= 0.08,

@@ -172,6 +172,22 @@ fn every_pair_of_turbo_passes_samples_through_ditc_run() {
     }
 }
 
+#[test]
+fn quantized_attention_alone_is_compared_with_the_float_model() {
+    // (Its reference is the source model, not the bundle with every site computing, which would
+    // hold the same quantized attention.)
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bundle");
+    convert(&recipe(dir.path(), &[P::Q], 10), &out);
+    let (_, report) = run_bundle(&out.join("manifest.json"), &inputs(), "0.", true);
+    let f = report.fidelity.unwrap();
+    println!(
+        "sage alone, 10 steps: rel-L2 {:.2e} vs the float model",
+        f.rel_l2
+    );
+    assert!(f.rel_l2 > 1e-3 && f.rel_l2 < 0.3, "{f:?}");
+}
+
 /// The sample of a `ditc run` subprocess (`env` set), read back from its output file.
 fn sample_with(
     manifest: &Path,
@@ -295,4 +311,33 @@ fn the_turbo_bundle_runs_as_tract_runs_its_inlined_graph_and_reports_itself() {
             .unwrap()
     );
     assert!(out.join("report.md").is_file());
+    // The H100 estimate per step from the run's own counts, by the documented model: GEMM FLOPs at
+    // 300 TFLOP/s over FP8's 1.48, self-attention sites' cost-model time over Sage's 1.6.
+    let steps = run["scheduled"]["steps"].as_f64().unwrap();
+    let estimate = |r: &serde_json::Value, gemm: f64, attention: f64| {
+        let sites = r["attention_h100_ms"].as_object().unwrap();
+        let cross: Vec<String> = m["dit_map"]["attention"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["kind"] == "cross")
+            .map(|s| s["id"].to_string())
+            .collect();
+        let attention_ms: f64 = sites
+            .iter()
+            .map(|(id, ms)| ms.as_f64().unwrap() / if cross.contains(id) { 1.0 } else { attention })
+            .sum();
+        (r["gemm_flops"].as_f64().unwrap() / 300e12 * 1e3 / gemm + attention_ms) / steps
+    };
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    let optimized = estimate(&run["scheduled"], 1.48, 1.6);
+    let full = estimate(&run["full"], 1.0, 1.0);
+    assert!(
+        close(measured["h100_ms_per_step"].as_f64().unwrap(), optimized),
+        "{measured}"
+    );
+    assert!(
+        close(measured["h100_ms_per_step_full"].as_f64().unwrap(), full),
+        "{measured}"
+    );
 }

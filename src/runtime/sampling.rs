@@ -100,12 +100,22 @@ impl Bundle {
         })
     }
 
-    /// The unoptimised reference: for a bundle whose precision changed, the float source model (found
-    /// at `source.path`) driven by the same sampler; otherwise the bundle itself with every site computing.
+    /// The unoptimised reference: for a bundle whose numerics changed (W8A8, quantized or block-sparse
+    /// attention), the float source model (found at `source.path`) driven by the same sampler;
+    /// otherwise the bundle itself with every site computing.
     pub fn reference(&self) -> Result<Option<Bundle>> {
-        // Quantized or block-sparse bundles compute something else than the source even with every
-        // site computing: the reference is the source model.
-        if self.manifest.precision.is_none() && self.manifest.sparse_attention.is_none() {
+        // Quantized (GEMMs or attention) or block-sparse bundles compute something else than the
+        // source even with every site computing: the reference is the source model.
+        let quantized_attention = self
+            .manifest
+            .provenance
+            .passes
+            .iter()
+            .any(|p| p.name == "quantize-attention");
+        if self.manifest.precision.is_none()
+            && self.manifest.sparse_attention.is_none()
+            && !quantized_attention
+        {
             return Ok(None);
         }
         let source = Path::new(&self.manifest.source.path);
