@@ -1051,12 +1051,11 @@ impl Selection {
             &[mask, &qb.token_block],
             vec![("axis", AttrValue::Int(2))],
         );
-        let token_mask = b.op(
+        b.op(
             "Gather",
             &[&rows, &kb.token_block],
             vec![("axis", AttrValue::Int(3))],
-        );
-        token_mask
+        )
     }
 
     /// Scores computed: Σ over kept block pairs of (query tokens x key tokens), an int64 scalar.
@@ -1071,8 +1070,7 @@ impl Selection {
         let pair_tokens = b.cast(&pair_tokens, DataType::I64);
         let mask_i = b.cast(mask, DataType::I64);
         let kept = b.bin("Mul", &mask_i, &pair_tokens);
-        let kept = b.sum(&kept, &[0, 1, 2, 3], false);
-        kept
+        b.sum(&kept, &[0, 1, 2, 3], false)
     }
 }
 
