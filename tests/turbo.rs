@@ -341,3 +341,58 @@ fn the_turbo_bundle_runs_as_tract_runs_its_inlined_graph_and_reports_itself() {
         "{measured}"
     );
 }
+
+#[test]
+fn the_latte_turbo_recipe_composes_on_a_ddim_model_without_guidance() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("latte");
+    let inputs = repo_path("examples/latte-tiny/sampling.safetensors");
+    ditc_ok(&[
+        "convert",
+        repo_path("examples/latte-tiny/model.onnx")
+            .to_str()
+            .unwrap(),
+        "--recipe",
+        repo_path("passes/turbo-latte.toml").to_str().unwrap(),
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--calibration-cases",
+        "1,2",
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        m["tensorrt"]["plugins"][0]["name"],
+        "SageSparseLinearAttention"
+    );
+    assert_eq!(m["schedule"]["policy"], "easy-cache");
+    let (latent, report) = run_bundle(&out.join("manifest.json"), &inputs, "0.", true);
+    assert!(latent.iter().all(|x| x.is_finite()));
+    let s = &report.scheduled;
+    // EasyCache decides in the graph; the spatial sparse sites count scores only when computed.
+    let cond = s.branches.values().next().unwrap();
+    assert!(cond.model_calls.skipped > 0 && cond.model_calls.computed > 0);
+    for (id, site) in &s.sparse_sites {
+        let dense_per_call = m["sparse_attention"]["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["site"] == *id)
+            .unwrap()["scores_dense"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            site.scores_dense,
+            dense_per_call * cond.model_calls.computed as u64,
+            "site {id}"
+        );
+        assert!(site.kept_fraction > 0.0 && site.kept_fraction < 1.0);
+    }
+    println!(
+        "latte turbo: rel-L2 {:.4} vs full",
+        report.fidelity.unwrap().rel_l2
+    );
+}

@@ -105,7 +105,7 @@ fn lift(graph: &mut Graph, name: &str) -> bool {
     if lifted && !graph.initializers.iter().any(|t| t.name == ZERO) {
         graph
             .initializers
-            .push(Tensor::from_i64(ZERO, vec![], &[0]));
+            .push(Tensor::from_i64(ZERO, vec![0], &[]));
     }
     lifted
 }

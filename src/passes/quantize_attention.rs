@@ -633,20 +633,13 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let (q, k, v) = ("Q", "K", "V");
     let o = sage_core(&mut b, opset, q, k, v, None);
     b.rename(&o, "O");
-    proto::FunctionProto {
-        name: OP.into(),
-        domain: DOMAIN.into(),
-        input: [q, k, v].map(String::from).to_vec(),
-        output: vec!["O".into()],
-        attribute: ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
-        node: crate::onnx::nodes_to_proto(&b.nodes),
-        opset_import: vec![proto::OperatorSetIdProto {
-            domain: String::new(),
-            version: opset,
-        }],
-        doc_string: "ditc's SageAttention: SageAttention2's INT8 Q·Kᵀ (K smoothed), FP8 P and FP8 V per channel, as a fake-quant emulation; see ditc's README".into(),
-        ..Default::default()
-    }
+    b.into_function(
+        OP,
+        (&[q, k, v], &["O"]),
+        ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
+        opset,
+        "ditc's SageAttention: SageAttention2's INT8 Q·Kᵀ (K smoothed), FP8 P and FP8 V per channel, as a fake-quant emulation; see ditc's README",
+    )
 }
 
 /// SageAttention2's numerics (the module docs) on `q`, `k`, `v` from the op's attributes; returns O.

@@ -112,18 +112,11 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let kept = selection.kept_scores(&mut b);
     b.rename(&out, "O");
     b.rename(&kept, "kept");
-    proto::FunctionProto {
-        name: OP.into(),
-        domain: DOMAIN.into(),
-        input: [q, k, v, step, w, bias].map(String::from).to_vec(),
-        output: vec!["O".into(), "kept".into()],
-        attribute: attributes(),
-        node: crate::onnx::nodes_to_proto(&b.nodes),
-        opset_import: vec![proto::OperatorSetIdProto {
-            domain: String::new(),
-            version: opset,
-        }],
-        doc_string: "ditc's SageSparseLinearAttention: SparseLinearAttention's block selection and linear branch with SageAttention2's quantized attention over the kept keys; see ditc's README".into(),
-        ..Default::default()
-    }
+    b.into_function(
+        OP,
+        (&[q, k, v, step, w, bias], &["O", "kept"]),
+        attributes(),
+        opset,
+        "ditc's SageSparseLinearAttention: SparseLinearAttention's block selection and linear branch with SageAttention2's quantized attention over the kept keys; see ditc's README",
+    )
 }

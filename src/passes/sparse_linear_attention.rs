@@ -751,6 +751,31 @@ pub(crate) struct Body {
 }
 
 impl Body {
+    /// The body as the local function `domain.name` of `opset` (ditc's ops: domain `ai.ditc`).
+    pub(crate) fn into_function(
+        self,
+        name: &str,
+        io: (&[&str], &[&str]),
+        attributes: Vec<String>,
+        opset: i64,
+        doc: &str,
+    ) -> proto::FunctionProto {
+        proto::FunctionProto {
+            name: name.into(),
+            domain: DOMAIN.into(),
+            input: io.0.iter().map(|s| s.to_string()).collect(),
+            output: io.1.iter().map(|s| s.to_string()).collect(),
+            attribute: attributes,
+            node: crate::onnx::nodes_to_proto(&self.nodes),
+            opset_import: vec![proto::OperatorSetIdProto {
+                domain: String::new(),
+                version: opset,
+            }],
+            doc_string: doc.into(),
+            ..Default::default()
+        }
+    }
+
     pub(crate) fn op(
         &mut self,
         op: &str,
@@ -1128,18 +1153,11 @@ pub fn function(opset: i64) -> proto::FunctionProto {
     let kept = selection.kept_scores(&mut b);
     b.rename(&out, "O");
     b.rename(&kept, "kept");
-    proto::FunctionProto {
-        name: OP.into(),
-        domain: DOMAIN.into(),
-        input: [q, k, v, step, w, bias].map(String::from).to_vec(),
-        output: vec!["O".into(), "kept".into()],
-        attribute: ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
-        node: crate::onnx::nodes_to_proto(&b.nodes),
-        opset_import: vec![proto::OperatorSetIdProto {
-            domain: String::new(),
-            version: opset,
-        }],
-        doc_string: "ditc's SparseLinearAttention: block-sparse softmax attention (SLA top-k or SpargeAttn cumulative mass) plus SLA's linear branch; see ditc's README".into(),
-        ..Default::default()
-    }
+    b.into_function(
+        OP,
+        (&[q, k, v, step, w, bias], &["O", "kept"]),
+        ATTRIBUTES.iter().map(|s| s.to_string()).collect(),
+        opset,
+        "ditc's SparseLinearAttention: block-sparse softmax attention (SLA top-k or SpargeAttn cumulative mass) plus SLA's linear branch; see ditc's README",
+    )
 }

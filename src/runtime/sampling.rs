@@ -366,7 +366,7 @@ pub fn sample(
                 full: full_flops,
                 kept: &kept,
             };
-            record(&mut report, bundle, branch, &call, &site_cost);
+            record(&mut report, bundle, branch, &call, &site_cost)?;
             let mut traced_call = trace_call(schedule, branch, i, &pattern);
             traced_call.metric = traced_call.metric.or(metric);
             traced.insert(branch, traced_call);
@@ -575,7 +575,7 @@ fn record(
     branch: Branch,
     call: &Call,
     sites: &BTreeMap<usize, SiteCost>,
-) {
+) -> Result<()> {
     let computes = |g: Group| call.pattern.get(&g).copied().unwrap_or(true);
     let mut score_flops_computed = 0u64;
     let stack = computes(Group::Stack);
@@ -591,6 +591,11 @@ fn record(
         report.attention_flops_full += site.flops;
         report.score_flops_full += site.score_flops;
         // A site a schedule skipped computed nothing (its counter reads 0): not a sparse call.
+        if let Some(&(kept, _)) = call.kept.get(&id).filter(|_| !computed) {
+            if kept != 0 {
+                bail!("block-sparse site {id} reports {kept} scores at a call its schedule skipped (a ditc bug)");
+            }
+        }
         let kept_fraction = match call.kept.get(&id).filter(|_| computed) {
             Some(&(kept, dense)) => {
                 let s = report.sparse_sites.entry(id).or_default();
@@ -657,6 +662,7 @@ fn record(
     report.model_flops += call.flops;
     report.model_flops_full += call.full;
     report.gemm_flops += call.flops.saturating_sub(score_flops_computed);
+    Ok(())
 }
 
 fn count(calls: &mut BTreeMap<Group, KindCalls>, group: Group, computed: bool) {
