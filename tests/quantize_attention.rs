@@ -703,13 +703,24 @@ fn bad_options_are_refused_before_any_work() {
         assert_refused(&strs(&args), expect);
         assert!(!out.exists(), "{sets:?}: nothing written");
     }
-    // Sparse and quantized attention are not combined yet, in either order.
+    // Sparse then quantized is SageSLA (tests/turbo.rs); the other order, a sage pass that does not
+    // cover every sparse site, and a schedule before it are refused.
     let sla = "[[passes]]\nname = \"sparse-linear-attention\"\n[passes.options]\ntopk = 0.5\nblock_q = 32\nblock_k = 32\n";
     let sage = "[[passes]]\nname = \"quantize-attention\"\n[passes.options]\nformat = \"sage\"\n";
     let head = "name = \"x\"\nversion = 1\n[sampler]\nkind = \"flow_euler\"\nsteps = 4\nnum_train_timesteps = 1000\nshift = 3.0\n";
+    let sage_spatial = "[[passes]]\nname = \"quantize-attention\"\n[passes.options]\nformat = \"sage\"\nkinds = [\"spatial\"]\n";
+    let cache =
+        "[[passes]]\nname = \"broadcast-adaptive\"\n[passes.options]\npolicy = \"easy-cache\"\nwarmup_steps = 1\n";
     for (i, (passes, expect)) in [
-        (format!("{sla}{sage}"), "not implemented yet"),
-        (format!("{sage}{sla}"), "not implemented yet"),
+        (
+            format!("{sage}{sla}"),
+            "list sparse-linear-attention before quantize-attention",
+        ),
+        (
+            format!("{sla}{sage_spatial}"),
+            "must quantize every sparse site",
+        ),
+        (format!("{cache}{sage}"), "schedule is already baked"),
     ]
     .iter()
     .enumerate()

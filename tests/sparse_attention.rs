@@ -921,37 +921,65 @@ fn zero_valued_attributes_are_written() {
 }
 
 #[test]
-fn sparse_attention_and_a_schedule_are_not_combined() {
+fn a_schedule_bakes_over_sparse_sites_but_not_the_other_way_round() {
     let tmp = tempfile::tempdir().unwrap();
     let model = demo().join("model.onnx");
     let sla = "[[passes]]\nname = \"sparse-linear-attention\"\n[passes.options]\ntopk = 0.5\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]\n";
     let pab = "[[passes]]\nname = \"broadcast-static\"\n[passes.options]\nspatial = { period = 2, window = [0, 1000] }\n";
     let sampler = "name = \"x\"\nversion = 1\n[sampler]\nkind = \"ddim\"\nsteps = 10\nnum_train_timesteps = 1000\nbeta_schedule = \"linear\"\nbeta_start = 0.0001\nbeta_end = 0.02\n";
-    for (i, (passes, expect)) in [
-        (
-            format!("{sla}{pab}"),
-            "a schedule cannot be baked over them yet",
-        ),
-        (format!("{pab}{sla}"), "cannot be combined yet"),
-    ]
-    .iter()
-    .enumerate()
-    {
+    let convert = |i: usize, passes: &str| {
         let r = tmp.path().join(format!("r{i}.toml"));
         std::fs::write(&r, format!("{sampler}{passes}")).unwrap();
         let out = tmp.path().join(format!("out{i}"));
-        assert_refused(
-            &[
-                "convert",
-                model.to_str().unwrap(),
-                "--recipe",
-                r.to_str().unwrap(),
-                "-o",
-                out.to_str().unwrap(),
-                "--no-progress",
-            ],
-            &[expect],
+        let args: Vec<String> = [
+            "convert",
+            model.to_str().unwrap(),
+            "--recipe",
+            r.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ]
+        .map(String::from)
+        .to_vec();
+        (args, out)
+    };
+    // Sparse, then PAB: every sparse site counts its scores at the steps PAB's table computes it,
+    // none at the others.
+    let (args, out) = convert(0, &format!("{sla}{pab}"));
+    ditc_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let table: Vec<bool> =
+        serde_json::from_value(m["schedule"]["tables"]["spatial"].clone()).unwrap();
+    let computed = table.iter().filter(|&&c| c).count() as u64;
+    assert!(computed < table.len() as u64);
+    let (_, report) = run_bundle(
+        &out.join("manifest.json"),
+        &demo().join("sampling.safetensors"),
+        "0.",
+        false,
+    );
+    let sites = m["sparse_attention"]["sites"].as_array().unwrap();
+    assert_eq!(report.scheduled.sparse_sites.len(), sites.len());
+    for site in sites {
+        let id = site["site"].as_u64().unwrap() as usize;
+        let run = &report.scheduled.sparse_sites[&id];
+        assert_eq!(
+            run.scores_dense,
+            site["scores_dense"].as_u64().unwrap() * computed,
+            "site {id}"
         );
-        assert!(!out.exists());
+        assert_eq!(
+            run.kept_fraction, 0.5,
+            "site {id}: top-k 0.5 of its key blocks"
+        );
     }
+    // PAB, then sparse: refused (the sites are in If branches).
+    let (args, out) = convert(1, &format!("{pab}{sla}"));
+    assert_refused(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["cannot be combined yet"],
+    );
+    assert!(!out.exists());
 }
