@@ -11,8 +11,8 @@ pub mod quantize_attention;
 pub mod quantize_w8a8;
 pub mod region;
 pub mod sage_sparse_attention;
-pub mod smooth_quant;
 pub mod sla_weights;
+pub mod smooth_quant;
 pub mod sparse_linear_attention;
 
 use anyhow::{bail, Context, Result};

@@ -92,7 +92,10 @@ pub fn collect(tensors: &[Tensor], source: &str) -> Result<BTreeMap<usize, Proje
         }
         let values = |t: &Tensor| {
             t.to_f32_vec().with_context(|| {
-                format!("{source}: {} is {} (a float tensor is needed)", t.name, t.dtype)
+                format!(
+                    "{source}: {} is {} (a float tensor is needed)",
+                    t.name, t.dtype
+                )
             })
         };
         out.insert(
@@ -134,6 +137,9 @@ pub(crate) fn assign<'a>(
     plans: &[SitePlan],
     blocks: usize,
 ) -> Result<HashMap<usize, &'a Projection>> {
+    if weights.is_empty() {
+        return Ok(HashMap::new());
+    }
     if let Some(b) = weights.keys().find(|&&b| b >= blocks) {
         bail!(
             "sla_weights: {} is for block {b}, but the model has {blocks} transformer blocks",
