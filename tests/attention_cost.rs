@@ -37,10 +37,47 @@ fn quantized_sites_report_the_fp8_int8_factor_in_the_manifest_and_inspect() {
     let tmp = tempfile::tempdir().unwrap();
     let sage = "[[passes]]\nname = \"quantize-attention\"\n[passes.options]\nformat = \"sage\"\nkinds = [\"spatial\"]\n";
     let sla = "[[passes]]\nname = \"sparse-linear-attention\"\n[passes.options]\ntopk = 0.5\nblock_q = 16\nblock_k = 16\nkinds = [\"spatial\"]\n";
-    for (label, passes, kept) in [
-        ("sage", sage.to_string(), None),
-        ("sagesla", format!("{sla}{sage}"), Some(0.5)),
+    // fp8: amax 1 for the four product inputs of every spatial site (the cost model does not read it).
+    let model = ditc::onnx::read_model(&demo().join("model.onnx")).unwrap();
+    let map = ditc::analysis::analyse(&model);
+    let tensors: serde_json::Map<String, Value> = map
+        .attention
+        .iter()
+        .filter(|s| s.kind.as_str() == "spatial")
+        .flat_map(|s| ditc::passes::quantize_attention::fp8_values(&model.graph, s).unwrap())
+        .map(|v| (v, serde_json::json!({ "amax": 1.0 })))
+        .collect();
+    let stats = tmp.path().join("stats.json");
+    let doc = serde_json::json!({
+        "format": "ditc-calibration", "version": 1, "method": "max",
+        "source": "hand-written", "samples": 1, "tensors": tensors,
+    });
+    std::fs::write(&stats, serde_json::to_vec(&doc).unwrap()).unwrap();
+    let fp8 = format!("[[passes]]\nname = \"quantize-attention\"\n[passes.options]\nformat = \"fp8\"\nkinds = [\"spatial\"]\ncalibration_stats = {:?}\n", stats.to_str().unwrap());
+    for (label, passes, kept, format, factor) in [
+        (
+            "sage",
+            sage.to_string(),
+            None,
+            "sage",
+            gpu_cost::SAGE_ATTENTION_FACTOR,
+        ),
+        (
+            "sagesla",
+            format!("{sla}{sage}"),
+            Some(0.5),
+            "sage",
+            gpu_cost::SAGE_ATTENTION_FACTOR,
+        ),
+        (
+            "fp8",
+            fp8.clone(),
+            None,
+            "fp8",
+            gpu_cost::FP8_ATTENTION_FACTOR,
+        ),
     ] {
+        assert_eq!(factor, 1.6, "README: FlashAttention-3's FP8 over BF16 peak");
         let (out, m) = convert(tmp.path(), &passes, label);
         let sites = m["dit_map"]["attention"].as_array().unwrap();
         let cost = m["attention_cost"].as_array().unwrap();
@@ -60,7 +97,7 @@ fn quantized_sites_report_the_fp8_int8_factor_in_the_manifest_and_inspect() {
             assert!(close(c["h100_ms_dense"].as_f64().unwrap(), dense));
             let spatial = site["kind"] == "spatial";
             let (q, factor) = if spatial {
-                (Value::from("sage"), 1.6)
+                (Value::from(format), factor)
             } else {
                 (Value::Null, 1.0)
             };

@@ -173,6 +173,54 @@ pub fn ditc_op_costs(model: &crate::ir::Model) -> Vec<SiteCost> {
         .collect()
 }
 
+/// FP8 attention sites of a bundle's graph (a `Softmax` whose output is FP8 Q/DQ'd, between
+/// `MatMul(DQ(Q), DQ(Kᵀ))` and `MatMul(DQ(P), DQ(V))`), which its DiT map does not re-find (the Q/DQ
+/// sit between the products), other than `known` anchors: FLOPs `2·numel(P)·(D + Dv)` from the
+/// inferred shapes; `site` numbers them after the DiT map's `first_id` sites, in graph order.
+pub fn fp8_site_costs(
+    model: &crate::ir::Model,
+    known: &[String],
+    first_id: usize,
+) -> Vec<SiteCost> {
+    let g = &model.graph;
+    let types = crate::ir::infer_types(g, model.default_opset());
+    let shape = |v: &str| types.get(v).and_then(|t| t.shape.clone());
+    let producer = |v: &str| g.nodes.iter().find(|n| n.outputs.iter().any(|o| o == v));
+    let consumer = |v: &str, op: &str| {
+        g.nodes
+            .iter()
+            .find(|n| n.op_type == op && n.inputs.iter().any(|i| i == v))
+    };
+    let mut out = Vec::new();
+    for n in g.nodes.iter().filter(|n| n.op_type == "Softmax") {
+        if known.contains(&n.name) || !fp8_softmax(model, &n.name) {
+            continue;
+        }
+        let cost = (|| {
+            let p = shape(n.outputs.first()?)?;
+            let lk = *p.last()?;
+            // Scores: walk back through the scale to the product.
+            let mut v = n.inputs.first()?.clone();
+            let qk = loop {
+                let m = producer(&v)?;
+                if m.op_type == "MatMul" {
+                    break m;
+                }
+                v = m.inputs.first()?.clone();
+            };
+            let d = *shape(qk.inputs.first()?)?.last()?;
+            let q = consumer(n.outputs.first()?, "QuantizeLinear")?;
+            let dq = consumer(q.outputs.first()?, "DequantizeLinear")?;
+            let pv = consumer(dq.outputs.first()?, "MatMul")?;
+            let dv = *shape(pv.inputs.get(1)?)?.last()?;
+            let flops = 2 * p.iter().product::<i64>() as u64 * (d + dv) as u64;
+            Some(site_cost(model, first_id + out.len(), &n.name, flops, lk))
+        })();
+        out.extend(cost);
+    }
+    out
+}
+
 /// True when the output of node `anchor` (a softmax) is quantized to FP8 E4M3 by a `QuantizeLinear`.
 fn fp8_softmax(model: &crate::ir::Model, anchor: &str) -> bool {
     let g = &model.graph;

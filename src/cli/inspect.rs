@@ -138,6 +138,14 @@ pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
         h100_estimate: crate::analysis::gpu_cost::site_costs(model, &map.attention)
             .into_iter()
             .chain(crate::analysis::gpu_cost::ditc_op_costs(model))
+            .chain(crate::analysis::gpu_cost::fp8_site_costs(
+                model,
+                &map.attention
+                    .iter()
+                    .map(|s| s.anchor.clone())
+                    .collect::<Vec<_>>(),
+                map.attention.len(),
+            ))
             .map(|c| SiteEstimate {
                 id: c.site,
                 node: c.node,
@@ -286,7 +294,7 @@ fn print_text(r: &Report) {
     }
     let fused = &r.h100_estimate[r.attention.len().min(r.h100_estimate.len())..];
     if !fused.is_empty() {
-        println!("  ai.ditc attention ops (sites fused by a ditc pass):");
+        println!("  attention a ditc pass fused (ai.ditc ops) or quantized (FP8 Q/DQ):");
     }
     for e in fused {
         let mut time = match e.kept_fraction {
