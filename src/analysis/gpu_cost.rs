@@ -140,8 +140,9 @@ fn site_cost(
 /// The sites a ditc pass fused into `ai.ditc` attention ops (`SageAttention`,
 /// `SparseLinearAttention`, `SageSparseLinearAttention`), which the DiT map of a bundle's graph does
 /// not re-find: their cost from the op's Q, K, V shapes (FLOPs `2·B·H·Lq·Lk·(D + Dv)`) and attributes.
-/// `site` is the id in the node name (`ditc.sage.site3`: the source graph's site 3).
-pub fn ditc_op_costs(model: &crate::ir::Model) -> Vec<SiteCost> {
+/// `site` is the id in the node name (`ditc.sage.site3`: the source graph's site 3); `known` anchors
+/// (ops the DiT map did re-find) are skipped.
+pub fn ditc_op_costs(model: &crate::ir::Model, known: &[String]) -> Vec<SiteCost> {
     let types = crate::ir::infer_types(&model.graph, model.default_opset());
     let shape = |v: &str| types.get(v).and_then(|t| t.shape.clone());
     model
@@ -150,6 +151,7 @@ pub fn ditc_op_costs(model: &crate::ir::Model) -> Vec<SiteCost> {
         .iter()
         .filter(|n| {
             n.domain == "ai.ditc"
+                && !known.contains(&n.name)
                 && matches!(
                     n.op_type.as_str(),
                     "SageAttention" | "SparseLinearAttention" | "SageSparseLinearAttention"

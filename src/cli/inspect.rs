@@ -84,6 +84,7 @@ pub struct DtypeTotals {
 }
 
 pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
+    let known: Vec<String> = map.attention.iter().map(|s| s.anchor.clone()).collect();
     let mut ops = BTreeMap::new();
     for n in &model.graph.nodes {
         let key = if n.is_onnx() {
@@ -137,13 +138,10 @@ pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
         blocks: map.blocks,
         h100_estimate: crate::analysis::gpu_cost::site_costs(model, &map.attention)
             .into_iter()
-            .chain(crate::analysis::gpu_cost::ditc_op_costs(model))
+            .chain(crate::analysis::gpu_cost::ditc_op_costs(model, &known))
             .chain(crate::analysis::gpu_cost::fp8_site_costs(
                 model,
-                &map.attention
-                    .iter()
-                    .map(|s| s.anchor.clone())
-                    .collect::<Vec<_>>(),
+                &known,
                 map.attention.len(),
             ))
             .map(|c| SiteEstimate {
