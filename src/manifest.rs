@@ -51,6 +51,11 @@ pub struct Manifest {
     /// The attention sites made block-sparse (`sparse-linear-attention`), absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sparse_attention: Option<SparseAttention>,
+    /// Cost model (README "Compute accounting and the cost model"): per attention site of the bundle's
+    /// graph, the estimated H100 milliseconds per call, dense and with its sparsity and quantized
+    /// attention (FP8 / SageAttention factor).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attention_cost: Vec<crate::analysis::gpu_cost::SiteCost>,
 }
 
 /// What `sparse-linear-attention` did: the op, its options and every site it replaced.

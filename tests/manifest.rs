@@ -202,7 +202,16 @@ fn emitted_manifests_match_the_schema() {
     extra["cost"]["joules"] = 1.into();
     let mut negative = pab.clone();
     negative["files"][1]["bytes"] = (-1).into();
+    // The cost model per site (latte-tiny's 12 sites, BF16): a format other than fp8 / sage is refused.
+    assert_eq!(pab["attention_cost"].as_array().unwrap().len(), 12);
+    assert_eq!(pab["attention_cost"][0]["quantized_factor"], 1.0);
+    let mut bad_format = pab.clone();
+    bad_format["attention_cost"][0]["quantized"] = "int4".into();
     let cases = [
+        (
+            bad_format,
+            "$.attention_cost[0].quantized: \"int4\" is not one of",
+        ),
         (missing, "$: \"state\" is a required property"),
         (bad_kind, "$.state[0].group: \"diagonal\" is not one of"),
         (bad_hash, "$.files[0].sha256: \"xyz\" does not match"),

@@ -67,6 +67,189 @@ pub fn sparse_ms(dense_flops: u64, kept: f64, key_len: i64) -> f64 {
     dense_ms(dense_flops) / sparse_speedup(kept, key_len)
 }
 
+/// The cost model's estimate of one attention site per call, from the graph as it is (README
+/// "Compute accounting and the cost model").
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SiteCost {
+    pub site: usize,
+    /// The node that computes it (the softmax, or the `ai.ditc` op that replaced the site).
+    pub node: String,
+    pub flops_dense: u64,
+    /// Dense BF16 attention at 602 TFLOP/s.
+    pub h100_ms_dense: f64,
+    /// Kept fraction of the score blocks (top-k sparse sites; null: dense, or mass mode).
+    pub kept_fraction: Option<f64>,
+    /// `fp8` (Q/DQ FP8 attention) or `sage` (SageAttention2 numerics), null: BF16.
+    pub quantized: Option<String>,
+    /// The quantized-attention factor applied (1 for BF16).
+    pub quantized_factor: f64,
+    /// Dense time / sparse speedup (if sparse) / quantized factor.
+    pub h100_ms_estimated: f64,
+}
+
+/// Per site: its kept fraction (top-k `SparseLinearAttention` / `SageSparseLinearAttention` node at the
+/// anchor), its quantized format (a `SageAttention` / `SageSparseLinearAttention` node, or FP8 Q/DQ on
+/// the softmax output) and the estimates.
+pub fn site_costs(model: &crate::ir::Model, sites: &[super::AttentionSite]) -> Vec<SiteCost> {
+    sites
+        .iter()
+        .map(|s| site_cost(model, s.id, &s.anchor, s.flops, s.key_len))
+        .collect()
+}
+
+fn site_cost(
+    model: &crate::ir::Model,
+    site: usize,
+    anchor: &str,
+    flops: u64,
+    key_len: i64,
+) -> SiteCost {
+    let node = model.graph.nodes.iter().find(|n| n.name == anchor);
+    let op = node.map_or("", |n| n.op_type.as_str());
+    let kept_fraction = node
+        .filter(|n| {
+            matches!(op, "SparseLinearAttention" | "SageSparseLinearAttention")
+                && n.attr_float("mass").unwrap_or(0.0) <= 0.0
+        })
+        .and_then(|n| Some((n.attr_int("keep_blocks")?, n.attr_int("key_blocks")?)))
+        .filter(|&(_, nk)| nk > 0)
+        .map(|(k, nk)| k as f64 / nk as f64);
+    let quantized = match op {
+        "SageAttention" | "SageSparseLinearAttention" => Some("sage"),
+        _ if fp8_softmax(model, anchor) => Some("fp8"),
+        _ => None,
+    };
+    let factor = match quantized {
+        Some("sage") => SAGE_ATTENTION_FACTOR,
+        Some(_) => FP8_ATTENTION_FACTOR,
+        None => 1.0,
+    };
+    let sparse = kept_fraction.map_or(1.0, |k| sparse_speedup(k, key_len));
+    SiteCost {
+        site,
+        node: anchor.to_string(),
+        flops_dense: flops,
+        h100_ms_dense: dense_ms(flops),
+        kept_fraction,
+        quantized: quantized.map(String::from),
+        quantized_factor: factor,
+        h100_ms_estimated: dense_ms(flops) / sparse / factor,
+    }
+}
+
+/// The sites a ditc pass fused into `ai.ditc` attention ops (`SageAttention`,
+/// `SparseLinearAttention`, `SageSparseLinearAttention`), which the DiT map of a bundle's graph does
+/// not re-find: their cost from the op's Q, K, V shapes (FLOPs `2·B·H·Lq·Lk·(D + Dv)`) and attributes.
+/// `site` is the id in the node name (`ditc.sage.site3`: the source graph's site 3); `known` anchors
+/// (ops the DiT map did re-find) are skipped.
+pub fn ditc_op_costs(model: &crate::ir::Model, known: &[String]) -> Vec<SiteCost> {
+    let types = crate::ir::infer_types(&model.graph, model.default_opset());
+    let shape = |v: &str| types.get(v).and_then(|t| t.shape.clone());
+    model
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.domain == "ai.ditc"
+                && !known.contains(&n.name)
+                && matches!(
+                    n.op_type.as_str(),
+                    "SageAttention" | "SparseLinearAttention" | "SageSparseLinearAttention"
+                )
+        })
+        .filter_map(|n| {
+            let (q, k, v) = (
+                shape(n.inputs.first()?)?,
+                shape(n.inputs.get(1)?)?,
+                shape(n.inputs.get(2)?)?,
+            );
+            let (&[b, h, lq, d], &[_, _, lk, _], &[_, _, _, dv]) =
+                (q.as_slice(), k.as_slice(), v.as_slice())
+            else {
+                return None;
+            };
+            let flops = (2 * b * h * lq * lk * (d + dv)) as u64;
+            let site = n.name.rsplit("site").next()?.parse().ok()?;
+            Some(site_cost(model, site, &n.name, flops, lk))
+        })
+        .collect()
+}
+
+/// FP8 attention sites of a bundle's graph (a `Softmax` whose output is FP8 Q/DQ'd, between
+/// `MatMul(DQ(Q), DQ(Kᵀ))` and `MatMul(DQ(P), DQ(V))`), which its DiT map does not re-find (the Q/DQ
+/// sit between the products), other than `known` anchors: FLOPs `2·numel(P)·(D + Dv)` from the
+/// inferred shapes; `site` numbers them after the DiT map's `first_id` sites, in graph order.
+pub fn fp8_site_costs(
+    model: &crate::ir::Model,
+    known: &[String],
+    first_id: usize,
+) -> Vec<SiteCost> {
+    let g = &model.graph;
+    let types = crate::ir::infer_types(g, model.default_opset());
+    let shape = |v: &str| types.get(v).and_then(|t| t.shape.clone());
+    let producer = |v: &str| g.nodes.iter().find(|n| n.outputs.iter().any(|o| o == v));
+    let consumer = |v: &str, op: &str| {
+        g.nodes
+            .iter()
+            .find(|n| n.op_type == op && n.inputs.iter().any(|i| i == v))
+    };
+    let mut out = Vec::new();
+    for n in g.nodes.iter().filter(|n| n.op_type == "Softmax") {
+        if known.contains(&n.name) || !fp8_softmax(model, &n.name) {
+            continue;
+        }
+        let cost = (|| {
+            let p = shape(n.outputs.first()?)?;
+            let lk = *p.last()?;
+            // Scores: walk back through the scale to the product.
+            let mut v = n.inputs.first()?.clone();
+            let qk = loop {
+                let m = producer(&v)?;
+                if m.op_type == "MatMul" {
+                    break m;
+                }
+                v = m.inputs.first()?.clone();
+            };
+            let d = *shape(qk.inputs.first()?)?.last()?;
+            let q = consumer(n.outputs.first()?, "QuantizeLinear")?;
+            let dq = consumer(q.outputs.first()?, "DequantizeLinear")?;
+            let pv = consumer(dq.outputs.first()?, "MatMul")?;
+            let dv = *shape(pv.inputs.get(1)?)?.last()?;
+            let flops = 2 * p.iter().product::<i64>() as u64 * (d + dv) as u64;
+            Some(site_cost(model, first_id + out.len(), &n.name, flops, lk))
+        })();
+        out.extend(cost);
+    }
+    out
+}
+
+/// True when the output of node `anchor` (a softmax) is quantized to FP8 E4M3 by a `QuantizeLinear`.
+fn fp8_softmax(model: &crate::ir::Model, anchor: &str) -> bool {
+    let g = &model.graph;
+    let Some(out) = g
+        .nodes
+        .iter()
+        .find(|n| n.name == anchor)
+        .and_then(|n| n.outputs.first())
+    else {
+        return false;
+    };
+    g.nodes.iter().any(|n| {
+        n.op_type == "QuantizeLinear"
+            && n.inputs.first() == Some(out)
+            && n.inputs.get(2).is_some_and(|zp| {
+                g.initializer(zp)
+                    .is_some_and(|t| t.dtype == crate::ir::DataType::F8E4M3FN)
+                    || g.nodes.iter().any(|c| {
+                        c.op_type == "Constant"
+                            && c.outputs.first() == Some(zp)
+                            && c.attr_tensor("value")
+                                .is_some_and(|t| t.dtype == crate::ir::DataType::F8E4M3FN)
+                    })
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -380,6 +380,7 @@ pub fn convert(args: &Args) -> Result<Manifest> {
         precision: cx.precision.clone(),
         dit_map: serde_json::to_value(&cx.dit_map)?,
         sparse_attention: cx.sparse_attention.clone(),
+        attention_cost: crate::analysis::gpu_cost::site_costs(&model, &cx.dit_map.attention),
     };
     for (name, bytes) in &dumps {
         staging.write(name, bytes)?;

@@ -47,22 +47,18 @@ pub struct Report {
 /// (`ai.ditc` `SparseLinearAttention`, top-k mode) at its kept fraction.
 #[derive(Debug, Serialize)]
 pub struct SiteEstimate {
+    /// The DiT map's site id (for an `ai.ditc` attention op, which the map of a bundle's graph does
+    /// not re-find: the source graph's id in its node name).
     pub id: usize,
+    pub node: String,
     pub dense_ms: f64,
     /// Kept fraction of the score blocks (top-k: keep_blocks / key_blocks), null for dense sites
     /// and for mass mode (value dependent: `ditc run` measures it).
     pub kept_fraction: Option<f64>,
     pub estimated_ms: f64,
-}
-
-/// The static kept fraction of a `SparseLinearAttention` node in top-k mode.
-fn static_kept(model: &Model, anchor: &str) -> Option<f64> {
-    let n = model.graph.nodes.iter().find(|n| n.name == anchor)?;
-    if n.domain != "ai.ditc" || n.attr_float("mass").is_some_and(|m| m > 0.0) {
-        return None;
-    }
-    let (keep, blocks) = (n.attr_int("keep_blocks")?, n.attr_int("key_blocks")?);
-    Some(keep as f64 / blocks.max(1) as f64)
+    /// Quantized attention at the site (`fp8` or `sage`, null: BF16) and the factor applied.
+    pub quantized: Option<String>,
+    pub quantized_factor: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +84,7 @@ pub struct DtypeTotals {
 }
 
 pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
+    let known: Vec<String> = map.attention.iter().map(|s| s.anchor.clone()).collect();
     let mut ops = BTreeMap::new();
     for n in &model.graph.nodes {
         let key = if n.is_onnx() {
@@ -139,20 +136,22 @@ pub fn report(path: &str, model: &Model, map: DitMap) -> Report {
         parameters,
         ops,
         blocks: map.blocks,
-        h100_estimate: map
-            .attention
-            .iter()
-            .map(|s| {
-                let kept_fraction = static_kept(model, &s.anchor);
-                let dense_ms = crate::analysis::gpu_cost::dense_ms(s.flops);
-                SiteEstimate {
-                    id: s.id,
-                    dense_ms,
-                    kept_fraction,
-                    estimated_ms: kept_fraction.map_or(dense_ms, |k| {
-                        crate::analysis::gpu_cost::sparse_ms(s.flops, k, s.key_len)
-                    }),
-                }
+        h100_estimate: crate::analysis::gpu_cost::site_costs(model, &map.attention)
+            .into_iter()
+            .chain(crate::analysis::gpu_cost::ditc_op_costs(model, &known))
+            .chain(crate::analysis::gpu_cost::fp8_site_costs(
+                model,
+                &known,
+                map.attention.len(),
+            ))
+            .map(|c| SiteEstimate {
+                id: c.site,
+                node: c.node,
+                dense_ms: c.h100_ms_dense,
+                kept_fraction: c.kept_fraction,
+                estimated_ms: c.h100_ms_estimated,
+                quantized: c.quantized,
+                quantized_factor: c.quantized_factor,
             })
             .collect(),
         attention: map.attention,
@@ -265,10 +264,13 @@ fn print_text(r: &Report) {
         "id", "kind", "heads", "dim", "batch", "q_len", "k_len", "flops", "H100 µs"
     );
     for (s, e) in r.attention.iter().zip(&r.h100_estimate) {
-        let time = match e.kept_fraction {
+        let mut time = match e.kept_fraction {
             Some(k) => format!("{:.2} ({:.0}% kept)", 1e3 * e.estimated_ms, 100.0 * k),
-            None => format!("{:.2}", 1e3 * e.dense_ms),
+            None => format!("{:.2}", 1e3 * e.estimated_ms),
         };
+        if let Some(q) = &e.quantized {
+            time.push_str(&format!(" ({q} /{})", e.quantized_factor));
+        }
         println!(
             "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10} {:>11}  {}{}",
             s.id,
@@ -286,6 +288,26 @@ fn print_text(r: &Report) {
             } else {
                 "  (axes not traced; kind guessed)"
             }
+        );
+    }
+    let fused = &r.h100_estimate[r.attention.len().min(r.h100_estimate.len())..];
+    if !fused.is_empty() {
+        println!("  attention a ditc pass fused (ai.ditc ops) or quantized (FP8 Q/DQ):");
+    }
+    for e in fused {
+        let mut time = match e.kept_fraction {
+            Some(k) => format!("{:.2} ({:.0}% kept)", 1e3 * e.estimated_ms, 100.0 * k),
+            None => format!("{:.2}", 1e3 * e.estimated_ms),
+        };
+        if let Some(q) = &e.quantized {
+            time.push_str(&format!(" ({q} /{})", e.quantized_factor));
+        }
+        println!(
+            "  {:>3} H100 µs {} (dense {:.2})  {}",
+            e.id,
+            time,
+            1e3 * e.dense_ms,
+            e.node
         );
     }
 }

@@ -233,6 +233,11 @@ impl GraphBuilder {
         self.used.insert(name.to_string(), String::new());
     }
 
+    /// True when the checkpoint has a tensor `name`.
+    pub fn has_weight(&self, name: &str) -> bool {
+        self.weights.contains_key(name)
+    }
+
     /// Records a checkpoint tensor that exists but cannot serve (found, so not also "unexpected").
     fn unusable(&mut self, name: &str, why: String) -> String {
         if let Some(value) = self.used.get(name) {

@@ -239,6 +239,7 @@ impl Family for Wan {
         let context = split_context(b, &c, text_ctx, text, image_ctx);
 
         for i in 0..c.num_layers {
+            accept_sla_weights(b, i, c.attention_head_dim);
             x = block(
                 b,
                 &format!("blocks.{i}"),
@@ -270,6 +271,23 @@ impl Family for Wan {
             opts.dims(&[cout, frames, height, width]),
         );
         Ok(())
+    }
+}
+
+/// SLA-finetuned checkpoints (TurboDiffusion) carry the linear branch's `proj_l` per block: accepted
+/// (shape-checked) and left out of the dense graph; `sparse-linear-attention`'s `sla_weights` reads
+/// them (`crate::passes::sla_weights`).
+fn accept_sla_weights(b: &mut GraphBuilder, block: i64, head_dim: i64) {
+    for prefix in [
+        format!("blocks.{block}.self_attn.attn_op.local_attn.proj_l"),
+        format!("net.blocks.{block}.self_attn.attn_op.local_attn.proj_l"),
+        format!("blocks.{block}.attn1.proj_l"),
+    ] {
+        let (w, bias) = (format!("{prefix}.weight"), format!("{prefix}.bias"));
+        if b.has_weight(&w) || b.has_weight(&bias) {
+            b.unused_weight(&w, &[head_dim, head_dim]);
+            b.unused_weight(&bias, &[head_dim]);
+        }
     }
 }
 

@@ -11,6 +11,7 @@ pub mod quantize_attention;
 pub mod quantize_w8a8;
 pub mod region;
 pub mod sage_sparse_attention;
+pub mod sla_weights;
 pub mod smooth_quant;
 pub mod sparse_linear_attention;
 

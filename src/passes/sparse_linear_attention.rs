@@ -82,6 +82,10 @@ pub struct SlaOptions {
     /// builds the plugin (which must be loaded) instead of the local function's body.
     #[serde(default = "default_true")]
     pub plugin: bool,
+    /// Learned SLA weights (the linear branch's `proj_l` per block): a safetensors file or a
+    /// checkpoint folder ([`super::sla_weights`]); without it the projection is zero. Needs `linear`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_weights: Option<std::path::PathBuf>,
 }
 
 fn default_topk() -> f64 {
@@ -147,6 +151,12 @@ impl SlaOptions {
                 self.min_seq_len
             );
         }
+        if let (Some(path), false) = (&self.sla_weights, self.linear) {
+            bail!(
+                "sparse-linear-attention: sla_weights = '{}' but linear = false: the weights are the linear branch's projection; set linear = true (or drop sla_weights for pure sparse attention)",
+                path.display()
+            );
+        }
         if let Some(s) = &self.sites {
             if s.is_empty() || s.iter().any(|p| p.is_empty()) {
                 bail!("sparse-linear-attention: sites must list non-empty node names");
@@ -183,7 +193,7 @@ pub struct SparseLinearAttention {
 impl SparseLinearAttention {
     pub fn from_options(options: &toml::Table) -> Result<Self> {
         let options: SlaOptions = options.clone().try_into().context(
-            "invalid sparse-linear-attention options (valid keys: topk, block_q, block_k, kinds, min_seq_len, linear, mass, sim_threshold, dense_steps, dense_blocks, sites, plugin)",
+            "invalid sparse-linear-attention options (valid keys: topk, block_q, block_k, kinds, min_seq_len, linear, mass, sim_threshold, dense_steps, dense_blocks, sites, plugin, sla_weights)",
         )?;
         options.validate()?;
         Ok(SparseLinearAttention { options })
@@ -229,12 +239,20 @@ impl Pass for SparseLinearAttention {
         // Everything is checked for every site before the graph changes.
         let types = infer_types(&model.graph, model.default_opset());
         let plans = plan_sites(&model.graph, &types, &selected, o, |s| block_of(cx, s))?;
+        let learned = match &o.sla_weights {
+            Some(path) => super::sla_weights::read(path)?,
+            None => Default::default(),
+        };
+        let learned = super::sla_weights::assign(&learned, &plans, cx.dit_map.blocks.len())?;
         let step = step_value(model, cx, o.dense_steps);
         let mut sites = Vec::new();
         let mut plugin_nodes = Vec::new();
         let mut zero_proj: HashSet<i64> = HashSet::new();
         for plan in &plans {
-            let (w, b) = zero_projection(&mut model.graph, plan.head_dim, &mut zero_proj);
+            let (w, b) = match learned.get(&plan.id) {
+                Some(p) => super::sla_weights::install(&mut model.graph, p),
+                None => zero_projection(&mut model.graph, plan.head_dim, &mut zero_proj),
+            };
             let node = rewrite_site(&mut model.graph, plan, o, &step, &w, &b);
             retarget_site(cx, plan.id, &node.name);
             plugin_nodes.push(plugin_node(&node));
