@@ -290,19 +290,16 @@ struct SageCase {
     scale: f32,
 }
 
+impl SageCase {
+    /// A float32 `[1, H, l, D]` value of the case.
+    fn value(&self, name: &str, l: usize) -> ValueInfo {
+        let dims = [1, self.h as i64, l as i64, self.d as i64];
+        ValueInfo::tensor(name, DataType::F32, dims.map(Dim::Value).to_vec())
+    }
+}
+
 fn sage_model(c: &SageCase, g: Granularity, opset: i64) -> Model {
-    let t = |name: &str, l: usize| {
-        ValueInfo::tensor(
-            name,
-            DataType::F32,
-            vec![
-                Dim::Value(1),
-                Dim::Value(c.h as i64),
-                Dim::Value(l as i64),
-                Dim::Value(c.d as i64),
-            ],
-        )
-    };
+    let t = |name: &str, l: usize| c.value(name, l);
     let mut node = Node::new("sage", OP, &["Q", "K", "V"], &["O"]);
     node.domain = DOMAIN.into();
     for (name, value) in sage_attributes(c.scale, g) {
@@ -883,18 +880,7 @@ fn wan_small_sage_and_fp8_sample_through_ditc_run() {
 /// `keep` of them per query block (top-k), no linear branch, no warm-up.
 fn sage_sla_model(c: &SageCase, g: Granularity, block_k: i64, keep: i64, opset: i64) -> Model {
     use ditc::passes::sage_sparse_attention as sage_sla;
-    let t = |name: &str, l: usize| {
-        ValueInfo::tensor(
-            name,
-            DataType::F32,
-            vec![
-                Dim::Value(1),
-                Dim::Value(c.h as i64),
-                Dim::Value(l as i64),
-                Dim::Value(c.d as i64),
-            ],
-        )
-    };
+    let t = |name: &str, l: usize| c.value(name, l);
     let nk = (c.lk as i64 + block_k - 1) / block_k;
     let mut node = Node::new(
         "sage_sla",
