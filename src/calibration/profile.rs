@@ -434,6 +434,26 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
     (found, left_out)
 }
 
+/// The output of every transformer block's MLP (after its second linear layer and bias), named
+/// `mlp.<block index>`: what `broadcast-static`'s MLP table reuses. Not among `calibrate --profile`'s
+/// quantities; `ditc tune` profiles them with the attention outputs for its static tables.
+pub fn mlp_outputs(model: &Model) -> Vec<Quantity> {
+    let map = analyse(model);
+    map.blocks
+        .iter()
+        .filter_map(|b| {
+            let out = b.ffn_output.as_ref()?;
+            Some(Quantity::new(
+                &format!("mlp.{}", b.index),
+                QuantityGroup::Policy,
+                &["static-table"],
+                format!("the MLP of block {} ({}): '{out}'", b.index, b.name),
+                Probe::Value(out.clone()),
+            ))
+        })
+        .collect()
+}
+
 /// The term the first residual `Add` of block `span` adds to the stream (`gate_msa * attn` on Wan):
 /// the other operand of an `Add` reading the block's input, computed from its first attention site.
 fn gated_attention_residual(graph: &Graph, map: &DitMap, span: &BlockSpan) -> Option<String> {

@@ -31,6 +31,8 @@ use crate::metrics::{compare, Fidelity};
 use crate::recipe::{PassSpec, Recipe};
 use crate::runtime::{sample, Bundle, RunReport};
 use crate::schedule::guidance::Branch;
+use crate::schedule::pab::ExplicitTables;
+use crate::schedule::Group;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -60,7 +62,8 @@ pub struct Args {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Policies to search (comma-separated): easy-cache, mag-cache, tea-cache, first-block-cache,
-    /// ada-cache, pab. Default: all.
+    /// ada-cache, pab, static-table (`broadcast-static` tables per group built from the profiled
+    /// drift of the attention and MLP outputs). Default: all.
     #[arg(long, value_delimiter = ',')]
     pub policies: Vec<String>,
     /// Tune to the budget's error scaled by this factor on the calibration cases (in (0, 1]; e.g.
@@ -363,6 +366,54 @@ impl Evaluator {
         self.cases.len()
     }
 
+    /// Per group of cached values `broadcast-static` can table (each attention kind, the MLPs), the
+    /// per-step drift of its values along the full model's run on the cases: see [`group_drift`].
+    pub fn static_drift(&self) -> Result<BTreeMap<Group, Vec<Option<f64>>>> {
+        use crate::calibration::profile::{find_quantities, mlp_outputs, profile};
+        let bundle = Bundle::open(&self.full_manifest)?;
+        let map = crate::analysis::analyse(&bundle.model);
+        let (found, _) = find_quantities(&bundle.model, &bundle.io.prediction);
+        let mut members: BTreeMap<Group, Vec<String>> = BTreeMap::new();
+        let mut quantities = Vec::new();
+        for q in found {
+            let site = q
+                .name
+                .strip_prefix("attention.")
+                .and_then(|id| id.parse::<usize>().ok())
+                .and_then(|id| map.attention.iter().find(|s| s.id == id));
+            if let Some(site) = site {
+                members
+                    .entry(Group::from(site.kind))
+                    .or_default()
+                    .push(q.name.clone());
+                quantities.push(q);
+            }
+        }
+        for q in mlp_outputs(&bundle.model) {
+            members.entry(Group::Mlp).or_default().push(q.name.clone());
+            quantities.push(q);
+        }
+        if quantities.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let guidance = bundle
+            .manifest
+            .sampler
+            .as_ref()
+            .and_then(|s| s.guidance.clone());
+        let calibration = crate::calibration::mag_ratios::Calibration {
+            model: &bundle.model,
+            io: &bundle.io,
+            sampler: &bundle.sampler,
+            guidance: guidance.as_ref(),
+            source: "ditc tune".into(),
+        };
+        let cases: Vec<Vec<Tensor>> = self.cases.iter().map(|c| c.1.clone()).collect();
+        let names: Vec<String> = self.cases.iter().map(|c| c.0.clone()).collect();
+        let p = profile(&calibration, &quantities, Vec::new(), &cases, &names, false)?;
+        Ok(group_drift(&p, &members))
+    }
+
     /// The number of transformer blocks of the model (from the full model's bundle).
     pub fn blocks(&self) -> usize {
         self.full_blocks
@@ -411,12 +462,91 @@ pub struct Drift {
     pub mag_ratios: Vec<f64>,
     /// tea-cache's rescaled indicator per step (from the conversion: it depends only on the timestep).
     pub tea_cache: Vec<Option<f64>>,
+    /// static-table's drift per group (attention kinds, `mlp`): see [`group_drift`].
+    pub static_table: BTreeMap<Group, Vec<Option<f64>>>,
+}
+
+/// Per group and step: the mean, over the group's values (`members`: profile quantity names), of
+/// each value's largest relative L1 change to the previous step over the branches and cases; null at
+/// step 0 and where no value has one.
+pub fn group_drift(
+    profile: &crate::calibration::profile::Profile,
+    members: &BTreeMap<Group, Vec<String>>,
+) -> BTreeMap<Group, Vec<Option<f64>>> {
+    members
+        .iter()
+        .map(|(&group, names)| {
+            let drift = (0..profile.steps)
+                .map(|step| {
+                    let per_value: Vec<f64> = names
+                        .iter()
+                        .filter_map(|n| profile.quantity(n))
+                        .filter_map(|q| {
+                            q.values
+                                .values()
+                                .flatten()
+                                .filter_map(|case| case.get(step).copied().flatten())
+                                .reduce(f64::max)
+                        })
+                        .collect();
+                    (!per_value.is_empty())
+                        .then(|| per_value.iter().sum::<f64>() / per_value.len() as f64)
+                })
+                .collect();
+            (group, drift)
+        })
+        .collect()
+}
+
+/// A static table from one group's per-step drift: step 0 computes; a later step reuses the value
+/// cached at the last computed step while the drift accumulated since then (this step's included)
+/// stays at most `threshold`, and computes (restarting the sum) once it would exceed it, or where no
+/// drift was measured.
+pub fn table_from_drift(drift: &[Option<f64>], threshold: f64) -> Vec<bool> {
+    let mut accumulated = 0.0;
+    drift
+        .iter()
+        .enumerate()
+        .map(|(step, d)| match d {
+            Some(d) if step > 0 && accumulated + d <= threshold => {
+                accumulated += d;
+                false
+            }
+            _ => {
+                accumulated = 0.0;
+                true
+            }
+        })
+        .collect()
+}
+
+/// The `broadcast-static` pass of explicit tables for `threshold` times each group's scale (groups
+/// without a scale are not cached; tables that compute every step are left out).
+pub fn static_table_pass(
+    drift: &BTreeMap<Group, Vec<Option<f64>>>,
+    scales: &BTreeMap<Group, f64>,
+    threshold: f64,
+) -> PassSpec {
+    let mut table = toml::Table::new();
+    for (group, scale) in scales {
+        let Some(d) = drift.get(group) else { continue };
+        let t = table_from_drift(d, threshold * scale);
+        if t.contains(&false) {
+            table.insert(group.as_str().into(), ExplicitTables::pattern(&t).into());
+        }
+    }
+    PassSpec {
+        name: "broadcast-static".into(),
+        options: options(&[("table", table.into())]),
+    }
 }
 
 /// A policy whose threshold is searched.
 #[derive(Clone, Debug, Serialize)]
 struct Family {
     label: String,
+    /// The name `--policies` gives it.
+    policy: &'static str,
     /// The options without `threshold`.
     #[serde(skip)]
     options: toml::Table,
@@ -424,6 +554,21 @@ struct Family {
     hi: f64,
     /// Decisions known at conversion (a table): tried tables are not run twice.
     table: bool,
+    /// static-table: per group, the factor of the threshold its table is built with.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    scales: BTreeMap<Group, f64>,
+}
+
+impl Family {
+    /// The candidate at `threshold`.
+    fn candidate(&self, threshold: f64, drift: &Drift) -> PassSpec {
+        if self.policy == STATIC_TABLE {
+            return static_table_pass(&drift.static_table, &self.scales, threshold);
+        }
+        let mut o = self.options.clone();
+        o.insert("threshold".into(), threshold.into());
+        pass(o)
+    }
 }
 
 /// One candidate of the report.
@@ -506,7 +651,7 @@ impl Tuner<'_> {
         let families = self.families(&drift, steps);
         let families: Vec<Family> = families
             .into_iter()
-            .filter(|f| self.wants(f.options["policy"].as_str().unwrap_or("")))
+            .filter(|f| self.wants(f.policy))
             .collect();
         let ladders: Vec<Ladder> = self
             .ladders()
@@ -563,10 +708,10 @@ impl Tuner<'_> {
                 }
                 let threshold = ((lo + hi) / 2.0).exp();
                 bar.set_message(format!("tune: {} threshold {threshold:.4}", family.label));
-                let mut o = family.options.clone();
-                o.insert("threshold".into(), threshold.into());
-                let tried =
-                    self.try_candidate(&family.label, pass(o), family.table, &mut seen, &report)?;
+                let candidate = family.candidate(threshold, &report.drift);
+                let mut tried =
+                    self.try_candidate(&family.label, candidate, family.table, &mut seen, &report)?;
+                tried.threshold = Some(threshold);
                 bar.inc(1);
                 let (meets, pruned, flops) = (tried.meets, tried.pruned, tried.flops);
                 let best = report.candidates[report.winner].flops;
@@ -742,6 +887,9 @@ impl Tuner<'_> {
         if wants("mag-cache") {
             drift.mag_ratios = mag_ratios(e).unwrap_or_default();
         }
+        if wants(STATIC_TABLE) {
+            drift.static_table = e.static_drift().unwrap_or_default();
+        }
         let tea = options(&[
             ("policy", "tea-cache".into()),
             ("threshold", 0.0.into()),
@@ -786,6 +934,8 @@ impl Tuner<'_> {
                         ("warmup_steps", (warmup as i64).into()),
                     ]);
                     out.push(Family {
+                        policy: "easy-cache",
+                        scales: BTreeMap::new(),
                         label: format!("easy-cache warm-up {warmup}{}", suffix(order)),
                         options: with_forecast(o, order),
                         lo,
@@ -803,6 +953,8 @@ impl Tuner<'_> {
                     ("mag_ratios", ratios.into()),
                 ]);
                 out.push(Family {
+                    policy: "mag-cache",
+                    scales: BTreeMap::new(),
                     label: format!("mag-cache{}", suffix(order)),
                     options: with_forecast(o, order),
                     lo,
@@ -821,6 +973,8 @@ impl Tuner<'_> {
                     ),
                 ]);
                 out.push(Family {
+                    policy: "tea-cache",
+                    scales: BTreeMap::new(),
                     label: format!("tea-cache{}", suffix(order)),
                     options: with_forecast(o, order),
                     lo,
@@ -832,21 +986,28 @@ impl Tuner<'_> {
         if let Some((lo, hi)) = bounds(&drift.first_block) {
             out.push(Family {
                 label: "first-block-cache".into(),
+                policy: "first-block-cache",
                 options: options(&[("policy", "first-block-cache".into())]),
                 lo,
                 hi,
                 table: false,
+                scales: BTreeMap::new(),
             });
         }
+        out.extend(static_families(&drift.static_table));
         out
     }
 }
 
-/// The `policy` a report names for `pass`: `pab` for `broadcast-static`, else its `policy` option
-/// (easy-cache, the default, when absent).
+/// The `policy` a report names for `pass`: `static-table` for `broadcast-static` with explicit
+/// tables, `pab` for other `broadcast-static` passes, else its `policy` option (easy-cache, the
+/// default, when absent).
 fn policy_of(pass: &PassSpec) -> &str {
     if pass.name == "broadcast-static" {
-        return PAB;
+        return match pass.options.contains_key("table") {
+            true => STATIC_TABLE,
+            false => PAB,
+        };
     }
     pass.options
         .get("policy")
@@ -856,6 +1017,76 @@ fn policy_of(pass: &PassSpec) -> &str {
 
 /// The name `--policies` gives PAB (`broadcast-static`).
 const PAB: &str = "pab";
+
+/// The name `--policies` gives `broadcast-static` tables built from the profile's drift.
+const STATIC_TABLE: &str = "static-table";
+
+/// static-table's families, each a threshold bisected as the others' (static tables: tried tables
+/// and those computing at least the best FLOPs are not run). Per set of groups (every group; the
+/// attention groups only, the MLPs computing), one threshold for every group (in units of relative
+/// L1 change), and one per group in proportion to the group's mean drift (each group reuses over the
+/// same multiple of its typical step). Bounds as [`bounds`]: below every step's drift every table
+/// computes every step; above the largest sum every table reuses from step 1 on.
+fn static_families(drift: &BTreeMap<Group, Vec<Option<f64>>>) -> Vec<Family> {
+    let mean = |d: &[Option<f64>]| {
+        let v: Vec<f64> = d.iter().flatten().copied().collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let mut out = Vec::new();
+    let sets: [(&str, fn(&Group) -> bool); 2] = [
+        ("every group", |_| true),
+        ("attention only", |g| *g != Group::Mlp),
+    ];
+    for (i, (what, keep)) in sets.into_iter().enumerate() {
+        let groups: Vec<Group> = drift.keys().copied().filter(keep).collect();
+        if groups.is_empty() || (i > 0 && groups.len() == drift.len()) {
+            continue;
+        }
+        for proportional in [false, true] {
+            let scales: BTreeMap<Group, f64> = groups
+                .iter()
+                .filter_map(|g| {
+                    let scale = match proportional {
+                        true => mean(&drift[g]).filter(|m| *m > 0.0)?,
+                        false => 1.0,
+                    };
+                    Some((*g, scale))
+                })
+                .collect();
+            // The bounds of the threshold before scaling: each group's drift over its scale.
+            let (mut lo, mut hi) = (f64::INFINITY, 0f64);
+            for (g, scale) in &scales {
+                let scaled: Vec<Option<f64>> =
+                    drift[g].iter().map(|d| d.map(|d| d / scale)).collect();
+                if let Some((l, h)) = bounds(&scaled) {
+                    lo = lo.min(l);
+                    hi = hi.max(h);
+                }
+            }
+            if !(lo.is_finite() && hi > lo) {
+                continue;
+            }
+            let names: Vec<&str> = scales.keys().map(|g| g.as_str()).collect();
+            out.push(Family {
+                label: format!(
+                    "static-table {what} ({}), {}",
+                    names.join(", "),
+                    match proportional {
+                        true => "thresholds in proportion to each group's mean drift",
+                        false => "one threshold",
+                    }
+                ),
+                policy: STATIC_TABLE,
+                options: toml::Table::new(),
+                lo,
+                hi,
+                table: true,
+                scales,
+            });
+        }
+    }
+    out
+}
 
 /// A discrete search: candidates ordered from the one that skips least to the one that skips most, run
 /// in order until one misses the budget (the rest skip more, so they would miss too) or does not
@@ -1076,13 +1307,14 @@ pub fn run(args: &Args) -> Result<()> {
     if args.cases.is_empty() || args.cases.iter().any(|c| c.trim().is_empty()) {
         bail!("--cases: the list of calibration cases is empty (e.g. --cases 0,1)");
     }
-    const POLICIES: [&str; 6] = [
+    const POLICIES: [&str; 7] = [
         "easy-cache",
         "mag-cache",
         "tea-cache",
         "first-block-cache",
         "ada-cache",
         PAB,
+        STATIC_TABLE,
     ];
     if let Some(p) = args
         .policies

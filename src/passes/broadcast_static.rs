@@ -11,7 +11,8 @@
 //! FFN result (after its second linear layer and bias), with one `ditc.table.mlp`.
 //!
 //! Options: `spatial`, `temporal`, `cross`, `full` (defaults to `spatial`), each `{ period, window }`,
-//! and `mlp`. Needs a sampler (the timesteps).
+//! and `mlp`; or per group an explicit table (`table = { full = "CCRC...", mlp = "..." }`, one letter
+//! per step; `table.mlp` drives every block's MLP). Needs a sampler (the timesteps).
 //!
 //! Invariants: consumers of a site's output are untouched (the `If` produces the same value name); sites
 //! with period 1 and kinds without settings stay unconditional; moved nodes feed nothing else.
@@ -40,7 +41,7 @@ impl BroadcastStatic {
         let options: PabOptions = options
             .clone()
             .try_into()
-            .context("invalid broadcast-static options (valid keys: spatial, temporal, cross, full, mlp; each kind takes period and window; mlp takes timesteps, blocks, reuse)")?;
+            .context("invalid broadcast-static options (valid keys: spatial, temporal, cross, full, mlp, table; each kind takes period and window; mlp takes timesteps, blocks, reuse; table takes spatial, temporal, cross, full, mlp, each a string of one C (compute) or R (reuse) per step)")?;
         options.validate()?;
         Ok(BroadcastStatic { options })
     }
@@ -63,7 +64,7 @@ impl Pass for BroadcastStatic {
     fn run(&self, model: &mut Model, cx: &mut PassContext) -> Result<()> {
         let sampler = cx.schedule_sampler(model)?;
         let steps = sampler.steps();
-        let tables = tables(&self.options, &sampler.timesteps);
+        let tables = tables(&self.options, &sampler.timesteps)?;
         let types = infer_types(&model.graph, model.default_opset());
         let mut members: BTreeMap<Group, Vec<usize>> = BTreeMap::new();
         for site in &cx.dit_map.attention {
@@ -89,12 +90,14 @@ impl Pass for BroadcastStatic {
             cx.state.push(binding);
             members.entry(group).or_default().push(site.id);
         }
-        if let (Some(mlp), true) = (&self.options.mlp, tables.contains_key(&Group::Mlp)) {
+        if tables.contains_key(&Group::Mlp) {
+            // `mlp` lists blocks; an explicit `table.mlp` drives every block's MLP.
+            let listed = self.options.mlp.as_ref().map(|m| &m.blocks);
             for block in cx
                 .dit_map
                 .blocks
                 .iter()
-                .filter(|b| mlp.blocks.contains(&b.family_index))
+                .filter(|b| listed.is_none_or(|l| l.contains(&b.family_index)))
             {
                 let what = format!("the MLP of block {} ({})", block.index, block.name);
                 let Some(output) = &block.ffn_output else {
@@ -113,10 +116,14 @@ impl Pass for BroadcastStatic {
                 members.entry(Group::Mlp).or_default().push(block.index);
             }
             if !members.contains_key(&Group::Mlp) {
-                bail!(
-                    "mlp.blocks {:?} match no transformer block with a feed-forward network",
-                    mlp.blocks
-                );
+                match listed {
+                    Some(l) => bail!(
+                        "mlp.blocks {l:?} match no transformer block with a feed-forward network"
+                    ),
+                    None => bail!(
+                        "broadcast-static.table.mlp: the model has no transformer block with a feed-forward network"
+                    ),
+                }
             }
         }
         if !members.is_empty() {

@@ -3,6 +3,9 @@
 //! For a module called once per step, at step `i` with scheduler timestep `t`:
 //! `compute = i == 0 || period == 1 || !(lo < t < hi) || i % period == 0`. The phase follows the global
 //! step index, not the first step inside the window, exactly as diffusers' `PyramidAttentionBroadcastHook`.
+//!
+//! Explicit tables (`table = { full = "CCRC...", ... }`): a group's decision at every step written out,
+//! one letter per step (`C` computes, `R` reuses), e.g. as `ditc tune` builds them from measured drift.
 
 use std::collections::BTreeMap;
 
@@ -57,6 +60,83 @@ pub struct PabOptions {
     /// Full (joint) attention; uses the spatial settings when absent.
     pub full: Option<KindSchedule>,
     pub mlp: Option<MlpSchedule>,
+    /// Explicit per-group tables, in place of a kind's `{ period, window }` (or of `mlp`).
+    pub table: Option<ExplicitTables>,
+}
+
+/// Explicit decision tables: per group, one letter per sampling step, `C` (compute) or `R` (reuse the
+/// value cached at the last computed step); the first step computes. `full` falls back to `spatial`
+/// as the periodic settings do; `mlp` drives the MLP of every transformer block.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplicitTables {
+    pub spatial: Option<String>,
+    pub temporal: Option<String>,
+    pub cross: Option<String>,
+    pub full: Option<String>,
+    pub mlp: Option<String>,
+}
+
+impl ExplicitTables {
+    fn get(&self, group: Group) -> Option<&String> {
+        match group {
+            Group::Spatial => self.spatial.as_ref(),
+            Group::Temporal => self.temporal.as_ref(),
+            Group::Cross => self.cross.as_ref(),
+            Group::Full => self.full.as_ref(),
+            Group::Mlp => self.mlp.as_ref(),
+            Group::Stack | Group::Blocks => None,
+        }
+    }
+
+    /// The given tables, in group order.
+    pub fn iter(&self) -> impl Iterator<Item = (Group, &String)> {
+        [
+            Group::Spatial,
+            Group::Temporal,
+            Group::Full,
+            Group::Cross,
+            Group::Mlp,
+        ]
+        .into_iter()
+        .filter_map(|g| Some((g, self.get(g)?)))
+    }
+
+    /// One table from a decision list (`C` where true).
+    pub fn pattern(decisions: &[bool]) -> String {
+        decisions
+            .iter()
+            .map(|&c| if c { 'C' } else { 'R' })
+            .collect()
+    }
+}
+
+/// Parse `broadcast-static.table.<group>`: only `C` and `R`, starting with `C`; with `steps`, exactly
+/// that many letters.
+pub fn parse_table(group: Group, text: &str, steps: Option<usize>) -> Result<Vec<bool>> {
+    let what = format!("broadcast-static.table.{}", group.as_str());
+    let mut out = Vec::with_capacity(text.len());
+    for (i, c) in text.chars().enumerate() {
+        match c {
+            'C' => out.push(true),
+            'R' => out.push(false),
+            other => bail!(
+                "{what}: '{other}' at step {i} (expected one letter per sampling step, C to compute or R to reuse, e.g. \"CCRCRC\")"
+            ),
+        }
+    }
+    if out.first() != Some(&true) {
+        bail!(
+            "{what} \"{text}\": the first step must compute (C): there is nothing cached to reuse before it"
+        );
+    }
+    if let Some(steps) = steps.filter(|&s| s != out.len()) {
+        bail!(
+            "{what} has {} entries for a sampler of {steps} steps (one letter per step)",
+            out.len()
+        );
+    }
+    Ok(out)
 }
 
 impl PabOptions {
@@ -95,7 +175,44 @@ impl PabOptions {
                 bail!("broadcast-static.mlp needs at least one block and one timestep");
             }
         }
+        if let Some(t) = &self.table {
+            for (group, text) in t.iter() {
+                let periodic = match group {
+                    Group::Spatial => self.spatial.is_some(),
+                    Group::Temporal => self.temporal.is_some(),
+                    Group::Cross => self.cross.is_some(),
+                    Group::Full => self.full.is_some(),
+                    _ => self.mlp.is_some(),
+                };
+                if periodic {
+                    let g = group.as_str();
+                    bail!(
+                        "broadcast-static: both `{g}` and `table.{g}` are given; give one schedule per group"
+                    );
+                }
+                parse_table(group, text, None)?;
+            }
+        }
         Ok(())
+    }
+
+    /// The decision table of attention kind `kind` at `timesteps` (`None`: never broadcast); an
+    /// explicit table's length is checked against the steps here.
+    pub fn kind_table(&self, kind: AttentionKind, timesteps: &[f64]) -> Result<Option<Vec<bool>>> {
+        let explicit = |g: Group| self.table.as_ref().and_then(|t| t.get(g));
+        let group = Group::from(kind);
+        if let Some(text) = explicit(group) {
+            return parse_table(group, text, Some(timesteps.len())).map(Some);
+        }
+        if kind == AttentionKind::Full && self.full.is_none() {
+            if let Some(text) = explicit(Group::Spatial) {
+                return parse_table(Group::Spatial, text, Some(timesteps.len())).map(Some);
+            }
+        }
+        Ok(self
+            .for_kind(kind)
+            .filter(|s| s.period > 1)
+            .map(|s| decisions(&s, timesteps)))
     }
 }
 
@@ -112,22 +229,31 @@ pub fn decisions(s: &KindSchedule, timesteps: &[f64]) -> Vec<bool> {
         .collect()
 }
 
-/// Decision tables for every attention kind that is broadcast (period > 1), and for the MLPs.
-pub fn tables(options: &PabOptions, timesteps: &[f64]) -> BTreeMap<Group, Vec<bool>> {
-    let mut out: BTreeMap<Group, Vec<bool>> = AttentionKind::ALL
-        .iter()
-        .filter_map(|&k| {
-            let s = options.for_kind(k)?;
-            (s.period > 1).then(|| (Group::from(k), decisions(&s, timesteps)))
-        })
-        .collect();
-    if let Some(m) = &options.mlp {
-        let table = mlp_decisions(m, timesteps);
-        if table.contains(&false) {
-            out.insert(Group::Mlp, table);
+/// Decision tables for every attention kind that is broadcast (period > 1, or an explicit table that
+/// reuses at some step), and for the MLPs. Refused: an explicit table whose length is not the number
+/// of steps.
+pub fn tables(options: &PabOptions, timesteps: &[f64]) -> Result<BTreeMap<Group, Vec<bool>>> {
+    let mut out = BTreeMap::new();
+    for &k in &AttentionKind::ALL {
+        // An explicit table that computes at every step is no broadcast (as period 1).
+        if let Some(t) = options.kind_table(k, timesteps)? {
+            if t.contains(&false) || options.for_kind(k).is_some_and(|s| s.period > 1) {
+                out.insert(Group::from(k), t);
+            }
         }
     }
-    out
+    let mlp = match (
+        &options.mlp,
+        options.table.as_ref().and_then(|t| t.mlp.as_ref()),
+    ) {
+        (Some(m), _) => Some(mlp_decisions(m, timesteps)),
+        (None, Some(text)) => Some(parse_table(Group::Mlp, text, Some(timesteps.len()))?),
+        (None, None) => None,
+    };
+    if let Some(table) = mlp.filter(|t| t.contains(&false)) {
+        out.insert(Group::Mlp, table);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
