@@ -789,3 +789,82 @@ fn mlp_broadcast_matches_a_loop_computed_by_hand() {
         assert!(moved > 1e-3, "{what} is indistinguishable ({moved})");
     }
 }
+
+/// `broadcast-static.table.<group>`: an explicit table per group is baked as it is written, and the
+/// sampling run decides exactly as it says (spatial sites; the others compute every step).
+#[test]
+fn explicit_tables_are_baked_and_followed_step_by_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let table = "CRRCRCCRRC";
+    let recipe = tmp.path().join("table.toml");
+    std::fs::write(
+        &recipe,
+        format!("name = \"t\"\n[sampler]\nkind = \"ddim\"\nsteps = 10\nnum_train_timesteps = 1000\nbeta_schedule = \"linear\"\nbeta_start = 0.0001\nbeta_end = 0.02\n[[passes]]\nname = \"broadcast-static\"\n[passes.options]\ntable = {{ spatial = \"{table}\" }}\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("bundle");
+    let model = common::demo().join("model.onnx");
+    let args = [
+        "convert",
+        model.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ];
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    let want: Vec<bool> = table.chars().map(|c| c == 'C').collect();
+    let baked: Vec<bool> =
+        serde_json::from_value(m["schedule"]["tables"]["spatial"].clone()).unwrap();
+    assert_eq!(baked, want);
+    let (_, report) = common::run_bundle(
+        &out.join("manifest.json"),
+        &common::demo().join("sampling.safetensors"),
+        "0.",
+        false,
+    );
+    let decisions = &report.scheduled.branches.values().next().unwrap().decisions;
+    for site in m["dit_map"]["attention"].as_array().unwrap() {
+        let id = site["id"].as_u64().unwrap() as usize;
+        let got = &decisions[&id];
+        match site["kind"].as_str().unwrap() {
+            "spatial" => assert_eq!(got, &want, "site {id}"),
+            _ => assert!(got.iter().all(|&c| c), "site {id}"),
+        }
+    }
+    // A bad table is refused before any work, naming the option.
+    std::fs::write(
+        &recipe,
+        std::fs::read_to_string(&recipe)
+            .unwrap()
+            .replace(table, "CRRC"),
+    )
+    .unwrap();
+    let out2 = tmp.path().join("bad");
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+        .args([
+            "convert",
+            model.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "-o",
+            out2.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success()
+            && err
+                .contains("broadcast-static.table.spatial has 4 entries for a sampler of 10 steps"),
+        "{err}"
+    );
+    assert!(!out2.exists());
+}

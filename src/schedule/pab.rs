@@ -260,6 +260,28 @@ pub fn tables(options: &PabOptions, timesteps: &[f64]) -> Result<BTreeMap<Group,
 mod tests {
     use super::*;
 
+    #[test]
+    fn explicit_tables_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            parse_table(Group::Spatial, "CRRC", Some(4)).unwrap(),
+            [true, false, false, true]
+        );
+        for (text, steps, says) in [
+            ("CRXC", Some(4), "'X' at step 2"),
+            ("RCCC", Some(4), "the first step must compute"),
+            ("CRC", Some(4), "has 3 entries for a sampler of 4 steps"),
+            ("", None, "the first step must compute"),
+        ] {
+            let e = parse_table(Group::Cross, text, steps)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(says) && e.contains("broadcast-static.table.cross"),
+                "{text}: {e}"
+            );
+        }
+    }
+
     fn pattern(period: u32, window: [f64; 2]) -> String {
         let timesteps: Vec<f64> = (0..50).map(|i| 999.0 - 20.0 * i as f64).collect();
         decisions(&KindSchedule { period, window }, &timesteps)
