@@ -264,13 +264,7 @@ fn print_text(r: &Report) {
         "id", "kind", "heads", "dim", "batch", "q_len", "k_len", "flops", "H100 µs"
     );
     for (s, e) in r.attention.iter().zip(&r.h100_estimate) {
-        let mut time = match e.kept_fraction {
-            Some(k) => format!("{:.2} ({:.0}% kept)", 1e3 * e.estimated_ms, 100.0 * k),
-            None => format!("{:.2}", 1e3 * e.estimated_ms),
-        };
-        if let Some(q) = &e.quantized {
-            time.push_str(&format!(" ({q} /{})", e.quantized_factor));
-        }
+        let time = estimate_text(e);
         println!(
             "  {:>3} {:<9} {:>5} {:>4} {:>6} {:>6} {:>6} {:>10} {:>11}  {}{}",
             s.id,
@@ -295,13 +289,7 @@ fn print_text(r: &Report) {
         println!("  attention a ditc pass fused (ai.ditc ops) or quantized (FP8 Q/DQ):");
     }
     for e in fused {
-        let mut time = match e.kept_fraction {
-            Some(k) => format!("{:.2} ({:.0}% kept)", 1e3 * e.estimated_ms, 100.0 * k),
-            None => format!("{:.2}", 1e3 * e.estimated_ms),
-        };
-        if let Some(q) = &e.quantized {
-            time.push_str(&format!(" ({q} /{})", e.quantized_factor));
-        }
+        let time = estimate_text(e);
         println!(
             "  {:>3} H100 µs {} (dense {:.2})  {}",
             e.id,
@@ -310,6 +298,18 @@ fn print_text(r: &Report) {
             e.node
         );
     }
+}
+
+/// A site's estimated H100 time in µs, with its kept fraction and quantization factor when it has them.
+fn estimate_text(e: &SiteEstimate) -> String {
+    let mut time = match e.kept_fraction {
+        Some(k) => format!("{:.2} ({:.0}% kept)", 1e3 * e.estimated_ms, 100.0 * k),
+        None => format!("{:.2}", 1e3 * e.estimated_ms),
+    };
+    if let Some(q) = &e.quantized {
+        time.push_str(&format!(" ({q} /{})", e.quantized_factor));
+    }
+    time
 }
 
 pub fn human_bytes(b: u64) -> String {
