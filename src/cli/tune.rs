@@ -396,18 +396,7 @@ impl Evaluator {
         if quantities.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let guidance = bundle
-            .manifest
-            .sampler
-            .as_ref()
-            .and_then(|s| s.guidance.clone());
-        let calibration = crate::calibration::mag_ratios::Calibration {
-            model: &bundle.model,
-            io: &bundle.io,
-            sampler: &bundle.sampler,
-            guidance: guidance.as_ref(),
-            source: "ditc tune".into(),
-        };
+        let calibration = full_run_calibration(&bundle);
         let cases: Vec<Vec<Tensor>> = self.cases.iter().map(|c| c.1.clone()).collect();
         let names: Vec<String> = self.cases.iter().map(|c| c.0.clone()).collect();
         let p = profile(&calibration, &quantities, Vec::new(), &cases, &names, false)?;
@@ -1283,22 +1272,22 @@ fn tea_coefficients(base: &Recipe) -> Vec<toml::Value> {
     })
 }
 
+/// The full model's run of `bundle` (its sampler and guidance) as the calibration code drives it.
+fn full_run_calibration(bundle: &Bundle) -> crate::calibration::mag_ratios::Calibration<'_> {
+    crate::calibration::mag_ratios::Calibration {
+        model: &bundle.model,
+        io: &bundle.io,
+        sampler: &bundle.sampler,
+        guidance: bundle.manifest.guidance(),
+        source: "ditc tune".into(),
+    }
+}
+
 /// MagCache's ratios on the evaluator's cases, measured on the full model as `ditc calibrate
 /// --mag-ratios` does.
 pub fn mag_ratios(e: &Evaluator) -> Result<Vec<f64>> {
     let bundle = Bundle::open(&e.full_manifest)?;
-    let guidance = bundle
-        .manifest
-        .sampler
-        .as_ref()
-        .and_then(|s| s.guidance.clone());
-    let calibration = crate::calibration::mag_ratios::Calibration {
-        model: &bundle.model,
-        io: &bundle.io,
-        sampler: &bundle.sampler,
-        guidance: guidance.as_ref(),
-        source: "ditc tune".into(),
-    };
+    let calibration = full_run_calibration(&bundle);
     let cases: Vec<Vec<Tensor>> = e.cases.iter().map(|c| c.1.clone()).collect();
     Ok(crate::calibration::mag_ratios::calibrate(&calibration, &cases, false)?.cond)
 }
