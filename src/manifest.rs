@@ -17,8 +17,8 @@ use crate::ir::{DataType, Dim, Model, ValueInfo};
 use crate::onnx::WrittenFile;
 use crate::output::sha256_file;
 use crate::schedule::guidance::{Branch, Guidance};
-use crate::schedule::Group;
 use crate::schedule::SamplerConfig;
+use crate::schedule::{Decider, Group};
 
 pub const FORMAT: &str = "ditc-manifest";
 pub const VERSION: u32 = 1;
@@ -196,6 +196,29 @@ pub struct Schedule {
     /// For a policy that decides inside the graph (no tables): where the decisions come out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive: Option<InGraphDecisions>,
+    /// Per-block tables (`broadcast-static`'s `table.blocks`): each drives one block's values of one
+    /// group, for every branch, in place of the group's table (those values are not in `sites` /
+    /// `blocks`, which list what the group tables drive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block_tables: Vec<BlockTable>,
+}
+
+/// One transformer block's table for its values of one group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockTable {
+    /// The DiT map's block index.
+    pub block: usize,
+    pub group: Group,
+    /// Compute (true) or reuse at each step.
+    pub table: Vec<bool>,
+    /// The attention sites it drives (none for `mlp`: the block's MLP).
+    pub sites: Vec<usize>,
+}
+
+impl BlockTable {
+    pub fn decider(&self) -> Decider {
+        Decider::in_block(self.group, self.block)
+    }
 }
 
 /// A schedule decided by the graph at run time: each call computes its decision from the state, an
@@ -230,6 +253,47 @@ impl Schedule {
             _ => &self.tables,
         }
     }
+
+    /// Every table `branch` runs with, the per-block ones included, by what it decides.
+    pub fn deciders_for(&self, branch: Branch) -> BTreeMap<Decider, &Vec<bool>> {
+        let groups = self
+            .tables_for(branch)
+            .iter()
+            .map(|(g, t)| ((*g).into(), t));
+        let blocks = self.block_tables.iter().map(|b| (b.decider(), &b.table));
+        groups.chain(blocks).collect()
+    }
+
+    /// The decisions of `branch` at step `i`.
+    pub fn pattern_at(&self, branch: Branch, i: usize) -> crate::schedule::specialize::Pattern {
+        self.deciders_for(branch)
+            .into_iter()
+            .map(|(d, t)| (d, t[i]))
+            .collect()
+    }
+
+    /// What drives attention site `id`: its block's table or its kind's (with the stack's, when the
+    /// stack is scheduled); empty when nothing does.
+    pub fn site_deciders(&self, id: usize) -> Vec<Decider> {
+        let own = self.block_tables.iter().filter(|b| b.sites.contains(&id));
+        let group = self.sites.iter().filter(|(_, ids)| ids.contains(&id));
+        own.map(BlockTable::decider)
+            .chain(group.map(|(g, _)| (*g).into()))
+            .collect()
+    }
+
+    /// The blocks whose MLP is scheduled, each with what decides it.
+    pub fn mlp_deciders(&self) -> Vec<(usize, Decider)> {
+        let group = self.blocks.iter().map(|&b| (b, Group::Mlp.into()));
+        let own = self
+            .block_tables
+            .iter()
+            .filter(|t| t.group == Group::Mlp)
+            .map(|t| (t.block, t.decider()));
+        let mut out: Vec<(usize, Decider)> = group.chain(own).collect();
+        out.sort();
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -246,12 +310,25 @@ pub struct StateBinding {
     pub site: Option<usize>,
     /// The block whose MLP result is cached (`mlp`).
     pub block: Option<usize>,
+    /// The block whose own table (`schedule.block_tables`) decides this value instead of the group's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_block: Option<usize>,
     pub input: String,
     pub output: String,
     pub dtype: String,
     pub shape: Vec<i64>,
     /// Value before the first step (never read: step 0 always computes).
     pub initial: String,
+}
+
+impl StateBinding {
+    /// What decides when this value computes.
+    pub fn decider(&self) -> Decider {
+        match self.table_block {
+            Some(b) => Decider::in_block(self.group, b),
+            None => self.group.into(),
+        }
+    }
 }
 
 /// FLOPs over one whole sampling run (all steps), as the schedule plans them.

@@ -20,7 +20,7 @@ use crate::calibration::profile::{Measure, Profile, QuantityGroup, QuantityProfi
 use crate::manifest::Manifest;
 use crate::runtime::RunReport;
 use crate::schedule::guidance::Branch;
-use crate::schedule::Group;
+use crate::schedule::{Decider, Group};
 
 /// A timeline cell's fill where the value was computed (`#1F77B4` in the SVG).
 pub const COMPUTED: RGBColor = RGBColor(0x1F, 0x77, 0xB4);
@@ -54,7 +54,10 @@ fn drift_panels(profile: &Profile) -> Vec<Panel<'_>> {
             title:
                 "policy quantities and the output: relative L1 change to the previous step (log10)",
             log: true,
-            series: pick(&|q| q.group != QuantityGroup::Attention && q.measure == Measure::RelL1),
+            series: pick(&|q| {
+                matches!(q.group, QuantityGroup::Output | QuantityGroup::Policy)
+                    && q.measure == Measure::RelL1
+            }),
         },
         Panel {
             title: "MagCache ratio |r_t| / |r_t-1| of the stack residual",
@@ -70,6 +73,11 @@ fn drift_panels(profile: &Profile) -> Vec<Panel<'_>> {
             title: "attention outputs (PAB): relative L1 change to the previous step (log10)",
             log: true,
             series: pick(&|q| q.group == QuantityGroup::Attention),
+        },
+        Panel {
+            title: "MLP outputs (static tables): relative L1 change to the previous step (log10)",
+            log: true,
+            series: pick(&|q| q.group == QuantityGroup::Mlp),
         },
     ];
     panels
@@ -249,17 +257,17 @@ pub fn timeline_rows(report: &RunReport, manifest: &Manifest) -> Vec<TimelineRow
             .iter()
             .filter_map(|s| s.branches.get(&branch))
             .collect();
-        let groups: BTreeSet<Group> = calls
+        let groups: BTreeSet<Decider> = calls
             .iter()
             .flat_map(|c| c.groups.keys().copied())
             .collect();
         for &g in &groups {
-            let carried = match (g, sites_of(g)) {
+            let carried = match (g.group, sites_of(g.group)) {
                 (Group::Stack | Group::Blocks, n) if n > 0 => format!(" ({n} sites)"),
                 _ => String::new(),
             };
             rows.push(TimelineRow {
-                label: format!("{branch} {}{carried}", g.as_str()),
+                label: format!("{branch} {g}{carried}"),
                 cells: calls
                     .iter()
                     .map(|c| c.groups.get(&g).copied().unwrap_or(true))

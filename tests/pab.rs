@@ -868,3 +868,189 @@ fn explicit_tables_are_baked_and_followed_step_by_step() {
     );
     assert!(!out2.exists());
 }
+
+/// Converts the latte-tiny demo with 10 DDIM steps and `broadcast-static`'s `table = {table}` (TOML
+/// inline-table text) into `dir/name`; the manifest, or convert's error text.
+fn convert_with_table(dir: &Path, name: &str, table: &str) -> Result<serde_json::Value, String> {
+    let recipe = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &recipe,
+        format!("name = \"t\"\n[sampler]\nkind = \"ddim\"\nsteps = 10\nnum_train_timesteps = 1000\nbeta_schedule = \"linear\"\nbeta_start = 0.0001\nbeta_end = 0.02\n[[passes]]\nname = \"broadcast-static\"\n[passes.options]\ntable = {table}\n"),
+    )
+    .unwrap();
+    let out = dir.join(name);
+    let model = demo().join("model.onnx");
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_ditc"))
+        .args(["convert", model.to_str().unwrap(), "--recipe"])
+        .arg(&recipe)
+        .arg("-o")
+        .arg(&out)
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    if !r.status.success() {
+        assert!(!out.exists(), "a refused conversion left {}", out.display());
+        return Err(String::from_utf8_lossy(&r.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap())
+}
+
+/// `broadcast-static.table.blocks`: (1) every block given its group's table as its own computes the
+/// same final latent as the group tables (two different graphs: one `If` condition per block vs one
+/// per group); (2) a table given to one block's spatial attention and another block's MLP drives
+/// exactly those values, step by step, and nothing else is cached; (3) bad block tables are refused
+/// before any work, naming the option.
+#[test]
+fn per_block_tables_drive_one_blocks_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spatial, mlp) = ("CRRCRCCRRC", "CCRRCRRCCR");
+    let inputs = demo().join("sampling.safetensors");
+    let grouped = convert_with_table(
+        tmp.path(),
+        "grouped",
+        &format!("{{ spatial = \"{spatial}\", mlp = \"{mlp}\" }}"),
+    )
+    .unwrap();
+    // The blocks with a spatial site, and those with an MLP, from the DiT map.
+    let sites = grouped["dit_map"]["attention"].as_array().unwrap().clone();
+    let kind_of = |id: u64| {
+        sites.iter().find(|s| s["id"].as_u64() == Some(id)).unwrap()["kind"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut per_block = Vec::new();
+    let (mut spatial_block, mut mlp_blocks) = (None, Vec::new());
+    for b in grouped["dit_map"]["blocks"].as_array().unwrap() {
+        let index = b["index"].as_u64().unwrap();
+        let spatial_sites: Vec<u64> = b["attention"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_u64().unwrap())
+            .filter(|&id| kind_of(id) == "spatial")
+            .collect();
+        let has_mlp = b["ffn_output"].is_string();
+        let mut t = Vec::new();
+        if !spatial_sites.is_empty() {
+            t.push(format!("spatial = \"{spatial}\""));
+            spatial_block = spatial_block.or(Some((index, spatial_sites[0])));
+        }
+        if has_mlp {
+            t.push(format!("mlp = \"{mlp}\""));
+            mlp_blocks.push(index);
+        }
+        if !t.is_empty() {
+            per_block.push(format!("{index} = {{ {} }}", t.join(", ")));
+        }
+    }
+    let blocks = convert_with_table(
+        tmp.path(),
+        "blocks",
+        &format!("{{ blocks = {{ {} }} }}", per_block.join(", ")),
+    )
+    .unwrap();
+    assert!(blocks["schedule"]["tables"].as_object().unwrap().is_empty());
+    assert_eq!(
+        blocks["schedule"]["block_tables"].as_array().unwrap().len(),
+        per_block
+            .iter()
+            .map(|b| b.matches(" = \"").count())
+            .sum::<usize>()
+    );
+    let (a, ra) = common::run_bundle(
+        &tmp.path().join("grouped/manifest.json"),
+        &inputs,
+        "0.",
+        false,
+    );
+    let (b, rb) = common::run_bundle(
+        &tmp.path().join("blocks/manifest.json"),
+        &inputs,
+        "0.",
+        false,
+    );
+    let same = compare(&b, &a);
+    eprintln!("per-block = group tables: rel-L2 {:.3e}", same.rel_l2);
+    assert!(same.rel_l2 <= 1e-6, "rel-L2 {}", same.rel_l2);
+    assert_eq!(ra.scheduled.model_flops, rb.scheduled.model_flops);
+    assert!(ra.scheduled.model_flops < ra.scheduled.model_flops_full);
+
+    // One block's spatial site, another block's MLP: only they follow their tables.
+    let (sb, site) = spatial_block.unwrap();
+    let mb = *mlp_blocks.iter().find(|&&b| b != sb).unwrap();
+    let one = convert_with_table(
+        tmp.path(),
+        "one",
+        &format!("{{ blocks = {{ {sb} = {{ spatial = \"{spatial}\" }}, {mb} = {{ mlp = \"{mlp}\" }} }} }}"),
+    )
+    .unwrap();
+    let own: Vec<(u64, String, Vec<u64>)> = one["schedule"]["block_tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["block"].as_u64().unwrap(),
+                t["group"].as_str().unwrap().to_string(),
+                serde_json::from_value(t["sites"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        own,
+        vec![
+            (sb, "spatial".into(), vec![site]),
+            (mb, "mlp".into(), vec![])
+        ]
+    );
+    let (_, r) = common::run_bundle(&tmp.path().join("one/manifest.json"), &inputs, "0.", false);
+    let branch = r.scheduled.branches.values().next().unwrap();
+    let want = |t: &str| -> Vec<bool> { t.chars().map(|c| c == 'C').collect() };
+    for (&id, got) in &branch.decisions {
+        match id as u64 == site {
+            true => assert_eq!(got, &want(spatial), "site {id}"),
+            false => assert!(got.iter().all(|&c| c), "site {id} is not scheduled"),
+        }
+    }
+    assert_eq!(branch.mlp_decisions.len(), 1);
+    assert_eq!(branch.mlp_decisions[&(mb as usize)], want(mlp));
+    let traced: Vec<bool> = r
+        .scheduled
+        .trace
+        .iter()
+        .map(|s| {
+            s.branches.values().next().unwrap().groups
+                [&format!("spatial.block{sb}").parse().unwrap()]
+        })
+        .collect();
+    assert_eq!(traced, want(spatial));
+
+    // Refusals.
+    let blocks_count = grouped["dit_map"]["blocks"].as_array().unwrap().len();
+    for (table, says) in [
+        (
+            format!("{{ blocks = {{ {blocks_count} = {{ spatial = \"{spatial}\" }} }} }}"),
+            format!("broadcast-static.table.blocks.{blocks_count}.spatial: the model has {blocks_count} transformer blocks"),
+        ),
+        (
+            format!("{{ blocks = {{ {sb} = {{ temporal = \"{spatial}\" }} }} }}"),
+            format!("broadcast-static.table.blocks.{sb}.temporal: block {sb}"),
+        ),
+        (
+            format!("{{ blocks = {{ {sb} = {{ spatial = \"CRR\" }} }} }}"),
+            format!("broadcast-static.table.blocks.{sb}.spatial has 3 entries for a sampler of 10 steps"),
+        ),
+        (
+            "{ blocks = { x = { spatial = \"CR\" } } }".to_string(),
+            "broadcast-static.table.blocks.x: expected a transformer block's index".to_string(),
+        ),
+        (
+            format!("{{ blocks = {{ {sb} = {{ blocks = {{ 0 = {{ mlp = \"C\" }} }} }} }} }}"),
+            "block tables do not nest".to_string(),
+        ),
+    ] {
+        let err = convert_with_table(tmp.path(), "bad", &table).unwrap_err();
+        assert!(err.contains(&says), "{table}: {err}");
+    }
+}

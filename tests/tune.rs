@@ -188,6 +188,171 @@ fn ada_cache_and_pab_ladders_with_a_margin() {
     check_tuned(tmp.path(), &tuned, &["0"], candidates, tightened);
 }
 
+/// The accumulate-and-reset rule the README gives for a static table, written out again here: step 0
+/// computes; a later step reuses while the drift summed since the last computed step (its own
+/// included) stays within `threshold`; a step without a measured drift computes.
+fn table_by_hand(drift: &[Option<f64>], threshold: f64) -> String {
+    let mut sum = 0.0;
+    let mut out = String::new();
+    for (step, d) in drift.iter().enumerate() {
+        match d {
+            Some(d) if step > 0 && sum + d <= threshold => {
+                sum += d;
+                out.push('R');
+            }
+            _ => {
+                sum = 0.0;
+                out.push('C');
+            }
+        }
+    }
+    out
+}
+
+/// `--policies static-table`: the drift the report gives for every attention site's and MLP's output
+/// is the one `ditc calibrate --profile` measures on the same case (per step, the largest change over
+/// the branches; per group, the mean over its values), and every candidate's tables (per group and per
+/// block) are the hand rule's tables of that drift at the candidate's threshold times its family's
+/// scale; tables that never reuse are left out.
+#[test]
+fn static_tables_are_built_from_the_profiled_drift() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tuned = tmp.path().join("tuned.toml");
+    ditc_ok(&strs(&tune_args(
+        &tuned,
+        "rel-l2=0.35",
+        "0",
+        &["--policies", "static-table", "--iterations", "2"],
+    )));
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("tuned.json")).unwrap()).unwrap();
+    // The same drift from `ditc calibrate --profile` (another command, its own run).
+    let profile_path = tmp.path().join("profile.json");
+    let example = repo_path("examples/wan-small");
+    let mut args: Vec<String> = [
+        "calibrate",
+        example.join("ckpt").to_str().unwrap(),
+        "--recipe",
+        repo_path("passes/wan-cfg.toml").to_str().unwrap(),
+        "--set",
+        "sampler.steps=10",
+        "--inputs",
+        example.join("inputs.safetensors").to_str().unwrap(),
+        "--cases",
+        "0",
+        "--profile",
+        "-o",
+        profile_path.to_str().unwrap(),
+        "--no-progress",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(WAN_SMALL_SHAPES.map(String::from));
+    ditc_ok(&strs(&args));
+    let profile: Value = serde_json::from_slice(&std::fs::read(&profile_path).unwrap()).unwrap();
+    let values = report["drift"]["static_table"]["values"]
+        .as_object()
+        .unwrap();
+    let mut members: std::collections::BTreeMap<String, Vec<Vec<Option<f64>>>> = Default::default();
+    let mut mlps = 0;
+    for q in profile["quantities"].as_array().unwrap() {
+        let name = q["name"].as_str().unwrap();
+        if !(name.starts_with("attention.") || name.starts_with("mlp.")) {
+            continue;
+        }
+        mlps += name.starts_with("mlp.") as usize;
+        let per_branch: Vec<Vec<Option<f64>>> = q["values"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|cases| serde_json::from_value(cases[0].clone()).unwrap())
+            .collect();
+        let largest: Vec<Option<f64>> = (0..10)
+            .map(|i| {
+                per_branch
+                    .iter()
+                    .filter_map(|b| b[i])
+                    .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+            })
+            .collect();
+        let v = &values[name];
+        let reported: Vec<Option<f64>> = serde_json::from_value(v["drift"].clone()).unwrap();
+        for (i, (a, b)) in largest.iter().zip(&reported).enumerate() {
+            match (a, b) {
+                (Some(a), Some(b)) => assert!(
+                    (a - b).abs() <= 1e-9 * a.abs().max(1e-12),
+                    "{name} step {i}: {a} vs {b}"
+                ),
+                (None, None) => {}
+                _ => panic!("{name} step {i}: {a:?} vs {b:?}"),
+            }
+        }
+        members
+            .entry(v["group"].as_str().unwrap().to_string())
+            .or_default()
+            .push(reported);
+    }
+    assert_eq!(values.len(), 12 + 6, "12 attention sites and 6 MLPs");
+    assert_eq!(mlps, 6, "the profile records every block's MLP");
+    for (group, drifts) in &members {
+        let reported: Vec<Option<f64>> =
+            serde_json::from_value(report["drift"]["static_table"]["groups"][group].clone())
+                .unwrap();
+        for i in 0..10 {
+            let v: Vec<f64> = drifts.iter().filter_map(|d| d[i]).collect();
+            let mean = (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+            match (mean, reported[i]) {
+                (Some(a), Some(b)) => assert!(
+                    (a - b).abs() <= 1e-12 * a.abs().max(1e-12),
+                    "{group} step {i}"
+                ),
+                (a, b) => assert_eq!(a, b, "{group} step {i}"),
+            }
+        }
+    }
+    // Every candidate's tables, recomputed from the reported drift.
+    let families = report["families"].as_array().unwrap();
+    let (mut per_group, mut per_block) = (0, 0);
+    for c in report["candidates"].as_array().unwrap().iter().skip(1) {
+        let label = c["label"].as_str().unwrap();
+        let family = families.iter().find(|f| f["label"] == label).unwrap();
+        let threshold = c["threshold"].as_f64().unwrap();
+        let table = &c["options"]["table"];
+        if let Some(scales) = family["value_scales"].as_object() {
+            per_block += 1;
+            for (name, scale) in scales {
+                let v = &values[name];
+                let drift: Vec<Option<f64>> = serde_json::from_value(v["drift"].clone()).unwrap();
+                let want = table_by_hand(&drift, threshold * scale.as_f64().unwrap());
+                let got = &table["blocks"][v["block"].to_string()][v["group"].as_str().unwrap()];
+                match want.contains('R') {
+                    true => assert_eq!(got.as_str(), Some(want.as_str()), "{label}: {name}"),
+                    false => assert!(got.is_null(), "{label}: {name} never reuses: left out"),
+                }
+            }
+        } else {
+            per_group += 1;
+            for (group, scale) in family["scales"].as_object().unwrap() {
+                let drift: Vec<Option<f64>> = serde_json::from_value(
+                    report["drift"]["static_table"]["groups"][group].clone(),
+                )
+                .unwrap();
+                let want = table_by_hand(&drift, threshold * scale.as_f64().unwrap());
+                match want.contains('R') {
+                    true => assert_eq!(
+                        table[group].as_str(),
+                        Some(want.as_str()),
+                        "{label}: {group}"
+                    ),
+                    false => assert!(table[group].is_null(), "{label}: {group}"),
+                }
+            }
+        }
+    }
+    eprintln!("{per_group} per-group and {per_block} per-block candidates checked");
+    assert!(per_group >= 4 && per_block >= 4, "{per_group} {per_block}");
+}
+
 #[test]
 fn bad_budgets_and_case_lists_are_refused() {
     let tmp = tempfile::tempdir().unwrap();

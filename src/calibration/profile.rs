@@ -14,7 +14,9 @@
 //!   to the next, a per-step value, not a change between steps);
 //! - `stack_residual`: the whole stack's output − input (what MagCache and TeaCache reuse), and
 //!   `mag_ratio`: MagCache's ratio of consecutive stack-residual norms (spec §2);
-//! - `attention.<id>`: every attention site's output (what PAB reuses).
+//! - `attention.<id>`: every attention site's output (what PAB reuses), and `mlp.<block>`: every
+//!   transformer block's MLP output (what `broadcast-static`'s MLP table reuses); `ditc tune`'s static
+//!   tables are built from these two.
 //!
 //! Measures: `rel_l1`, `mean|x_t − x_{t−1}| / mean|x_{t−1}|` between consecutive steps of one branch
 //! (f64 sums over f32 values; null at step 0 and where not finite), as FirstBlockCache and TeaCache
@@ -71,6 +73,8 @@ pub enum QuantityGroup {
     Policy,
     /// An attention site's output.
     Attention,
+    /// A transformer block's MLP output.
+    Mlp,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,7 +420,7 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
             Some(out) => found.push(Quantity::new(
                 &name,
                 Attention,
-                &["pab"],
+                &["pab", "static-table"],
                 format!(
                     "site {} ({}, {block}): '{out}'",
                     site.id,
@@ -431,12 +435,12 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
             ),
         }
     }
+    found.extend(mlp_outputs(model));
     (found, left_out)
 }
 
 /// The output of every transformer block's MLP (after its second linear layer and bias), named
-/// `mlp.<block index>`: what `broadcast-static`'s MLP table reuses. Not among `calibrate --profile`'s
-/// quantities; `ditc tune` profiles them with the attention outputs for its static tables.
+/// `mlp.<block index>`: what `broadcast-static`'s MLP table reuses.
 pub fn mlp_outputs(model: &Model) -> Vec<Quantity> {
     let map = analyse(model);
     map.blocks
@@ -445,8 +449,8 @@ pub fn mlp_outputs(model: &Model) -> Vec<Quantity> {
             let out = b.ffn_output.as_ref()?;
             Some(Quantity::new(
                 &format!("mlp.{}", b.index),
-                QuantityGroup::Policy,
-                &["static-table"],
+                QuantityGroup::Mlp,
+                &["pab (mlp)", "static-table"],
                 format!("the MLP of block {} ({}): '{out}'", b.index, b.name),
                 Probe::Value(out.clone()),
             ))

@@ -19,8 +19,7 @@ use crate::output::Staging;
 use crate::passes::{self, PassContext};
 use crate::recipe::Recipe;
 use crate::schedule::guidance::Guidance;
-use crate::schedule::specialize::{model_flops, pattern_at, specialize};
-use crate::schedule::Group;
+use crate::schedule::specialize::{model_flops, specialize, Pattern};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -458,36 +457,37 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
         sites: BTreeMap::new(),
         blocks: Vec::new(),
         calls: BTreeMap::new(),
+        block_tables: Vec::new(),
         adaptive: None,
     };
     let schedule = cx.schedule.as_ref().unwrap_or(&empty);
-    let mut per_pattern: BTreeMap<Vec<(Group, bool)>, u64> = BTreeMap::new();
+    let mut per_pattern: BTreeMap<Pattern, u64> = BTreeMap::new();
     let (mut model_scheduled, mut attention_scheduled) = (0u64, 0u64);
     let branches = cx.branches();
     for &branch in branches {
         for i in 0..steps {
-            let pattern = pattern_at(schedule.tables_for(branch), i);
-            let key: Vec<(Group, bool)> = pattern.iter().map(|(k, v)| (*k, *v)).collect();
-            let flops = match per_pattern.get(&key) {
+            let pattern = schedule.pattern_at(branch, i);
+            let flops = match per_pattern.get(&pattern) {
                 Some(f) => *f,
                 None => {
                     // Decisions the graph takes at run time are not known here: count every
                     // call as computing (the bound; `ditc run` measures what ran).
                     let specialised = specialize(baked, &pattern)?;
                     let f = model_flops(&crate::schedule::split::inline_ifs(&specialised, true)?);
-                    per_pattern.insert(key, f);
+                    per_pattern.insert(pattern.clone(), f);
                     f
                 }
             };
             model_scheduled += flops;
-            // A site is skipped when any group driving it reuses (its kind's table, the stack's).
-            let skipped: std::collections::BTreeSet<usize> = schedule
-                .sites
+            // A site is skipped when any table driving it reuses (its block's or kind's, the
+            // stack's).
+            let skipped: u64 = cx
+                .dit_map
+                .attention
                 .iter()
-                .filter(|(k, _)| !pattern[k])
-                .flat_map(|(_, ids)| ids.iter().copied())
-                .collect();
-            let skipped: u64 = skipped.into_iter().map(site_cost).sum();
+                .filter(|s| schedule.site_deciders(s.id).iter().any(|d| !pattern[d]))
+                .map(|s| site_cost(s.id))
+                .sum();
             attention_scheduled += all_sites - skipped;
         }
     }

@@ -366,41 +366,64 @@ impl Evaluator {
         self.cases.len()
     }
 
-    /// Per group of cached values `broadcast-static` can table (each attention kind, the MLPs), the
-    /// per-step drift of its values along the full model's run on the cases: see [`group_drift`].
-    pub fn static_drift(&self) -> Result<BTreeMap<Group, Vec<Option<f64>>>> {
-        use crate::calibration::profile::{find_quantities, mlp_outputs, profile};
+    /// The per-step drift of every value `broadcast-static` can table (each attention site's output,
+    /// each block's MLP output) along the full model's run on the cases, per value (see
+    /// [`value_drift`]) and per group (see [`group_drift`]).
+    pub fn static_drift(&self) -> Result<StaticDrift> {
+        use crate::calibration::profile::{find_quantities, profile, QuantityGroup};
         let bundle = Bundle::open(&self.full_manifest)?;
         let map = crate::analysis::analyse(&bundle.model);
         let (found, _) = find_quantities(&bundle.model, &bundle.io.prediction);
-        let mut members: BTreeMap<Group, Vec<String>> = BTreeMap::new();
+        let mut owners: BTreeMap<String, (usize, Group)> = BTreeMap::new();
         let mut quantities = Vec::new();
         for q in found {
-            let site = q
-                .name
-                .strip_prefix("attention.")
-                .and_then(|id| id.parse::<usize>().ok())
-                .and_then(|id| map.attention.iter().find(|s| s.id == id));
-            if let Some(site) = site {
-                members
-                    .entry(Group::from(site.kind))
-                    .or_default()
-                    .push(q.name.clone());
+            let owner = match q.group {
+                QuantityGroup::Attention => q
+                    .name
+                    .strip_prefix("attention.")
+                    .and_then(|id| id.parse::<usize>().ok())
+                    .and_then(|id| {
+                        let site = map.attention.iter().find(|s| s.id == id)?;
+                        let block = map.blocks.iter().find(|b| b.attention.contains(&id))?;
+                        Some((block.index, Group::from(site.kind)))
+                    }),
+                QuantityGroup::Mlp => q
+                    .name
+                    .strip_prefix("mlp.")
+                    .and_then(|b| b.parse::<usize>().ok())
+                    .map(|b| (b, Group::Mlp)),
+                _ => None,
+            };
+            if let Some(owner) = owner {
+                owners.insert(q.name.clone(), owner);
                 quantities.push(q);
             }
         }
-        for q in mlp_outputs(&bundle.model) {
-            members.entry(Group::Mlp).or_default().push(q.name.clone());
-            quantities.push(q);
-        }
         if quantities.is_empty() {
-            return Ok(BTreeMap::new());
+            return Ok(StaticDrift::default());
         }
         let calibration = full_run_calibration(&bundle);
         let cases: Vec<Vec<Tensor>> = self.cases.iter().map(|c| c.1.clone()).collect();
         let names: Vec<String> = self.cases.iter().map(|c| c.0.clone()).collect();
         let p = profile(&calibration, &quantities, Vec::new(), &cases, &names, false)?;
-        Ok(group_drift(&p, &members))
+        let values: BTreeMap<String, ValueDrift> = owners
+            .into_iter()
+            .map(|(name, (block, group))| {
+                let drift = value_drift(&p, &name);
+                (
+                    name,
+                    ValueDrift {
+                        block,
+                        group,
+                        drift,
+                    },
+                )
+            })
+            .collect();
+        Ok(StaticDrift {
+            groups: group_drift(&values),
+            values,
+        })
     }
 
     /// The number of transformer blocks of the model (from the full model's bundle).
@@ -451,32 +474,59 @@ pub struct Drift {
     pub mag_ratios: Vec<f64>,
     /// tea-cache's rescaled indicator per step (from the conversion: it depends only on the timestep).
     pub tea_cache: Vec<Option<f64>>,
-    /// static-table's drift per group (attention kinds, `mlp`): see [`group_drift`].
-    pub static_table: BTreeMap<Group, Vec<Option<f64>>>,
+    /// static-table's drift per group (attention kinds, `mlp`) and per value: see [`StaticDrift`].
+    pub static_table: StaticDrift,
 }
 
-/// Per group and step: the mean, over the group's values (`members`: profile quantity names), of
-/// each value's largest relative L1 change to the previous step over the branches and cases; null at
-/// step 0 and where no value has one.
-pub fn group_drift(
-    profile: &crate::calibration::profile::Profile,
-    members: &BTreeMap<Group, Vec<String>>,
-) -> BTreeMap<Group, Vec<Option<f64>>> {
+/// The profiled drift of the values static tables can reuse.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StaticDrift {
+    /// Per group (attention kinds, `mlp`): see [`group_drift`].
+    pub groups: BTreeMap<Group, Vec<Option<f64>>>,
+    /// Per value (`attention.<site>`, `mlp.<block>`): its block, group and drift ([`value_drift`]).
+    pub values: BTreeMap<String, ValueDrift>,
+}
+
+/// One value's drift and where its table goes.
+#[derive(Clone, Debug, Serialize)]
+pub struct ValueDrift {
+    pub block: usize,
+    pub group: Group,
+    pub drift: Vec<Option<f64>>,
+}
+
+/// Per step: the largest relative L1 change of the profile quantity `name` to the previous step over
+/// the branches and cases; null at step 0 and where none was measured.
+pub fn value_drift(profile: &crate::calibration::profile::Profile, name: &str) -> Vec<Option<f64>> {
+    (0..profile.steps)
+        .map(|step| {
+            profile.quantity(name).and_then(|q| {
+                q.values
+                    .values()
+                    .flatten()
+                    .filter_map(|case| case.get(step).copied().flatten())
+                    .reduce(f64::max)
+            })
+        })
+        .collect()
+}
+
+/// Per group and step: the mean, over the group's values, of each value's drift; null where no
+/// value has one.
+pub fn group_drift(values: &BTreeMap<String, ValueDrift>) -> BTreeMap<Group, Vec<Option<f64>>> {
+    let mut members: BTreeMap<Group, Vec<&ValueDrift>> = BTreeMap::new();
+    for v in values.values() {
+        members.entry(v.group).or_default().push(v);
+    }
     members
-        .iter()
-        .map(|(&group, names)| {
-            let drift = (0..profile.steps)
+        .into_iter()
+        .map(|(group, vs)| {
+            let steps = vs.iter().map(|v| v.drift.len()).max().unwrap_or(0);
+            let drift = (0..steps)
                 .map(|step| {
-                    let per_value: Vec<f64> = names
+                    let per_value: Vec<f64> = vs
                         .iter()
-                        .filter_map(|n| profile.quantity(n))
-                        .filter_map(|q| {
-                            q.values
-                                .values()
-                                .flatten()
-                                .filter_map(|case| case.get(step).copied().flatten())
-                                .reduce(f64::max)
-                        })
+                        .filter_map(|v| v.drift.get(step).copied().flatten())
                         .collect();
                     (!per_value.is_empty())
                         .then(|| per_value.iter().sum::<f64>() / per_value.len() as f64)
@@ -530,6 +580,33 @@ pub fn static_table_pass(
     }
 }
 
+/// The `broadcast-static` pass of per-block tables: each value's table from its own drift at
+/// `threshold` times its scale (values without a scale are not cached; tables that compute every step
+/// are left out).
+pub fn block_table_pass(
+    values: &BTreeMap<String, ValueDrift>,
+    scales: &BTreeMap<String, f64>,
+    threshold: f64,
+) -> PassSpec {
+    let mut blocks: BTreeMap<String, toml::Table> = BTreeMap::new();
+    for (name, scale) in scales {
+        let Some(v) = values.get(name) else { continue };
+        let t = table_from_drift(&v.drift, threshold * scale);
+        if t.contains(&false) {
+            blocks
+                .entry(v.block.to_string())
+                .or_default()
+                .insert(v.group.as_str().into(), ExplicitTables::pattern(&t).into());
+        }
+    }
+    let blocks: toml::Table = blocks.into_iter().map(|(k, v)| (k, v.into())).collect();
+    let table = options(&[("blocks", blocks.into())]);
+    PassSpec {
+        name: "broadcast-static".into(),
+        options: options(&[("table", table.into())]),
+    }
+}
+
 /// A policy whose threshold is searched.
 #[derive(Clone, Debug, Serialize)]
 struct Family {
@@ -546,13 +623,20 @@ struct Family {
     /// static-table: per group, the factor of the threshold its table is built with.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     scales: BTreeMap<Group, f64>,
+    /// static-table per block: per value (`attention.<site>`, `mlp.<block>`), the factor of the
+    /// threshold its own table is built with.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    value_scales: BTreeMap<String, f64>,
 }
 
 impl Family {
     /// The candidate at `threshold`.
     fn candidate(&self, threshold: f64, drift: &Drift) -> PassSpec {
+        if self.policy == STATIC_TABLE && !self.value_scales.is_empty() {
+            return block_table_pass(&drift.static_table.values, &self.value_scales, threshold);
+        }
         if self.policy == STATIC_TABLE {
-            return static_table_pass(&drift.static_table, &self.scales, threshold);
+            return static_table_pass(&drift.static_table.groups, &self.scales, threshold);
         }
         let mut o = self.options.clone();
         o.insert("threshold".into(), threshold.into());
@@ -808,7 +892,11 @@ impl Tuner<'_> {
             };
             let key = format!(
                 "{family}/{}",
-                serde_json::to_string(&schedule.map(|s| (&s.tables, &s.uncond_tables)))?
+                serde_json::to_string(&schedule.map(|s| (
+                    &s.tables,
+                    &s.uncond_tables,
+                    &s.block_tables
+                )))?
             );
             let planned = manifest.cost.model_flops_scheduled as f64;
             if let Some(&i) = seen.get(&key) {
@@ -926,6 +1014,7 @@ impl Tuner<'_> {
                     out.push(Family {
                         policy: "easy-cache",
                         scales: BTreeMap::new(),
+                        value_scales: BTreeMap::new(),
                         label: format!("easy-cache warm-up {warmup}{}", suffix(order)),
                         options: with_forecast(o, order),
                         lo,
@@ -945,6 +1034,7 @@ impl Tuner<'_> {
                 out.push(Family {
                     policy: "mag-cache",
                     scales: BTreeMap::new(),
+                    value_scales: BTreeMap::new(),
                     label: format!("mag-cache{}", suffix(order)),
                     options: with_forecast(o, order),
                     lo,
@@ -965,6 +1055,7 @@ impl Tuner<'_> {
                 out.push(Family {
                     policy: "tea-cache",
                     scales: BTreeMap::new(),
+                    value_scales: BTreeMap::new(),
                     label: format!("tea-cache{}", suffix(order)),
                     options: with_forecast(o, order),
                     lo,
@@ -982,9 +1073,11 @@ impl Tuner<'_> {
                 hi,
                 table: false,
                 scales: BTreeMap::new(),
+                value_scales: BTreeMap::new(),
             });
         }
-        out.extend(static_families(&drift.static_table));
+        out.extend(static_families(&drift.static_table.groups));
+        out.extend(block_families(&drift.static_table.values));
         out
     }
 }
@@ -1018,10 +1111,6 @@ const STATIC_TABLE: &str = "static-table";
 /// same multiple of its typical step). Bounds as [`bounds`]: below every step's drift every table
 /// computes every step; above the largest sum every table reuses from step 1 on.
 fn static_families(drift: &BTreeMap<Group, Vec<Option<f64>>>) -> Vec<Family> {
-    let mean = |d: &[Option<f64>]| {
-        let v: Vec<f64> = d.iter().flatten().copied().collect();
-        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-    };
     let mut out = Vec::new();
     type Keep = fn(&Group) -> bool;
     let sets: [(&str, Keep); 2] = [
@@ -1034,38 +1123,16 @@ fn static_families(drift: &BTreeMap<Group, Vec<Option<f64>>>) -> Vec<Family> {
             continue;
         }
         for proportional in [false, true] {
-            let scales: BTreeMap<Group, f64> = groups
-                .iter()
-                .filter_map(|g| {
-                    let scale = match proportional {
-                        true => mean(&drift[g]).filter(|m| *m > 0.0)?,
-                        false => 1.0,
-                    };
-                    Some((*g, scale))
-                })
-                .collect();
-            // The bounds of the threshold before scaling: each group's drift over its scale.
-            let (mut lo, mut hi) = (f64::INFINITY, 0f64);
-            for (g, scale) in &scales {
-                let scaled: Vec<Option<f64>> =
-                    drift[g].iter().map(|d| d.map(|d| d / scale)).collect();
-                if let Some((l, h)) = bounds(&scaled) {
-                    lo = lo.min(l);
-                    hi = hi.max(h);
-                }
-            }
-            if !(lo.is_finite() && hi > lo) {
+            let scales = threshold_scales(drift, &groups, proportional);
+            let Some((lo, hi)) = scaled_bounds(drift, &scales) else {
                 continue;
-            }
+            };
             let names: Vec<&str> = scales.keys().map(|g| g.as_str()).collect();
             out.push(Family {
                 label: format!(
                     "static-table {what} ({}), {}",
                     names.join(", "),
-                    match proportional {
-                        true => "thresholds in proportion to each group's mean drift",
-                        false => "one threshold",
-                    }
+                    scaling_label(proportional, "group")
                 ),
                 policy: STATIC_TABLE,
                 options: toml::Table::new(),
@@ -1073,10 +1140,100 @@ fn static_families(drift: &BTreeMap<Group, Vec<Option<f64>>>) -> Vec<Family> {
                 hi,
                 table: true,
                 scales,
+                value_scales: BTreeMap::new(),
             });
         }
     }
     out
+}
+
+/// static-table's per-block families: every value (each attention site's and MLP's output) gets a
+/// table of its own from its own drift, in its block (`table.blocks`); per set of values (every one;
+/// attention only), one threshold for all, and one in proportion to each value's mean drift.
+fn block_families(values: &BTreeMap<String, ValueDrift>) -> Vec<Family> {
+    let drift: BTreeMap<String, Vec<Option<f64>>> = values
+        .iter()
+        .map(|(k, v)| (k.clone(), v.drift.clone()))
+        .collect();
+    let mut out = Vec::new();
+    for (i, what) in ["every value", "attention only"].into_iter().enumerate() {
+        let names: Vec<String> = values
+            .iter()
+            .filter(|(_, v)| i == 0 || v.group != Group::Mlp)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if names.is_empty() || (i > 0 && names.len() == values.len()) {
+            continue;
+        }
+        for proportional in [false, true] {
+            let value_scales = threshold_scales(&drift, &names, proportional);
+            let Some((lo, hi)) = scaled_bounds(&drift, &value_scales) else {
+                continue;
+            };
+            out.push(Family {
+                label: format!(
+                    "static-table per block, {what} ({} values), {}",
+                    value_scales.len(),
+                    scaling_label(proportional, "value")
+                ),
+                policy: STATIC_TABLE,
+                options: toml::Table::new(),
+                lo,
+                hi,
+                table: true,
+                scales: BTreeMap::new(),
+                value_scales,
+            });
+        }
+    }
+    out
+}
+
+fn scaling_label(proportional: bool, unit: &str) -> String {
+    match proportional {
+        true => format!("thresholds in proportion to each {unit}'s mean drift"),
+        false => "one threshold".into(),
+    }
+}
+
+/// Per key of `keys`: the factor of the threshold its table is built with, 1 or (`proportional`)
+/// the mean of its drift (keys without a positive mean are left out).
+fn threshold_scales<K: Ord + Clone>(
+    drift: &BTreeMap<K, Vec<Option<f64>>>,
+    keys: &[K],
+    proportional: bool,
+) -> BTreeMap<K, f64> {
+    let mean = |d: &[Option<f64>]| {
+        let v: Vec<f64> = d.iter().flatten().copied().collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    keys.iter()
+        .filter_map(|k| {
+            let scale = match proportional {
+                true => mean(drift.get(k)?).filter(|m| *m > 0.0)?,
+                false => 1.0,
+            };
+            Some((k.clone(), scale))
+        })
+        .collect()
+}
+
+/// The bounds of the threshold before scaling: those of each key's drift over its scale (see
+/// [`bounds`]), the smallest lower and the largest upper one.
+fn scaled_bounds<K: Ord>(
+    drift: &BTreeMap<K, Vec<Option<f64>>>,
+    scales: &BTreeMap<K, f64>,
+) -> Option<(f64, f64)> {
+    let (mut lo, mut hi) = (f64::INFINITY, 0f64);
+    for (k, scale) in scales {
+        let Some(d) = drift.get(k) else { continue };
+        let scaled: Vec<Option<f64>> = d.iter().map(|d| d.map(|d| d / scale)).collect();
+        if let Some((l, h)) = bounds(&scaled) {
+            lo = lo.min(l);
+            hi = hi.max(h);
+        }
+    }
+    (lo.is_finite() && hi > lo).then_some((lo, hi))
 }
 
 /// A discrete search: candidates ordered from the one that skips least to the one that skips most, run

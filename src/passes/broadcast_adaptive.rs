@@ -265,6 +265,7 @@ fn bake_static_stack(
                 total: steps * per_branch.len(),
             },
         )]),
+        block_tables: Vec::new(),
         adaptive: None,
     });
     Ok(())
@@ -433,6 +434,7 @@ pub fn bake_stack_with(
             group: Group::Stack,
             site: None,
             block: None,
+            table_block: None,
             input: state(j, "state"),
             output: state(j, "state_out"),
             dtype: dtype.to_string(),

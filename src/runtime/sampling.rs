@@ -27,12 +27,10 @@ use crate::integrity::Checks;
 use crate::ir::{DataType, Model, Tensor};
 use crate::manifest::{InGraphDecisions, Manifest, ModelIo, Schedule};
 use crate::schedule::guidance::{branches, combine, Branch, Guidance, ZEROS};
-use crate::schedule::specialize::{
-    model_flops, pattern_at, specialize, specialize_without, Pattern,
-};
+use crate::schedule::specialize::{model_flops, specialize, specialize_without, Pattern};
 use crate::schedule::split::inline_ifs;
-use crate::schedule::Group;
 use crate::schedule::Sampler;
+use crate::schedule::{Decider, Group};
 
 /// A bundle ready to sample: graph, manifest, sampler.
 pub struct Bundle {
@@ -76,16 +74,23 @@ impl Bundle {
             bail!("the manifest's timesteps do not match its sampler configuration");
         }
         if let Some(schedule) = &manifest.schedule {
-            let tables = schedule.tables.iter().map(|t| ("tables", t));
+            let tables = schedule
+                .tables
+                .iter()
+                .map(|(g, t)| ("tables", g.as_str(), t));
             let uncond = schedule
                 .uncond_tables
                 .iter()
                 .flatten()
-                .map(|t| ("uncond_tables", t));
-            for (section, (group, table)) in tables.chain(uncond) {
+                .map(|(g, t)| ("uncond_tables", g.as_str(), t));
+            let blocks = schedule
+                .block_tables
+                .iter()
+                .map(|b| ("block_tables", b.group.as_str(), &b.table));
+            for (section, group, table) in tables.chain(uncond).chain(blocks) {
                 if table.len() != sampler.steps() {
                     bail!(
-                        "the manifest's schedule.{section}.{group:?} has {} entries for {} sampling steps",
+                        "the manifest's schedule.{section}.{group} has {} entries for {} sampling steps",
                         table.len(),
                         sampler.steps()
                     );
@@ -139,11 +144,12 @@ impl Bundle {
         self.manifest.schedule.as_ref()?.adaptive.as_ref()
     }
 
-    fn tables(&self) -> BTreeMap<Group, Vec<bool>> {
+    /// Every table of the schedule (none without one).
+    fn deciders(&self) -> Vec<Decider> {
         self.manifest
             .schedule
             .as_ref()
-            .map(|s| s.tables.clone())
+            .map(|s| s.deciders_for(Branch::Cond).into_keys().collect())
             .unwrap_or_default()
     }
 }
@@ -240,9 +246,10 @@ pub struct TraceCall {
     pub computed: bool,
     /// The policy's metric at this call (MagCache: the accumulated error), null where it has none.
     pub metric: Option<f64>,
-    /// Per scheduled group: computed or reused (absent without a schedule).
+    /// Per scheduled table (group, or `<group>.block<N>` for a block's own table): computed or
+    /// reused (absent without a schedule).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub groups: BTreeMap<Group, bool>,
+    pub groups: BTreeMap<Decider, bool>,
 }
 
 /// Sample from `noise` with the other model inputs `extra` (e.g. `encoder_hidden_states`, and the
@@ -265,7 +272,7 @@ pub fn sample(
     } else {
         bundle.manifest.schedule.as_ref()
     };
-    let all_compute: Pattern = bundle.tables().keys().map(|&k| (k, true)).collect();
+    let all_compute: Pattern = bundle.deciders().into_iter().map(|d| (d, true)).collect();
     let base = base_inputs(bundle, noise, extra)?;
     let mut inputs: Vec<Vec<Tensor>> = branches
         .iter()
@@ -311,7 +318,7 @@ pub fn sample(
         let mut cond_decision = false;
         for ((&branch, inputs), state) in branches.iter().zip(&mut inputs).zip(&mut states) {
             let pattern = match schedule {
-                Some(s) => pattern_at(s.tables_for(branch), i),
+                Some(s) => s.pattern_at(branch, i),
                 None => all_compute.clone(),
             };
             set_step_inputs(bundle, inputs, &x, noise, i, branch)?;
@@ -326,7 +333,7 @@ pub fn sample(
                     .manifest
                     .state
                     .iter()
-                    .filter(|b| force_full || !pattern.get(&b.group).copied().unwrap_or(true))
+                    .filter(|b| force_full || !pattern.get(&b.decider()).copied().unwrap_or(true))
                     .map(|b| b.output.clone())
                     .collect();
                 let specialised = match bundle.adaptive().filter(|_| force_full) {
@@ -348,7 +355,7 @@ pub fn sample(
             let (mut pattern, mut metric) = (pattern, None);
             if let Some(a) = adaptive {
                 let (computed, m) = read_decision(a, outputs)?;
-                pattern.insert(Group::Blocks, computed);
+                pattern.insert(Group::Blocks.into(), computed);
                 metric = m;
                 if branch == Branch::Cond {
                     cond_decision = computed;
@@ -468,10 +475,10 @@ fn read_decision(a: &InGraphDecisions, outputs: &[Tensor]) -> Result<(bool, Opti
 
 /// The trace entry of one call: what it computed and the policy's metric.
 fn trace_call(schedule: Option<&Schedule>, branch: Branch, step: usize, p: &Pattern) -> TraceCall {
-    let stack = p.get(&Group::Stack).copied().unwrap_or(true);
+    let stack = p.get(&Group::Stack.into()).copied().unwrap_or(true);
     let others: Vec<bool> = p
         .iter()
-        .filter(|(g, _)| **g != Group::Stack)
+        .filter(|(g, _)| g.group != Group::Stack)
         .map(|(_, &c)| c)
         .collect();
     let metric = schedule
@@ -493,23 +500,21 @@ struct SiteCost {
     /// Score/value products alone, per call, and the site's key length (for the cost model).
     score_flops: u64,
     key_len: i64,
-    /// The groups whose tables drive this site (its kind's, the stack's); empty: it always computes.
-    groups: Vec<Group>,
+    /// The tables that drive this site (its block's or kind's, the stack's); empty: it always
+    /// computes.
+    groups: Vec<Decider>,
 }
 
 /// Every attention site of the manifest's DiT map, read once per run.
 fn site_costs(m: &Manifest) -> BTreeMap<usize, SiteCost> {
-    let driven_by = |id: usize| -> Vec<Group> {
+    let driven_by = |id: usize| -> Vec<Decider> {
         m.schedule
             .as_ref()
             .map(|s| {
                 let in_cached_blocks = s.adaptive.iter().filter(|a| a.sites.contains(&id));
-                s.sites
-                    .iter()
-                    .filter(|(_, ids)| ids.contains(&id))
-                    .map(|(g, _)| *g)
-                    .chain(in_cached_blocks.map(|_| Group::Blocks))
-                    .collect()
+                let mut out = s.site_deciders(id);
+                out.extend(in_cached_blocks.map(|_| Decider::from(Group::Blocks)));
+                out
             })
             .unwrap_or_default()
     };
@@ -576,9 +581,9 @@ fn record(
     call: &Call,
     sites: &BTreeMap<usize, SiteCost>,
 ) -> Result<()> {
-    let computes = |g: Group| call.pattern.get(&g).copied().unwrap_or(true);
+    let computes = |d: Decider| call.pattern.get(&d).copied().unwrap_or(true);
     let mut score_flops_computed = 0u64;
-    let stack = computes(Group::Stack);
+    let stack = computes(Group::Stack.into());
     let b = report.branches.entry(branch).or_default();
     for (&id, site) in sites {
         let computed = site.groups.iter().all(|&g| computes(g));
@@ -629,7 +634,7 @@ fn record(
         .as_ref()
         .and_then(|s| s.adaptive.as_ref())
     {
-        let computed = computes(Group::Blocks);
+        let computed = computes(Group::Blocks.into());
         for _ in &a.cached_blocks {
             count(&mut b.calls, Group::Blocks, computed);
             count(&mut report.calls, Group::Blocks, computed);
@@ -641,8 +646,8 @@ fn record(
         .as_ref()
         .filter(|s| s.adaptive.is_none())
     {
-        for &block in &schedule.blocks {
-            let computed = computes(Group::Mlp) && stack;
+        for (block, decider) in schedule.mlp_deciders() {
+            let computed = computes(decider) && stack;
             b.mlp_decisions.entry(block).or_default().push(computed);
             count(&mut b.calls, Group::Mlp, computed);
             count(&mut report.calls, Group::Mlp, computed);

@@ -493,6 +493,7 @@ pub fn bake(
         sites: Default::default(),
         blocks: all.clone(),
         calls: Default::default(),
+        block_tables: Vec::new(),
         adaptive: Some(InGraphDecisions {
             decision: DECISION.into(),
             metric: METRIC.into(),

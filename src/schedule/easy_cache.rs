@@ -298,6 +298,7 @@ pub fn bake(
         sites: Default::default(),
         blocks: blocks.clone(),
         calls: Default::default(),
+        block_tables: Vec::new(),
         adaptive: Some(InGraphDecisions {
             decision: DECISION.into(),
             metric: METRIC.into(),

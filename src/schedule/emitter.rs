@@ -171,6 +171,7 @@ pub fn zero_state_bindings(
             group: Group::Blocks,
             site: None,
             block: None,
+            table_block: None,
             input: state_in(v),
             output: state_out(v),
             dtype: dtype.to_string(),

@@ -347,6 +347,7 @@ pub fn bake(
         sites: Default::default(),
         blocks: cached.clone(),
         calls: Default::default(),
+        block_tables: Vec::new(),
         adaptive: Some(InGraphDecisions {
             decision: DECISION.into(),
             metric: METRIC.into(),

@@ -6,6 +6,8 @@
 //!
 //! Explicit tables (`table = { full = "CCRC...", ... }`): a group's decision at every step written out,
 //! one letter per step (`C` computes, `R` reuses), e.g. as `ditc tune` builds them from measured drift.
+//! Per-block tables (`table = { blocks = { 3 = { cross = "CRRC..." } } }`, keys the DiT map's block
+//! indices) drive one block's values of a group in place of the group's table.
 
 use std::collections::BTreeMap;
 
@@ -66,18 +68,74 @@ pub struct PabOptions {
 
 /// Explicit decision tables: per group, one letter per sampling step, `C` (compute) or `R` (reuse the
 /// value cached at the last computed step); the first step computes. `full` falls back to `spatial`
-/// as the periodic settings do; `mlp` drives the MLP of every transformer block.
+/// as the periodic settings do; `mlp` drives the MLP of every transformer block. `blocks`: per
+/// transformer block (its DiT-map index as the key), tables of the same form for that block's values
+/// alone, in place of the group's (a block table needs no group table).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExplicitTables {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub spatial: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub temporal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cross: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub full: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mlp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BTreeMap<String, ExplicitTables>>,
 }
 
+/// Per (block, group): the decision table of that block's values of the group.
+pub type BlockTables = BTreeMap<(usize, Group), Vec<bool>>;
+
 impl ExplicitTables {
+    /// The table of `group`'s kind of values, `full` falling back to `spatial`.
+    fn for_group(&self, group: Group) -> Option<(Group, &String)> {
+        match (self.get(group), group) {
+            (Some(t), _) => Some((group, t)),
+            (None, Group::Full) => self.get(Group::Spatial).map(|t| (Group::Spatial, t)),
+            _ => None,
+        }
+    }
+
+    /// The per-block tables at `steps` steps (checked: letters, first step, length, block keys).
+    pub fn block_tables(&self, steps: Option<usize>) -> Result<BlockTables> {
+        let mut out = BTreeMap::new();
+        for (key, tables) in self.blocks.iter().flatten() {
+            let block: usize = key.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "broadcast-static.table.blocks.{key}: expected a transformer block's index (as `ditc inspect` lists them), e.g. blocks = {{ 3 = {{ cross = \"CRRC\" }} }}"
+                )
+            })?;
+            if tables.blocks.is_some() {
+                bail!("broadcast-static.table.blocks.{key}.blocks: block tables do not nest");
+            }
+            for (group, text) in tables.iter() {
+                let what = format!("blocks.{key}.{}", group.as_str());
+                out.insert((block, group), parse_table_named(&what, text, steps)?);
+            }
+            if tables.iter().next().is_none() {
+                bail!("broadcast-static.table.blocks.{key} gives no table (expected spatial, temporal, cross, full or mlp)");
+            }
+        }
+        Ok(out)
+    }
+
+    /// Block `block`'s table for values of `group` (`full` falling back to `spatial`).
+    pub fn block_table<'a>(
+        tables: &'a BlockTables,
+        block: usize,
+        group: Group,
+    ) -> Option<&'a Vec<bool>> {
+        tables.get(&(block, group)).or_else(|| match group {
+            Group::Full => tables.get(&(block, Group::Spatial)),
+            _ => None,
+        })
+    }
+
     fn get(&self, group: Group) -> Option<&String> {
         match group {
             Group::Spatial => self.spatial.as_ref(),
@@ -114,7 +172,12 @@ impl ExplicitTables {
 /// Parse `broadcast-static.table.<group>`: only `C` and `R`, starting with `C`; with `steps`, exactly
 /// that many letters.
 pub fn parse_table(group: Group, text: &str, steps: Option<usize>) -> Result<Vec<bool>> {
-    let what = format!("broadcast-static.table.{}", group.as_str());
+    parse_table_named(group.as_str(), text, steps)
+}
+
+/// [`parse_table`] of `broadcast-static.table.<what>`.
+fn parse_table_named(what: &str, text: &str, steps: Option<usize>) -> Result<Vec<bool>> {
+    let what = format!("broadcast-static.table.{what}");
     let mut out = Vec::with_capacity(text.len());
     for (i, c) in text.chars().enumerate() {
         match c {
@@ -192,6 +255,7 @@ impl PabOptions {
                 }
                 parse_table(group, text, None)?;
             }
+            t.block_tables(None)?;
         }
         Ok(())
     }
@@ -199,15 +263,13 @@ impl PabOptions {
     /// The decision table of attention kind `kind` at `timesteps` (`None`: never broadcast); an
     /// explicit table's length is checked against the steps here.
     pub fn kind_table(&self, kind: AttentionKind, timesteps: &[f64]) -> Result<Option<Vec<bool>>> {
-        let explicit = |g: Group| self.table.as_ref().and_then(|t| t.get(g));
         let group = Group::from(kind);
-        if let Some(text) = explicit(group) {
-            return parse_table(group, text, Some(timesteps.len())).map(Some);
-        }
-        if kind == AttentionKind::Full && self.full.is_none() {
-            if let Some(text) = explicit(Group::Spatial) {
-                return parse_table(Group::Spatial, text, Some(timesteps.len())).map(Some);
-            }
+        let explicit = self.table.as_ref().and_then(|t| t.for_group(group));
+        match explicit {
+            // `full` follows an explicit `spatial` table only when it has no periodic settings.
+            Some((g, _)) if g != group && self.full.is_some() => {}
+            Some((g, text)) => return parse_table(g, text, Some(timesteps.len())).map(Some),
+            None => {}
         }
         Ok(self
             .for_kind(kind)
