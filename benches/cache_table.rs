@@ -3,7 +3,8 @@
 //! cases, against the full model.
 //!
 //! `cargo bench --profile dev --bench cache_table [-- --model wan|latte --steps 50 --budget rel-l2=0.1
-//! --calibration 0 --held-out 1,2 --iterations 4 --margin 1 --time-limit S --no-tune --no-rows]`.
+//! --calibration 0 --held-out 1,2 --iterations 4 --margin 1 --time-limit S --policies P,Q --no-tune
+//! --no-rows]` (`--policies`: as `ditc tune --policies`, default its default set).
 //!
 //! - `wan` (default): wan-small (`examples/wan-small/ckpt`, 8 x 16 x 16 latents, 4 caption tokens) with
 //!   passes/wan-cfg.toml's sampler (flow Euler shift 3, CFG 5.0), converted with each policy (the
@@ -253,6 +254,7 @@ fn main() {
     let time_limit: Option<f64> = arg("--time-limit").map(|s| s.parse().expect("--time-limit S"));
     let no_tune = std::env::args().any(|a| a == "--no-tune");
     let no_rows = std::env::args().any(|a| a == "--no-rows");
+    let policies: Vec<String> = arg("--policies").map_or_else(Vec::new, |p| list(&p));
 
     let tmp = std::env::temp_dir().join(format!("ditc-cache-table-{}", std::process::id()));
     let setup = match which.as_str() {
@@ -310,11 +312,27 @@ fn main() {
         iterations,
         time_limit,
         progress: true,
-        policies: Vec::new(),
+        policies,
     };
     let report = tuner
         .tune(&setup.model.display().to_string(), setup.base_name)
         .unwrap();
+    let mut met: Vec<_> = report
+        .candidates
+        .iter()
+        .filter(|c| c.meets && !c.pruned)
+        .collect();
+    met.sort_by(|a, b| a.flops.total_cmp(&b.flops));
+    println!("the cheapest candidates meeting the budget on the calibration case(s):");
+    for c in met.iter().take(6) {
+        println!(
+            "  {:.1}% FLOPs, worst rel-L2 {:.4}: {} (threshold {:?})",
+            100.0 * c.flops_relative,
+            c.worst.as_ref().map_or(f64::NAN, |w| w.rel_l2),
+            c.label,
+            c.threshold
+        );
+    }
     let winner = &report.candidates[report.winner];
     let label = format!(
         "`ditc tune --budget {budget_text} --margin {margin}` on case(s) {calibration:?}: {} (threshold {:?}; {} candidates, {:.0} s)",

@@ -62,8 +62,9 @@ pub struct Args {
     #[arg(short, long)]
     pub output: PathBuf,
     /// Policies to search (comma-separated): easy-cache, mag-cache, tea-cache, first-block-cache,
-    /// ada-cache, pab, static-table (`broadcast-static` tables per group built from the profiled
-    /// drift of the attention and MLP outputs; opt-in: not in the default). Default: all the others.
+    /// ada-cache, pab, static-table (`broadcast-static` tables per group and per block built from
+    /// the profiled drift of every attention and MLP output; opt-in: not in the default). Default:
+    /// all the others.
     #[arg(long, value_delimiter = ',')]
     pub policies: Vec<String>,
     /// Tune to the budget's error scaled by this factor on the calibration cases (in (0, 1]; e.g.

@@ -125,11 +125,7 @@ impl ExplicitTables {
     }
 
     /// Block `block`'s table for values of `group` (`full` falling back to `spatial`).
-    pub fn block_table<'a>(
-        tables: &'a BlockTables,
-        block: usize,
-        group: Group,
-    ) -> Option<&'a Vec<bool>> {
+    pub fn block_table(tables: &BlockTables, block: usize, group: Group) -> Option<&Vec<bool>> {
         tables.get(&(block, group)).or_else(|| match group {
             Group::Full => tables.get(&(block, Group::Spatial)),
             _ => None,
