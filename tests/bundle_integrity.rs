@@ -373,7 +373,7 @@ fn schedule_table_of_the_wrong_length_is_refused() {
     b.refused(
         &[],
         &[
-            "schedule.tables.Spatial",
+            "schedule.tables.spatial",
             "has 10 entries for 25 sampling steps",
         ],
     );

@@ -13,32 +13,9 @@ mod common;
 use std::path::Path;
 
 use common::{
-    assert_refused, convert_wan_small, ditc_ok, repo_path, run_args, strs, WAN_SMALL_SHAPES,
+    assert_refused, calibrate_args, convert_wan_small, ditc_ok, repo_path, run_args, strs,
 };
 use serde_json::Value;
-
-fn calibrate_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let example = repo_path("examples/wan-small");
-    let mut args: Vec<String> = [
-        "calibrate",
-        example.join("ckpt").to_str().unwrap(),
-        "--recipe",
-        repo_path("passes/wan-cfg.toml").to_str().unwrap(),
-        "--inputs",
-        example.join("inputs.safetensors").to_str().unwrap(),
-        "--cases",
-        "0",
-        "--profile",
-        "-o",
-        out.to_str().unwrap(),
-        "--no-progress",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(WAN_SMALL_SHAPES.map(String::from));
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
 
 fn read_json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()

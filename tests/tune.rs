@@ -6,7 +6,8 @@
 mod common;
 
 use common::{
-    assert_refused, convert_wan_small, ditc_ok, repo_path, run_bundle, strs, WAN_SMALL_SHAPES,
+    assert_refused, calibrate_args, convert_wan_small, ditc_ok, repo_path, run_bundle, strs,
+    WAN_SMALL_SHAPES,
 };
 use ditc::metrics::compare;
 use serde_json::Value;
@@ -228,26 +229,7 @@ fn static_tables_are_built_from_the_profiled_drift() {
         serde_json::from_slice(&std::fs::read(tmp.path().join("tuned.json")).unwrap()).unwrap();
     // The same drift from `ditc calibrate --profile` (another command, its own run).
     let profile_path = tmp.path().join("profile.json");
-    let example = repo_path("examples/wan-small");
-    let mut args: Vec<String> = [
-        "calibrate",
-        example.join("ckpt").to_str().unwrap(),
-        "--recipe",
-        repo_path("passes/wan-cfg.toml").to_str().unwrap(),
-        "--set",
-        "sampler.steps=10",
-        "--inputs",
-        example.join("inputs.safetensors").to_str().unwrap(),
-        "--cases",
-        "0",
-        "--profile",
-        "-o",
-        profile_path.to_str().unwrap(),
-        "--no-progress",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(WAN_SMALL_SHAPES.map(String::from));
+    let args = calibrate_args(&profile_path, &["--set", "sampler.steps=10"]);
     ditc_ok(&strs(&args));
     let profile: Value = serde_json::from_slice(&std::fs::read(&profile_path).unwrap()).unwrap();
     let values = report["drift"]["static_table"]["values"]

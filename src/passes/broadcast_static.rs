@@ -111,7 +111,6 @@ impl Pass for BroadcastStatic {
             )
             .with_context(|| what.clone())?;
             binding.site = Some(site.id);
-            binding.table_block = d.block;
             cx.state.push(binding);
             members.entry(d).or_default().push(site.id);
         }
@@ -144,7 +143,6 @@ impl Pass for BroadcastStatic {
             )
             .with_context(|| what.clone())?;
             binding.block = Some(block.index);
-            binding.table_block = d.block;
             cx.state.push(binding);
             members.entry(d).or_default().push(block.index);
             mlps += 1;
@@ -370,7 +368,7 @@ fn bake_value(
         group: decider.group,
         site: None,
         block: None,
-        table_block: None,
+        table_block: decider.block,
         input: state_in,
         output: state_out,
         dtype: dtype.to_string(),

@@ -619,3 +619,28 @@ impl Forecaster {
         sum
     }
 }
+
+/// `ditc calibrate` of wan-small (passes/wan-cfg.toml, case 0, the example's shapes) with
+/// `--profile -o out`, plus `extra`.
+pub fn calibrate_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let example = repo_path("examples/wan-small");
+    let mut args: Vec<String> = [
+        "calibrate",
+        example.join("ckpt").to_str().unwrap(),
+        "--recipe",
+        repo_path("passes/wan-cfg.toml").to_str().unwrap(),
+        "--inputs",
+        example.join("inputs.safetensors").to_str().unwrap(),
+        "--cases",
+        "0",
+        "--profile",
+        "-o",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(WAN_SMALL_SHAPES.map(String::from));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
