@@ -37,6 +37,11 @@ impl DitMap {
     pub fn count(&self, kind: AttentionKind) -> usize {
         self.attention.iter().filter(|s| s.kind == kind).count()
     }
+
+    /// The transformer block holding attention site `site`.
+    pub fn block_of(&self, site: usize) -> Option<&Block> {
+        self.blocks.iter().find(|b| b.attention.contains(&site))
+    }
 }
 
 /// Analyse a model with its declared input shapes.

@@ -411,9 +411,7 @@ pub fn find_quantities(model: &Model, prediction: &str) -> (Vec<Quantity>, Vec<L
     }
     for site in &map.attention {
         let block = map
-            .blocks
-            .iter()
-            .find(|b| b.attention.contains(&site.id))
+            .block_of(site.id)
             .map_or(String::new(), |b| b.name.clone());
         let name = format!("attention.{}", site.id);
         match &site.output {

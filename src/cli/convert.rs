@@ -424,13 +424,6 @@ fn resolve_guidance(g: &Guidance, model: &Model, io: &manifest::ModelIo) -> Resu
 /// Planned FLOPs over the whole run (every call: two per step with guidance), every distinct
 /// decision pattern specialised once.
 fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
-    let site_cost = |id: usize| {
-        cx.dit_map
-            .attention
-            .get(id)
-            .map(|s| s.flops + s.projection_flops)
-            .unwrap_or(0)
-    };
     let all_sites: u64 = cx
         .dit_map
         .attention
@@ -461,6 +454,13 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
         adaptive: None,
     };
     let schedule = cx.schedule.as_ref().unwrap_or(&empty);
+    // Per site: its FLOPs per call and the tables driving it (its block's or kind's, the stack's).
+    let driven: Vec<(u64, Vec<_>)> = cx
+        .dit_map
+        .attention
+        .iter()
+        .map(|s| (s.flops + s.projection_flops, schedule.site_deciders(s.id)))
+        .collect();
     let mut per_pattern: BTreeMap<Pattern, u64> = BTreeMap::new();
     let (mut model_scheduled, mut attention_scheduled) = (0u64, 0u64);
     let branches = cx.branches();
@@ -479,14 +479,11 @@ fn cost(original: &Model, baked: &Model, cx: &PassContext) -> Result<Cost> {
                 }
             };
             model_scheduled += flops;
-            // A site is skipped when any table driving it reuses (its block's or kind's, the
-            // stack's).
-            let skipped: u64 = cx
-                .dit_map
-                .attention
+            // A site is skipped when any table driving it reuses.
+            let skipped: u64 = driven
                 .iter()
-                .filter(|s| schedule.site_deciders(s.id).iter().any(|d| !pattern[d]))
-                .map(|s| site_cost(s.id))
+                .filter(|(_, deciders)| deciders.iter().any(|d| !pattern[d]))
+                .map(|(flops, _)| flops)
                 .sum();
             attention_scheduled += all_sites - skipped;
         }

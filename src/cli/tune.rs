@@ -385,7 +385,7 @@ impl Evaluator {
                     .and_then(|id| id.parse::<usize>().ok())
                     .and_then(|id| {
                         let site = map.attention.iter().find(|s| s.id == id)?;
-                        let block = map.blocks.iter().find(|b| b.attention.contains(&id))?;
+                        let block = map.block_of(id)?;
                         Some((block.index, Group::from(site.kind)))
                     }),
                 QuantityGroup::Mlp => q
@@ -499,15 +499,16 @@ pub struct ValueDrift {
 /// Per step: the largest relative L1 change of the profile quantity `name` to the previous step over
 /// the branches and cases; null at step 0 and where none was measured.
 pub fn value_drift(profile: &crate::calibration::profile::Profile, name: &str) -> Vec<Option<f64>> {
+    let Some(q) = profile.quantity(name) else {
+        return vec![None; profile.steps];
+    };
     (0..profile.steps)
         .map(|step| {
-            profile.quantity(name).and_then(|q| {
-                q.values
-                    .values()
-                    .flatten()
-                    .filter_map(|case| case.get(step).copied().flatten())
-                    .reduce(f64::max)
-            })
+            q.values
+                .values()
+                .flatten()
+                .filter_map(|case| case.get(step).copied().flatten())
+                .reduce(f64::max)
         })
         .collect()
 }

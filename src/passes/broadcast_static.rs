@@ -30,7 +30,7 @@ use crate::ir::{
     infer_types, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, TypeMap, ValueInfo,
 };
 use crate::manifest::{BlockTable, Calls, Schedule, StateBinding};
-use crate::schedule::pab::{tables, BlockTables, ExplicitTables, PabOptions};
+use crate::schedule::pab::{block_table, tables, BlockTables, PabOptions};
 use crate::schedule::{Decider, Group};
 
 pub const STEP_INPUT: &str = "ditc.step";
@@ -75,16 +75,9 @@ impl Pass for BroadcastStatic {
         };
         check_block_tables(&block_tables, &cx.dit_map)?;
         let types = infer_types(&model.graph, model.default_opset());
-        let block_of = |site: usize| {
-            cx.dit_map
-                .blocks
-                .iter()
-                .find(|b| b.attention.contains(&site))
-        };
         // What drives each value: its block's own table, else its group's.
         let decider = |block: Option<usize>, group: Group| -> Option<Decider> {
-            let own =
-                block.filter(|&b| ExplicitTables::block_table(&block_tables, b, group).is_some());
+            let own = block.filter(|&b| block_table(&block_tables, b, group).is_some());
             match own {
                 Some(b) => Some(Decider::in_block(group, b)),
                 None => tables.contains_key(&group).then_some(group.into()),
@@ -93,7 +86,7 @@ impl Pass for BroadcastStatic {
         let mut members: BTreeMap<Decider, Vec<usize>> = BTreeMap::new();
         for site in &cx.dit_map.attention {
             let group = Group::from(site.kind);
-            let Some(d) = decider(block_of(site.id).map(|b| b.index), group) else {
+            let Some(d) = decider(cx.dit_map.block_of(site.id).map(|b| b.index), group) else {
                 continue;
             };
             let what = format!("attention site {} ({})", site.id, site.anchor);
@@ -159,8 +152,9 @@ impl Pass for BroadcastStatic {
         }
         let table_of = |d: &Decider| -> &Vec<bool> {
             match d.block {
-                Some(b) => ExplicitTables::block_table(&block_tables, b, d.group)
-                    .expect("a block decider has its table"),
+                Some(b) => {
+                    block_table(&block_tables, b, d.group).expect("a block decider has its table")
+                }
                 None => &tables[&d.group],
             }
         };

@@ -238,7 +238,9 @@ impl Pass for SparseLinearAttention {
         let selected = select_sites(o, cx)?;
         // Everything is checked for every site before the graph changes.
         let types = infer_types(&model.graph, model.default_opset());
-        let plans = plan_sites(&model.graph, &types, &selected, o, |s| block_of(cx, s))?;
+        let plans = plan_sites(&model.graph, &types, &selected, o, |s| {
+            cx.dit_map.block_of(s).map(|b| b.index)
+        })?;
         let learned = match &o.sla_weights {
             Some(path) => super::sla_weights::read(path)?,
             None => Default::default(),
@@ -354,15 +356,6 @@ pub(crate) fn attr_json(v: &AttrValue) -> serde_json::Value {
     }
 }
 
-/// The DiT-map block holding each site.
-pub(crate) fn block_of(cx: &PassContext, site: usize) -> Option<usize> {
-    cx.dit_map
-        .blocks
-        .iter()
-        .find(|b| b.attention.contains(&site))
-        .map(|b| b.index)
-}
-
 /// The sites the options select, with every refusal checked.
 fn select_sites<'a>(o: &SlaOptions, cx: &'a PassContext) -> Result<Vec<&'a AttentionSite>> {
     let all = &cx.dit_map.attention;
@@ -393,7 +386,11 @@ fn select_sites<'a>(o: &SlaOptions, cx: &'a PassContext) -> Result<Vec<&'a Atten
                 .is_none_or(|ps| ps.iter().any(|p| named(s, p)))
         })
         .filter(|s| s.query_len >= o.min_seq_len && s.key_len >= o.min_seq_len)
-        .filter(|s| block_of(cx, s.id).is_none_or(|b| b >= o.dense_blocks))
+        .filter(|s| {
+            cx.dit_map
+                .block_of(s.id)
+                .is_none_or(|b| b.index >= o.dense_blocks)
+        })
         .collect();
     if selected.is_empty() {
         let have: Vec<String> = all

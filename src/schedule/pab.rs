@@ -91,6 +91,14 @@ pub struct ExplicitTables {
 /// Per (block, group): the decision table of that block's values of the group.
 pub type BlockTables = BTreeMap<(usize, Group), Vec<bool>>;
 
+/// Block `block`'s table for values of `group` (`full` falling back to `spatial`).
+pub fn block_table(tables: &BlockTables, block: usize, group: Group) -> Option<&Vec<bool>> {
+    tables.get(&(block, group)).or_else(|| match group {
+        Group::Full => tables.get(&(block, Group::Spatial)),
+        _ => None,
+    })
+}
+
 impl ExplicitTables {
     /// The table of `group`'s kind of values, `full` falling back to `spatial`.
     fn for_group(&self, group: Group) -> Option<(Group, &String)> {
@@ -122,14 +130,6 @@ impl ExplicitTables {
             }
         }
         Ok(out)
-    }
-
-    /// Block `block`'s table for values of `group` (`full` falling back to `spatial`).
-    pub fn block_table(tables: &BlockTables, block: usize, group: Group) -> Option<&Vec<bool>> {
-        tables.get(&(block, group)).or_else(|| match group {
-            Group::Full => tables.get(&(block, Group::Spatial)),
-            _ => None,
-        })
     }
 
     fn get(&self, group: Group) -> Option<&String> {

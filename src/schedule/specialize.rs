@@ -14,15 +14,10 @@ use crate::ir::{
     infer_types, remove_dead_nodes, remove_unused_inputs, AttrValue, Graph, Model, Node,
 };
 use crate::passes::condition_name;
-use crate::schedule::{Decider, Group};
+use crate::schedule::Decider;
 
 /// Compute (true) or reuse (false) per table (group, or one block's group).
 pub type Pattern = BTreeMap<Decider, bool>;
-
-/// The pattern of step `i` from per-kind tables.
-pub fn pattern_at(tables: &BTreeMap<Group, Vec<bool>>, i: usize) -> Pattern {
-    tables.iter().map(|(k, t)| ((*k).into(), t[i])).collect()
-}
 
 /// `model` with every schedule `If` replaced by its taken branch, dead nodes and unused inputs removed.
 pub fn specialize(model: &Model, pattern: &Pattern) -> Result<Model> {
